@@ -1,0 +1,8 @@
+//! Creditvisor kernel entry (placeholder until the foundation lands).
+#![no_std]
+#![no_main]
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
