@@ -1,3 +1,5 @@
 //! Creditvisor device drivers: 16550 UART, PCI, NVMe. Hardware access sits behind small traits so the
 //! queue and protocol logic is tested on the host against fake devices.
 #![no_std]
+
+pub mod uart16550;
