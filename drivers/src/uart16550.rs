@@ -74,10 +74,11 @@ impl<P: PortIo> Uart16550<P> {
 
     /// Programs 8N1 at `baud`, enables and clears the FIFOs and disables UART interrupts.
     pub fn init(&mut self, baud: u32) -> Result<(), UartError> {
-        if baud == 0 || baud > BASE_BAUD || BASE_BAUD % baud != 0 {
+        if baud == 0 || baud > BASE_BAUD || !BASE_BAUD.is_multiple_of(baud) {
             return Err(UartError::UnsupportedBaud(baud));
         }
-        let divisor = u16::try_from(BASE_BAUD / baud).map_err(|_| UartError::UnsupportedBaud(baud))?;
+        let divisor =
+            u16::try_from(BASE_BAUD / baud).map_err(|_| UartError::UnsupportedBaud(baud))?;
         let [lo, hi] = divisor.to_le_bytes();
         self.io.write(reg::IER, 0);
         self.io.write(reg::LCR, LCR_DLAB);
@@ -174,7 +175,12 @@ mod tests {
     }
 
     fn fake() -> Fake {
-        Fake { writes: Vec::new(), lsr: LSR_THR_EMPTY, scratch: 0, rx: None }
+        Fake {
+            writes: Vec::new(),
+            lsr: LSR_THR_EMPTY,
+            scratch: 0,
+            rx: None,
+        }
     }
 
     #[test]
@@ -208,7 +214,12 @@ mod tests {
     fn newline_becomes_crlf() {
         let mut f = fake();
         Uart16550::new(&mut f).send_str("a\nb");
-        let data: Vec<u8> = f.writes.iter().filter(|w| w.0 == reg::DATA).map(|w| w.1).collect();
+        let data: Vec<u8> = f
+            .writes
+            .iter()
+            .filter(|w| w.0 == reg::DATA)
+            .map(|w| w.1)
+            .collect();
         assert_eq!(data, b"a\r\nb");
     }
 
