@@ -1,4 +1,136 @@
-//! NVMe IOPS partitioner (issue 4).
+//! NVMe IOPS partitioner (issue 4): committed IOPS, limits, weights, burst credits and overage
+//! policies, in the mClock family, for the kernel's NVMe submission path.
+//!
+//! The kernel owns the device and the clock; this module only decides. The calling contract:
+//! - [`Partitioner::enqueue`] when a guest request arrives (bounded queue per volume, typed error
+//!   when full);
+//! - [`Partitioner::dispatch`] whenever the device has a free submission slot: it returns the next
+//!   request and the class it is served in, or `None` when nothing may go now;
+//! - after `None` with requests still queued (all limit-throttled), arm a timer for
+//!   [`Partitioner::next_eligible_time`];
+//! - [`Partitioner::complete`] for every completion (feeds telemetry and the capacity estimate);
+//! - [`Partitioner::add_volume`] / [`Partitioner::reconfigure`] / [`Partitioner::remove_volume`] go
+//!   through admission control and return typed errors with the numbers;
+//! - [`Partitioner::drain_reports`] once per window for telemetry.
+//!
+//! Modules: [`tags`] (exact tag clocks and O(log n) indices), [`device`] (cost model, capacity
+//! estimate), [`volume`] (configuration, overage policy, burst bucket), [`admission`], [`dispatch`]
+//! (the partitioner itself), [`tiers`] (automatic commitment tiers, a pure function),
+//! [`telemetry`], and `sim` (std only: device model, workloads, three dispatchers compared).
+//!
+//! Everything here is integer arithmetic (no floats), reads no clock and never panics on bad input.
+
+pub mod admission;
+pub mod device;
+pub mod dispatch;
+pub mod tags;
+pub mod telemetry;
+pub mod tiers;
+pub mod volume;
 
 #[cfg(feature = "std")]
 pub mod sim;
+
+pub use admission::AdmissionLimits;
+pub use device::{CapacityEstimator, CostModel, DeviceConfig, IoOp};
+pub use dispatch::{Dispatch, Partitioner, VolumeTotals};
+pub use tags::COST_ONE;
+pub use telemetry::{LatencyHistogram, WindowReport, WindowStats};
+pub use tiers::{TierPolicy, TierState};
+pub use volume::{BurstBucket, BurstConfig, OveragePolicy, VolumeConfig};
+
+/// A volume handle: slot index plus a generation, so a handle to a removed volume never aliases
+/// a later volume that reuses the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "std", derive(serde::Serialize, serde::Deserialize))]
+pub struct VolumeId {
+    /// Slot index.
+    pub index: u32,
+    /// Slot generation.
+    pub generation: u32,
+}
+
+/// One guest request as the partitioner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "std", derive(serde::Serialize, serde::Deserialize))]
+pub struct Request {
+    /// Caller's identifier (opaque here).
+    pub id: u64,
+    /// Transfer size in bytes.
+    pub bytes: u32,
+    /// Operation.
+    pub op: IoOp,
+}
+
+/// Why a request was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "std", derive(serde::Serialize, serde::Deserialize))]
+pub enum ServiceClass {
+    /// Within the volume's commitment (reservation tag due).
+    Reservation,
+    /// Weight-proportional share of spare capacity (best effort).
+    Share,
+    /// Above the commitment, spending burst credits.
+    Burst,
+    /// Above the commitment, borrowing commitment other volumes leave unused.
+    Borrow,
+    /// Above the commitment, at the boosted overage rate.
+    Boost,
+}
+
+/// Errors of the partitioner API (small `Copy` values, as the kernel needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IopsError {
+    /// The commitment does not fit: all the numbers are inside.
+    Admission(AdmissionLimits),
+    /// A limit below the commitment can never be honoured.
+    LimitBelowCommitment {
+        /// Requested limit.
+        limit: u64,
+        /// Requested commitment.
+        committed: u64,
+    },
+    /// Invalid volume configuration.
+    InvalidVolume(&'static str),
+    /// Invalid device configuration.
+    InvalidDevice(&'static str),
+    /// Invalid tier policy.
+    InvalidTiers(&'static str),
+    /// No such volume (removed, or never added).
+    UnknownVolume(VolumeId),
+    /// The volume's queue is full.
+    QueueFull {
+        /// Volume.
+        volume: VolumeId,
+        /// Its queue bound.
+        depth: usize,
+    },
+    /// No more volume slots (u32 index space exhausted).
+    TooManyVolumes,
+}
+
+impl core::fmt::Display for IopsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            IopsError::Admission(l) => write!(f, "{l}"),
+            IopsError::LimitBelowCommitment { limit, committed } => {
+                write!(
+                    f,
+                    "limit {limit} IOPS is below the commitment {committed} IOPS"
+                )
+            }
+            IopsError::InvalidVolume(m) => write!(f, "invalid volume configuration: {m}"),
+            IopsError::InvalidDevice(m) => write!(f, "invalid device configuration: {m}"),
+            IopsError::InvalidTiers(m) => write!(f, "invalid tier policy: {m}"),
+            IopsError::UnknownVolume(v) => write!(f, "unknown volume {}.{}", v.index, v.generation),
+            IopsError::QueueFull { volume, depth } => {
+                write!(
+                    f,
+                    "volume {}.{} queue full ({depth} requests)",
+                    volume.index, volume.generation
+                )
+            }
+            IopsError::TooManyVolumes => write!(f, "no free volume slot"),
+        }
+    }
+}

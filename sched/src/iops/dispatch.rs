@@ -1,0 +1,742 @@
+//! The partitioner: per-volume queues, tag clocks and the mClock-family dispatch decision.
+//!
+//! Design. Each volume with queued requests is in exactly one of two states:
+//! - *throttled*: its head request's limit tag `L` is in the future; it sits only in the
+//!   `throttled` index keyed by `L` and is promoted when `now` reaches `L`;
+//! - *eligible*: it sits in `share` keyed by its proportional tag `P`, in `res` keyed by its
+//!   reservation tag `R` when it has a commitment, and, as its configuration and state allow, in
+//!   `burst` (bucket holds the head's cost), `borrow` (policy `Borrow`) and `boost` (policy
+//!   `Boosted`, keyed by its boost tag `B`, while its boost rate is > 0).
+//!
+//! `dispatch(now)` promotes due throttled volumes, then picks, in order: the smallest due `R`
+//! (reservation phase: commitments first while any are due); a burst-credit holder by `P`; a
+//! borrower by `P` while other volumes leave commitment unused (a device-wide borrow clock `G`
+//! spaced at the idle volumes' total commitment bounds borrowing to exactly that); the smallest due
+//! `B`; else the smallest `P` among all eligible volumes (weight phase). Every eligible volume is in
+//! `share`, so whenever any queued request is allowed by its limit something is dispatched: the
+//! dispatcher is work-conserving up to limits. Each step is a constant number of B-tree operations:
+//! O(log n) per request in the number of active volumes.
+//!
+//! Tags (see [`super::tags`]): `R`, `L` and `B` are wall-clock tags anchored at the head request's
+//! arrival (`tag = max(clock.next, arrival)`), `P` is virtual time anchored at the current virtual
+//! time `V` (the `P` of the last weight-ordered dispatch, start-time fair queueing). A volume back
+//! from idle therefore restarts at `now` / `V`: no credit for its idle time (no flood of old tags)
+//! and no debt (no starvation). Only reservation-phase service advances `R`; service above the
+//! commitment advances `P` — the mClock rule that spare capacity is shared independently of
+//! reservations. Every dispatch advances `L` (limits are hard caps for all classes) and the
+//! commitment meter `U` (which drives the burst fill and the boost scaling).
+//!
+//! Reconfiguration rebases tags without touching the queue: the volume is taken out of the
+//! indices, every clock is *respaced* (`next = last + last_cost / new_rate`, i.e. the next request
+//! is spaced at the new rate from the last one served), and the head is re-indexed. Queued requests
+//! keep their FIFO order within the volume, none is dropped, and the new rate governs the very next
+//! decision. Removing a volume hands its queued requests back to the caller to fail.
+//!
+//! Invariants: a volume is indexed iff its queue is non-empty; `queued_total` is the sum of queue
+//! lengths; `committed_sum` is the sum of commitments; `lendable` is the sum of commitments of
+//! volumes with empty queues.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use super::admission::AdmissionLimits;
+use super::device::{CapacityEstimator, DeviceConfig};
+use super::tags::{mul_div_rem, Rate, TagClock, TagIndex, COST_ONE};
+use super::telemetry::{WindowReport, WindowStats};
+use super::volume::{BurstBucket, OveragePolicy, VolumeConfig};
+use super::{IopsError, Request, ServiceClass, VolumeId};
+
+/// The decision returned by [`Partitioner::dispatch`].
+#[must_use = "a dispatched request must be submitted to the device"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Volume the request belongs to.
+    pub volume: VolumeId,
+    /// The request.
+    pub request: Request,
+    /// Why it was chosen.
+    pub class: ServiceClass,
+    /// Its cost in cost units ([`COST_ONE`] per unit I/O).
+    pub cost: u64,
+    /// Time it waited in the partitioner's queue (ns).
+    pub wait_ns: u64,
+}
+
+/// Lifetime counters of one volume (cost units), for accounting and conservation checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
+pub struct VolumeTotals {
+    /// Cost dispatched in the reservation phase.
+    pub reservation_cost: u64,
+    /// Cost dispatched in the weight phase.
+    pub share_cost: u64,
+    /// Cost dispatched spending burst credits.
+    pub burst_cost: u64,
+    /// Cost dispatched borrowing unused commitment.
+    pub borrow_cost: u64,
+    /// Cost dispatched at the boost rate.
+    pub boost_cost: u64,
+    /// Requests dispatched.
+    pub dispatched: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    request: Request,
+    arrival: u64,
+    cost: u64,
+}
+
+/// Index keys a volume is currently filed under (so it can be removed in O(log n)).
+#[derive(Clone, Copy, Debug, Default)]
+struct Keys {
+    throttled: Option<u64>,
+    res: Option<u64>,
+    share: Option<u64>,
+    burst: bool,
+    borrow: bool,
+    /// Boost tag and the boost rate it was computed with.
+    boost: Option<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct Volume {
+    id: VolumeId,
+    config: VolumeConfig,
+    queue: VecDeque<Queued>,
+    r: TagClock,
+    l: TagClock,
+    p: TagClock,
+    b: TagClock,
+    u: TagClock,
+    bucket: Option<BurstBucket>,
+    keys: Keys,
+    stats: WindowStats,
+    totals: VolumeTotals,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    volume: Option<Volume>,
+}
+
+#[derive(Debug, Default)]
+struct Indices {
+    throttled: TagIndex,
+    res: TagIndex,
+    share: TagIndex,
+    burst: TagIndex,
+    borrow: TagIndex,
+    boost: TagIndex,
+}
+
+/// The IOPS partitioner of one device (see the module documentation).
+#[derive(Debug)]
+pub struct Partitioner {
+    config: DeviceConfig,
+    capacity: CapacityEstimator,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    ix: Indices,
+    committed_sum: u64,
+    lendable: u64,
+    borrow_clock: TagClock,
+    vtime: u64,
+    queued_total: usize,
+    last_now: u64,
+    window_index: u64,
+    window_end: u64,
+    window_cost: u64,
+    window_dispatches: u64,
+    window_saturated: bool,
+    reports: VecDeque<WindowReport>,
+    reports_dropped: u64,
+}
+
+impl Partitioner {
+    /// A partitioner for a device, starting at time `now`.
+    pub fn new(config: DeviceConfig, now: u64) -> Result<Self, IopsError> {
+        config.validate()?;
+        let window_index = now / config.window_ns;
+        Ok(Self {
+            capacity: CapacityEstimator::new(config.capacity_iops),
+            config,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ix: Indices::default(),
+            committed_sum: 0,
+            lendable: 0,
+            borrow_clock: TagClock::starting_at(now),
+            vtime: 0,
+            queued_total: 0,
+            last_now: now,
+            window_index,
+            window_end: window_index
+                .saturating_add(1)
+                .saturating_mul(config.window_ns),
+            window_cost: 0,
+            window_dispatches: 0,
+            window_saturated: true,
+            reports: VecDeque::new(),
+            reports_dropped: 0,
+        })
+    }
+
+    /// Device configuration.
+    #[must_use]
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// Current capacity estimate (unit I/Os per second).
+    #[must_use]
+    pub fn capacity_iops(&self) -> u64 {
+        self.capacity.estimate()
+    }
+
+    /// Replaces the capacity estimate (e.g. after the kernel's own calibration run).
+    pub fn set_capacity(&mut self, capacity_iops: u64) -> Result<(), IopsError> {
+        if capacity_iops == 0 {
+            return Err(IopsError::InvalidDevice("capacity must be > 0"));
+        }
+        self.capacity = CapacityEstimator::new(capacity_iops);
+        Ok(())
+    }
+
+    /// Sum of admitted commitments.
+    #[must_use]
+    pub fn committed_sum(&self) -> u64 {
+        self.committed_sum
+    }
+
+    /// Admission numbers for a commitment of `requested` on top of the current ones.
+    #[must_use]
+    pub fn admission_limits(&self, requested: u64) -> AdmissionLimits {
+        AdmissionLimits {
+            capacity_iops: self.capacity.estimate(),
+            committable_permille: self.config.committable_permille,
+            overcommit_permille: self.config.overcommit_permille,
+            committed_sum: self.committed_sum,
+            requested,
+        }
+    }
+
+    /// Requests queued (not yet dispatched) over all volumes.
+    #[must_use]
+    pub fn queued_total(&self) -> usize {
+        self.queued_total
+    }
+
+    /// Requests queued for one volume.
+    pub fn queued(&self, id: VolumeId) -> Result<usize, IopsError> {
+        Ok(self.volume(id)?.queue.len())
+    }
+
+    /// A volume's configuration.
+    pub fn volume_config(&self, id: VolumeId) -> Result<VolumeConfig, IopsError> {
+        Ok(self.volume(id)?.config)
+    }
+
+    /// A volume's burst bucket (if configured).
+    pub fn burst_bucket(&self, id: VolumeId) -> Result<Option<BurstBucket>, IopsError> {
+        Ok(self.volume(id)?.bucket)
+    }
+
+    /// A volume's lifetime counters.
+    pub fn totals(&self, id: VolumeId) -> Result<VolumeTotals, IopsError> {
+        Ok(self.volume(id)?.totals)
+    }
+
+    /// A volume's counters for the current (open) window.
+    pub fn current_window(&self, id: VolumeId) -> Result<WindowStats, IopsError> {
+        Ok(self.volume(id)?.stats)
+    }
+
+    /// Handles of all live volumes.
+    pub fn volume_ids(&self) -> impl Iterator<Item = VolumeId> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|s| s.volume.as_ref().map(|v| v.id))
+    }
+
+    /// Takes the closed window reports gathered so far (oldest first).
+    pub fn drain_reports(&mut self) -> impl Iterator<Item = WindowReport> + '_ {
+        self.reports.drain(..)
+    }
+
+    /// Reports dropped because nobody drained them in time.
+    #[must_use]
+    pub fn reports_dropped(&self) -> u64 {
+        self.reports_dropped
+    }
+
+    /// Adds a volume after admission control.
+    pub fn add_volume(&mut self, config: VolumeConfig, now: u64) -> Result<VolumeId, IopsError> {
+        let now = self.advance(now);
+        config.validate()?;
+        self.admission_limits(config.committed_iops).check()?;
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.slots.len()).map_err(|_| IopsError::TooManyVolumes)?;
+                self.slots.push(Slot {
+                    generation: 0,
+                    volume: None,
+                });
+                i
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        let id = VolumeId {
+            index,
+            generation: slot.generation,
+        };
+        slot.volume = Some(Volume {
+            id,
+            config,
+            queue: VecDeque::new(),
+            r: TagClock::starting_at(now),
+            l: TagClock::starting_at(now),
+            p: TagClock::starting_at(self.vtime),
+            b: TagClock::starting_at(now),
+            u: TagClock::starting_at(now),
+            bucket: config.burst.map(|b| BurstBucket::new(b, now)),
+            keys: Keys::default(),
+            stats: WindowStats::default(),
+            totals: VolumeTotals::default(),
+        });
+        self.live += 1;
+        self.committed_sum += config.committed_iops;
+        self.set_lendable(self.lendable + config.committed_iops);
+        Ok(id)
+    }
+
+    /// Changes a volume's configuration at once (admission applies to the commitment); queued
+    /// requests are kept in order and the tags are rebased as the module documentation describes.
+    pub fn reconfigure(
+        &mut self,
+        id: VolumeId,
+        config: VolumeConfig,
+        now: u64,
+    ) -> Result<(), IopsError> {
+        let now = self.advance(now);
+        config.validate()?;
+        let old = self.volume(id)?.config;
+        if config.committed_iops > old.committed_iops {
+            let mut limits = self.admission_limits(config.committed_iops);
+            limits.committed_sum -= old.committed_iops;
+            limits.check()?;
+        }
+        let vtime = self.vtime;
+        let Self { slots, ix, .. } = self;
+        let vol = slots[id.index as usize]
+            .volume
+            .as_mut()
+            .ok_or(IopsError::UnknownVolume(id))?;
+        unindex(ix, vol);
+        if let Some(bucket) = vol.bucket.as_mut() {
+            bucket.fill(vol.u.next, now);
+        }
+        vol.config = config;
+        if config.committed_iops > 0 {
+            vol.r.respace(Rate::Iops(config.committed_iops));
+            vol.u.respace(Rate::Iops(config.committed_iops));
+        }
+        if let Some(limit) = config.limit_iops {
+            vol.l.respace(Rate::Iops(limit));
+        }
+        vol.p.respace(Rate::Weight(config.weight));
+        vol.bucket = match (config.burst, vol.bucket) {
+            (Some(c), Some(mut b)) => {
+                b.reconfigure(c);
+                Some(b)
+            }
+            (Some(c), None) => Some(BurstBucket::new(c, now)),
+            (None, _) => None,
+        };
+        let idle = vol.queue.is_empty();
+        if !idle {
+            file_volume(ix, vol, now, vtime);
+        }
+        self.committed_sum = self.committed_sum - old.committed_iops + config.committed_iops;
+        if idle {
+            self.set_lendable(self.lendable - old.committed_iops + config.committed_iops);
+        }
+        Ok(())
+    }
+
+    /// Removes a volume; its queued (never dispatched) requests are returned for the caller to fail.
+    /// Completions of its in-flight requests are still accepted by [`Partitioner::complete`].
+    pub fn remove_volume(&mut self, id: VolumeId, now: u64) -> Result<Vec<Request>, IopsError> {
+        self.advance(now);
+        self.volume(id)?;
+        let slot = &mut self.slots[id.index as usize];
+        let Some(mut vol) = slot.volume.take() else {
+            return Err(IopsError::UnknownVolume(id));
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.live -= 1;
+        unindex(&mut self.ix, &mut vol);
+        self.committed_sum -= vol.config.committed_iops;
+        if vol.queue.is_empty() {
+            self.set_lendable(self.lendable - vol.config.committed_iops);
+        }
+        self.queued_total -= vol.queue.len();
+        Ok(vol.queue.into_iter().map(|q| q.request).collect())
+    }
+
+    /// Queues a request of volume `id` that arrived at `now`.
+    pub fn enqueue(&mut self, id: VolumeId, request: Request, now: u64) -> Result<(), IopsError> {
+        let now = self.advance(now);
+        let cost = self.config.cost.cost(request.op, request.bytes);
+        let max_queue = self.config.max_queue;
+        let vtime = self.vtime;
+        let Self { slots, ix, .. } = self;
+        let vol = slot_volume(slots, id)?;
+        if vol.queue.len() >= max_queue {
+            return Err(IopsError::QueueFull {
+                volume: id,
+                depth: max_queue,
+            });
+        }
+        vol.stats.arrived += 1;
+        vol.queue.push_back(Queued {
+            request,
+            arrival: now,
+            cost,
+        });
+        let was_idle = vol.queue.len() == 1;
+        let commit = vol.config.committed_iops;
+        if was_idle {
+            if let Some(bucket) = vol.bucket.as_mut() {
+                bucket.fill(vol.u.next, now);
+            }
+            file_volume(ix, vol, now, vtime);
+        }
+        self.queued_total += 1;
+        if was_idle {
+            self.set_lendable(self.lendable - commit);
+        }
+        Ok(())
+    }
+
+    /// Chooses the next request to send to the device at `now`, or `None` when nothing may go
+    /// (nothing queued, or every queued volume is held by its limit: see
+    /// [`Partitioner::next_eligible_time`]).
+    pub fn dispatch(&mut self, now: u64) -> Option<Dispatch> {
+        let now = self.advance(now);
+        self.promote(now);
+        let ix = &self.ix;
+        let choice = if let Some((_, v)) = ix.res.first().filter(|&(r, _)| r <= now) {
+            Some((v, ServiceClass::Reservation))
+        } else if let Some((_, v)) = ix.burst.first() {
+            Some((v, ServiceClass::Burst))
+        } else if let Some((_, v)) = ix
+            .borrow
+            .first()
+            .filter(|_| self.lendable > 0 && self.borrow_clock.next <= now)
+        {
+            Some((v, ServiceClass::Borrow))
+        } else if let Some((_, v)) = ix.boost.first().filter(|&(b, _)| b <= now) {
+            Some((v, ServiceClass::Boost))
+        } else {
+            ix.share.first().map(|(_, v)| (v, ServiceClass::Share))
+        };
+        let Some((index, class)) = choice else {
+            self.window_saturated = false;
+            return None;
+        };
+        let d = self.take(index, class, now);
+        if d.is_none() {
+            self.window_saturated = false;
+        }
+        d
+    }
+
+    /// Earliest time at which [`Partitioner::dispatch`] may return a request: `now` when one may go
+    /// now, the earliest limit tag when every queued volume is throttled, `None` when nothing is
+    /// queued. The kernel arms its timer for this after a `None` dispatch.
+    #[must_use]
+    pub fn next_eligible_time(&self, now: u64) -> Option<u64> {
+        if !self.ix.share.is_empty() {
+            return Some(now);
+        }
+        self.ix.throttled.first().map(|(t, _)| t.max(now))
+    }
+
+    /// Records the completion of a request of volume `id` (queue wait is already known; `service_ns`
+    /// is the device time). The device-wide accounting (capacity estimate) counts it even when the
+    /// volume was removed meanwhile, which is then reported as `UnknownVolume`.
+    pub fn complete(
+        &mut self,
+        id: VolumeId,
+        request: &Request,
+        service_ns: u64,
+        now: u64,
+    ) -> Result<(), IopsError> {
+        let _ = service_ns;
+        self.advance(now);
+        let cost = self.config.cost.cost(request.op, request.bytes);
+        self.window_cost = self.window_cost.saturating_add(cost);
+        let vol = slot_volume(&mut self.slots, id)?;
+        vol.stats.completed += 1;
+        vol.stats.completed_cost = vol.stats.completed_cost.saturating_add(cost);
+        Ok(())
+    }
+
+    fn volume(&self, id: VolumeId) -> Result<&Volume, IopsError> {
+        self.slots
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.volume.as_ref())
+            .ok_or(IopsError::UnknownVolume(id))
+    }
+
+    fn set_lendable(&mut self, lendable: u64) {
+        self.lendable = lendable;
+        if lendable > 0 {
+            self.borrow_clock.respace(Rate::Iops(lendable));
+        }
+    }
+
+    /// Makes time monotonic and closes elapsed windows.
+    fn advance(&mut self, now: u64) -> u64 {
+        let now = now.max(self.last_now);
+        self.last_now = now;
+        if now >= self.window_end {
+            self.close_window(now);
+        }
+        now
+    }
+
+    fn close_window(&mut self, now: u64) {
+        let w = self.config.window_ns;
+        if self.config.refine_capacity && self.window_dispatches > 0 {
+            self.capacity.observe_window(
+                self.window_cost,
+                w,
+                self.window_saturated && self.queued_total > 0,
+            );
+        }
+        let cap = 8 * self.live.max(8);
+        for vol in self.slots.iter_mut().filter_map(|s| s.volume.as_mut()) {
+            let (completed_iops, _) = mul_div_rem(
+                vol.stats.completed_cost,
+                1_000_000_000,
+                w.saturating_mul(COST_ONE),
+            );
+            if self.reports.len() >= cap {
+                self.reports.pop_front();
+                self.reports_dropped += 1;
+            }
+            self.reports.push_back(WindowReport {
+                window: self.window_index,
+                volume: vol.id,
+                committed_iops: vol.config.committed_iops,
+                completed_iops,
+                stats: vol.stats,
+            });
+            vol.stats = WindowStats::default();
+        }
+        // Windows with no call at all in them carry zero counters and are skipped.
+        let skip = (now - self.window_end) / w;
+        self.window_index = self.window_index.saturating_add(1 + skip);
+        self.window_end = self.window_end.saturating_add((1 + skip).saturating_mul(w));
+        self.window_cost = 0;
+        self.window_dispatches = 0;
+        self.window_saturated = true;
+    }
+
+    /// Moves throttled volumes whose limit tag is due into the eligible indices.
+    fn promote(&mut self, now: u64) {
+        let vtime = self.vtime;
+        let Self { slots, ix, .. } = self;
+        while let Some((_, index)) = ix.throttled.pop_due(now) {
+            if let Some(vol) = slots
+                .get_mut(index as usize)
+                .and_then(|s| s.volume.as_mut())
+            {
+                vol.keys.throttled = None;
+                index_eligible(ix, vol, now, vtime);
+            }
+        }
+    }
+
+    fn take(&mut self, index: u32, class: ServiceClass, now: u64) -> Option<Dispatch> {
+        let vtime = self.vtime;
+        let lendable = self.lendable;
+        let Self { slots, ix, .. } = self;
+        let vol = slots.get_mut(index as usize)?.volume.as_mut()?;
+        let keys = vol.keys;
+        unindex(ix, vol);
+        let q = vol.queue.pop_front()?;
+        let cfg = vol.config;
+        if let Some(bucket) = vol.bucket.as_mut() {
+            bucket.fill(vol.u.next, now);
+        }
+        if let Some(limit) = cfg.limit_iops {
+            let l = vol.l.tag_for(q.arrival);
+            vol.l.charge(l, q.cost, Rate::Iops(limit));
+        }
+        if cfg.committed_iops > 0 {
+            let u = vol.u.tag_for(now);
+            vol.u.charge(u, q.cost, Rate::Iops(cfg.committed_iops));
+        }
+        let mut new_vtime = vtime;
+        let mut borrow_charge = false;
+        match class {
+            ServiceClass::Reservation => {
+                let r = vol.r.tag_for(q.arrival);
+                vol.r.charge(r, q.cost, Rate::Iops(cfg.committed_iops));
+                vol.totals.reservation_cost += q.cost;
+            }
+            ServiceClass::Share
+            | ServiceClass::Burst
+            | ServiceClass::Borrow
+            | ServiceClass::Boost => {
+                let p = keys.share.unwrap_or_else(|| vol.p.tag_for(vtime));
+                vol.p.charge(p, q.cost, Rate::Weight(cfg.weight));
+                new_vtime = vtime.max(p);
+                match class {
+                    ServiceClass::Burst => {
+                        if let Some(b) = vol.bucket.as_mut() {
+                            b.spend(q.cost);
+                        }
+                        vol.totals.burst_cost += q.cost;
+                    }
+                    ServiceClass::Borrow => {
+                        borrow_charge = true;
+                        vol.totals.borrow_cost += q.cost;
+                    }
+                    ServiceClass::Boost => {
+                        if let Some((b, rate)) = keys.boost {
+                            vol.b.charge(b, q.cost, Rate::Iops(rate.max(1)));
+                        }
+                        vol.totals.boost_cost += q.cost;
+                    }
+                    _ => vol.totals.share_cost += q.cost,
+                }
+            }
+        }
+        vol.totals.dispatched += 1;
+        let wait_ns = now.saturating_sub(q.arrival);
+        vol.stats.record_dispatch(class, wait_ns);
+        let id = vol.id;
+        let now_idle = vol.queue.is_empty();
+        let commit = cfg.committed_iops;
+        if !now_idle {
+            file_volume(ix, vol, now, new_vtime);
+        }
+        self.vtime = new_vtime;
+        if borrow_charge && lendable > 0 {
+            let g = self.borrow_clock.tag_for(now);
+            self.borrow_clock.charge(g, q.cost, Rate::Iops(lendable));
+        }
+        self.queued_total -= 1;
+        self.window_dispatches += 1;
+        if now_idle {
+            self.set_lendable(self.lendable + commit);
+        }
+        if self.queued_total == 0 {
+            // The device may now starve: this window cannot measure capacity.
+            self.window_saturated = false;
+        }
+        Some(Dispatch {
+            volume: id,
+            request: q.request,
+            class,
+            cost: q.cost,
+            wait_ns,
+        })
+    }
+}
+
+fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsError> {
+    slots
+        .get_mut(id.index as usize)
+        .filter(|s| s.generation == id.generation)
+        .and_then(|s| s.volume.as_mut())
+        .ok_or(IopsError::UnknownVolume(id))
+}
+
+/// Files a volume with a non-empty queue under its head's tags.
+fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
+    let Some(head) = vol.queue.front() else {
+        return;
+    };
+    if vol.config.limit_iops.is_some() {
+        let l = vol.l.tag_for(head.arrival);
+        if l > now {
+            ix.throttled.insert(l, vol.id.index);
+            vol.keys.throttled = Some(l);
+            vol.stats.throttled += 1;
+            return;
+        }
+    }
+    index_eligible(ix, vol, now, vtime);
+}
+
+/// Files a volume whose head is allowed by its limit.
+fn index_eligible(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
+    let Some(head) = vol.queue.front() else {
+        return;
+    };
+    let v = vol.id.index;
+    let cfg = &vol.config;
+    if cfg.committed_iops > 0 {
+        let r = vol.r.tag_for(head.arrival);
+        ix.res.insert(r, v);
+        vol.keys.res = Some(r);
+    }
+    let p = vol.p.tag_for(vtime);
+    ix.share.insert(p, v);
+    vol.keys.share = Some(p);
+    if vol.bucket.is_some_and(|b| b.can_spend(head.cost)) {
+        ix.burst.insert(p, v);
+        vol.keys.burst = true;
+    }
+    match cfg.policy {
+        OveragePolicy::Borrow => {
+            ix.borrow.insert(p, v);
+            vol.keys.borrow = true;
+        }
+        OveragePolicy::Boosted { .. } => {
+            let lead = vol.u.next.saturating_sub(now);
+            let rate = cfg.boost_iops(lead);
+            if rate > 0 {
+                let b = vol.b.tag_for(head.arrival);
+                ix.boost.insert(b, v);
+                vol.keys.boost = Some((b, rate));
+            }
+        }
+        OveragePolicy::BestEffort => {}
+    }
+}
+
+/// Removes a volume from every index it is filed under.
+fn unindex(ix: &mut Indices, vol: &mut Volume) {
+    let v = vol.id.index;
+    let k = core::mem::take(&mut vol.keys);
+    if let Some(t) = k.throttled {
+        ix.throttled.remove(t, v);
+    }
+    if let Some(t) = k.res {
+        ix.res.remove(t, v);
+    }
+    if let Some(p) = k.share {
+        ix.share.remove(p, v);
+        if k.burst {
+            ix.burst.remove(p, v);
+        }
+        if k.borrow {
+            ix.borrow.remove(p, v);
+        }
+    }
+    if let Some((b, _)) = k.boost {
+        ix.boost.remove(b, v);
+    }
+}
