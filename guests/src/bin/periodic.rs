@@ -1,0 +1,67 @@
+//! `periodic`: a hard-real-time job. Every `period_us` (default 1000) it is released and must receive `budget_us`
+//! (default 200) of CPU before the next release; it measures what it received with the TSC gap method and counts a
+//! miss for any period in which it got less. After `periods` periods (default 0 = forever) it prints a summary and
+//! exits with code 0 (no miss) or 1.
+//!
+//! A release found already past its deadline (the vCPU woke too late) is a miss too, and so is every period skipped.
+#![no_std]
+#![no_main]
+
+use guest::{
+    args, meter::CpuMeter, ns_to_ticks, println, rdtsc, report, sleep_until, ticks_to_ns, BootInfo,
+    Counter,
+};
+
+#[no_mangle]
+pub fn guest_main(boot: &'static BootInfo) -> ! {
+    let cmdline = boot.cmdline();
+    let period_ns = args::u64_or(cmdline, "period_us", 1000) * 1000;
+    let budget_ns = args::u64_or(cmdline, "budget_us", 200) * 1000;
+    let periods = args::u64_or(cmdline, "periods", 0);
+    let gap_ns = args::u64_or(cmdline, "gap_us", 20) * 1000;
+    let period = ns_to_ticks(period_ns);
+    println!("periodic: start period_ns={period_ns} budget_ns={budget_ns} periods={periods}");
+
+    let mut done: u64 = 0;
+    let mut misses: u64 = 0;
+    let mut min_received = u64::MAX;
+    let mut release = rdtsc().wrapping_add(period);
+    while periods == 0 || done < periods {
+        sleep_until(release);
+        let deadline = release.wrapping_add(period);
+        let mut meter = CpuMeter::new(gap_ns);
+        while meter.received_ns() < budget_ns && meter.sample() < deadline {}
+        let received = meter.received_ns().min(budget_ns);
+        min_received = min_received.min(received);
+        if received < budget_ns {
+            misses += 1;
+        }
+        done += 1;
+        release = deadline;
+        // Woke or finished after later releases passed: those periods got nothing.
+        let now = rdtsc();
+        while now >= release.wrapping_add(period) {
+            release = release.wrapping_add(period);
+            misses += 1;
+            done += 1;
+            min_received = 0;
+        }
+        if done.is_multiple_of(1000) {
+            report_figures(done, misses, min_received);
+            println!("periodic: periods={done} misses={misses} min_received_ns={min_received}");
+        }
+    }
+    report_figures(done, misses, min_received);
+    println!(
+        "periodic: done periods={done} misses={misses} min_received_ns={min_received} budget_ns={budget_ns} \
+         elapsed_ms={}",
+        ticks_to_ns(rdtsc()) / 1_000_000
+    );
+    guest::exit(u64::from(misses != 0))
+}
+
+fn report_figures(done: u64, misses: u64, min_received: u64) {
+    report(Counter::RtPeriods, done);
+    report(Counter::RtMisses, misses);
+    report(Counter::RtMinReceivedNs, min_received);
+}

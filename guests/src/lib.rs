@@ -1,0 +1,138 @@
+//! Runtime shared by the Creditvisor test guests: entry, hypercalls, console, time and exception reporting.
+//!
+//! The guests are entered in 64-bit long mode with the state described in `docs/guest-abi.md`; `_start` zeroes
+//! `.bss`, records the boot information and calls the guest's `guest_main`. Everything a guest reports reaches the
+//! hypervisor either as console text (the VM's COM1) or as counters (`REPORT` hypercall), so the end-to-end tests
+//! can compare what the guest measured with what the hypervisor accounted.
+//!
+//! Invariants: the runtime never touches memory outside its own image, its stack and the boot information page,
+//! so a guest's behaviour is exactly what its `guest_main` asks for (the `hostile` guest relies on that).
+#![no_std]
+
+pub mod args;
+pub mod console;
+pub mod hypercall;
+pub mod meter;
+pub mod trap;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+pub use hypercall::{exit, log, report, sleep_until, yield_now, Counter, HypercallError};
+
+/// `BootInfo::magic`: `b"CGUEST01"` read as a little-endian u64.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"CGUEST01");
+
+/// The boot information the hypervisor writes at guest-physical `0x8000` (docs/guest-abi.md).
+#[repr(C)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub abi_version: u32,
+    pub vcpu_id: u32,
+    pub vcpu_count: u32,
+    pub reserved: u32,
+    pub mem_bytes: u64,
+    pub tsc_hz: u64,
+    pub name: [u8; 32],
+    pub cmdline: [u8; 256],
+}
+
+impl BootInfo {
+    /// The VM's arguments (`args` in its configuration), up to the first NUL.
+    pub fn cmdline(&self) -> &str {
+        nul_terminated(&self.cmdline)
+    }
+
+    /// The VM's name, up to the first NUL.
+    pub fn name(&self) -> &str {
+        nul_terminated(&self.name)
+    }
+}
+
+fn nul_terminated(bytes: &[u8]) -> &str {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    core::str::from_utf8(&bytes[..len]).unwrap_or("")
+}
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+
+/// Guest TSC frequency from the boot information.
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// Reads the guest TSC.
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; the ABI leaves CR4.TSD clear so it is allowed in the guest.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Converts TSC ticks to nanoseconds at the boot-information frequency (saturating; 0 Hz reads as 1 GHz).
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    let hz = match tsc_hz() {
+        0 => 1_000_000_000,
+        hz => hz,
+    };
+    u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(hz)).unwrap_or(u64::MAX)
+}
+
+/// Converts nanoseconds to TSC ticks at the boot-information frequency (saturating).
+pub fn ns_to_ticks(ns: u64) -> u64 {
+    let hz = match tsc_hz() {
+        0 => 1_000_000_000,
+        hz => hz,
+    };
+    u64::try_from(u128::from(ns) * u128::from(hz) / 1_000_000_000).unwrap_or(u64::MAX)
+}
+
+extern "Rust" {
+    /// Provided by each guest binary with `#[no_mangle]`.
+    fn guest_main(boot: &'static BootInfo) -> !;
+}
+
+/// Rust entry, called by `_start` with RDI = address of the boot information.
+#[no_mangle]
+extern "C" fn guest_rust_entry(boot: *const BootInfo) -> ! {
+    // SAFETY: the ABI places a `BootInfo` at the address passed in RDI and never changes it while the guest runs;
+    // the pointer is checked for null and the magic checked before any other field is trusted.
+    let boot: &'static BootInfo = match unsafe { boot.as_ref() } {
+        Some(boot) if boot.magic == BOOT_MAGIC => boot,
+        _ => {
+            console::write_str("guest: no boot information (bad magic), exiting\n");
+            exit(0xbad)
+        }
+    };
+    TSC_HZ.store(boot.tsc_hz, Ordering::Relaxed);
+    hypercall::init();
+    trap::install();
+    // SAFETY: every guest binary defines `guest_main` with this signature (the link fails otherwise).
+    unsafe { guest_main(boot) }
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global _start
+_start:
+    cld
+    mov r12, rdi
+    lea rdi, [rip + __bss_start]
+    lea rcx, [rip + __bss_end]
+    sub rcx, rdi
+    xor eax, eax
+    rep stosb
+    mov rdi, r12
+    and rsp, -16
+    call guest_rust_entry
+    ud2
+"#
+);
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    use core::fmt::Write;
+    let mut line = console::LineBuf::new();
+    let _ = write!(line, "guest panic: {info}");
+    log(line.as_str());
+    exit(0xdead)
+}
