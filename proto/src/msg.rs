@@ -1,0 +1,518 @@
+//! Message catalogue of the management channel, version [`PROTOCOL_VERSION`].
+//!
+//! Design: two enums, one per direction ([`ToAgent`]: hypervisor -> agent, [`ToHost`]: agent -> hypervisor),
+//! encoded with postcard. Every collection and string is a `heapless` type with a fixed bound, so the largest
+//! possible message is known statically and fits [`crate::MAX_PAYLOAD`] (checked by a test); the kernel needs no
+//! allocator to send or receive any of them.
+//!
+//! Invariants:
+//! - Units: CPU time and credits are credit-nanoseconds (`u64`/`i64`; one user-visible credit = one vCPU at 100%
+//!   for one minute = [`CREDIT_NS`]); rates are per second; latencies are nanoseconds.
+//! - Every agent -> host [`Request`] carries a request id; state-changing commands are idempotent by that id
+//!   (the host keeps a [`crate::DedupWindow`] of recent ids and replays the cached [`Response`]). Credit grants
+//!   additionally carry a grant id that the host applies at most once, whatever the request id.
+//! - Variants are only ever appended; changing the meaning of a field bumps [`PROTOCOL_VERSION`].
+
+use heapless::{String, Vec};
+use serde::{Deserialize, Serialize};
+
+/// Version byte carried in every frame header. A frame with another version is dropped and counted.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// One user-visible credit: one vCPU at 100% for one minute, in nanoseconds.
+pub const CREDIT_NS: u64 = 60_000_000_000;
+/// Maximum vCPUs described per VM in one message.
+pub const MAX_VCPUS: usize = 16;
+/// Maximum volumes described per VM in one message.
+pub const MAX_VOLUMES: usize = 4;
+/// Maximum VMs in one list reply.
+pub const MAX_VMS: usize = 32;
+/// Maximum stages in a staged grant.
+pub const MAX_STAGES: usize = 4;
+
+/// Short identifier (host id, VM name, module name).
+pub type Name = String<32>;
+/// Human-readable reason attached to an error (admission numbers, etc.).
+pub type Reason = String<96>;
+
+/// Host-local VM identifier.
+pub type VmId = u32;
+
+/// Capability bits announced in [`Hello`].
+pub mod caps {
+    /// The host streams telemetry snapshots.
+    pub const TELEMETRY: u32 = 1 << 0;
+    /// The host sends credit requests for `unlimited` vCPUs.
+    pub const CREDIT_REQUESTS: u32 = 1 << 1;
+    /// The host partitions NVMe IOPS and accepts volume commitments.
+    pub const IOPS: u32 = 1 << 2;
+    /// The host can create VMs from loaded modules.
+    pub const CREATE_VM: u32 = 1 << 3;
+}
+
+/// Hypervisor -> agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// Sent when the channel comes up, and as the reply to [`Command::Attach`].
+    Hello(Hello),
+    /// One telemetry snapshot for one VM.
+    Telemetry(VmTelemetry),
+    /// An `unlimited` vCPU (or volume) asks for pool credits.
+    CreditRequest(CreditRequest),
+    /// Answer to an agent [`Request`].
+    Response(Response),
+}
+
+/// Agent -> hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToHost {
+    /// A command with its request id.
+    Request(Request),
+}
+
+/// Host identity and abilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Stable host identifier.
+    pub host_id: Name,
+    /// Changes on every host boot; credit request ids are unique per (host, boot).
+    pub boot_id: u64,
+    /// Protocol version spoken by the host.
+    pub version: u8,
+    /// Bitset of [`caps`].
+    pub capabilities: u32,
+    /// Current telemetry period in milliseconds (0 = off).
+    pub telemetry_period_ms: u32,
+}
+
+/// Resource a credit or a pool is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resource {
+    /// CPU credits (credit-ns of vCPU time above baseline).
+    Cpu,
+    /// Storage I/O credits (I/O operations above commitment).
+    Io,
+}
+
+/// Per-vCPU telemetry over one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VcpuTelemetry {
+    /// vCPU index within the VM.
+    pub vcpu: u16,
+    /// CPU time served within the baseline in this window.
+    pub baseline_ns: u64,
+    /// CPU time served above the baseline (paid with credits).
+    pub burst_ns: u64,
+    /// Credits earned (accrued) in this window.
+    pub earned_ns: u64,
+    /// Credits spent in this window.
+    pub spent_ns: u64,
+    /// Credits discarded at the balance cap in this window.
+    pub discarded_ns: u64,
+    /// Credits applied from pool grants in this window.
+    pub granted_ns: u64,
+    /// Balance at the end of the window (may be negative only transiently, see `sched`).
+    pub balance_ns: i64,
+    /// Time runnable but not running (throttled or waiting) in this window.
+    pub throttled_ns: u64,
+    /// Worst wake-to-run latency observed in this window.
+    pub wake_latency_max_ns: u64,
+    /// True when the vCPU runs in `unlimited` burst mode.
+    pub unlimited: bool,
+}
+
+/// Per-volume telemetry over one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VolumeTelemetry {
+    /// Volume index within the VM.
+    pub volume: u16,
+    /// Completed I/O operations per second over the window.
+    pub iops: u32,
+    /// Committed IOPS in force.
+    pub committed_iops: u32,
+    /// Limit in force (0 = none).
+    pub limit_iops: u32,
+    /// Queue-wait latency percentiles.
+    pub latency_p50_ns: u64,
+    /// 99th percentile queue-wait latency.
+    pub latency_p99_ns: u64,
+    /// Requests delayed by throttling in the window.
+    pub throttled: u32,
+}
+
+/// One telemetry snapshot of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmTelemetry {
+    /// Snapshot sequence number, +1 per snapshot per host (gaps mean lost snapshots).
+    pub seq: u64,
+    /// Host monotonic time at the end of the window.
+    pub time_ns: u64,
+    /// Window length.
+    pub window_ns: u64,
+    /// The VM.
+    pub vm: VmId,
+    /// Its vCPUs.
+    pub vcpus: Vec<VcpuTelemetry, MAX_VCPUS>,
+    /// Its volumes.
+    pub volumes: Vec<VolumeTelemetry, MAX_VOLUMES>,
+}
+
+/// A host asks the agent for pool credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditRequest {
+    /// Unique per (host, boot); a retry of the same need reuses the id.
+    pub request_id: u64,
+    /// Resource asked for.
+    pub resource: Resource,
+    /// The VM.
+    pub vm: VmId,
+    /// vCPU index (for `Cpu`) or volume index (for `Io`).
+    pub unit: u16,
+    /// Credits asked for, in credit-ns.
+    pub amount_ns: u64,
+    /// Current balance of the requester (used to prioritise).
+    pub balance_ns: i64,
+}
+
+/// When a grant stage takes effect on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Instruction {
+    /// Add to the balance at once.
+    Now,
+    /// Add `per_period_ns` each scheduling period until the stage is used up.
+    Rate {
+        /// Credits added per period.
+        per_period_ns: u64,
+    },
+    /// Add when the event happens.
+    AfterEvent(Event),
+}
+
+/// Host events a grant stage may wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The VM finished migrating.
+    MigrationComplete,
+    /// The VM was resumed.
+    Resumed,
+}
+
+/// One stage of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Credits in this stage.
+    pub amount_ns: u64,
+    /// When they take effect.
+    pub instruction: Instruction,
+}
+
+/// A credit grant: applied at most once per `grant_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Agent-wide unique grant id.
+    pub grant_id: u64,
+    /// The credit request it answers (0 = unsolicited).
+    pub credit_request_id: u64,
+    /// Resource.
+    pub resource: Resource,
+    /// The VM.
+    pub vm: VmId,
+    /// vCPU or volume index.
+    pub unit: u16,
+    /// Stages; their amounts sum to the grant.
+    pub stages: Vec<Stage, MAX_STAGES>,
+}
+
+impl Grant {
+    /// Total credits of the grant (saturating: a malformed grant cannot wrap).
+    #[must_use]
+    pub fn total_ns(&self) -> u64 {
+        self.stages
+            .iter()
+            .fold(0u64, |acc, s| acc.saturating_add(s.amount_ns))
+    }
+}
+
+/// VM lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Created, never started.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Destroyed (kept briefly for reporting).
+    Destroyed,
+}
+
+/// vCPU burst mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BurstMode {
+    /// Held to baseline at zero balance.
+    Standard,
+    /// Runs on and requests pool credits.
+    Unlimited,
+}
+
+/// Scheduling parameters of one vCPU (see issue 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedParams {
+    /// Baseline budget per period.
+    pub budget_ns: u64,
+    /// Baseline period (100 us ..= 1 s).
+    pub period_ns: u64,
+    /// Credits accrued per period.
+    pub accrual_ns: u64,
+    /// Balance cap.
+    pub cap_ns: u64,
+    /// Burst mode.
+    pub burst: BurstMode,
+    /// Burst weight.
+    pub weight: u16,
+}
+
+/// Summary line of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// Host-local id.
+    pub vm: VmId,
+    /// Name.
+    pub name: Name,
+    /// State.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u16,
+}
+
+/// Volume configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Volume index.
+    pub volume: u16,
+    /// Committed IOPS.
+    pub committed_iops: u32,
+    /// Limit (0 = none).
+    pub limit_iops: u32,
+}
+
+/// Full description of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Summary.
+    pub summary: VmSummary,
+    /// Module it was created from.
+    pub module: Name,
+    /// Per-vCPU parameters.
+    pub vcpus: Vec<SchedParams, MAX_VCPUS>,
+    /// Volumes.
+    pub volumes: Vec<VolumeInfo, MAX_VOLUMES>,
+}
+
+/// Balance of one vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuBalance {
+    /// VM.
+    pub vm: VmId,
+    /// vCPU.
+    pub vcpu: u16,
+    /// Balance in credit-ns.
+    pub balance_ns: i64,
+    /// Grant credits not yet applied (staged).
+    pub pending_ns: u64,
+    /// Total credits applied from grants since boot.
+    pub granted_total_ns: u64,
+}
+
+/// An agent command with its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Request id: unique and increasing per agent; retries reuse it.
+    pub id: u64,
+    /// The command.
+    pub command: Command,
+}
+
+/// Commands from the agent.
+// Bounded inline storage on purpose: the kernel side has no allocator to box the large variants.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Ask the host to (re)introduce itself; answered by a [`ToAgent::Hello`] and `Reply::Ack`.
+    Attach,
+    /// List VMs.
+    ListVms,
+    /// Describe one VM.
+    DescribeVm {
+        /// VM.
+        vm: VmId,
+    },
+    /// Create a VM from a module already loaded on the host.
+    CreateVm {
+        /// Module name.
+        module: Name,
+        /// VM name.
+        name: Name,
+        /// vCPU parameters.
+        vcpus: Vec<SchedParams, MAX_VCPUS>,
+    },
+    /// Start a created VM.
+    StartVm {
+        /// VM.
+        vm: VmId,
+    },
+    /// Pause.
+    PauseVm {
+        /// VM.
+        vm: VmId,
+    },
+    /// Resume.
+    ResumeVm {
+        /// VM.
+        vm: VmId,
+    },
+    /// Destroy.
+    DestroyVm {
+        /// VM.
+        vm: VmId,
+    },
+    /// Change one vCPU's scheduling parameters (through admission control).
+    SetSchedParams {
+        /// VM.
+        vm: VmId,
+        /// vCPU.
+        vcpu: u16,
+        /// New parameters.
+        params: SchedParams,
+    },
+    /// Change a volume's commitment (through admission control).
+    SetVolumeCommitment {
+        /// VM.
+        vm: VmId,
+        /// Volume.
+        volume: u16,
+        /// Committed IOPS.
+        committed_iops: u32,
+        /// Limit (0 = none).
+        limit_iops: u32,
+    },
+    /// Apply a credit grant (exactly once per grant id).
+    ApplyGrant(Grant),
+    /// Tell the host a credit request will not be granted, so it stops retrying it.
+    DenyCredit {
+        /// The host's credit request id.
+        credit_request_id: u64,
+        /// Why.
+        reason: Reason,
+    },
+    /// Read balances (all VMs when `vm` is `None`).
+    ReadBalances {
+        /// VM filter.
+        vm: Option<VmId>,
+    },
+    /// Set the telemetry period (0 = off).
+    SetTelemetryPeriod {
+        /// Milliseconds between snapshots.
+        period_ms: u32,
+    },
+}
+
+impl Command {
+    /// True when the command changes host state (and therefore must be deduplicated by request id).
+    #[must_use]
+    pub fn is_state_changing(&self) -> bool {
+        !matches!(
+            self,
+            Self::Attach | Self::ListVms | Self::DescribeVm { .. } | Self::ReadBalances { .. }
+        )
+    }
+}
+
+/// Reply to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request id answered.
+    pub id: u64,
+    /// Outcome.
+    pub result: Result<Reply, CommandError>,
+}
+
+/// Successful outcomes.
+// Bounded inline storage on purpose: the kernel side has no allocator to box the large variants.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done, nothing to report.
+    Ack,
+    /// VM list.
+    VmList(Vec<VmSummary, MAX_VMS>),
+    /// One VM.
+    VmInfo(VmInfo),
+    /// A VM was created.
+    VmCreated {
+        /// Its id.
+        vm: VmId,
+    },
+    /// Balances.
+    Balances(Vec<VcpuBalance, MAX_VMS>),
+    /// A grant was applied now or before (`duplicate` tells which).
+    GrantApplied {
+        /// Grant id.
+        grant_id: u64,
+        /// True when this grant id had already been applied: nothing changed this time.
+        duplicate: bool,
+        /// Credits added to the balance at once.
+        applied_now_ns: u64,
+        /// Credits staged for later.
+        pending_ns: u64,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Unknown VM / vCPU / volume.
+    NotFound,
+    /// Admission control refused (reason has the numbers).
+    Admission,
+    /// The command is not valid in the current state.
+    BadState,
+    /// Invalid argument.
+    Invalid,
+    /// The request id is older than the host's dedup window: it was not executed now, and the host cannot say
+    /// whether it was executed before. Resend the intent with a fresh request id (grant ids keep grants exactly once).
+    Stale,
+    /// The host does not implement this command.
+    Unsupported,
+}
+
+/// A failed command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandError {
+    /// Class.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub reason: Reason,
+}
+
+impl CommandError {
+    /// Builds an error; the reason is truncated at a character boundary to fit [`Reason`].
+    #[must_use]
+    pub fn new(code: ErrorCode, reason: &str) -> Self {
+        Self {
+            code,
+            reason: truncated(reason),
+        }
+    }
+}
+
+/// Copies `s` into a bounded string, truncating at a character boundary.
+#[must_use]
+pub fn truncated<const N: usize>(s: &str) -> String<N> {
+    let mut out = String::new();
+    for ch in s.chars() {
+        if out.push(ch).is_err() {
+            break;
+        }
+    }
+    out
+}
