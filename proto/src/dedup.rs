@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(w.check(5), Seen::Duplicate(&50));
         for id in 6..=8 {
             assert_eq!(w.check(id), Seen::New);
-            w.record(id, id as u32 * 10);
+            w.record(id, u32::try_from(id).unwrap() * 10);
         }
         // 5 was evicted: stale, never re-executed.
         assert_eq!(w.check(5), Seen::Stale);
