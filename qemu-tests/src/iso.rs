@@ -15,9 +15,10 @@ use std::process::Command;
 
 use crate::HarnessError;
 
-/// GRUB modules put into the image: loaders, the ISO file system, disk access, the serial terminal.
+/// GRUB modules put into the image (both platforms): loaders, the ISO file system, partition maps, the
+/// serial terminal. `biosdisk` exists only for i386-pc, where grub-mkrescue adds it to the core image.
 pub const GRUB_MODULES: &str =
-    "multiboot multiboot2 normal iso9660 biosdisk part_msdos part_gpt configfile serial terminal";
+    "multiboot multiboot2 normal iso9660 part_msdos part_gpt configfile serial terminal";
 
 /// The `grub.cfg` booting `/boot/creditvisor` with `cmdline`.
 ///

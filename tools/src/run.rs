@@ -1,0 +1,192 @@
+//! `cargo xtask run`: boots the hypervisor in QEMU or Bochs and streams its serial console.
+//!
+//! Design: QEMU gets the terminal directly (`-serial stdio`), so Ctrl-C reaches it and stops it. Bochs
+//! writes COM1 to a file that the `qemu-tests` runner tails to the terminal; Bochs runs in its own
+//! process group and a Ctrl-C handler here stops it, so its built-in debugger never sees the signal.
+//! The default boot is the fastest one (QEMU `-kernel`); `--iso` or `--uefi` boot the GRUB ISO,
+//! which is rebuilt with the `--append` command line at `build/run/creditvisor.iso`.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use qemu_tests::emulator::{Bochs, Boot, Firmware, Machine, Qemu, Serial};
+use qemu_tests::judge::{End, Expect, VirtExpect};
+use qemu_tests::run::{run as run_emulator, Emulator, RunOptions};
+
+use crate::{kernel, packages, Emu, MachineArg};
+
+/// Options of `cargo xtask run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Emulator.
+    #[arg(long, value_enum, default_value = "qemu")]
+    emu: Emu,
+    /// CPU model (default: EPYC for QEMU, corei7_skylake_x for Bochs; Bochs also knows ryzen).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Number of CPUs.
+    #[arg(long, default_value_t = 2)]
+    smp: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// QEMU machine type.
+    #[arg(long, value_enum, default_value = "q35")]
+    machine: MachineArg,
+    /// Boot the GRUB ISO under UEFI (QEMU with OVMF).
+    #[arg(long)]
+    uefi: bool,
+    /// Boot the GRUB ISO instead of QEMU -kernel (always so for Bochs).
+    #[arg(long)]
+    iso: bool,
+    /// Kernel command line, e.g. "log=debug selftest=all exit=emu".
+    #[arg(long, default_value = "")]
+    append: String,
+}
+
+/// Runs `cargo xtask run`.
+///
+/// # Errors
+/// Missing packages, a failing build, or an emulator that cannot start.
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    if args.smp == 0 {
+        bail!("--smp must be at least 1");
+    }
+    let uses_iso = args.iso || args.uefi || args.emu == Emu::Bochs;
+    let emu_packages = match args.emu {
+        Emu::Qemu => packages::QEMU,
+        Emu::Bochs => packages::BOCHS,
+    };
+    packages::ensure(&[packages::BUILD, packages::IMAGE, emu_packages])?;
+    let run_dir = kernel::build_dir().join("run");
+    let iso = run_dir.join("creditvisor.iso");
+    let artefacts = if uses_iso {
+        kernel::image(&args.append, &iso)?
+    } else {
+        kernel::build()?
+    };
+    match args.emu {
+        Emu::Qemu => {
+            if args.uefi && args.machine == MachineArg::Pc {
+                println!("xtask: note: UEFI on the pc machine; q35 is the usual UEFI machine");
+            }
+            let boot = if uses_iso {
+                Boot::Cdrom(iso)
+            } else {
+                Boot::Kernel {
+                    elf32: artefacts.kernel32,
+                    cmdline: args.append.clone(),
+                }
+            };
+            let q = Qemu {
+                machine: match args.machine {
+                    MachineArg::Pc => Machine::Pc,
+                    MachineArg::Q35 => Machine::Q35,
+                },
+                cpu: args.cpu.clone().unwrap_or_else(|| "EPYC".into()),
+                smp: args.smp,
+                memory_mib: args.memory,
+                firmware: if args.uefi {
+                    Firmware::Uefi
+                } else {
+                    Firmware::Bios
+                },
+                boot,
+            };
+            run_qemu(&q)
+        }
+        Emu::Bochs => {
+            if args.uefi {
+                bail!("--uefi needs QEMU (Bochs has no UEFI firmware here)");
+            }
+            let mut b = Bochs::new(
+                args.cpu.as_deref().unwrap_or("corei7_skylake_x"),
+                args.smp,
+                iso,
+            );
+            b.memory_mib = args.memory;
+            run_bochs(b, &run_dir.join("bochs"))
+        }
+    }
+}
+
+fn run_qemu(q: &Qemu) -> Result<ExitCode> {
+    // Ctrl-C goes to QEMU (its stdio chardev turns it into SIGINT) and stops it; xtask just waits.
+    ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
+    let mut c = q.command(&Serial::Stdio)?;
+    println!("xtask: booting in QEMU; Ctrl-C stops");
+    crate::show(&c);
+    let status = c.status().context("cannot run qemu-system-x86_64")?;
+    // isa-debug-exit: the kernel writes 0x10 (success) or 0x11 (failure); QEMU exits (v << 1) | 1.
+    match status.code() {
+        Some(33) => {
+            println!("\nxtask: kernel reported success");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(35) => {
+            println!("\nxtask: kernel reported failure");
+            Ok(ExitCode::FAILURE)
+        }
+        Some(0) | None => {
+            println!("\nxtask: QEMU stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(code) => {
+            println!("\nxtask: QEMU exited with status {code}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn run_bochs(b: Bochs, workdir: &std::path::Path) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("cannot install the Ctrl-C handler")?;
+    let expect = Expect::selftest_all(u64::from(b.smp), VirtExpect::vmx_full());
+    let opts = RunOptions {
+        name: format!("bochs-{}", b.model),
+        workdir: workdir.to_path_buf(),
+        // Interactive: only Ctrl-C, the emulator's exit or a terminal marker end the run.
+        timeout: Duration::from_secs(24 * 3600),
+        echo: true,
+        stop: Some(&stop),
+    };
+    println!(
+        "xtask: booting in Bochs ({}, {} CPUs); Ctrl-C stops",
+        b.model, b.smp
+    );
+    let report = run_emulator(&Emulator::Bochs(b), &expect, &opts)?;
+    println!();
+    println!("xtask: serial log {}", report.serial_log.display());
+    if let Some(log) = &report.bochs_log {
+        println!("xtask: bochs log  {}", log.display());
+    }
+    let last_terminal = report
+        .markers
+        .iter()
+        .rev()
+        .find(|m| qemu_tests::judge::TERMINAL_MARKERS.contains(&m.kind.as_str()));
+    match (&report.end, last_terminal) {
+        (End::Terminal, Some(m)) if m.kind == "DONE" && m.get("status") == Some("pass") => {
+            println!("xtask: kernel reported success");
+            Ok(ExitCode::SUCCESS)
+        }
+        (End::Terminal, Some(m)) => {
+            println!("xtask: kernel reported failure: {m}");
+            Ok(ExitCode::FAILURE)
+        }
+        (End::Exited(None), _) if stop.load(Ordering::Relaxed) => {
+            println!("xtask: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        (end, _) => {
+            println!("xtask: Bochs ended: {end:?}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
