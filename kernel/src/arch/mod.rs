@@ -1,0 +1,3 @@
+//! Architecture support. Only x86_64 today.
+
+pub mod x86_64;

@@ -1,0 +1,171 @@
+//! Kernel command line (docs/console.md): space-separated `key=value` words.
+//!
+//! Design: parsing is pure and never fails; anything it does not understand becomes a [`Warning`] that the boot
+//! path logs once the logger is up, and the setting keeps its default. The first word is skipped when it has no
+//! `=`: QEMU and GRUB put the kernel's path there.
+
+use bitflags::bitflags;
+use log::LevelFilter;
+
+bitflags! {
+    /// Self-tests selected by `selftest=`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SelfTests: u32 {
+        /// Physical frame allocator.
+        const FRAMES = 1 << 0;
+        /// Kernel heap.
+        const HEAP = 1 << 1;
+        /// Kernel page tables.
+        const PAGING = 1 << 2;
+        /// LAPIC one-shot and TSC-deadline timers.
+        const TIMER = 1 << 3;
+        /// All CPUs online and answering IPIs.
+        const SMP = 1 << 4;
+        /// ACPI tables, MADT and IOAPICs.
+        const ACPI = 1 << 5;
+        /// Destructive: forced panic.
+        const PANIC = 1 << 6;
+        /// Destructive: forced page fault.
+        const PAGEFAULT = 1 << 7;
+    }
+}
+
+impl SelfTests {
+    /// What `selftest=all` selects: every non-destructive test.
+    pub const ALL_SAFE: Self = Self::FRAMES
+        .union(Self::HEAP)
+        .union(Self::PAGING)
+        .union(Self::TIMER)
+        .union(Self::SMP)
+        .union(Self::ACPI);
+
+    /// Test names in run order, as used on the command line and in `CV:TEST name=`.
+    pub const NAMES: [(&'static str, Self); 8] = [
+        ("frames", Self::FRAMES),
+        ("heap", Self::HEAP),
+        ("paging", Self::PAGING),
+        ("timer", Self::TIMER),
+        ("smp", Self::SMP),
+        ("acpi", Self::ACPI),
+        ("panic", Self::PANIC),
+        ("pagefault", Self::PAGEFAULT),
+    ];
+}
+
+/// What the kernel does once boot (and self-tests) are over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitMode {
+    /// Idle all CPUs.
+    Halt,
+    /// Shut the emulator down (QEMU isa-debug-exit, Bochs "Shutdown" port).
+    Emu,
+}
+
+/// Settings from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Console log level.
+    pub log: LevelFilter,
+    /// Self-tests to run after boot.
+    pub selftests: SelfTests,
+    /// Behaviour after boot.
+    pub exit: ExitMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { log: LevelFilter::Info, selftests: SelfTests::empty(), exit: ExitMode::Halt }
+    }
+}
+
+/// Something on the command line that was ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Warning<'a> {
+    /// A key this kernel does not know (or a word without `=`).
+    UnknownKey(&'a str),
+    /// A known key with a value it does not accept.
+    BadValue { key: &'a str, value: &'a str },
+}
+
+/// Most warnings kept; further ones are dropped (the count is still reported).
+pub const MAX_WARNINGS: usize = 8;
+
+/// Parse result: the settings and what was ignored.
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    /// Effective settings.
+    pub config: Config,
+    /// Ignored words (first [`MAX_WARNINGS`]).
+    pub warnings: heapless::Vec<Warning<'a>, MAX_WARNINGS>,
+    /// Total number of ignored words.
+    pub ignored: usize,
+}
+
+/// Parses a command line.
+pub fn parse(cmdline: &str) -> Parsed<'_> {
+    let mut parsed = Parsed { config: Config::default(), warnings: heapless::Vec::new(), ignored: 0 };
+    for (index, word) in cmdline.split_ascii_whitespace().enumerate() {
+        let Some((key, value)) = word.split_once('=') else {
+            if index != 0 {
+                parsed.warn(Warning::UnknownKey(word));
+            }
+            continue;
+        };
+        let ok = match key {
+            "log" => parse_level(value).map(|l| parsed.config.log = l).is_some(),
+            "selftest" => parse_tests(value).map(|t| parsed.config.selftests = t).is_some(),
+            "exit" => match value {
+                "halt" => {
+                    parsed.config.exit = ExitMode::Halt;
+                    true
+                }
+                "emu" => {
+                    parsed.config.exit = ExitMode::Emu;
+                    true
+                }
+                _ => false,
+            },
+            _ => {
+                parsed.warn(Warning::UnknownKey(key));
+                continue;
+            }
+        };
+        if !ok {
+            parsed.warn(Warning::BadValue { key, value });
+        }
+    }
+    parsed
+}
+
+impl<'a> Parsed<'a> {
+    fn warn(&mut self, w: Warning<'a>) {
+        self.ignored += 1;
+        // Beyond MAX_WARNINGS only the count is kept.
+        let _ = self.warnings.push(w);
+    }
+}
+
+fn parse_level(value: &str) -> Option<LevelFilter> {
+    Some(match value {
+        "error" => LevelFilter::Error,
+        "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// `all` or a comma list of names; any unknown name rejects the whole value.
+fn parse_tests(value: &str) -> Option<SelfTests> {
+    let mut tests = SelfTests::empty();
+    for name in value.split(',').filter(|n| !n.is_empty()) {
+        if name == "all" {
+            tests |= SelfTests::ALL_SAFE;
+            continue;
+        }
+        let (_, t) = SelfTests::NAMES.iter().find(|(n, _)| *n == name)?;
+        tests |= *t;
+    }
+    Some(tests)
+}
