@@ -16,6 +16,7 @@
 extern crate alloc;
 
 pub mod exit;
+pub mod paging;
 pub mod vcpu;
 
 pub use exit::{AccessSize, EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
