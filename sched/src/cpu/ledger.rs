@@ -1,0 +1,230 @@
+//! Exact integer credit ledger of one vCPU: lots tagged with the period that earned them, spent oldest first.
+//!
+//! Design: credits are credit-nanoseconds in `u64`. A lot is `(period, amount)`; accrual for period k is added
+//! when period k closes, tagged k, so a credit spent in period k' was earned in a period k < k'. Spending takes
+//! from the oldest lot first. Accrual beyond the balance cap is discarded and counted; lots older than the
+//! configured lifetime expire and are counted separately. Unlimited vCPUs (and overrun beyond a standard vCPU's
+//! last credit) may overdraw: the overdraft is a negative balance repaid first by the next accrual or grant.
+//!
+//! Memory is bounded: at most [`MAX_LOTS`] lots are kept. When a new lot would exceed that, the two adjacent lots
+//! whose tags are closest are merged under the *newer* tag. Merging never lets a credit expire early; it may let
+//! a coalesced credit live longer by at most the merged span. With no lifetime, merging changes nothing
+//! observable (spending order is preserved).
+//!
+//! Invariants (checked by the conservation tests): `total == sum(lots.amount)`, and for the cumulative counters
+//! `launch + earned + granted - spent - discarded - expired == total - overdraft` at every instant. Counters
+//! saturate at `u64::MAX` credit-ns (584 years of one CPU), which no real vCPU reaches.
+
+use alloc::collections::VecDeque;
+
+/// Most lots kept per vCPU (older ones are coalesced, see module docs).
+pub const MAX_LOTS: usize = 64;
+
+/// Credits earned in one period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
+pub struct Lot {
+    /// Period index that earned the lot (0 = launch balance).
+    pub period: u64,
+    /// Remaining credit-ns.
+    pub amount: u64,
+}
+
+/// How a spend was paid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    /// Taken from lots.
+    pub from_lots: u64,
+    /// Added to the overdraft.
+    pub overdrawn: u64,
+    /// Tag of the newest lot touched (to check "earned in an earlier period").
+    pub newest_tag: Option<u64>,
+}
+
+/// Cumulative counters of a ledger, credit-ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
+pub struct LedgerCounters {
+    /// Launch balance credited at creation.
+    pub launch: u64,
+    /// Accrual earned (gross, before the cap discards its excess).
+    pub earned: u64,
+    /// Accrual discarded because of the balance cap.
+    pub discarded: u64,
+    /// Credits that reached their lifetime unspent.
+    pub expired: u64,
+    /// Credits received from the pool.
+    pub granted: u64,
+    /// Credits spent on burst time (including overdraft).
+    pub spent: u64,
+}
+
+/// The ledger of one vCPU.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    lots: VecDeque<Lot>,
+    total: u64,
+    overdraft: u64,
+    counters: LedgerCounters,
+}
+
+impl Ledger {
+    /// A ledger holding `launch` credit-ns tagged with period 0.
+    #[must_use]
+    pub fn new(launch: u64) -> Self {
+        let mut l = Self::default();
+        if launch > 0 {
+            l.lots.push_back(Lot {
+                period: 0,
+                amount: launch,
+            });
+            l.total = launch;
+            l.counters.launch = launch;
+        }
+        l
+    }
+
+    /// Balance in credit-ns (negative while overdrawn).
+    #[must_use]
+    pub fn balance(&self) -> i128 {
+        i128::from(self.total) - i128::from(self.overdraft)
+    }
+
+    /// Sum of lots.
+    #[must_use]
+    pub fn lots_total(&self) -> u64 {
+        self.total
+    }
+
+    /// Current overdraft.
+    #[must_use]
+    pub fn overdraft(&self) -> u64 {
+        self.overdraft
+    }
+
+    /// Lots, oldest first.
+    pub fn lots(&self) -> impl Iterator<Item = &Lot> {
+        self.lots.iter()
+    }
+
+    /// Cumulative counters.
+    #[must_use]
+    pub fn counters(&self) -> LedgerCounters {
+        self.counters
+    }
+
+    /// Repays the overdraft from `amount`, returns what is left.
+    fn repay(&mut self, amount: u64) -> u64 {
+        let r = amount.min(self.overdraft);
+        self.overdraft -= r;
+        amount - r
+    }
+
+    fn push_lot(&mut self, period: u64, amount: u64) {
+        if amount == 0 {
+            return;
+        }
+        match self.lots.back_mut() {
+            Some(last) if last.period == period => last.amount = last.amount.saturating_add(amount),
+            _ => {
+                if self.lots.len() >= MAX_LOTS {
+                    self.coalesce();
+                }
+                self.lots.push_back(Lot { period, amount });
+            }
+        }
+        self.total = self.total.saturating_add(amount);
+    }
+
+    /// Merges the adjacent pair with the closest tags under the newer tag.
+    fn coalesce(&mut self) {
+        let mut best: Option<(u64, usize)> = None;
+        for i in 0..self.lots.len().saturating_sub(1) {
+            let gap = self.lots[i + 1].period - self.lots[i].period;
+            if best.is_none_or(|(g, _)| gap < g) {
+                best = Some((gap, i));
+            }
+        }
+        if let Some((_, i)) = best {
+            if let Some(older) = self.lots.remove(i) {
+                self.lots[i].amount = self.lots[i].amount.saturating_add(older.amount);
+            }
+        }
+    }
+
+    /// Credits the accrual of closed period `period`: repays the overdraft first, then adds a lot up to `cap`.
+    /// Returns `(credited, discarded)`.
+    pub fn accrue(&mut self, period: u64, amount: u64, cap: u64) -> (u64, u64) {
+        let after_repay = self.repay(amount);
+        let room = cap.saturating_sub(self.total);
+        let kept = after_repay.min(room);
+        let discarded = after_repay - kept;
+        self.push_lot(period, kept);
+        let credited = amount - discarded;
+        self.counters.earned = self.counters.earned.saturating_add(amount);
+        self.counters.discarded = self.counters.discarded.saturating_add(discarded);
+        (credited, discarded)
+    }
+
+    /// Credits a pool grant (not subject to the cap: it was paid for), tagged `period`.
+    pub fn grant(&mut self, period: u64, amount: u64) {
+        let rest = self.repay(amount);
+        self.push_lot(period, rest);
+        self.counters.granted = self.counters.granted.saturating_add(amount);
+    }
+
+    /// Expires lots earned in periods `< oldest_valid`. Returns the amount expired.
+    pub fn expire_before(&mut self, oldest_valid: u64) -> u64 {
+        let mut gone = 0u64;
+        while let Some(front) = self.lots.front() {
+            if front.period >= oldest_valid {
+                break;
+            }
+            gone = gone.saturating_add(front.amount);
+            self.lots.pop_front();
+        }
+        self.total -= gone.min(self.total);
+        self.counters.expired = self.counters.expired.saturating_add(gone);
+        gone
+    }
+
+    /// Spends `amount`, oldest lots first; whatever the lots cannot cover is overdrawn (the caller decides
+    /// whether the vCPU may run into overdraft; charging itself is always exact).
+    pub fn spend(&mut self, amount: u64) -> Spend {
+        let mut left = amount;
+        let mut out = Spend::default();
+        while left > 0 {
+            let Some(front) = self.lots.front_mut() else {
+                break;
+            };
+            let take = front.amount.min(left);
+            front.amount -= take;
+            left -= take;
+            out.from_lots += take;
+            out.newest_tag = Some(
+                out.newest_tag
+                    .map_or(front.period, |t: u64| t.max(front.period)),
+            );
+            if front.amount == 0 {
+                self.lots.pop_front();
+            }
+        }
+        self.total -= out.from_lots;
+        self.overdraft = self.overdraft.saturating_add(left);
+        out.overdrawn = left;
+        self.counters.spent = self.counters.spent.saturating_add(amount);
+        out
+    }
+
+    /// `launch + earned + granted - spent - discarded - expired - balance`: zero for a consistent
+    /// ledger (exposed for the conservation tests).
+    #[must_use]
+    pub fn conservation_error(&self) -> i128 {
+        let c = self.counters;
+        i128::from(c.launch) + i128::from(c.earned) + i128::from(c.granted)
+            - i128::from(c.spent)
+            - i128::from(c.discarded)
+            - i128::from(c.expired)
+            - self.balance()
+    }
+}

@@ -1,0 +1,117 @@
+//! Per-physical-CPU run queues.
+//!
+//! Design: three ordered sets per CPU, each keyed by `(key, VcpuId)` so ties break deterministically by id:
+//! - `releases`: the next period release of every vCPU on the CPU (runnable or not), to roll periods over
+//!   lazily and to cut slices at the next release, which is where an earlier deadline may appear;
+//! - `rt`: runnable vCPUs with positive baseline budget, keyed by absolute deadline (EDF);
+//! - `burst`: runnable vCPUs that exhausted their budget and may burst, keyed by virtual time (stride
+//!   scheduling: virtual time advances by `ran * WEIGHT_SCALE / weight`, so the minimum-vtime vCPU is the one
+//!   furthest behind its weighted share).
+//!
+//! Every operation is O(log n) in the vCPUs of the CPU. Invariant: a vCPU is in at most one of `rt`/`burst`,
+//! with exactly the key stored in its own state (`Queue`), and in `releases` exactly once.
+
+use alloc::collections::{BTreeSet, VecDeque};
+
+use super::admission::CpuLoad;
+use super::VcpuId;
+
+/// Virtual-time scale: one ns of burst time at weight w advances vtime by `WEIGHT_SCALE / w`.
+pub const WEIGHT_SCALE: u128 = 1 << 32;
+
+/// Which queue a vCPU is in, with its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Queue {
+    /// Not runnable.
+    None,
+    /// Real-time tier, keyed by deadline.
+    Rt(u64),
+    /// Burst tier, keyed by virtual time.
+    Burst(u128),
+    /// Runnable but ineligible until its next release (no credits, or cap reached); `true` = for credits.
+    Throttled(bool),
+}
+
+/// The decision currently executing on a CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Running {
+    pub vcpu: VcpuId,
+    pub burst: bool,
+}
+
+/// One physical CPU.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CpuQueue {
+    pub load: CpuLoad,
+    pub releases: BTreeSet<(u64, VcpuId)>,
+    pub rt: BTreeSet<(u64, VcpuId)>,
+    pub burst: BTreeSet<(u128, VcpuId)>,
+    /// Virtual time of the last burst pick; joiners start no earlier (no hoarding while away).
+    pub vclock: u128,
+    pub current: Option<Running>,
+    /// True between an idle decision and the next pick (the kernel must be kicked on wake).
+    pub idle: bool,
+    pub vcpus: usize,
+    /// Picks made while a previous decision was never charged (a kernel glue bug, counted not trusted).
+    pub uncharged_picks: u64,
+}
+
+impl CpuQueue {
+    pub(crate) fn leave(&mut self, id: VcpuId, q: Queue) {
+        match q {
+            Queue::Rt(d) => {
+                self.rt.remove(&(d, id));
+            }
+            Queue::Burst(v) => {
+                self.burst.remove(&(v, id));
+            }
+            Queue::None | Queue::Throttled(_) => {}
+        }
+    }
+
+    pub(crate) fn enter(&mut self, id: VcpuId, q: Queue) {
+        match q {
+            Queue::Rt(d) => {
+                self.rt.insert((d, id));
+            }
+            Queue::Burst(v) => {
+                self.burst.insert((v, id));
+            }
+            Queue::None | Queue::Throttled(_) => {}
+        }
+    }
+
+    pub(crate) fn next_release(&self) -> Option<u64> {
+        self.releases.first().map(|&(r, _)| r)
+    }
+}
+
+/// Bounded FIFO with a drop counter.
+#[derive(Clone, Debug)]
+pub(crate) struct Bounded<T> {
+    pub items: VecDeque<T>,
+    pub capacity: usize,
+    pub dropped: u64,
+}
+
+impl<T> Bounded<T> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            items: VecDeque::new(),
+            capacity,
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, item: T) {
+        if self.capacity == 0 {
+            self.dropped = self.dropped.saturating_add(1);
+            return;
+        }
+        if self.items.len() >= self.capacity {
+            self.items.pop_front();
+            self.dropped = self.dropped.saturating_add(1);
+        }
+        self.items.push_back(item);
+    }
+}
