@@ -23,8 +23,10 @@
 //! from idle therefore restarts at `now` / `V`: no credit for its idle time (no flood of old tags)
 //! and no debt (no starvation). Only reservation-phase service advances `R`; service above the
 //! commitment advances `P` — the mClock rule that spare capacity is shared independently of
-//! reservations. Every dispatch advances `L` (limits are hard caps for all classes) and the
-//! commitment meter `U` (which drives the burst fill and the boost scaling).
+//! reservations. Every dispatch advances `L` (limits are hard caps for all classes) and, for
+//! boosted volumes, the commitment meter `U` (charged at the committed rate; its lead over `now`,
+//! capped at the boost horizon, scales the boost down). The burst bucket fills while `R.next <=
+//! now`, i.e. exactly while the volume leaves part of its reservation unused.
 //!
 //! Reconfiguration rebases tags without touching the queue: the volume is taken out of the
 //! indices, every clock is *respaced* (`next = last + last_cost / new_rate`, i.e. the next request
@@ -338,7 +340,7 @@ impl Partitioner {
             .ok_or(IopsError::UnknownVolume(id))?;
         unindex(ix, vol);
         if let Some(bucket) = vol.bucket.as_mut() {
-            bucket.fill(vol.u.next, now);
+            bucket.fill(vol.r.next, now);
         }
         vol.config = config;
         if config.committed_iops > 0 {
@@ -413,7 +415,7 @@ impl Partitioner {
         let commit = vol.config.committed_iops;
         if was_idle {
             if let Some(bucket) = vol.bucket.as_mut() {
-                bucket.fill(vol.u.next, now);
+                bucket.fill(vol.r.next, now);
             }
             file_volume(ix, vol, now, vtime);
         }
@@ -576,15 +578,18 @@ impl Partitioner {
         let q = vol.queue.pop_front()?;
         let cfg = vol.config;
         if let Some(bucket) = vol.bucket.as_mut() {
-            bucket.fill(vol.u.next, now);
+            bucket.fill(vol.r.next, now);
         }
         if let Some(limit) = cfg.limit_iops {
             let l = vol.l.tag_for(q.arrival);
             vol.l.charge(l, q.cost, Rate::Iops(limit));
         }
-        if cfg.committed_iops > 0 {
+        if let OveragePolicy::Boosted { horizon_ns, .. } = cfg.policy {
+            // The meter's lead is capped at the horizon, so a volume back at its commitment
+            // regains its boost within one horizon however long it was over before.
             let u = vol.u.tag_for(now);
             vol.u.charge(u, q.cost, Rate::Iops(cfg.committed_iops));
+            vol.u.next = vol.u.next.min(now.saturating_add(horizon_ns));
         }
         let mut new_vtime = vtime;
         let mut borrow_charge = false;

@@ -12,8 +12,7 @@
 //!   leaving unused (the commitments of volumes with nothing queued).
 //!
 //! The burst bucket fills at `fill_iops` for exactly the time the volume runs under its commitment
-//! (its commitment meter — a clock charged by every dispatch at the committed rate — is not ahead
-//! of `now`), capped at `size_ios`, and is spent one request cost at a time to go above the
+//! (its reservation clock is not ahead of `now`: part of the committed rate goes unused), capped at `size_ios`, and is spent one request cost at a time to go above the
 //! commitment ahead of best-effort traffic. The fill is integrated lazily at the volume's own
 //! events (enqueue, dispatch, reconfigure) with exact integer remainders.
 //!

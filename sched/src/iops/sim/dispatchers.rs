@@ -1,0 +1,256 @@
+//! The three dispatchers compared by the simulator, behind one trait.
+//!
+//! - [`PartitionerDispatcher`]: this crate's [`Partitioner`].
+//! - [`TokenBucketDispatcher`]: per-volume token buckets in the style of Linux blk-throttle or
+//!   QEMU's I/O throttling. To guarantee commitments with caps alone, each volume is capped at its
+//!   commitment plus its weight's share of the uncommitted capacity (the caps sum to the
+//!   capacity), with a bucket depth of 50 ms at that rate. Among volumes whose head fits their
+//!   bucket, the oldest request goes first. Not work-conserving by construction.
+//! - [`FifoDispatcher`]: one global first-come first-served queue (no isolation at all).
+
+use std::collections::VecDeque;
+
+use crate::iops::{
+    DeviceConfig, IopsError, Partitioner, Request, ServiceClass, VolumeConfig, VolumeId, COST_ONE,
+};
+
+/// A dispatcher under simulation; volumes are numbered 0..n in scenario order.
+pub trait SimDispatcher {
+    /// Short name for tables.
+    fn name(&self) -> &'static str;
+    /// Queues a request.
+    fn enqueue(&mut self, vol: usize, req: Request, cost: u64, now: u64) -> Result<(), String>;
+    /// Next request to start, with its volume and (for the partitioner) class.
+    fn dispatch(&mut self, now: u64) -> Option<(usize, Request, Option<ServiceClass>)>;
+    /// A request finished.
+    fn complete(&mut self, vol: usize, req: &Request, service_ns: u64, now: u64);
+    /// Earliest time a queued request may start, if any is queued.
+    fn next_time(&self, now: u64) -> Option<u64>;
+    /// Applies a new volume configuration.
+    fn reconfigure(&mut self, vol: usize, config: VolumeConfig, now: u64) -> Result<(), String>;
+}
+
+/// This crate's partitioner.
+pub struct PartitionerDispatcher {
+    inner: Partitioner,
+    ids: Vec<VolumeId>,
+}
+
+impl PartitionerDispatcher {
+    /// Builds it with `volumes` admitted in order.
+    pub fn new(device: DeviceConfig, volumes: &[VolumeConfig]) -> Result<Self, IopsError> {
+        let mut inner = Partitioner::new(device, 0)?;
+        let ids = volumes
+            .iter()
+            .map(|c| inner.add_volume(*c, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { inner, ids })
+    }
+
+    /// The partitioner inside.
+    #[must_use]
+    pub fn inner(&self) -> &Partitioner {
+        &self.inner
+    }
+
+    /// Volume handles in scenario order.
+    #[must_use]
+    pub fn ids(&self) -> &[VolumeId] {
+        &self.ids
+    }
+}
+
+impl SimDispatcher for PartitionerDispatcher {
+    fn name(&self) -> &'static str {
+        "partitioner"
+    }
+    fn enqueue(&mut self, vol: usize, req: Request, _cost: u64, now: u64) -> Result<(), String> {
+        self.inner
+            .enqueue(self.ids[vol], req, now)
+            .map_err(|e| e.to_string())
+    }
+    fn dispatch(&mut self, now: u64) -> Option<(usize, Request, Option<ServiceClass>)> {
+        let d = self.inner.dispatch(now)?;
+        let vol = self.ids.iter().position(|&i| i == d.volume)?;
+        Some((vol, d.request, Some(d.class)))
+    }
+    fn complete(&mut self, vol: usize, req: &Request, service_ns: u64, now: u64) {
+        // A completion for a live volume cannot fail; removed volumes do not occur in scenarios.
+        let _ = self.inner.complete(self.ids[vol], req, service_ns, now);
+    }
+    fn next_time(&self, now: u64) -> Option<u64> {
+        self.inner.next_eligible_time(now)
+    }
+    fn reconfigure(&mut self, vol: usize, config: VolumeConfig, now: u64) -> Result<(), String> {
+        self.inner
+            .reconfigure(self.ids[vol], config, now)
+            .map_err(|e| e.to_string())
+    }
+}
+
+struct Bucket {
+    rate: f64,
+    depth: f64,
+    tokens: f64,
+    at: u64,
+    queue: VecDeque<(u64, u64, Request, u64)>,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: u64) {
+        if now > self.at {
+            #[allow(clippy::cast_precision_loss)] // Simulated times are far below 2^53 ns.
+            let dt = (now - self.at) as f64 / 1e9;
+            self.tokens = (self.tokens + dt * self.rate).min(self.depth);
+            self.at = now;
+        }
+    }
+}
+
+/// Per-volume token buckets (blk-throttle style).
+pub struct TokenBucketDispatcher {
+    capacity: u64,
+    configs: Vec<VolumeConfig>,
+    buckets: Vec<Bucket>,
+    seq: u64,
+}
+
+impl TokenBucketDispatcher {
+    /// Caps derived from `capacity` (unit I/Os per second) and the volumes' commitments and weights.
+    #[must_use]
+    pub fn new(capacity: u64, volumes: &[VolumeConfig]) -> Self {
+        let mut d = Self {
+            capacity,
+            configs: volumes.to_vec(),
+            buckets: Vec::new(),
+            seq: 0,
+        };
+        d.buckets = (0..volumes.len())
+            .map(|_| Bucket {
+                rate: 0.0,
+                depth: 0.0,
+                tokens: 0.0,
+                at: 0,
+                queue: VecDeque::new(),
+            })
+            .collect();
+        d.recompute(0);
+        d
+    }
+
+    /// Rate of each bucket in unit I/Os per second.
+    #[must_use]
+    pub fn rates(&self) -> Vec<f64> {
+        self.buckets.iter().map(|b| b.rate).collect()
+    }
+
+    fn recompute(&mut self, now: u64) {
+        let committed: u64 = self.configs.iter().map(|c| c.committed_iops).sum();
+        let spare = self.capacity.saturating_sub(committed);
+        let weights: u64 = self
+            .configs
+            .iter()
+            .map(|c| u64::from(c.weight))
+            .sum::<u64>()
+            .max(1);
+        for (b, c) in self.buckets.iter_mut().zip(&self.configs) {
+            b.refill(now);
+            #[allow(clippy::cast_precision_loss)] // Small magnitudes.
+            let mut rate =
+                c.committed_iops as f64 + spare as f64 * f64::from(c.weight) / weights as f64;
+            if let Some(limit) = c.limit_iops {
+                #[allow(clippy::cast_precision_loss)]
+                let limit = limit as f64;
+                rate = rate.min(limit);
+            }
+            // Rates and tokens are in cost units.
+            #[allow(clippy::cast_precision_loss)]
+            let one = COST_ONE as f64;
+            b.rate = rate * one;
+            b.depth = (b.rate * 0.05).max(one);
+            b.tokens = b.tokens.min(b.depth);
+        }
+    }
+}
+
+impl SimDispatcher for TokenBucketDispatcher {
+    fn name(&self) -> &'static str {
+        "token-bucket"
+    }
+    fn enqueue(&mut self, vol: usize, req: Request, cost: u64, now: u64) -> Result<(), String> {
+        self.seq += 1;
+        self.buckets[vol]
+            .queue
+            .push_back((now, self.seq, req, cost));
+        Ok(())
+    }
+    fn dispatch(&mut self, now: u64) -> Option<(usize, Request, Option<ServiceClass>)> {
+        let mut best: Option<(u64, u64, usize)> = None;
+        for (i, b) in self.buckets.iter_mut().enumerate() {
+            b.refill(now);
+            if let Some(&(arr, seq, _, cost)) = b.queue.front() {
+                #[allow(clippy::cast_precision_loss)]
+                let fits = b.tokens >= cost as f64 || b.tokens >= b.depth;
+                if fits && best.is_none_or(|(a, s, _)| (arr, seq) < (a, s)) {
+                    best = Some((arr, seq, i));
+                }
+            }
+        }
+        let (_, _, i) = best?;
+        let b = &mut self.buckets[i];
+        let (_, _, req, cost) = b.queue.pop_front()?;
+        #[allow(clippy::cast_precision_loss)]
+        let cost = cost as f64;
+        b.tokens -= cost;
+        Some((i, req, None))
+    }
+    fn complete(&mut self, _vol: usize, _req: &Request, _service_ns: u64, _now: u64) {}
+    fn next_time(&self, now: u64) -> Option<u64> {
+        self.buckets
+            .iter()
+            .filter_map(|b| {
+                let &(_, _, _, cost) = b.queue.front()?;
+                #[allow(clippy::cast_precision_loss)]
+                let need = (cost as f64).min(b.depth) - b.tokens;
+                if need <= 0.0 || b.rate <= 0.0 {
+                    return Some(now);
+                }
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                // Positive, bounded.
+                let wait = (need / b.rate * 1e9).ceil() as u64;
+                Some(b.at.max(now) + wait.max(1))
+            })
+            .min()
+    }
+    fn reconfigure(&mut self, vol: usize, config: VolumeConfig, now: u64) -> Result<(), String> {
+        self.configs[vol] = config;
+        self.recompute(now);
+        Ok(())
+    }
+}
+
+/// One global FIFO.
+#[derive(Default)]
+pub struct FifoDispatcher {
+    queue: VecDeque<(usize, Request)>,
+}
+
+impl SimDispatcher for FifoDispatcher {
+    fn name(&self) -> &'static str {
+        "fifo"
+    }
+    fn enqueue(&mut self, vol: usize, req: Request, _cost: u64, _now: u64) -> Result<(), String> {
+        self.queue.push_back((vol, req));
+        Ok(())
+    }
+    fn dispatch(&mut self, _now: u64) -> Option<(usize, Request, Option<ServiceClass>)> {
+        self.queue.pop_front().map(|(v, r)| (v, r, None))
+    }
+    fn complete(&mut self, _vol: usize, _req: &Request, _service_ns: u64, _now: u64) {}
+    fn next_time(&self, now: u64) -> Option<u64> {
+        (!self.queue.is_empty()).then_some(now)
+    }
+    fn reconfigure(&mut self, _vol: usize, _config: VolumeConfig, _now: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
