@@ -9,12 +9,16 @@ use std::path::PathBuf;
 const ERROR_CODE_VECTORS: [u32; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 29];
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let script = manifest.join("linker.ld");
     println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rustc-link-arg-bin=creditvisor=-T{}", script.display());
+    println!(
+        "cargo:rustc-link-arg-bin=creditvisor=-T{}",
+        script.display()
+    );
     println!("cargo:rustc-link-arg-bin=creditvisor=--no-pie");
     println!("cargo:rustc-link-arg-bin=creditvisor=-zmax-page-size=0x1000");
 
@@ -26,7 +30,8 @@ fn main() {
             asm.push_str("    push 0\n");
         }
         // `push imm32` keeps every stub within 16 bytes (2 + 5 + 5).
-        writeln!(asm, "    push {vector}\n    jmp isr_common").expect("writing to a String cannot fail");
+        writeln!(asm, "    push {vector}\n    jmp isr_common")
+            .expect("writing to a String cannot fail");
     }
     std::fs::write(out.join("isr_stubs.s"), asm).expect("OUT_DIR is writable");
 }

@@ -22,8 +22,13 @@ pub const MAX_IOAPICS: usize = 16;
 pub struct DirectMapHandler;
 
 impl AcpiHandler for DirectMapHandler {
-    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
-        let virt = paging::phys_to_virt(physical_address as u64).cast::<T>();
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
+        let virt =
+            paging::phys_to_virt(u64::try_from(physical_address).unwrap_or(u64::MAX)).cast::<T>();
         // The direct map never yields a null pointer (it starts at PHYS_OFFSET).
         let ptr = NonNull::new(virt).unwrap_or(NonNull::dangling());
         // SAFETY: the direct map covers all RAM and the low 4 GiB, where firmware keeps ACPI tables; the caller
@@ -99,6 +104,11 @@ impl core::fmt::Display for AcpiError {
     }
 }
 
+/// A physical address as the `acpi` crate wants it.
+fn phys(a: u64) -> Result<usize, AcpiError> {
+    usize::try_from(a).map_err(|_| AcpiError::NoRsdp)
+}
+
 /// Finds the ACPI tables and parses the MADT.
 pub fn init(bi: &BootInfo) -> Result<AcpiInfo, AcpiError> {
     let h = DirectMapHandler;
@@ -106,9 +116,11 @@ pub fn init(bi: &BootInfo) -> Result<AcpiInfo, AcpiError> {
     // BIOS-area search; the direct map covers them.
     let (tables, source) = unsafe {
         match bi.rsdp {
-            Some(RsdpInfo::Xsdt(a)) => (AcpiTables::from_rsdt(h, 2, a as usize), "multiboot2-xsdt"),
-            Some(RsdpInfo::Rsdt(a)) => (AcpiTables::from_rsdt(h, 0, a as usize), "multiboot2-rsdt"),
-            None if bi.firmware == Firmware::Bios => (AcpiTables::search_for_rsdp_bios(h), "bios-scan"),
+            Some(RsdpInfo::Xsdt(a)) => (AcpiTables::from_rsdt(h, 2, phys(a)?), "multiboot2-xsdt"),
+            Some(RsdpInfo::Rsdt(a)) => (AcpiTables::from_rsdt(h, 0, phys(a)?), "multiboot2-rsdt"),
+            None if bi.firmware == Firmware::Bios => {
+                (AcpiTables::search_for_rsdp_bios(h), "bios-scan")
+            }
             None => return Err(AcpiError::NoRsdp),
         }
     };
@@ -151,14 +163,18 @@ pub fn init(bi: &BootInfo) -> Result<AcpiInfo, AcpiError> {
                     address: u64::from(e.io_apic_address),
                     gsi_base: e.global_system_interrupt_base,
                 };
-                info.ioapics.push(io).map_err(|_| AcpiError::TooMany("I/O APICs"))?;
+                info.ioapics
+                    .push(io)
+                    .map_err(|_| AcpiError::TooMany("I/O APICs"))?;
                 continue;
             }
             _ => continue,
         };
         // Firmware may list a CPU both as xAPIC and x2APIC entry; keep the first.
         if !info.cpus.iter().any(|c| c.apic_id == cpu.apic_id) {
-            info.cpus.push(cpu).map_err(|_| AcpiError::TooMany("processors"))?;
+            info.cpus
+                .push(cpu)
+                .map_err(|_| AcpiError::TooMany("processors"))?;
         }
     }
     Ok(info)

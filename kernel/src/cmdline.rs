@@ -74,7 +74,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { log: LevelFilter::Info, selftests: SelfTests::empty(), exit: ExitMode::Halt }
+        Self {
+            log: LevelFilter::Info,
+            selftests: SelfTests::empty(),
+            exit: ExitMode::Halt,
+        }
     }
 }
 
@@ -103,7 +107,11 @@ pub struct Parsed<'a> {
 
 /// Parses a command line.
 pub fn parse(cmdline: &str) -> Parsed<'_> {
-    let mut parsed = Parsed { config: Config::default(), warnings: heapless::Vec::new(), ignored: 0 };
+    let mut parsed = Parsed {
+        config: Config::default(),
+        warnings: heapless::Vec::new(),
+        ignored: 0,
+    };
     for (index, word) in cmdline.split_ascii_whitespace().enumerate() {
         let Some((key, value)) = word.split_once('=') else {
             if index != 0 {
@@ -113,7 +121,9 @@ pub fn parse(cmdline: &str) -> Parsed<'_> {
         };
         let ok = match key {
             "log" => parse_level(value).map(|l| parsed.config.log = l).is_some(),
-            "selftest" => parse_tests(value).map(|t| parsed.config.selftests = t).is_some(),
+            "selftest" => parse_tests(value)
+                .map(|t| parsed.config.selftests = t)
+                .is_some(),
             "exit" => match value {
                 "halt" => {
                     parsed.config.exit = ExitMode::Halt;

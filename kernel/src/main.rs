@@ -56,7 +56,10 @@ pub fn config() -> Config {
 
 /// Physical range of the kernel image (identity-linked, so link addresses are physical).
 pub fn kernel_image() -> (u64, u64) {
-    (core::ptr::addr_of!(__kernel_start) as u64, core::ptr::addr_of!(__kernel_end) as u64)
+    (
+        core::ptr::addr_of!(__kernel_start) as u64,
+        core::ptr::addr_of!(__kernel_end) as u64,
+    )
 }
 
 /// Reports unusable boot information or hardware and stops.
@@ -70,7 +73,9 @@ fn choose_trampoline_page(bi: &BootInfo) -> Option<u64> {
     let claimed = |page: u64| {
         let end = page + PAGE_SIZE;
         let overlaps = |s: u64, e: u64| s < end && page < e;
-        bi.regions.iter().any(|r| r.kind != RegionKind::Usable && overlaps(r.start, r.end))
+        bi.regions
+            .iter()
+            .any(|r| r.kind != RegionKind::Usable && overlaps(r.start, r.end))
             || bi.reserved.iter().any(|&(s, e)| overlaps(s, e))
             || bi.modules.iter().any(|m| overlaps(m.start, m.end))
     };
@@ -124,15 +129,37 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     for w in &parsed.warnings {
         match w {
             Warning::UnknownKey(k) => log::warn!("cmdline: unknown key '{k}' ignored"),
-            Warning::BadValue { key, value } => log::warn!("cmdline: bad value '{value}' for '{key}' ignored"),
+            Warning::BadValue { key, value } => {
+                log::warn!("cmdline: bad value '{value}' for '{key}' ignored")
+            }
         }
     }
     if parsed.ignored > parsed.warnings.len() {
-        log::warn!("cmdline: {} more ignored words", parsed.ignored - parsed.warnings.len());
+        log::warn!(
+            "cmdline: {} more ignored words",
+            parsed.ignored - parsed.warnings.len()
+        );
     }
     match tsc_source {
-        Some((hz, source)) => log::info!("tsc: {}.{:03} MHz from {:?}", hz / 1_000_000, hz / 1000 % 1000, source),
-        None => fatal("TSC frequency unknown: CPUID 0x15/0x16 give none and the PIT does not count"),
+        Some(cal) => {
+            let hz = cal.hz;
+            log::info!(
+                "tsc: {}.{:03} MHz from {:?}",
+                hz / 1_000_000,
+                hz / 1000 % 1000,
+                cal.source
+            );
+            if let Some(c) = cal.rejected_cpuid_hz {
+                log::warn!(
+                    "tsc: CPUID states {} MHz but the PIT measures {} MHz; using the PIT",
+                    c / 1_000_000,
+                    hz / 1_000_000
+                );
+            }
+        }
+        None => {
+            fatal("TSC frequency unknown: CPUID 0x15/0x16 give none and the PIT does not count")
+        }
     }
     for r in &bi.regions {
         log::debug!("memory: {:#014x}-{:#014x} {:?}", r.start, r.end, r.kind);
@@ -155,10 +182,21 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     }
     let heap = match mm::heap::init() {
         Ok(size) => size,
-        Err(e) => fatal(format_args!("no contiguous memory for a {} KiB heap", e.wanted / 1024)),
+        Err(e) => fatal(format_args!(
+            "no contiguous memory for a {} KiB heap",
+            e.wanted / 1024
+        )),
     };
-    log::info!("heap: {} KiB; kernel image {kstart:#x}-{kend:#x}", heap / 1024);
-    marker!("MEM usable_mib={} free_frames={}", bi.usable_bytes() >> 20, mm::frame::free_frames());
+    log::info!(
+        "memory: {} frames managed, heap {} KiB, kernel image {kstart:#x}-{kend:#x}",
+        mm::frame::total_frames(),
+        heap / 1024
+    );
+    marker!(
+        "MEM usable_mib={} free_frames={}",
+        bi.usable_bytes() >> 20,
+        mm::frame::free_frames()
+    );
 
     // Platform tables and interrupt controllers.
     let acpi = match acpi::init(bi) {
@@ -173,7 +211,11 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         acpi.tables,
         acpi.cpus.len(),
         enabled,
-        if acpi.has_8259 { "present (masked)" } else { "absent" }
+        if acpi.has_8259 {
+            "present (masked)"
+        } else {
+            "absent"
+        }
     );
     marker!("ACPI cpus={} ioapics={}", enabled, acpi.ioapics.len());
     let mut ioapics = heapless::Vec::new();
@@ -182,17 +224,21 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             Ok(io) => {
                 io.mask_all();
                 log::info!(
-                    "ioapic: id {} at {:#x}, version {:#x}, {} pins from GSI {}, all masked",
+                    "ioapic: id {} (MADT {}) at {:#x}, version {:#x}, {} pins from GSI {}, all masked",
+                    io.id(),
                     e.id,
-                    e.address,
+                    io.phys,
                     io.version(),
                     io.pins(),
-                    e.gsi_base
+                    io.gsi_base
                 );
                 // Capacity equals the MADT list's.
                 let _ = ioapics.push(io);
             }
-            Err(err) => fatal(format_args!("cannot map I/O APIC at {:#x}: {err:?}", e.address)),
+            Err(err) => fatal(format_args!(
+                "cannot map I/O APIC at {:#x}: {err:?}",
+                e.address
+            )),
         }
     }
     IOAPICS.call_once(|| ioapics);
@@ -201,7 +247,9 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         Ok(m) => m,
         Err(e) => fatal(format_args!("cannot map the local APIC: {e:?}")),
     };
-    let Some(timer_hz) = lapic::calibrate_timer() else { fatal("LAPIC timer does not count") };
+    let Some(timer_hz) = lapic::calibrate_timer() else {
+        fatal("LAPIC timer does not count")
+    };
     log::info!(
         "lapic: {} mode, id {}, timer {} kHz (divide 16), TSC-deadline {}",
         match mode {
@@ -210,7 +258,11 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         },
         lapic::id(),
         timer_hz / 1000,
-        if lapic::has_tsc_deadline() { "yes" } else { "no" }
+        if lapic::has_tsc_deadline() {
+            "yes"
+        } else {
+            "no"
+        }
     );
     percpu::BSP.apic_id.store(lapic::id(), Ordering::Relaxed);
     if !smp::bring_up_local(&percpu::BSP) {
@@ -221,8 +273,13 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let result = match tramp {
         Some(page) => smp::start_aps(&acpi.cpus, page),
         None => {
-            log::error!("smp: no free page below 1 MiB for the AP trampoline; running on the BSP only");
-            smp::SmpResult { online: 1, expected: enabled.max(1) }
+            log::error!(
+                "smp: no free page below 1 MiB for the AP trampoline; running on the BSP only"
+            );
+            smp::SmpResult {
+                online: 1,
+                expected: enabled.max(1),
+            }
         }
     };
     SMP_RESULT.call_once(|| result);
@@ -239,13 +296,26 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             u8::from(c.preemption_timer)
         ),
         virt::detect::VirtSupport::Svm(c) => {
-            marker!("VIRT vendor=svm npt={} nrips={} asids={}", u8::from(c.npt), u8::from(c.nrips), c.asids)
+            marker!(
+                "VIRT vendor=svm npt={} nrips={} asids={}",
+                u8::from(c.npt),
+                u8::from(c.nrips),
+                c.asids
+            )
         }
-        virt::detect::VirtSupport::None(reason) => marker!("VIRT vendor=none reason={}", Quoted(reason)),
+        virt::detect::VirtSupport::None(reason) => {
+            marker!("VIRT vendor=none reason={}", Quoted(reason))
+        }
     }
 
     let mem_mib = bi.usable_bytes() >> 20;
-    marker!("BANNER version={} cpus={} mem_mib={} virt={}", VERSION, result.online, mem_mib, virt.name());
+    marker!(
+        "BANNER version={} cpus={} mem_mib={} virt={}",
+        VERSION,
+        result.online,
+        mem_mib,
+        virt.name()
+    );
     console::write_line(format_args!(
         "Creditvisor {} ready: {} of {} CPUs online, {} MiB RAM, virtualisation: {}",
         VERSION,
@@ -258,7 +328,11 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let passed = selftest::run(config.selftests);
     marker!("DONE status={}", if passed { "pass" } else { "fail" });
     match config.exit {
-        ExitMode::Emu => stop::stop(if passed { stop::Status::Pass } else { stop::Status::Fail }),
+        ExitMode::Emu => stop::stop(if passed {
+            stop::Status::Pass
+        } else {
+            stop::Status::Fail
+        }),
         ExitMode::Halt => cpu::idle_forever(),
     }
 }

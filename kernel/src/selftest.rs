@@ -5,6 +5,9 @@
 //! than armed, IPIs answered, MADT consistent with the running CPU). `panic` and `pagefault` are destructive: they
 //! end the boot with `CV:PANIC` / `CV:EXCEPTION`, which the test harness must then report as a failure.
 
+// Details are fixed-size strings returned once per test; boxing them would only add heap traffic to a heap test.
+#![allow(clippy::result_large_err)]
+
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -62,7 +65,12 @@ pub fn run(tests: SelfTests) -> bool {
             Err(d) => ("fail", d),
         };
         all_passed &= outcome.is_ok();
-        crate::marker!("TEST name={} result={} detail={}", name, result, Quoted(detail.as_str()));
+        crate::marker!(
+            "TEST name={} result={} detail={}",
+            name,
+            result,
+            Quoted(detail.as_str())
+        );
     }
     all_passed
 }
@@ -79,7 +87,12 @@ pub fn describe_virt(v: &VirtSupport) -> Detail {
             yn(c.preemption_timer)
         ),
         VirtSupport::Svm(c) => {
-            detail!("AMD-V (nested paging {}, next-RIP save {}, {} ASIDs)", yn(c.npt), yn(c.nrips), c.asids)
+            detail!(
+                "AMD-V (nested paging {}, next-RIP save {}, {} ASIDs)",
+                yn(c.npt),
+                yn(c.nrips),
+                c.asids
+            )
         }
         VirtSupport::None(reason) => detail!("none ({reason})"),
     }
@@ -92,13 +105,20 @@ fn frames() -> Outcome {
     let tramp = crate::TRAMPOLINE_PAGE.load(Ordering::Relaxed);
     let mut got: heapless::Vec<u64, N> = heapless::Vec::new();
     for i in 0..N {
-        let f = frame::alloc().ok_or_else(|| detail!("allocation {i} failed with {before} frames free"))?;
+        let f = frame::alloc()
+            .ok_or_else(|| detail!("allocation {i} failed with {before} frames free"))?;
         ensure!(f % PAGE_SIZE == 0, "frame {f:#x} not page aligned");
         ensure!(f >= frame::LOW_MEMORY_END, "frame {f:#x} below 1 MiB");
-        ensure!(!(kstart..kend).contains(&f), "frame {f:#x} inside the kernel image");
+        ensure!(
+            !(kstart..kend).contains(&f),
+            "frame {f:#x} inside the kernel image"
+        );
         ensure!(f != tramp, "frame {f:#x} is the AP trampoline page");
         ensure!(!got.contains(&f), "frame {f:#x} handed out twice");
-        ensure!(!frame::in_free_range(f), "frame {f:#x} still inside a free range");
+        ensure!(
+            !frame::in_free_range(f),
+            "frame {f:#x} still inside a free range"
+        );
         let p = paging::phys_to_virt(f).cast::<u64>();
         for w in 0..512u64 {
             // SAFETY: the frame was just allocated to this test and is mapped by the direct map.
@@ -107,7 +127,10 @@ fn frames() -> Outcome {
         // Capacity N is exactly the number of iterations.
         let _ = got.push(f);
     }
-    ensure!(frame::free_frames() == before - N as u64, "free count did not drop by {N}");
+    ensure!(
+        frame::free_frames() == before - N as u64,
+        "free count did not drop by {N}"
+    );
     for &f in &got {
         let p = paging::phys_to_virt(f).cast::<u64>();
         for w in 0..512u64 {
@@ -120,7 +143,11 @@ fn frames() -> Outcome {
         // SAFETY: each frame came from the allocator above and is freed exactly once.
         unsafe { frame::free(f) };
     }
-    ensure!(frame::free_frames() == before, "free count {} != {before} after freeing", frame::free_frames());
+    ensure!(
+        frame::free_frames() == before,
+        "free count {} != {before} after freeing",
+        frame::free_frames()
+    );
     Ok(detail!("{N} frames distinct, outside reserved memory, patterns intact; {before} free before and after"))
 }
 
@@ -135,14 +162,23 @@ fn heap_test() -> Outcome {
         let big = alloc::vec![0xA5u8; 1 << 20];
         for (i, b) in boxes.iter().enumerate() {
             let tag = u64::try_from(i + 1).unwrap_or(0);
-            ensure!(b.len() == (i + 1) * 3 && b.iter().all(|&v| v == tag), "box {i} corrupted");
+            ensure!(
+                b.len() == (i + 1) * 3 && b.iter().all(|&v| v == tag),
+                "box {i} corrupted"
+            );
         }
         ensure!(big.iter().all(|&v| v == 0xA5), "1 MiB vector corrupted");
-        ensure!(heap::used_bytes() > before + (1 << 20), "heap accounting did not grow");
+        ensure!(
+            heap::used_bytes() > before + (1 << 20),
+            "heap accounting did not grow"
+        );
     }
     let after = heap::used_bytes();
     ensure!(after == before, "{} bytes leaked", after.abs_diff(before));
-    Ok(detail!("128 boxes + 1 MiB vector intact, all freed; {} KiB free", heap::free_bytes() / 1024))
+    Ok(detail!(
+        "128 boxes + 1 MiB vector intact, all freed; {} KiB free",
+        heap::free_bytes() / 1024
+    ))
 }
 
 /// A canonical address in a PML4 slot nothing else uses.
@@ -159,24 +195,46 @@ fn paging_test() -> Outcome {
 fn paging_with_frame(f: u64) -> Outcome {
     let va = PAGING_TEST_VA;
     paging::map_4k(va, f, paging::flags::RW).map_err(|e| detail!("map failed: {e:?}"))?;
-    ensure!(paging::translate(va) == Some(f), "translate after map gave {:?}", paging::translate(va));
-    ensure!(paging::translate(va + 0x123) == Some(f + 0x123), "offset within page lost");
+    ensure!(
+        paging::translate(va) == Some(f),
+        "translate after map gave {:?}",
+        paging::translate(va)
+    );
+    ensure!(
+        paging::translate(va + 0x123) == Some(f + 0x123),
+        "offset within page lost"
+    );
     // SAFETY: va was just mapped to f, which this test owns.
     unsafe { (va as *mut u64).write_volatile(0xC0FF_EE00_DEAD_BEEF) };
     // SAFETY: f is owned by this test and mapped by the direct map.
     let seen = unsafe { paging::phys_to_virt(f).cast::<u64>().read_volatile() };
-    ensure!(seen == 0xC0FF_EE00_DEAD_BEEF, "write through new mapping not seen in direct map ({seen:#x})");
     ensure!(
-        matches!(paging::map_4k(va, f, paging::flags::RW), Err(paging::PagingError::AlreadyMapped(_))),
+        seen == 0xC0FF_EE00_DEAD_BEEF,
+        "write through new mapping not seen in direct map ({seen:#x})"
+    );
+    ensure!(
+        matches!(
+            paging::map_4k(va, f, paging::flags::RW),
+            Err(paging::PagingError::AlreadyMapped(_))
+        ),
         "double map not refused"
     );
-    ensure!(paging::unmap_4k(va) == Some(f), "unmap did not return the frame");
+    ensure!(
+        paging::unmap_4k(va) == Some(f),
+        "unmap did not return the frame"
+    );
     ensure!(paging::translate(va).is_none(), "still mapped after unmap");
     ensure!(paging::translate(0).is_none(), "null page is mapped");
     let (kstart, _) = crate::kernel_image();
-    ensure!(paging::translate(kstart) == Some(kstart), "kernel image not identity mapped");
+    ensure!(
+        paging::translate(kstart) == Some(kstart),
+        "kernel image not identity mapped"
+    );
     let probe = paging::PHYS_OFFSET + f + 8;
-    ensure!(paging::translate(probe) == Some(f + 8), "direct map does not translate {probe:#x}");
+    ensure!(
+        paging::translate(probe) == Some(f + 8),
+        "direct map does not translate {probe:#x}"
+    );
     Ok(detail!("map/translate/write/unmap at {va:#x} via frame {f:#x}; identity, direct map and null page ok"))
 }
 
@@ -187,7 +245,9 @@ fn timed_interrupt(arm: impl FnOnce()) -> Option<u64> {
     x86_64::instructions::interrupts::enable();
     let t0 = tsc::rdtsc();
     arm();
-    let fired = tsc::wait_until(1_000_000, || me.timer_ticks.load(Ordering::Relaxed) != before);
+    let fired = tsc::wait_until(1_000_000, || {
+        me.timer_ticks.load(Ordering::Relaxed) != before
+    });
     let t1 = tsc::rdtsc();
     lapic::disarm();
     fired.then(|| tsc::ticks_to_us(t1 - t0))
@@ -206,7 +266,9 @@ fn timer() -> Outcome {
         "one-shot {PERIOD_US} us fired after {oneshot} us"
     );
     if !lapic::has_tsc_deadline() {
-        return Ok(detail!("one-shot {PERIOD_US} us -> {oneshot} us; TSC-deadline not supported by this CPU"));
+        return Ok(detail!(
+            "one-shot {PERIOD_US} us -> {oneshot} us; TSC-deadline not supported by this CPU"
+        ));
     }
     let deadline = timed_interrupt(|| {
         lapic::arm_deadline(tsc::rdtsc() + tsc::us_to_ticks(PERIOD_US));
@@ -217,12 +279,21 @@ fn timer() -> Outcome {
         (PERIOD_US - 1..=LATEST_US).contains(&deadline),
         "TSC-deadline {PERIOD_US} us fired after {deadline} us"
     );
-    Ok(detail!("one-shot {PERIOD_US} us -> {oneshot} us; TSC-deadline {PERIOD_US} us -> {deadline} us"))
+    Ok(detail!(
+        "one-shot {PERIOD_US} us -> {oneshot} us; TSC-deadline {PERIOD_US} us -> {deadline} us"
+    ))
 }
 
 fn smp() -> Outcome {
-    let r = crate::SMP_RESULT.get().ok_or_else(|| detail!("SMP start-up did not run"))?;
-    ensure!(r.online == r.expected, "{} of {} CPUs online", r.online, r.expected);
+    let r = crate::SMP_RESULT
+        .get()
+        .ok_or_else(|| detail!("SMP start-up did not run"))?;
+    ensure!(
+        r.online == r.expected,
+        "{} of {} CPUs online",
+        r.online,
+        r.expected
+    );
     let mut answered = 0;
     for id in 1..percpu::count() {
         let Some(cpu) = percpu::get(id) else { continue };
@@ -238,12 +309,20 @@ fn smp() -> Outcome {
         answered += 1;
     }
     ensure!(answered + 1 == r.online, "only {answered} APs answered");
-    Ok(detail!("{}/{} CPUs online; {answered} APs answered a fixed IPI", r.online, r.expected))
+    Ok(detail!(
+        "{}/{} CPUs online; {answered} APs answered a fixed IPI",
+        r.online,
+        r.expected
+    ))
 }
 
 fn acpi() -> Outcome {
-    let info = crate::ACPI_INFO.get().ok_or_else(|| detail!("ACPI not parsed"))?;
-    let ioapics = crate::IOAPICS.get().ok_or_else(|| detail!("I/O APICs not mapped"))?;
+    let info = crate::ACPI_INFO
+        .get()
+        .ok_or_else(|| detail!("ACPI not parsed"))?;
+    let ioapics = crate::IOAPICS
+        .get()
+        .ok_or_else(|| detail!("I/O APICs not mapped"))?;
     let bsp = lapic::id();
     ensure!(
         info.cpus.iter().any(|c| c.apic_id == bsp && c.enabled),
@@ -252,9 +331,21 @@ fn acpi() -> Outcome {
     ensure!(!ioapics.is_empty(), "MADT lists no I/O APIC");
     for io in ioapics {
         let (v, pins) = (io.version(), io.pins());
-        ensure!((0x10..=0x2F).contains(&v), "I/O APIC at {:#x}: version {v:#x} out of range", io.phys);
-        ensure!((1..=240).contains(&pins), "I/O APIC at {:#x}: {pins} pins", io.phys);
-        ensure!((0..pins).all(|p| io.is_masked(p)), "I/O APIC at {:#x}: unmasked pin", io.phys);
+        ensure!(
+            (0x10..=0x2F).contains(&v),
+            "I/O APIC at {:#x}: version {v:#x} out of range",
+            io.phys
+        );
+        ensure!(
+            (1..=240).contains(&pins),
+            "I/O APIC at {:#x}: {pins} pins",
+            io.phys
+        );
+        ensure!(
+            (0..pins).all(|p| io.is_masked(p)),
+            "I/O APIC at {:#x}: unmasked pin",
+            io.phys
+        );
     }
     Ok(detail!(
         "rev {} via {}: {} CPUs, BSP APIC {bsp} listed; {} I/O APIC(s) answer, all pins masked",
@@ -270,5 +361,7 @@ fn pagefault() -> Outcome {
     let addr = 0x0000_7FFF_DEAD_0000u64;
     // SAFETY: deliberately unsound: this read must fault, and the exception handler stops the machine.
     let v = unsafe { (addr as *const u64).read_volatile() };
-    Err(detail!("read of unmapped {addr:#x} returned {v:#x} instead of faulting"))
+    Err(detail!(
+        "read of unmapped {addr:#x} returned {v:#x} instead of faulting"
+    ))
 }

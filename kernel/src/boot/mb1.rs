@@ -56,7 +56,7 @@ fn read_cstr(addr: u64) -> Result<&'static str, BootError> {
 
 /// Parses the Multiboot 1 information structure at physical `info`.
 pub fn parse(info: u64) -> Result<BootInfo, BootError> {
-    if info == 0 || info % 4 != 0 || info + INFO_SIZE > LOADER_LIMIT {
+    if info == 0 || !info.is_multiple_of(4) || info + INFO_SIZE > LOADER_LIMIT {
         return Err(BootError::BadPointer(info));
     }
     let mut bi = BootInfo::new(Loader::Multiboot1);

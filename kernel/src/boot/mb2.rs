@@ -13,7 +13,7 @@ const MAX_TOTAL_SIZE: u64 = 1 << 20;
 
 /// Parses the Multiboot 2 information structure at physical `info`.
 pub fn parse(info: u64) -> Result<BootInfo, BootError> {
-    if info == 0 || info % 8 != 0 || info + 8 > LOADER_LIMIT {
+    if info == 0 || !info.is_multiple_of(8) || info + 8 > LOADER_LIMIT {
         return Err(BootError::BadPointer(info));
     }
     // SAFETY: info is 8-aligned and info+8 < 4 GiB, which the early page tables identity-map.
@@ -32,13 +32,15 @@ pub fn parse(info: u64) -> Result<BootInfo, BootError> {
         bi.firmware = Firmware::Uefi;
     }
     if let Some(cmd) = mbi.command_line_tag() {
-        let s = cmd.cmdline().map_err(|_| BootError::Multiboot2("command line is not valid UTF-8"))?;
+        let s = cmd
+            .cmdline()
+            .map_err(|_| BootError::Multiboot2("command line is not valid UTF-8"))?;
         super::push_truncated(&mut bi.cmdline, s);
     }
 
     if let Some(map) = mbi.memory_map_tag() {
         for area in map.memory_areas() {
-            let kind = match area.typ().into() {
+            let kind = match area.typ() {
                 MemoryAreaType::Available => RegionKind::Usable,
                 MemoryAreaType::AcpiAvailable => RegionKind::AcpiReclaimable,
                 MemoryAreaType::ReservedHibernate => RegionKind::AcpiNvs,
@@ -48,8 +50,16 @@ pub fn parse(info: u64) -> Result<BootInfo, BootError> {
             bi.add_region(area.start_address(), area.size(), kind)?;
         }
     } else if let Some(basic) = mbi.basic_memory_info_tag() {
-        bi.add_region(0, u64::from(basic.memory_lower()) * 1024, RegionKind::Usable)?;
-        bi.add_region(1 << 20, u64::from(basic.memory_upper()) * 1024, RegionKind::Usable)?;
+        bi.add_region(
+            0,
+            u64::from(basic.memory_lower()) * 1024,
+            RegionKind::Usable,
+        )?;
+        bi.add_region(
+            1 << 20,
+            u64::from(basic.memory_upper()) * 1024,
+            RegionKind::Usable,
+        )?;
     } else {
         return Err(BootError::NoMemoryMap);
     }
@@ -57,14 +67,20 @@ pub fn parse(info: u64) -> Result<BootInfo, BootError> {
 
     for m in mbi.module_tags() {
         let cmdline = m.cmdline().unwrap_or("");
-        bi.add_module(u64::from(m.start_address()), u64::from(m.end_address()), cmdline)?;
+        bi.add_module(
+            u64::from(m.start_address()),
+            u64::from(m.end_address()),
+            cmdline,
+        )?;
     }
 
     bi.rsdp = match (mbi.rsdp_v2_tag(), mbi.rsdp_v1_tag()) {
-        (Some(v2), _) if v2.checksum_is_valid() && v2.xsdt_address() != 0 => {
-            Some(RsdpInfo::Xsdt(u64::try_from(v2.xsdt_address()).unwrap_or(0)))
-        }
-        (_, Some(v1)) if v1.checksum_is_valid() => Some(RsdpInfo::Rsdt(u64::try_from(v1.rsdt_address()).unwrap_or(0))),
+        (Some(v2), _) if v2.checksum_is_valid() && v2.xsdt_address() != 0 => Some(RsdpInfo::Xsdt(
+            u64::try_from(v2.xsdt_address()).unwrap_or(0),
+        )),
+        (_, Some(v1)) if v1.checksum_is_valid() => Some(RsdpInfo::Rsdt(
+            u64::try_from(v1.rsdt_address()).unwrap_or(0),
+        )),
         _ => None,
     };
     Ok(bi)

@@ -123,12 +123,21 @@ pub enum BootError {
 impl fmt::Display for BootError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadMagic(m) => write!(f, "unknown boot loader magic {m:#x} (not Multiboot 1 or 2)"),
-            Self::BadPointer(p) => write!(f, "boot information pointer {p:#x} is null, misaligned or above 4 GiB"),
-            Self::BadSize(what, n) => write!(f, "boot information {what} has implausible size {n:#x}"),
+            Self::BadMagic(m) => {
+                write!(f, "unknown boot loader magic {m:#x} (not Multiboot 1 or 2)")
+            }
+            Self::BadPointer(p) => write!(
+                f,
+                "boot information pointer {p:#x} is null, misaligned or above 4 GiB"
+            ),
+            Self::BadSize(what, n) => {
+                write!(f, "boot information {what} has implausible size {n:#x}")
+            }
             Self::NoMemoryMap => f.write_str("boot information has no memory map"),
             Self::BadMemoryMap(why) => write!(f, "malformed memory map: {why}"),
-            Self::TooManyRegions => write!(f, "memory map has more than {MAX_REGIONS} distinct regions"),
+            Self::TooManyRegions => {
+                write!(f, "memory map has more than {MAX_REGIONS} distinct regions")
+            }
             Self::TooManyModules => write!(f, "more than {MAX_MODULES} boot modules"),
             Self::BadModule(s, e) => write!(f, "boot module range {s:#x}..{e:#x} is invalid"),
             Self::Multiboot2(why) => write!(f, "multiboot2 information rejected: {why}"),
@@ -173,14 +182,18 @@ impl BootInfo {
         if len == 0 {
             return Ok(());
         }
-        let end = start.checked_add(len).ok_or(BootError::BadMemoryMap("entry wraps around 2^64"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or(BootError::BadMemoryMap("entry wraps around 2^64"))?;
         if let Some(last) = self.regions.last_mut() {
             if last.kind == kind && last.end == start {
                 last.end = end;
                 return Ok(());
             }
         }
-        self.regions.push(Region { start, end, kind }).map_err(|_| BootError::TooManyRegions)
+        self.regions
+            .push(Region { start, end, kind })
+            .map_err(|_| BootError::TooManyRegions)
     }
 
     /// Sorts the map by address once all entries are in (loaders do not promise order).
@@ -196,7 +209,11 @@ impl BootInfo {
         if start > end || end > LOADER_LIMIT {
             return Err(BootError::BadModule(start, end));
         }
-        let mut m = Module { start, end, cmdline: heapless::String::new() };
+        let mut m = Module {
+            start,
+            end,
+            cmdline: heapless::String::new(),
+        };
         push_truncated(&mut m.cmdline, cmdline);
         self.modules.push(m).map_err(|_| BootError::TooManyModules)
     }
@@ -210,7 +227,11 @@ impl BootInfo {
 
     /// Total usable RAM in bytes.
     pub fn usable_bytes(&self) -> u64 {
-        self.regions.iter().filter(|r| r.kind == RegionKind::Usable).map(|r| r.end - r.start).sum()
+        self.regions
+            .iter()
+            .filter(|r| r.kind == RegionKind::Usable)
+            .map(|r| r.end - r.start)
+            .sum()
     }
 }
 

@@ -47,7 +47,11 @@ pub struct FrameAllocator {
 static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
 
 /// Subtracts `[start, end)` from every range in `ranges`.
-fn subtract(ranges: &mut heapless::Vec<Range, MAX_RANGES>, start: u64, end: u64) -> Result<(), FrameError> {
+fn subtract(
+    ranges: &mut heapless::Vec<Range, MAX_RANGES>,
+    start: u64,
+    end: u64,
+) -> Result<(), FrameError> {
     let mut out: heapless::Vec<Range, MAX_RANGES> = heapless::Vec::new();
     for r in ranges.iter() {
         if end <= r.next || start >= r.end {
@@ -55,10 +59,18 @@ fn subtract(ranges: &mut heapless::Vec<Range, MAX_RANGES>, start: u64, end: u64)
             continue;
         }
         if r.next < start {
-            out.push(Range { next: r.next, end: start }).map_err(|_| FrameError::TooManyRanges)?;
+            out.push(Range {
+                next: r.next,
+                end: start,
+            })
+            .map_err(|_| FrameError::TooManyRanges)?;
         }
         if end < r.end {
-            out.push(Range { next: end, end: r.end }).map_err(|_| FrameError::TooManyRanges)?;
+            out.push(Range {
+                next: end,
+                end: r.end,
+            })
+            .map_err(|_| FrameError::TooManyRanges)?;
         }
     }
     *ranges = out;
@@ -73,30 +85,54 @@ impl FrameAllocator {
             let start = r.start.max(LOW_MEMORY_END).next_multiple_of(PAGE_SIZE);
             let end = r.end & !(PAGE_SIZE - 1);
             if start < end {
-                ranges.push(Range { next: start, end }).map_err(|_| FrameError::TooManyRanges)?;
+                ranges
+                    .push(Range { next: start, end })
+                    .map_err(|_| FrameError::TooManyRanges)?;
             }
         }
         // Memory maps may overlap: a non-usable entry always wins.
         for r in bi.regions.iter().filter(|r| r.kind != RegionKind::Usable) {
-            subtract(&mut ranges, r.start & !(PAGE_SIZE - 1), r.end.next_multiple_of(PAGE_SIZE))?;
+            subtract(
+                &mut ranges,
+                r.start & !(PAGE_SIZE - 1),
+                r.end.next_multiple_of(PAGE_SIZE),
+            )?;
         }
         for &(s, e) in reserved.iter().chain(bi.reserved.iter()) {
-            subtract(&mut ranges, s & !(PAGE_SIZE - 1), e.next_multiple_of(PAGE_SIZE))?;
+            subtract(
+                &mut ranges,
+                s & !(PAGE_SIZE - 1),
+                e.next_multiple_of(PAGE_SIZE),
+            )?;
         }
         for m in &bi.modules {
-            subtract(&mut ranges, m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE))?;
+            subtract(
+                &mut ranges,
+                m.start & !(PAGE_SIZE - 1),
+                m.end.next_multiple_of(PAGE_SIZE),
+            )?;
         }
         ranges.sort_unstable_by_key(|r| r.next);
         let total = ranges.iter().map(|r| (r.end - r.next) / PAGE_SIZE).sum();
         if total == 0 {
             return Err(FrameError::NoMemory);
         }
-        Ok(Self { ranges, free_head: 0, free_len: 0, total })
+        Ok(Self {
+            ranges,
+            free_head: 0,
+            free_len: 0,
+            total,
+        })
     }
 
     /// Free frames.
     pub fn free_frames(&self) -> u64 {
-        self.free_len + self.ranges.iter().map(|r| (r.end - r.next) / PAGE_SIZE).sum::<u64>()
+        self.free_len
+            + self
+                .ranges
+                .iter()
+                .map(|r| (r.end - r.next) / PAGE_SIZE)
+                .sum::<u64>()
     }
 
     /// Frames managed (free or allocated).
@@ -119,7 +155,10 @@ impl FrameAllocator {
             self.free_len -= 1;
             return Some(frame);
         }
-        let r = self.ranges.iter_mut().find(|r| r.next < r.end && r.next + PAGE_SIZE <= limit)?;
+        let r = self
+            .ranges
+            .iter_mut()
+            .find(|r| r.next < r.end && r.next + PAGE_SIZE <= limit)?;
         let frame = r.next;
         r.next += PAGE_SIZE;
         Some(frame)
@@ -181,15 +220,24 @@ pub unsafe fn free(frame: u64) {
 
 /// Free frames now.
 pub fn free_frames() -> u64 {
-    FRAMES.lock().as_ref().map_or(0, FrameAllocator::free_frames)
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(0, FrameAllocator::free_frames)
 }
 
 /// Frames managed in total.
 pub fn total_frames() -> u64 {
-    FRAMES.lock().as_ref().map_or(0, FrameAllocator::total_frames)
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(0, FrameAllocator::total_frames)
 }
 
 /// Whether `frame` still lies inside an unallocated range (for the self-test).
 pub fn in_free_range(frame: u64) -> bool {
-    FRAMES.lock().as_ref().is_some_and(|a| a.in_free_range(frame))
+    FRAMES
+        .lock()
+        .as_ref()
+        .is_some_and(|a| a.in_free_range(frame))
 }

@@ -83,7 +83,9 @@ fn detect_vmx() -> VirtSupport {
         let fc = cpu::rdmsr(cpu::IA32_FEATURE_CONTROL);
         let locked = fc & 1 != 0;
         if locked && fc & (1 << 2) == 0 {
-            return VirtSupport::None("VMX disabled by firmware (IA32_FEATURE_CONTROL locked without VMX outside SMX)");
+            return VirtSupport::None(
+                "VMX disabled by firmware (IA32_FEATURE_CONTROL locked without VMX outside SMX)",
+            );
         }
         let basic = cpu::rdmsr(IA32_VMX_BASIC);
         let true_ctls = basic & (1 << 55) != 0;
@@ -94,10 +96,18 @@ fn detect_vmx() -> VirtSupport {
         };
         let pin = allowed1(pin_msr);
         let primary = allowed1(proc_msr);
-        let secondary = if primary & (1 << 31) != 0 { allowed1(IA32_VMX_PROCBASED_CTLS2) } else { 0 };
+        let secondary = if primary & (1 << 31) != 0 {
+            allowed1(IA32_VMX_PROCBASED_CTLS2)
+        } else {
+            0
+        };
         let ept_ctl = secondary & (1 << 1) != 0;
         let vpid_ctl = secondary & (1 << 5) != 0;
-        let ept_cap = if ept_ctl || vpid_ctl { cpu::rdmsr(IA32_VMX_EPT_VPID_CAP) } else { 0 };
+        let ept_cap = if ept_ctl || vpid_ctl {
+            cpu::rdmsr(IA32_VMX_EPT_VPID_CAP)
+        } else {
+            0
+        };
         let ept = ept_ctl && ept_cap & (1 << 6) != 0 && ept_cap & (1 << 14) != 0;
         VirtSupport::Vmx(VmxCaps {
             ept,
@@ -120,7 +130,11 @@ fn detect_svm() -> VirtSupport {
         return VirtSupport::None("SVM reported but CPUID leaf 0x8000000A is missing");
     }
     let r = cpu::cpuid(0x8000_000A, 0);
-    VirtSupport::Svm(SvmCaps { npt: r.edx & 1 != 0, nrips: r.edx & (1 << 3) != 0, asids: r.ebx })
+    VirtSupport::Svm(SvmCaps {
+        npt: r.edx & 1 != 0,
+        nrips: r.edx & (1 << 3) != 0,
+        asids: r.ebx,
+    })
 }
 
 /// Detects hardware virtualisation on this CPU.

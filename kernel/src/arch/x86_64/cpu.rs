@@ -1,6 +1,6 @@
 //! Small CPU primitives: CPUID, MSRs, halting. Thin, so the rest of the kernel states intent, not instructions.
 
-use core::arch::x86_64::{CpuidResult, __cpuid_count};
+use core::arch::x86_64::{__cpuid_count, CpuidResult};
 
 use x86_64::registers::model_specific::Msr;
 

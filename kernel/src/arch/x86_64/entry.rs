@@ -201,4 +201,3 @@ static mut BOOT_PD: PageAligned<{ 4 * 4096 }> = PageAligned([0; 4 * 4096]);
 pub struct BootStack(pub [u8; BOOT_STACK_SIZE]);
 
 static mut BOOT_STACK: BootStack = BootStack([0; BOOT_STACK_SIZE]);
-

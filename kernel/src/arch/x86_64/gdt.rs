@@ -38,7 +38,10 @@ pub struct CpuTables {
 /// Builds a TSS whose IST entries point at the tops of `stacks` (one per IST slot used).
 pub fn make_tss(stack_tops: [u64; 3]) -> TaskStateSegment {
     let mut tss = TaskStateSegment::new();
-    for (slot, top) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST].into_iter().zip(stack_tops) {
+    for (slot, top) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST]
+        .into_iter()
+        .zip(stack_tops)
+    {
         tss.interrupt_stack_table[usize::from(slot)] = VirtAddr::new(top);
     }
     tss
@@ -50,7 +53,12 @@ pub fn make_tables(tss: &'static TaskStateSegment) -> CpuTables {
     let code = gdt.append(Descriptor::kernel_code_segment());
     let data = gdt.append(Descriptor::kernel_data_segment());
     let tss = gdt.append(Descriptor::tss_segment(tss));
-    CpuTables { gdt, code, data, tss }
+    CpuTables {
+        gdt,
+        code,
+        data,
+        tss,
+    }
 }
 
 /// Loads `tables` on this CPU and reloads CS, SS, DS and ES. FS and GS are left alone: loading a selector into
@@ -91,6 +99,7 @@ pub fn alloc_for_ap() -> &'static CpuTables {
         // Stacks grow down; keep the top 16-byte aligned.
         *top = (stack.as_ptr() as u64 + IST_STACK_SIZE as u64) & !0xF;
     }
-    let tss: &'static TaskStateSegment = alloc::boxed::Box::leak(alloc::boxed::Box::new(make_tss(tops)));
+    let tss: &'static TaskStateSegment =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(make_tss(tops)));
     alloc::boxed::Box::leak(alloc::boxed::Box::new(make_tables(tss)))
 }

@@ -168,11 +168,15 @@ pub fn load() {
 /// Mnemonic of an exception vector.
 pub fn exception_name(vector: u64) -> &'static str {
     const NAMES: [&str; 32] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS", "#GP", "#PF",
-        "#RES15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#RES22", "#RES23", "#RES24", "#RES25", "#RES26",
-        "#RES27", "#HV", "#VC", "#SX", "#RES31",
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "#RES15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#RES22", "#RES23",
+        "#RES24", "#RES25", "#RES26", "#RES27", "#HV", "#VC", "#SX", "#RES31",
     ];
-    usize::try_from(vector).ok().and_then(|v| NAMES.get(v)).copied().unwrap_or("#INTR")
+    usize::try_from(vector)
+        .ok()
+        .and_then(|v| NAMES.get(v))
+        .copied()
+        .unwrap_or("#INTR")
 }
 
 /// Set by the first CPU that reports a fatal exception; others just halt.
@@ -197,7 +201,8 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         // LAPIC spurious interrupts take no EOI.
         v if v == u64::from(lapic::SPURIOUS_VECTOR) => {}
         // Masked legacy PIC lines can only raise spurious IRQ 7/15, which take no EOI either.
-        v if (u64::from(pic::PIC_VECTOR_BASE)..u64::from(pic::PIC_VECTOR_BASE) + 16).contains(&v) => {}
+        v if (u64::from(pic::PIC_VECTOR_BASE)..u64::from(pic::PIC_VECTOR_BASE) + 16)
+            .contains(&v) => {}
         _ => {
             UNEXPECTED_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
             lapic::eoi();

@@ -25,7 +25,11 @@ pub struct IoApic {
 impl IoApic {
     /// Maps the registers at `phys`.
     pub fn map(phys: u64, gsi_base: u32) -> Result<Self, paging::PagingError> {
-        Ok(Self { phys, virt: paging::map_mmio(phys, 0x20)?, gsi_base })
+        Ok(Self {
+            phys,
+            virt: paging::map_mmio(phys, 0x20)?,
+            gsi_base,
+        })
     }
 
     fn read(&self, reg: u32) -> u32 {

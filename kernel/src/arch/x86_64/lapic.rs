@@ -64,7 +64,9 @@ fn read(reg: u32) -> u32 {
             v
         }
         // SAFETY: base maps this CPU's 4 KiB APIC register page uncached; reg is a register offset in it.
-        Some(Mode::XApic(base)) => unsafe { core::ptr::read_volatile((base + u64::from(reg)) as *const u32) },
+        Some(Mode::XApic(base)) => unsafe {
+            core::ptr::read_volatile((base + u64::from(reg)) as *const u32)
+        },
         None => 0,
     }
 }
@@ -74,7 +76,9 @@ fn write(reg: u32, value: u32) {
         // SAFETY: as in `read`; writes to the APIC affect only interrupt delivery.
         Some(Mode::X2Apic) => unsafe { cpu::wrmsr(0x800 + reg / 16, u64::from(value)) },
         // SAFETY: as in `read`.
-        Some(Mode::XApic(base)) => unsafe { core::ptr::write_volatile((base + u64::from(reg)) as *mut u32, value) },
+        Some(Mode::XApic(base)) => unsafe {
+            core::ptr::write_volatile((base + u64::from(reg)) as *mut u32, value)
+        },
         None => {}
     }
 }
@@ -143,7 +147,9 @@ pub fn eoi() {
 fn send_icr(dest: u32, low: u32) {
     match MODE.get() {
         // SAFETY: x2APIC ICR is one 64-bit MSR with the destination in bits 63:32.
-        Some(Mode::X2Apic) => unsafe { cpu::wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low)) },
+        Some(Mode::X2Apic) => unsafe {
+            cpu::wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low))
+        },
         Some(Mode::XApic(_)) => {
             write(REG_ICR_HIGH, dest << 24);
             write(REG_ICR_LOW, low);
@@ -207,7 +213,9 @@ pub fn calibrate_timer() -> Option<u64> {
 
 /// Arms a one-shot timer interrupt ([`TIMER_VECTOR`]) after `us` microseconds.
 pub fn arm_oneshot_us(us: u64) {
-    let count = u32::try_from(timer_hz() * us / 1_000_000).unwrap_or(u32::MAX).max(1);
+    let count = u32::try_from(timer_hz() * us / 1_000_000)
+        .unwrap_or(u32::MAX)
+        .max(1);
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
     write(REG_TIMER_INITIAL, count);

@@ -159,17 +159,25 @@ pub fn init(bi: &BootInfo) -> Result<(), PagingError> {
                 if pa == 0 {
                     let pt = next_table(pd, 0, true)?;
                     for j in 1..512u64 {
-                        pt.add(index(j << 12, 0)).write_volatile((j << 12) | flags::P | flags::RW);
+                        pt.add(index(j << 12, 0))
+                            .write_volatile((j << 12) | flags::P | flags::RW);
                     }
                 } else {
-                    pd.add(index(pa, 1)).write_volatile(pa | flags::P | flags::RW | flags::PS);
+                    pd.add(index(pa, 1))
+                        .write_volatile(pa | flags::P | flags::RW | flags::PS);
                 }
             }
         }
     }
 
     // Direct map.
-    let ram_top = bi.regions.iter().filter(|r| r.kind.is_ram()).map(|r| r.end).max().unwrap_or(0);
+    let ram_top = bi
+        .regions
+        .iter()
+        .filter(|r| r.kind.is_ram())
+        .map(|r| r.end)
+        .max()
+        .unwrap_or(0);
     let top = ram_top.max(IDENTITY_END).next_multiple_of(1 << 30);
     let leaf = flags::P | flags::RW | flags::PS | nx();
     let mut pa = 0;
@@ -191,7 +199,8 @@ pub fn init(bi: &BootInfo) -> Result<(), PagingError> {
         pa += 1 << 30;
     }
 
-    let frame = PhysFrame::from_start_address(PhysAddr::new(pml4_phys)).map_err(|_| PagingError::BadAddress(pml4_phys))?;
+    let frame = PhysFrame::from_start_address(PhysAddr::new(pml4_phys))
+        .map_err(|_| PagingError::BadAddress(pml4_phys))?;
     // SAFETY: the new tables map the kernel image, its stacks and the loader's structures at the same (identity)
     // addresses as the early tables, so execution continues unchanged after the switch.
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
@@ -208,7 +217,10 @@ pub fn init(bi: &BootInfo) -> Result<(), PagingError> {
 
 /// Maps the 4 KiB page at `va` to `pa` with `extra` flags (present is implied).
 pub fn map_4k(va: u64, pa: u64, extra: u64) -> Result<(), PagingError> {
-    if va % PAGE_SIZE != 0 || pa % PAGE_SIZE != 0 || VirtAddr::try_new(va).is_err() {
+    if !va.is_multiple_of(PAGE_SIZE)
+        || !pa.is_multiple_of(PAGE_SIZE)
+        || VirtAddr::try_new(va).is_err()
+    {
         return Err(PagingError::BadAddress(va));
     }
     let _guard = PAGING.lock();
@@ -283,7 +295,11 @@ pub fn map_mmio(pa: u64, size: u64) -> Result<u64, PagingError> {
         return Err(PagingError::MmioWindowFull);
     }
     for i in 0..pages {
-        map_4k(base + i * PAGE_SIZE, first + i * PAGE_SIZE, flags::RW | flags::PCD | flags::PWT | nx())?;
+        map_4k(
+            base + i * PAGE_SIZE,
+            first + i * PAGE_SIZE,
+            flags::RW | flags::PCD | flags::PWT | nx(),
+        )?;
     }
     Ok(base + (pa - first))
 }

@@ -47,7 +47,8 @@ impl PerCpu {
 /// The BSP's area.
 pub static BSP: PerCpu = PerCpu::new(0, 0);
 
-static CPUS: [AtomicPtr<PerCpu>; MAX_CPUS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
+static CPUS: [AtomicPtr<PerCpu>; MAX_CPUS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// Points this CPU's GS base at `area`.
@@ -60,7 +61,9 @@ pub fn install(area: &'static PerCpu) {
 
 /// Publishes `area` in the registry; returns false if the registry is full or the id is out of range.
 pub fn register(area: &'static PerCpu) -> bool {
-    let Ok(index) = usize::try_from(area.id) else { return false };
+    let Ok(index) = usize::try_from(area.id) else {
+        return false;
+    };
     if index >= MAX_CPUS {
         return false;
     }

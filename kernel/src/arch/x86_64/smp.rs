@@ -183,7 +183,10 @@ pub fn start_aps(cpus: &[CpuEntry], tramp_page: u64) -> SmpResult {
     let bsp_apic = lapic::id();
     let expected = cpus.iter().filter(|c| c.enabled).count().max(1);
     let mut online = 1;
-    let (start, end) = (core::ptr::addr_of!(ap_tramp_start), core::ptr::addr_of!(ap_tramp_end));
+    let (start, end) = (
+        core::ptr::addr_of!(ap_tramp_start),
+        core::ptr::addr_of!(ap_tramp_end),
+    );
     let len = usize::try_from(end as u64 - start as u64).unwrap_or(usize::MAX);
     let Ok(sipi_page) = u8::try_from(tramp_page >> 12) else {
         log::error!("smp: trampoline page {tramp_page:#x} is not below 1 MiB");
@@ -206,16 +209,28 @@ pub fn start_aps(cpus: &[CpuEntry], tramp_page: u64) -> SmpResult {
         patch(page, off(core::ptr::addr_of!(tramp_gdtr)) + 2, as32(gdt));
         patch(page, off(core::ptr::addr_of!(tramp_far32)), as32(t32));
         patch(page, off(core::ptr::addr_of!(tramp_far64)), as32(t64));
-        patch(page, off(core::ptr::addr_of!(tramp_cr3)), as32(paging::kernel_cr3()));
+        patch(
+            page,
+            off(core::ptr::addr_of!(tramp_cr3)),
+            as32(paging::kernel_cr3()),
+        );
         let efer = cpu::rdmsr(cpu::IA32_EFER) & ((1 << 8) | (1 << 11));
         patch(page, off(core::ptr::addr_of!(tramp_efer)), as32(efer));
-        patch(page, off(core::ptr::addr_of!(tramp_entry)), (ap_entry as usize as u64).to_le_bytes());
+        patch(
+            page,
+            off(core::ptr::addr_of!(tramp_entry)),
+            (ap_entry as *const () as u64).to_le_bytes(),
+        );
     }
 
     let mut next_id = 1u32;
     for c in cpus.iter().filter(|c| c.enabled && c.apic_id != bsp_apic) {
         if usize::try_from(next_id).unwrap_or(usize::MAX) >= percpu::MAX_CPUS {
-            log::warn!("smp: more than {} CPUs; apic {} not started", percpu::MAX_CPUS, c.apic_id);
+            log::warn!(
+                "smp: more than {} CPUs; apic {} not started",
+                percpu::MAX_CPUS,
+                c.apic_id
+            );
             continue;
         }
         let area: &'static PerCpu = Box::leak(Box::new(PerCpu::new(next_id, c.apic_id)));
@@ -223,8 +238,16 @@ pub fn start_aps(cpus: &[CpuEntry], tramp_page: u64) -> SmpResult {
         let stack_top = (stack.as_ptr() as u64 + AP_STACK_SIZE as u64) & !0xF;
         // SAFETY: patching the stack and argument fields of the trampoline copy (see above).
         unsafe {
-            patch(page, off(core::ptr::addr_of!(tramp_stack)), stack_top.to_le_bytes());
-            patch(page, off(core::ptr::addr_of!(tramp_arg)), (area as *const PerCpu as u64).to_le_bytes());
+            patch(
+                page,
+                off(core::ptr::addr_of!(tramp_stack)),
+                stack_top.to_le_bytes(),
+            );
+            patch(
+                page,
+                off(core::ptr::addr_of!(tramp_arg)),
+                (area as *const PerCpu as u64).to_le_bytes(),
+            );
         }
         percpu::register(area);
         core::sync::atomic::fence(Ordering::SeqCst);
@@ -243,7 +266,11 @@ pub fn start_aps(cpus: &[CpuEntry], tramp_page: u64) -> SmpResult {
         if tsc::wait_until(ONLINE_TIMEOUT_US, || area.online.load(Ordering::Acquire)) {
             online += 1;
         } else {
-            log::error!("smp: cpu{} (apic {}) started but did not come online", next_id, c.apic_id);
+            log::error!(
+                "smp: cpu{} (apic {}) started but did not come online",
+                next_id,
+                c.apic_id
+            );
         }
         next_id += 1;
     }

@@ -1,8 +1,10 @@
 //! Time-stamp counter: calibration and time conversion.
 //!
-//! Calibration order: CPUID leaf 0x15 (TSC/crystal ratio and crystal frequency, when both are reported), then leaf
-//! 0x16 (processor base frequency, which equals the TSC rate on CPUs with an invariant TSC), then the PIT (50 ms,
-//! best of three). The rate is set once on the BSP before the APs start and only read afterwards.
+//! Calibration: CPUID leaf 0x15 (TSC/crystal ratio and crystal frequency, when both are reported), else leaf 0x16
+//! (processor base frequency, which equals the TSC rate on CPUs with an invariant TSC), cross-checked against PIT
+//! channel 2 (50 ms, best of three) when a PIT exists: if they disagree by more than 10% the measurement wins.
+//! Without CPUID data the PIT alone decides. The rate is set once on the BSP before the APs start and only read
+//! afterwards.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -71,16 +73,55 @@ fn from_cpuid() -> Option<(u64, Source)> {
 fn from_pit() -> Option<u64> {
     // Bound each window by what a 100 GHz TSC would count in it, so a missing PIT cannot hang us.
     let max_ticks = MAX_HZ / 1000 * PIT_WINDOW_MS * 2;
-    let best = (0..3).filter_map(|_| pit::measure_tsc_ticks(PIT_WINDOW_MS, max_ticks)).min()?;
+    let best = (0..3)
+        .filter_map(|_| pit::measure_tsc_ticks(PIT_WINDOW_MS, max_ticks))
+        .min()?;
     let hz = best * 1000 / PIT_WINDOW_MS;
     (MIN_HZ..=MAX_HZ).contains(&hz).then_some(hz)
 }
 
-/// Calibrates the TSC; returns the rate and its source, or None when no source gave a plausible rate.
-pub fn calibrate() -> Option<(u64, Source)> {
-    let (hz, source) = from_cpuid().or_else(|| from_pit().map(|hz| (hz, Source::Pit)))?;
-    TSC_HZ.store(hz, Ordering::Relaxed);
-    Some((hz, source))
+/// Calibration result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Calibration {
+    /// TSC rate in Hz.
+    pub hz: u64,
+    /// Where it came from.
+    pub source: Source,
+    /// A CPUID-stated rate that was rejected because the PIT measured something else (e.g. Bochs, whose TSC
+    /// counts instructions whatever CPUID 0x16 says).
+    pub rejected_cpuid_hz: Option<u64>,
+}
+
+/// Largest disagreement (percent) between CPUID and the PIT before the CPUID rate is distrusted.
+const MAX_DISAGREEMENT_PCT: u64 = 10;
+
+/// Calibrates the TSC: the CPUID rate when the PIT (if present) agrees with it within 10%, else the PIT rate.
+/// None when no source gives a plausible rate.
+pub fn calibrate() -> Option<Calibration> {
+    let cpuid = from_cpuid();
+    let pit = from_pit();
+    let cal = match (cpuid, pit) {
+        (Some((c, source)), Some(p)) if c.abs_diff(p) * 100 > p * MAX_DISAGREEMENT_PCT => {
+            Calibration {
+                hz: p,
+                source: Source::Pit,
+                rejected_cpuid_hz: Some(c).filter(|_| source != Source::Pit),
+            }
+        }
+        (Some((c, source)), _) => Calibration {
+            hz: c,
+            source,
+            rejected_cpuid_hz: None,
+        },
+        (None, Some(p)) => Calibration {
+            hz: p,
+            source: Source::Pit,
+            rejected_cpuid_hz: None,
+        },
+        (None, None) => return None,
+    };
+    TSC_HZ.store(cal.hz, Ordering::Relaxed);
+    Some(cal)
 }
 
 /// Microseconds since [`mark_boot`] (0 before calibration).
