@@ -20,6 +20,7 @@
 //!   [`MapError::Overlap`].
 
 pub mod ept;
+pub mod npt;
 
 /// Size of a 4 KiB page.
 pub const SIZE_4K: u64 = 1 << 12;
