@@ -1,0 +1,425 @@
+//! One host connection of the agent: framing, request ids, retries, and the handling of everything the host
+//! sends (hello, telemetry, credit requests, responses).
+//!
+//! Design: one task per configured host address. It (re)connects with a capped backoff; each connection is a
+//! *session* with its own frame decoder (fresh replay window) and encoder (fresh frame session id). Commands are
+//! sent with agent-unique increasing request ids and re-sent with the same id until answered (the host's dedup
+//! window makes that safe). On every hello the agent resynchronises: it re-reads the VM list, re-sends every grant
+//! that is debited but not acknowledged, and re-sends commitment changes still pending.
+//!
+//! Invariants:
+//! - A credit request is answered only from a committed database transaction ([`crate::db::Store`]), so the
+//!   pool is debited before the grant leaves the agent; the grant is marked applied only on the host's answer.
+//! - No lock is held across an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::{
+    Command, CommandError, ErrorCode, FrameDecoder, FrameEncoder, Reply, Request, Response, ToAgent, ToHost,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::{now_ms, Shared, TelemetryEntry};
+use crate::db::{CommitmentView, CreditOutcome};
+use crate::link::{self, Address};
+
+/// Why a command sent to a host did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The host is not connected.
+    #[error("host not connected: {0}")]
+    NotConnected(String),
+    /// No answer after all retries.
+    #[error("no answer from the host after {0} attempts")]
+    Timeout(u32),
+    /// The host answered with an error.
+    #[error("host refused: {0:?}: {1}")]
+    Host(ErrorCode, String),
+}
+
+impl From<CommandError> for CallError {
+    fn from(e: CommandError) -> Self {
+        Self::Host(e.code, e.reason.as_str().into())
+    }
+}
+
+/// Result of a call.
+pub type CallResult = Result<Reply, CallError>;
+
+/// A command from the API for a host.
+#[derive(Debug)]
+pub struct HostCall {
+    /// The command.
+    pub command: Command,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<CallResult>,
+    /// Set for a volume commitment change: the answer is also recorded in the database.
+    pub commitment: Option<CommitmentView>,
+}
+
+enum Origin {
+    Api(oneshot::Sender<CallResult>),
+    Grant(u64),
+    Resync,
+    Commitment(CommitmentView, Option<oneshot::Sender<CallResult>>),
+    Fire,
+}
+
+struct Pending {
+    command: Command,
+    origin: Origin,
+    sent: Instant,
+    attempts: u32,
+}
+
+/// Runs the connection loop of one host address forever.
+pub async fn run(shared: Arc<Shared>, addr: Address, mut calls: mpsc::Receiver<HostCall>, me: mpsc::Sender<HostCall>) {
+    let key = addr.to_string();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let conn = tokio::select! {
+            c = link::connect(&addr) => c,
+            Some(call) = calls.recv() => {
+                let _ = call.reply.send(Err(CallError::NotConnected(key.clone())));
+                continue;
+            }
+        };
+        match conn {
+            Ok(stream) => {
+                backoff = Duration::from_millis(50);
+                shared.set_connected(&key, true);
+                tracing::info!(host = %key, "connected");
+                session(&shared, &key, stream, &mut calls, &me).await;
+                shared.set_connected(&key, false);
+                tracing::warn!(host = %key, "disconnected");
+            }
+            Err(e) => tracing::debug!(host = %key, "connect failed: {e}"),
+        }
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                Some(call) = calls.recv() => { let _ = call.reply.send(Err(CallError::NotConnected(key.clone()))); }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    key: &'a str,
+    out: mpsc::UnboundedSender<ToHost>,
+    pending: HashMap<u64, Pending>,
+    grants_in_flight: HashSet<u64>,
+    commitments_in_flight: HashSet<(u32, u16)>,
+    host: Option<(String, u64)>,
+    me: &'a mpsc::Sender<HostCall>,
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    key: &str,
+    stream: link::BoxStream,
+    calls: &mut mpsc::Receiver<HostCall>,
+    me: &mpsc::Sender<HostCall>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (out, mut out_rx) = mpsc::unbounded_channel::<ToHost>();
+    let frame_session = shared.next_frame_session();
+    let metrics = shared.clone();
+    let mut writer = tokio::spawn(async move {
+        let mut enc = FrameEncoder::new(frame_session, 1);
+        while let Some(m) = out_rx.recv().await {
+            match enc.encode_vec(&m) {
+                Ok(bytes) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    metrics.metrics.frames_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!("cannot encode {m:?}: {e}"),
+            }
+        }
+    });
+    let mut s = Session {
+        shared,
+        key,
+        out,
+        pending: HashMap::new(),
+        grants_in_flight: HashSet::new(),
+        commitments_in_flight: HashSet::new(),
+        host: None,
+        me,
+    };
+    s.send(Command::Attach, Origin::Fire);
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let mut retry = tokio::time::interval(shared.cfg.retry / 2);
+    loop {
+        tokio::select! {
+            r = rd.read(&mut buf) => {
+                let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
+                let mut msgs = Vec::new();
+                dec.push_slice::<ToAgent>(&buf[..n], |f| msgs.push(f.msg));
+                shared.set_decode_stats(key, dec.stats());
+                for m in msgs {
+                    s.handle(m);
+                }
+            }
+            Some(call) = calls.recv() => match call.commitment {
+                Some(c) => s.send_commitment(c, Some(call.reply)),
+                None => s.send(call.command, Origin::Api(call.reply)),
+            },
+            _ = retry.tick() => s.retry(),
+            _ = &mut writer => break,
+        }
+    }
+    writer.abort();
+    if let Some((host, _)) = &s.host {
+        shared.links.lock().map(|mut l| l.remove(host)).ok();
+    }
+    for (_, p) in s.pending.drain() {
+        match p.origin {
+            Origin::Api(tx) | Origin::Commitment(_, Some(tx)) => {
+                let _ = tx.send(Err(CallError::NotConnected(key.into())));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Session<'_> {
+    fn send(&mut self, command: Command, origin: Origin) {
+        let id = self.shared.next_request_id();
+        let _ = self.out.send(ToHost::Request(Request { id, command: command.clone() }));
+        self.pending.insert(id, Pending { command, origin, sent: Instant::now(), attempts: 1 });
+    }
+
+    fn retry(&mut self) {
+        let retry = self.shared.cfg.retry;
+        let max = self.shared.cfg.max_attempts;
+        let mut expired = Vec::new();
+        for (id, p) in &mut self.pending {
+            if p.sent.elapsed() < retry {
+                continue;
+            }
+            if p.attempts >= max && matches!(p.origin, Origin::Api(_) | Origin::Fire | Origin::Resync) {
+                expired.push(*id);
+                continue;
+            }
+            p.attempts += 1;
+            p.sent = Instant::now();
+            self.shared.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = self.out.send(ToHost::Request(Request { id: *id, command: p.command.clone() }));
+        }
+        for id in expired {
+            if let Some(Pending { origin: Origin::Api(tx), attempts, .. }) = self.pending.remove(&id) {
+                let _ = tx.send(Err(CallError::Timeout(attempts)));
+            }
+        }
+    }
+
+    fn handle(&mut self, m: ToAgent) {
+        let now = now_ms();
+        match m {
+            ToAgent::Hello(h) => self.hello(&h, now),
+            ToAgent::Telemetry(t) => self.telemetry(t, now),
+            ToAgent::CreditRequest(r) => {
+                let Some((host, boot)) = self.host.clone() else {
+                    return; // not identified yet: the host retries the request
+                };
+                self.shared.metrics.credit_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let outcome = self.shared.with_store(|st| st.handle_credit_request(&host, boot, &r, now));
+                match outcome {
+                    Ok(CreditOutcome::Grants(gs)) => {
+                        for g in gs {
+                            self.send_grant(g);
+                        }
+                    }
+                    Ok(CreditOutcome::Deny(reason)) => {
+                        self.shared.metrics.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.send(
+                            Command::DenyCredit { credit_request_id: r.request_id, reason: proto::truncated(&reason) },
+                            Origin::Fire,
+                        );
+                    }
+                    // Nothing was debited (the transaction rolled back); the host will ask again.
+                    Err(e) => tracing::error!(host, "credit request {} not answered: {e}", r.request_id),
+                }
+            }
+            ToAgent::Response(r) => self.response(r, now),
+        }
+    }
+
+    fn send_grant(&mut self, g: proto::Grant) {
+        if self.grants_in_flight.insert(g.grant_id) {
+            self.shared.metrics.grants_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = g.grant_id;
+            self.send(Command::ApplyGrant(g), Origin::Grant(id));
+        }
+    }
+
+    fn hello(&mut self, h: &proto::Hello, now: i64) {
+        if h.version != proto::PROTOCOL_VERSION {
+            tracing::error!(host = %self.key, "host speaks protocol {} (agent {})", h.version, proto::PROTOCOL_VERSION);
+            return;
+        }
+        let host = h.host_id.as_str().to_string();
+        let first = self.host.as_ref() != Some(&(host.clone(), h.boot_id));
+        self.host = Some((host.clone(), h.boot_id));
+        if let Err(e) = self.shared.with_store(|st| st.upsert_host(h, self.key, now)) {
+            tracing::error!("recording host {host}: {e}");
+        }
+        self.shared.set_host_id(self.key, &host, h.boot_id);
+        if let Ok(mut l) = self.shared.links.lock() {
+            l.insert(host.clone(), self.me.clone());
+        }
+        if !first {
+            return;
+        }
+        // Resynchronise: VM list, grants not acknowledged, commitment changes not answered.
+        self.send(Command::ListVms, Origin::Resync);
+        match self.shared.with_store(|st| st.unacked_grants(&host)) {
+            Ok(gs) => {
+                if !gs.is_empty() {
+                    tracing::info!(host, "re-sending {} unacknowledged grants", gs.len());
+                }
+                for g in gs {
+                    self.send_grant(g);
+                }
+            }
+            Err(e) => tracing::error!("reading unacknowledged grants: {e}"),
+        }
+        if let Ok(cs) = self.shared.with_store(|st| st.commitments()) {
+            for c in cs.into_iter().filter(|c| c.host_id == host && c.status == "pending") {
+                self.send_commitment(c, None);
+            }
+        }
+    }
+
+    fn send_commitment(&mut self, c: CommitmentView, reply: Option<oneshot::Sender<CallResult>>) {
+        self.commitments_in_flight.insert((c.vm, c.volume));
+        let cmd = Command::SetVolumeCommitment {
+            vm: c.vm,
+            volume: c.volume,
+            committed_iops: c.committed_iops,
+            limit_iops: c.limit_iops,
+        };
+        self.send(cmd, Origin::Commitment(c, reply));
+    }
+
+    fn telemetry(&mut self, t: proto::VmTelemetry, now: i64) {
+        let Some((host, _)) = self.host.clone() else { return };
+        self.shared.metrics.telemetry.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.note_telemetry_seq(self.key, t.seq);
+        if let Err(e) = self.shared.with_store(|st| st.record_telemetry(&host, &t, now)) {
+            tracing::error!("recording telemetry: {e}");
+        }
+        let proposals: Vec<CommitmentView> = t
+            .volumes
+            .iter()
+            .filter(|v| !self.commitments_in_flight.contains(&(t.vm, v.volume)))
+            .filter_map(|v| {
+                self.shared.with_store(|st| st.tier_proposal(&host, t.vm, v.volume, &self.shared.cfg.tiers)).ok().flatten()
+            })
+            .collect();
+        if let Ok(mut map) = self.shared.telemetry.lock() {
+            map.insert((host.clone(), t.vm), TelemetryEntry { at_ms: now, snapshot: t });
+        }
+        for c in proposals {
+            tracing::info!(host, vm = c.vm, volume = c.volume, "automatic tier -> {} IOPS", c.committed_iops);
+            if self.shared.with_store(|st| st.commitment_asked(&c, now)).is_ok() {
+                self.send_commitment(c, None);
+            }
+        }
+    }
+
+    fn response(&mut self, r: Response, now: i64) {
+        let Some(p) = self.pending.remove(&r.id) else {
+            return; // answer to a retry already answered
+        };
+        let stale = matches!(&r.result, Err(e) if e.code == ErrorCode::Stale);
+        if stale {
+            // The host cannot tell whether it ran this id: send the same intent under a fresh id. Only
+            // idempotent-by-content commands are re-sent (grants by grant id, commitments by value).
+            self.shared.metrics.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match p.origin {
+                Origin::Grant(_) | Origin::Commitment(..) | Origin::Resync | Origin::Fire => {
+                    self.send(p.command, p.origin);
+                    return;
+                }
+                Origin::Api(tx) => {
+                    let _ = tx.send(r.result.map_err(CallError::from));
+                    return;
+                }
+            }
+        }
+        match p.origin {
+            Origin::Api(tx) => {
+                let changes_vms = matches!(
+                    p.command,
+                    Command::CreateVm { .. }
+                        | Command::StartVm { .. }
+                        | Command::PauseVm { .. }
+                        | Command::ResumeVm { .. }
+                        | Command::DestroyVm { .. }
+                );
+                if r.result.is_err() {
+                    self.shared.metrics.command_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if changes_vms && r.result.is_ok() {
+                    self.send(Command::ListVms, Origin::Resync);
+                }
+                let _ = tx.send(r.result.map_err(CallError::from));
+            }
+            Origin::Grant(gid) => {
+                self.grants_in_flight.remove(&gid);
+                match r.result {
+                    Ok(Reply::GrantApplied { grant_id, .. }) if grant_id == gid => {
+                        self.shared.metrics.grants_acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(e) = self.shared.with_store(|st| st.grant_applied(gid, now)) {
+                            tracing::error!("recording grant {gid} applied: {e}");
+                        }
+                    }
+                    Ok(other) => tracing::error!("unexpected answer to grant {gid}: {other:?}"),
+                    Err(e) => {
+                        self.shared.metrics.grants_refunded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(err) = self.shared.with_store(|st| st.grant_refused(gid, e.reason.as_str(), now)) {
+                            tracing::error!("refunding grant {gid}: {err}");
+                        }
+                    }
+                }
+            }
+            Origin::Resync => {
+                if let (Ok(Reply::VmList(vms)), Some((host, _))) = (&r.result, &self.host) {
+                    if let Err(e) = self.shared.with_store(|st| st.replace_vms(host, vms, now)) {
+                        tracing::error!("recording VM list: {e}");
+                    }
+                }
+            }
+            Origin::Commitment(c, reply) => {
+                self.commitments_in_flight.remove(&(c.vm, c.volume));
+                let (ok, reason) = match &r.result {
+                    Ok(_) => (true, String::new()),
+                    Err(e) => (false, format!("{:?}: {}", e.code, e.reason)),
+                };
+                if let Err(e) = self.shared.with_store(|st| st.commitment_answer(&c, ok, &reason, now)) {
+                    tracing::error!("recording commitment answer: {e}");
+                }
+                if let Some(tx) = reply {
+                    let _ = tx.send(r.result.map_err(CallError::from));
+                }
+            }
+            Origin::Fire => {
+                if let Err(e) = r.result {
+                    tracing::warn!(host = %self.key, "command {:?} refused: {:?} {}", p.command, e.code, e.reason);
+                }
+            }
+        }
+    }
+}
