@@ -16,7 +16,8 @@
 //! Modules: [`tags`] (exact tag clocks and O(log n) indices), [`device`] (cost model, capacity
 //! estimate), [`volume`] (configuration, overage policy, burst bucket), [`admission`], [`dispatch`]
 //! (the partitioner itself), [`tiers`] (automatic commitment tiers, a pure function),
-//! [`telemetry`], and `sim` (std only: device model, workloads, three dispatchers compared).
+//! [`telemetry`], and [`sim`] (device model, workloads, three dispatchers compared; its command
+//! line and report writers need the `std` feature).
 //!
 //! Everything here is integer arithmetic (no floats), reads no clock and never panics on bad input.
 
@@ -28,7 +29,6 @@ pub mod telemetry;
 pub mod tiers;
 pub mod volume;
 
-#[cfg(feature = "std")]
 pub mod sim;
 
 pub use admission::AdmissionLimits;

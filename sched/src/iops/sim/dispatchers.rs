@@ -8,7 +8,9 @@
 //!   bucket, the oldest request goes first. Not work-conserving by construction.
 //! - [`FifoDispatcher`]: one global first-come first-served queue (no isolation at all).
 
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use crate::iops::{
     DeviceConfig, IopsError, Partitioner, Request, ServiceClass, VolumeConfig, VolumeId, COST_ONE,
@@ -88,22 +90,29 @@ impl SimDispatcher for PartitionerDispatcher {
     }
 }
 
+/// Token bucket in scaled units: one cost unit = 1e9 scaled tokens, so a refill of
+/// `rate` (cost units per second) over `dt` ns adds exactly `rate * dt` scaled tokens.
 struct Bucket {
-    rate: f64,
-    depth: f64,
-    tokens: f64,
+    rate: u128,
+    depth: u128,
+    tokens: u128,
     at: u64,
     queue: VecDeque<(u64, u64, Request, u64)>,
 }
 
+const SCALE: u128 = 1_000_000_000;
+
 impl Bucket {
     fn refill(&mut self, now: u64) {
         if now > self.at {
-            #[allow(clippy::cast_precision_loss)] // Simulated times are far below 2^53 ns.
-            let dt = (now - self.at) as f64 / 1e9;
-            self.tokens = (self.tokens + dt * self.rate).min(self.depth);
+            self.tokens = (self.tokens + self.rate * u128::from(now - self.at)).min(self.depth);
             self.at = now;
         }
+    }
+
+    /// Scaled tokens the head needs (a request larger than the bucket needs a full bucket).
+    fn need(&self, cost: u64) -> u128 {
+        (u128::from(cost) * SCALE).min(self.depth)
     }
 }
 
@@ -127,9 +136,9 @@ impl TokenBucketDispatcher {
         };
         d.buckets = (0..volumes.len())
             .map(|_| Bucket {
-                rate: 0.0,
-                depth: 0.0,
-                tokens: 0.0,
+                rate: 0,
+                depth: 0,
+                tokens: 0,
                 at: 0,
                 queue: VecDeque::new(),
             })
@@ -138,36 +147,33 @@ impl TokenBucketDispatcher {
         d
     }
 
-    /// Rate of each bucket in unit I/Os per second.
+    /// Cap of each bucket in unit I/Os per second.
     #[must_use]
-    pub fn rates(&self) -> Vec<f64> {
-        self.buckets.iter().map(|b| b.rate).collect()
+    pub fn rates(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| u64::try_from(b.rate / u128::from(COST_ONE)).unwrap_or(u64::MAX))
+            .collect()
     }
 
     fn recompute(&mut self, now: u64) {
         let committed: u64 = self.configs.iter().map(|c| c.committed_iops).sum();
-        let spare = self.capacity.saturating_sub(committed);
-        let weights: u64 = self
+        let spare = u128::from(self.capacity.saturating_sub(committed));
+        let weights: u128 = self
             .configs
             .iter()
-            .map(|c| u64::from(c.weight))
-            .sum::<u64>()
+            .map(|c| u128::from(c.weight))
+            .sum::<u128>()
             .max(1);
         for (b, c) in self.buckets.iter_mut().zip(&self.configs) {
             b.refill(now);
-            #[allow(clippy::cast_precision_loss)] // Small magnitudes.
-            let mut rate =
-                c.committed_iops as f64 + spare as f64 * f64::from(c.weight) / weights as f64;
+            let mut iops = u128::from(c.committed_iops) + spare * u128::from(c.weight) / weights;
             if let Some(limit) = c.limit_iops {
-                #[allow(clippy::cast_precision_loss)]
-                let limit = limit as f64;
-                rate = rate.min(limit);
+                iops = iops.min(u128::from(limit));
             }
-            // Rates and tokens are in cost units.
-            #[allow(clippy::cast_precision_loss)]
-            let one = COST_ONE as f64;
-            b.rate = rate * one;
-            b.depth = (b.rate * 0.05).max(one);
+            b.rate = iops * u128::from(COST_ONE);
+            // 50 ms of tokens, at least one unit I/O.
+            b.depth = (b.rate * 50_000_000).max(u128::from(COST_ONE) * SCALE);
             b.tokens = b.tokens.min(b.depth);
         }
     }
@@ -189,9 +195,7 @@ impl SimDispatcher for TokenBucketDispatcher {
         for (i, b) in self.buckets.iter_mut().enumerate() {
             b.refill(now);
             if let Some(&(arr, seq, _, cost)) = b.queue.front() {
-                #[allow(clippy::cast_precision_loss)]
-                let fits = b.tokens >= cost as f64 || b.tokens >= b.depth;
-                if fits && best.is_none_or(|(a, s, _)| (arr, seq) < (a, s)) {
+                if b.tokens >= b.need(cost) && best.is_none_or(|(a, s, _)| (arr, seq) < (a, s)) {
                     best = Some((arr, seq, i));
                 }
             }
@@ -199,9 +203,7 @@ impl SimDispatcher for TokenBucketDispatcher {
         let (_, _, i) = best?;
         let b = &mut self.buckets[i];
         let (_, _, req, cost) = b.queue.pop_front()?;
-        #[allow(clippy::cast_precision_loss)]
-        let cost = cost as f64;
-        b.tokens -= cost;
+        b.tokens -= b.need(cost);
         Some((i, req, None))
     }
     fn complete(&mut self, _vol: usize, _req: &Request, _service_ns: u64, _now: u64) {}
@@ -210,15 +212,12 @@ impl SimDispatcher for TokenBucketDispatcher {
             .iter()
             .filter_map(|b| {
                 let &(_, _, _, cost) = b.queue.front()?;
-                #[allow(clippy::cast_precision_loss)]
-                let need = (cost as f64).min(b.depth) - b.tokens;
-                if need <= 0.0 || b.rate <= 0.0 {
+                let need = b.need(cost).saturating_sub(b.tokens);
+                if need == 0 || b.rate == 0 {
                     return Some(now);
                 }
-                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                // Positive, bounded.
-                let wait = (need / b.rate * 1e9).ceil() as u64;
-                Some(b.at.max(now) + wait.max(1))
+                let wait = u64::try_from(need.div_ceil(b.rate)).unwrap_or(u64::MAX);
+                Some(b.at.max(now).saturating_add(wait.max(1)))
             })
             .min()
     }

@@ -12,17 +12,19 @@
 //! *short* when the volume demanded its commitment but completed fewer. Latencies are end to end
 //! (arrival to completion).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-
-use serde::Serialize;
+use alloc::collections::{BTreeMap, BinaryHeap};
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cmp::Reverse;
 
 use super::dispatchers::SimDispatcher;
 use super::model::{DeviceModel, Rng, Workload};
 use crate::iops::{CostModel, IoOp, Request, ServiceClass, VolumeConfig};
 
 /// A volume in a scenario.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct VolumeSpec {
     /// Display name.
     pub name: String,
@@ -37,7 +39,8 @@ pub struct VolumeSpec {
 }
 
 /// A scenario: device, volumes, duration, configuration changes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct Scenario {
     /// Name (`sim io <name>`).
     pub name: &'static str,
@@ -62,7 +65,8 @@ pub struct Scenario {
 }
 
 /// One window of one volume.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct WindowRow {
     /// Requests offered.
     pub offered: u64,
@@ -75,12 +79,13 @@ pub struct WindowRow {
     /// Demanded the commitment but was served less.
     pub short: bool,
     /// Time with requests waiting in the dispatcher (ns).
-    #[serde(skip)]
+    #[cfg_attr(feature = "std", serde(skip))]
     pub waiting_ns: u64,
 }
 
 /// A return from idle and how fast the owner got its commitment back.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct Reclaim {
     /// Return time (ns).
     pub at_ns: u64,
@@ -93,7 +98,8 @@ pub struct Reclaim {
 }
 
 /// Results for one volume.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct VolumeResult {
     /// Name.
     pub name: String,
@@ -105,10 +111,10 @@ pub struct VolumeResult {
     pub demanding_windows: u64,
     /// Of those, windows served below the commitment.
     pub short_windows: u64,
-    /// Mean completed IOPS.
-    pub served_iops: f64,
-    /// Mean offered IOPS.
-    pub offered_iops: f64,
+    /// Mean completed IOPS (rounded down).
+    pub served_iops: u64,
+    /// Mean offered IOPS (rounded down).
+    pub offered_iops: u64,
     /// Median end-to-end latency (ns).
     pub p50_ns: u64,
     /// 99th-percentile end-to-end latency (ns).
@@ -122,16 +128,17 @@ pub struct VolumeResult {
 }
 
 /// Results of one run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct RunResult {
     /// Dispatcher name.
     pub dispatcher: String,
-    /// Busy slot time / (parallelism x time), over full windows.
-    pub utilisation: f64,
-    /// Per-window utilisation.
-    pub window_utilisation: Vec<f64>,
-    /// Total completed IOPS.
-    pub total_iops: f64,
+    /// Busy slot time / (parallelism x time) over full windows, parts per million.
+    pub utilisation_ppm: u64,
+    /// Per-window utilisation, parts per million.
+    pub window_utilisation_ppm: Vec<u64>,
+    /// Total completed IOPS (rounded down).
+    pub total_iops: u64,
     /// Per-volume results.
     pub volumes: Vec<VolumeResult>,
 }
@@ -168,6 +175,10 @@ fn class_index(c: ServiceClass) -> usize {
         ServiceClass::Borrow => 3,
         ServiceClass::Boost => 4,
     }
+}
+
+fn count<T>(it: impl Iterator<Item = T>) -> u64 {
+    u64::try_from(it.count()).unwrap_or(u64::MAX)
 }
 
 fn percentile(sorted: &[u64], permille: usize) -> u64 {
@@ -210,10 +221,10 @@ pub fn run(sc: &Scenario, d: &mut dyn SimDispatcher) -> Result<RunResult, String
         })
         .collect();
     let mut next_id = 0u64;
-    let mut id_arrival: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut id_arrival: BTreeMap<u64, u64> = BTreeMap::new();
     let issue = |vols: &mut [VolState],
                  d: &mut dyn SimDispatcher,
-                 id_arrival: &mut std::collections::HashMap<u64, u64>,
+                 id_arrival: &mut BTreeMap<u64, u64>,
                  i: usize,
                  now: u64,
                  next_id: &mut u64|
@@ -372,16 +383,17 @@ pub fn run(sc: &Scenario, d: &mut dyn SimDispatcher) -> Result<RunResult, String
         }
     }
     // Metrics over full windows.
-    #[allow(clippy::cast_precision_loss)]
-    let cap_per_window = (slots as u64 * w) as f64;
-    #[allow(clippy::cast_precision_loss)]
-    let window_utilisation: Vec<f64> = busy[..windows]
-        .iter()
-        .map(|&b| b as f64 / cap_per_window)
-        .collect();
-    #[allow(clippy::cast_precision_loss)]
-    let utilisation = window_utilisation.iter().sum::<f64>() / windows.max(1) as f64;
-    let secs = sc.duration_ns as f64 / 1e9;
+    let slot_ns = u128::try_from(slots).unwrap_or(0) * u128::from(w);
+    let ppm = |busy: u64| {
+        u64::try_from(u128::from(busy) * 1_000_000 / slot_ns.max(1)).unwrap_or(u64::MAX)
+    };
+    let window_utilisation_ppm: Vec<u64> = busy[..windows].iter().map(|&b| ppm(b)).collect();
+    let utilisation_ppm =
+        window_utilisation_ppm.iter().sum::<u64>() / u64::try_from(windows.max(1)).unwrap_or(1);
+    let full_ns = u128::from(u64::try_from(windows).unwrap_or(0)) * u128::from(w);
+    let per_s = |count: u64| {
+        u64::try_from(u128::from(count) * 1_000_000_000 / full_ns.max(1)).unwrap_or(u64::MAX)
+    };
     let mut total = 0u64;
     let mut results = Vec::new();
     for (i, v) in vols.iter_mut().enumerate() {
@@ -426,17 +438,14 @@ pub fn run(sc: &Scenario, d: &mut dyn SimDispatcher) -> Result<RunResult, String
         let completed: u64 = rows.iter().map(|r| r.completed).sum();
         let offered: u64 = rows.iter().map(|r| r.offered).sum();
         total += completed;
-        #[allow(clippy::cast_precision_loss)]
-        let wsecs = (windows as u64 * w) as f64 / 1e9;
-        #[allow(clippy::cast_precision_loss)]
         results.push(VolumeResult {
             name: spec.name.clone(),
             committed_iops: spec.config.committed_iops,
-            windows: windows as u64,
-            demanding_windows: rows.iter().filter(|r| r.demanding).count() as u64,
-            short_windows: rows.iter().filter(|r| r.short).count() as u64,
-            served_iops: completed as f64 / wsecs,
-            offered_iops: offered as f64 / wsecs,
+            windows: u64::try_from(windows).unwrap_or(u64::MAX),
+            demanding_windows: count(rows.iter().filter(|r| r.demanding)),
+            short_windows: count(rows.iter().filter(|r| r.short)),
+            served_iops: per_s(completed),
+            offered_iops: per_s(offered),
             p50_ns: percentile(&lat, 500),
             p99_ns: percentile(&lat, 990),
             classes: v.classes,
@@ -444,14 +453,11 @@ pub fn run(sc: &Scenario, d: &mut dyn SimDispatcher) -> Result<RunResult, String
             rows,
         });
     }
-    let _ = secs;
-    #[allow(clippy::cast_precision_loss)]
-    let total_iops = total as f64 / ((windows as u64 * w) as f64 / 1e9);
     Ok(RunResult {
         dispatcher: d.name().to_string(),
-        utilisation,
-        window_utilisation,
-        total_iops,
+        utilisation_ppm,
+        window_utilisation_ppm,
+        total_iops: per_s(total),
         volumes: results,
     })
 }

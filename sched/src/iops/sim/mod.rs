@@ -1,4 +1,8 @@
-//! IOPS simulator (std only): `sim io list`, `sim io <scenario> [--out DIR] [--seed N]`.
+//! IOPS simulator: `sim io list`, `sim io <scenario> [--out DIR] [--seed N]`.
+//!
+//! The engine, device model, workloads, dispatchers and scenarios need only `alloc` (integer
+//! arithmetic), so the guarantee tests run them under plain `cargo test`; the command line and the
+//! report writers (JSON, CSV, PNG) need the `std` feature.
 //!
 //! Runs one scenario's trace through three dispatchers side by side — this crate's partitioner,
 //! per-volume token buckets (blk-throttle style) and plain FIFO — on the same simulated device, and
@@ -11,10 +15,12 @@
 pub mod dispatchers;
 pub mod engine;
 pub mod model;
+#[cfg(feature = "std")]
 pub mod report;
 pub mod scenarios;
 
-use std::path::PathBuf;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use dispatchers::{FifoDispatcher, PartitionerDispatcher, SimDispatcher, TokenBucketDispatcher};
 use engine::{RunResult, Scenario};
@@ -48,6 +54,7 @@ pub fn run_all(sc: &Scenario) -> Result<Vec<RunResult>, String> {
 }
 
 /// Command-line entry (arguments after `io`).
+#[cfg(feature = "std")]
 pub fn cli(args: &[String]) -> Result<(), String> {
     let usage = "usage: sim io list | sim io <scenario> [--out DIR] [--seed N]";
     let Some(name) = args.first() else {
@@ -61,6 +68,7 @@ pub fn cli(args: &[String]) -> Result<(), String> {
     }
     let mut sc = scenarios::by_name(name)
         .ok_or_else(|| format!("unknown scenario {name:?} (try `sim io list`)"))?;
+    use std::path::PathBuf;
     let mut out = PathBuf::from("sim-out/io").join(name);
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {

@@ -6,9 +6,9 @@
 //! `1 ± jitter`, and with probability `tail` multiplied by `tail_factor` (a slow-path tail). The
 //! simulator keeps at most `parallelism` requests in flight (as the kernel keeps its submission
 //! queue depth), so every ordering decision is the dispatcher's, not the device's.
-//! Floating point is fine here: this is the std-only simulator, not the policy.
+//! Integer arithmetic throughout, so the harness builds without `std` and runs in `cargo test`.
 
-use serde::Serialize;
+use alloc::vec::Vec;
 
 /// SplitMix64: small, fast, deterministic, good enough for simulation.
 #[derive(Clone, Debug)]
@@ -30,16 +30,15 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        #[allow(clippy::cast_precision_loss)] // 53 random bits fit an f64 mantissa exactly.
-        let x = (self.next_u64() >> 11) as f64;
-        x / (1u64 << 53) as f64
+    /// Uniform in `0..n` (`n` > 0; the modulo bias is negligible for the small `n` used here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 }
 
 /// Device model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub struct DeviceModel {
     /// Internal parallelism (requests served at once).
     pub parallelism: usize,
@@ -56,31 +55,31 @@ pub struct DeviceModel {
 impl DeviceModel {
     /// Service time of a request of `cost` cost units.
     pub fn service_ns(&self, cost: u64, rng: &mut Rng) -> u64 {
-        let jitter = f64::from(self.jitter_permille) / 1000.0;
-        let mut factor = 1.0 + jitter * (2.0 * rng.unit() - 1.0);
-        if rng.unit() < f64::from(self.tail_permille) / 1000.0 {
-            factor *= f64::from(self.tail_factor);
+        let j = u64::from(self.jitter_permille.min(999));
+        let mut factor = 1000 - j + rng.below(2 * j + 1);
+        if rng.below(1000) < u64::from(self.tail_permille) {
+            factor *= u64::from(self.tail_factor);
         }
-        #[allow(clippy::cast_precision_loss)] // Simulation magnitudes are far below 2^53.
-        let ns = self.mean_service_ns as f64 * factor * cost as f64 / crate::iops::COST_ONE as f64;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Positive and small.
-        let ns = ns.round() as u64;
-        ns.max(1)
+        let ns = u128::from(self.mean_service_ns) * u128::from(factor) * u128::from(cost)
+            / (1000 * u128::from(crate::iops::COST_ONE));
+        u64::try_from(ns).unwrap_or(u64::MAX).max(1)
     }
 
-    /// Expected capacity in unit I/Os per second.
+    /// Expected capacity in unit I/Os per second (rounded down).
     #[must_use]
-    pub fn capacity_iops(&self) -> f64 {
-        let tail = f64::from(self.tail_permille) / 1000.0;
-        let mean_factor = 1.0 + tail * (f64::from(self.tail_factor) - 1.0);
-        #[allow(clippy::cast_precision_loss)] // Small magnitudes.
-        let c = self.parallelism as f64 * 1e9 / (self.mean_service_ns as f64 * mean_factor);
-        c
+    pub fn capacity_iops(&self) -> u64 {
+        let mean_factor =
+            1000 + u128::from(self.tail_permille) * u128::from(self.tail_factor.saturating_sub(1));
+        let slots = u128::try_from(self.parallelism).unwrap_or(0);
+        let c =
+            slots * 1_000_000_000 * 1000 / (u128::from(self.mean_service_ns.max(1)) * mean_factor);
+        u64::try_from(c).unwrap_or(u64::MAX)
     }
 }
 
 /// A volume's request pattern.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "std", derive(serde::Serialize))]
 pub enum Workload {
     /// Evenly spaced arrivals (open loop).
     Constant {
@@ -163,7 +162,7 @@ impl Workload {
                     .take_while(|&t| t < until)
                     .collect()
             }
-            Workload::IdleThenFlood { idle_ns, .. } if idle_ns < until => vec![idle_ns],
+            Workload::IdleThenFlood { idle_ns, .. } if idle_ns < until => alloc::vec![idle_ns],
             _ => Vec::new(),
         }
     }

@@ -33,7 +33,7 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
     let _ = writeln!(s, "scenario {}: {}", sc.name, sc.description);
     let _ = writeln!(
         s,
-        "device model capacity ~{:.0} IOPS, partitioner told {} IOPS; {} s, {} ms windows",
+        "device model capacity ~{} IOPS, partitioner told {} IOPS; {} s, {} ms windows",
         sc.device.capacity_iops(),
         sc.capacity_iops,
         sc.duration_ns / 1_000_000_000,
@@ -57,7 +57,7 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
         for v in &r.volumes {
             let _ = writeln!(
                 s,
-                "{:<13} {:<9} {:>7} {:>8.0} {:>8.0} {:>6} {:>6} {:>7.2}% {:>8.2} {:>8.2}",
+                "{:<13} {:<9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7.2}% {:>8.2} {:>8.2}",
                 r.dispatcher,
                 v.name,
                 v.committed_iops,
@@ -77,9 +77,9 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
         });
         let _ = writeln!(
             s,
-            "{:<13} utilisation {:>6.2}%  total {:>7.0} IOPS  commitment met in {:>7.2}% of demanding windows ({} of {})",
+            "{:<13} utilisation {:>6.2}%  total {:>7} IOPS  commitment met in {:>7.2}% of demanding windows ({} of {})",
             r.dispatcher,
-            100.0 * r.utilisation,
+            ppm_pct(r.utilisation_ppm),
             r.total_iops,
             100.0 * met_fraction(dem, short),
             dem - short,
@@ -123,6 +123,12 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
     s
 }
 
+fn ppm_pct(ppm: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let pct = ppm as f64 / 10_000.0;
+    pct
+}
+
 fn ns_ms(ns: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let ms = ns as f64 / 1e6;
@@ -133,14 +139,14 @@ fn ns_ms(ns: u64) -> f64 {
 #[must_use]
 pub fn csv(runs: &[RunResult]) -> String {
     let mut s = String::from(
-        "dispatcher,volume,window,offered,completed,committed,demanding,short,utilisation\n",
+        "dispatcher,volume,window,offered,completed,committed,demanding,short,utilisation_ppm\n",
     );
     for r in runs {
         for v in &r.volumes {
             for (i, row) in v.rows.iter().enumerate() {
                 let _ = writeln!(
                     s,
-                    "{},{},{},{},{},{},{},{},{:.4}",
+                    "{},{},{},{},{},{},{},{},{}",
                     r.dispatcher,
                     v.name,
                     i,
@@ -149,7 +155,7 @@ pub fn csv(runs: &[RunResult]) -> String {
                     row.committed,
                     row.demanding,
                     row.short,
-                    r.window_utilisation.get(i).copied().unwrap_or(0.0)
+                    r.window_utilisation_ppm.get(i).copied().unwrap_or(0)
                 );
             }
         }
@@ -202,7 +208,7 @@ pub fn plot(sc: &Scenario, runs: &[RunResult], path: &Path) -> Result<(), String
                     "{}: {} (util {:.1}%)",
                     sc.name,
                     r.dispatcher,
-                    100.0 * r.utilisation
+                    ppm_pct(r.utilisation_ppm)
                 ),
                 ("sans-serif", 18),
             )

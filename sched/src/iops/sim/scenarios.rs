@@ -4,6 +4,10 @@
 //! uniform jitter, 0.5% of requests 4x slower), i.e. about 9,850 IOPS; the partitioner is told
 //! 10,000 IOPS with an 80% committable fraction (8,000 committable).
 
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+
 use super::engine::{Scenario, VolumeSpec};
 use super::model::{DeviceModel, Workload};
 use crate::iops::{BurstConfig, CostModel, OveragePolicy, VolumeConfig};
