@@ -229,11 +229,12 @@ impl PoolState {
             return None;
         }
         let need = mean * u128::from(policy.horizon_periods);
-        let have = i128::try_from(need).unwrap_or(i128::MAX);
-        if balance >= have {
+        let need = i128::try_from(need).unwrap_or(i128::MAX);
+        let have = balance + i128::from(self.outstanding.map_or(0, |o| o.credits_ns));
+        if have >= need {
             return None;
         }
-        let short = u64::try_from(have - balance).unwrap_or(u64::MAX);
+        let short = u64::try_from(need - have).unwrap_or(u64::MAX);
         Some((
             short.max(policy.min_request_ns),
             u64::try_from(mean).unwrap_or(u64::MAX),

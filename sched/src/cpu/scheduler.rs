@@ -579,11 +579,9 @@ impl Scheduler {
         };
         let demand = v.acc.burst_ns.saturating_add(v.acc.credit_throttled_ns);
         let request = match v.cfg.pool_policy() {
-            Some(policy) => {
-                let outstanding = v.pool.outstanding.map_or(0, |o| o.credits_ns);
-                let have = v.ledger.balance() + i128::from(outstanding);
-                v.pool.on_period_close(&policy, demand, have, closed)
-            }
+            Some(policy) => v
+                .pool
+                .on_period_close(&policy, demand, v.ledger.balance(), closed),
             None => None,
         };
         // Open the next period.

@@ -1,0 +1,110 @@
+//! Test 5 of issue 3: admission refuses over-subscription with an error naming the CPU and the utilisation;
+//! reconfiguration goes through admission; first-fit-decreasing placement.
+
+use sched::cpu::{AdmissionError, SchedError, SchedParams, Scheduler, VcpuConfig, PPM};
+
+const MS: u64 = 1_000_000;
+
+fn pct(p: u64) -> VcpuConfig {
+    VcpuConfig::baseline(p * MS / 100, MS)
+}
+
+#[test]
+fn oversubscription_is_refused_with_the_numbers() {
+    let params = SchedParams::default();
+    let mut s = Scheduler::new(2, params).expect("params");
+    for p in [50, 30, 10] {
+        s.add_vcpu(1, pct(p), 0).expect("fits");
+    }
+    // u' = (Q + 2 us) / 1 ms: 502 000 + 302 000 + 102 000 ppm; bound 1e6 - 2 us / 1 ms = 998 000 ppm.
+    let err = s.add_vcpu(1, pct(10), 0).expect_err("over-subscribed");
+    let want = AdmissionError {
+        cpu: 1,
+        current_ppm: 906_000,
+        requested_ppm: 102_000,
+        bound_ppm: 998_000,
+    };
+    assert_eq!(err, SchedError::Admission(want));
+    let text = err.to_string();
+    assert!(
+        text.contains("cpu 1") && text.contains("906000") && text.contains("998000"),
+        "{text}"
+    );
+    // 9% still fits: 906 000 + 92 000 = 998 000.
+    s.add_vcpu(1, pct(9), 0).expect("exactly at the bound");
+    assert_eq!(s.utilisation()[1].used_ppm, 998_000);
+    assert_eq!(s.utilisation()[0].used_ppm, 0);
+}
+
+#[test]
+fn shorter_period_tightens_the_bound() {
+    let params = SchedParams::default();
+    let mut s = Scheduler::new(1, params).expect("params");
+    s.add_vcpu(0, pct(92), 0).expect("fits");
+    // A 100 us period raises the reserve to O / 100 us = 2%.
+    let short = VcpuConfig::baseline(5_000, 100_000);
+    let err = s.add_vcpu(0, short, 0).expect_err("bound tightened");
+    match err {
+        SchedError::Admission(e) => {
+            assert_eq!(e.bound_ppm, PPM - 20_000);
+            assert_eq!(e.requested_ppm, 70_000);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn reconfiguration_goes_through_admission() {
+    let mut s = Scheduler::new(1, SchedParams::default()).expect("params");
+    let a = s.add_vcpu(0, pct(50), 0).expect("fits");
+    s.add_vcpu(0, pct(40), 0).expect("fits");
+    assert!(matches!(
+        s.reconfigure(a, pct(60), 0),
+        Err(SchedError::Admission(_))
+    ));
+    assert_eq!(s.config(a).expect("vcpu").budget_ns, 50 * MS / 100);
+    s.reconfigure(a, pct(55), 0).expect("fits");
+    assert_eq!(s.utilisation()[0].used_ppm, 552_000 + 402_000);
+}
+
+#[test]
+fn invalid_configurations_are_refused() {
+    let mut s = Scheduler::new(1, SchedParams::default()).expect("params");
+    assert!(matches!(
+        s.add_vcpu(0, VcpuConfig::baseline(10, 50_000), 0),
+        Err(SchedError::Config(_))
+    ));
+    assert!(matches!(
+        s.add_vcpu(0, VcpuConfig::baseline(0, MS), 0),
+        Err(SchedError::Config(_))
+    ));
+    assert!(matches!(
+        s.add_vcpu(3, pct(10), 0),
+        Err(SchedError::NoSuchCpu(3))
+    ));
+    let mut capped = pct(20);
+    capped.cap_ppm = Some(100_000);
+    assert!(matches!(
+        s.add_vcpu(0, capped, 0),
+        Err(SchedError::Config(_))
+    ));
+}
+
+#[test]
+fn first_fit_decreasing_packs_and_reports() {
+    let mut s = Scheduler::new(3, SchedParams::default()).expect("params");
+    let batch = [pct(30), pct(60), pct(30), pct(60), pct(30)];
+    let placed = s.place(&batch).expect("fits");
+    // Decreasing: 60 -> cpu0, 60 -> cpu1, 30 -> cpu0, 30 -> cpu1, 30 -> cpu2.
+    assert_eq!(placed, vec![0, 0, 1, 1, 2]);
+    for (cfg, cpu) in batch.iter().zip(&placed) {
+        s.add_vcpu(*cpu, *cfg, 0).expect("placement is admissible");
+    }
+    let err = s.place(&[pct(70)]).expect_err("no room for 70% anywhere");
+    match err {
+        SchedError::Placement(p) => assert_eq!(p.closest.map(|e| e.cpu), Some(2)),
+        other => panic!("unexpected {other:?}"),
+    }
+    let id = s.add_vcpu_placed(pct(40), 0).expect("cpu 2 has room");
+    assert_eq!(s.status(id).expect("vcpu").cpu, 2);
+}
