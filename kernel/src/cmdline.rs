@@ -23,6 +23,8 @@ bitflags! {
         const SMP = 1 << 4;
         /// ACPI tables, MADT and IOAPICs.
         const ACPI = 1 << 5;
+        /// Boot-information parsers against garbled structures.
+        const BOOTINFO = 1 << 8;
         /// Destructive: forced panic.
         const PANIC = 1 << 6;
         /// Destructive: forced page fault.
@@ -37,16 +39,18 @@ impl SelfTests {
         .union(Self::PAGING)
         .union(Self::TIMER)
         .union(Self::SMP)
-        .union(Self::ACPI);
+        .union(Self::ACPI)
+        .union(Self::BOOTINFO);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 8] = [
+    pub const NAMES: [(&'static str, Self); 9] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
         ("timer", Self::TIMER),
         ("smp", Self::SMP),
         ("acpi", Self::ACPI),
+        ("bootinfo", Self::BOOTINFO),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

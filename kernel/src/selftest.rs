@@ -56,6 +56,9 @@ pub fn run(tests: SelfTests) -> bool {
             SelfTests::TIMER => timer(),
             SelfTests::SMP => smp(),
             SelfTests::ACPI => acpi(),
+            SelfTests::BOOTINFO => crate::boot::selftest::run()
+                .map(|n| detail!("{n} garbled/valid Multiboot 1 and 2 structures judged correctly"))
+                .map_err(|e| detail!("{e}")),
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
             _ => Err(detail!("no such test")),

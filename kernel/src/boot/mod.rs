@@ -10,6 +10,7 @@
 
 pub mod mb1;
 pub mod mb2;
+pub mod selftest;
 
 use core::fmt;
 
