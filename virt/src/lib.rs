@@ -8,16 +8,42 @@
 //! - unsafe-free (`#![forbid(unsafe_code)]`): a bug here is a wrong answer to a guest, never a hypervisor fault;
 //! - host-tested: a fake backend drives the exit handling in ordinary `cargo test`.
 //!
-//! The dependency points one way: the kernel implements [`Vcpu`] and calls into this crate; this crate never sees
-//! a VMCS, a VMCB or a host physical address.
+//! The dependency points one way: the kernel implements [`Vcpu`], [`GuestMemory`] and [`ConsoleSink`] and calls
+//! into this crate; this crate never sees a VMCS, a VMCB or a host physical address.
+//!
+//! Modules: [`exit`] and [`vcpu`] (the backend contract), [`handler`] (exit handling, returning an
+//! [`ExitAction`]), [`cpuid`], [`msr`], [`uart`] (COM1), [`hypercall`] (ABI vocabulary), [`sink`], [`stats`],
+//! [`memory`], [`loader`] (ELF images and the
+//! guest ABI's entry state), [`entry`] (the initial register state backends load).
 #![no_std]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
+pub mod action;
+
+pub mod cpuid;
+pub mod entry;
 pub mod exit;
+pub mod handler;
+pub mod hypercall;
+pub mod loader;
+pub mod memory;
+pub mod msr;
 pub mod paging;
+pub mod sink;
+pub mod stats;
+pub mod uart;
 pub mod vcpu;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod handler_tests;
+
+pub use action::{ExitAction, StopCause, StopReport, NO_WAKE};
 pub use exit::{AccessSize, EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
+pub use handler::VmContext;
+pub use memory::GuestMemory;
+pub use sink::{ConsoleSink, Event};
 pub use vcpu::{Gpr, Vcpu};

@@ -1,0 +1,159 @@
+//! What the run loop does after an exit: the value every exit handler returns.
+//!
+//! Design: handlers never switch, block or stop anything themselves; they return an [`ExitAction`] and the run
+//! loop (kernel/src/vm) acts on it, so a forgotten reschedule is a compiler warning (`#[must_use]`) and the
+//! handlers stay host-testable. A stopped VM carries a [`StopReport`]: one line naming the cause, the guest RIP
+//! and, where there is one, the address involved.
+
+use core::fmt;
+
+use crate::exit::{EntryFailure, MemAccess};
+
+/// Host TSC value meaning "no timed wake-up" in [`ExitAction::Block`] (a halted vCPU with no wake event).
+pub const NO_WAKE: u64 = u64::MAX;
+
+/// What the run loop must do next with the vCPU whose exit was handled.
+#[must_use = "the run loop must act on the exit handler's decision"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest if the slice has time left (otherwise ask the scheduler).
+    Continue,
+    /// The vCPU is blocked until the host TSC reaches `until_tsc` ([`NO_WAKE`]: no timed wake-up).
+    Block { until_tsc: u64 },
+    /// The vCPU gives up the rest of its slice but stays runnable.
+    Yield,
+    /// The whole VM stops; the report says why.
+    Stop(StopReport),
+}
+
+/// Why a VM was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// The guest asked to stop (`EXIT` hypercall) with this code.
+    GuestExit { code: u64 },
+    /// Triple fault (VMX exit reason 2, SVM `SHUTDOWN`).
+    TripleFault,
+    /// An access to guest-physical memory that is neither RAM nor a device.
+    WildAccess { access: MemAccess },
+    /// A nested-paging fault inside guest RAM: the hypervisor's mapping is wrong, not the guest.
+    FaultInRam { access: MemAccess },
+    /// An intercepted exception the layer does not expect.
+    Exception { vector: u8, error_code: Option<u32> },
+    /// String port I/O (`INS`/`OUTS`), which ABI version 1 does not emulate.
+    StringIo { port: u16 },
+    /// An exit reason the layer does not handle.
+    Unhandled { code: u64, info1: u64, info2: u64 },
+    /// VM entry was refused by the hardware.
+    EntryFailed(EntryFailure),
+}
+
+impl StopCause {
+    /// Short machine-readable name of the cause (`cause=` in the report).
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::GuestExit { .. } => "guest-exit",
+            Self::TripleFault => "triple-fault",
+            Self::WildAccess { .. } => "wild-access",
+            Self::FaultInRam { .. } => "fault-in-ram",
+            Self::Exception { .. } => "exception",
+            Self::StringIo { .. } => "string-io",
+            Self::Unhandled { .. } => "unhandled-exit",
+            Self::EntryFailed(_) => "entry-failed",
+        }
+    }
+}
+
+/// The one-line report of a stopped VM (without its name, which the run loop knows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopReport {
+    pub cause: StopCause,
+    /// Guest RIP when it stopped.
+    pub rip: u64,
+    /// The address involved (faulting guest-physical address), if any.
+    pub addr: Option<u64>,
+}
+
+impl StopReport {
+    /// The report as one line, `name=<vm> cause=<cause> rip=0x.. addr=0x.. detail="..."`, the body of the kernel's
+    /// `CV:VMSTOP` marker.
+    pub fn line<'a>(&'a self, vm: &'a str) -> impl fmt::Display + 'a {
+        ReportLine { report: self, vm }
+    }
+}
+
+struct ReportLine<'a> {
+    report: &'a StopReport,
+    vm: &'a str,
+}
+
+impl fmt::Display for ReportLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.report;
+        write!(
+            f,
+            "name={} cause={} rip={:#x}",
+            self.vm,
+            r.cause.name(),
+            r.rip
+        )?;
+        match r.addr {
+            Some(addr) => write!(f, " addr={addr:#x}")?,
+            None => f.write_str(" addr=none")?,
+        }
+        f.write_str(" detail=\"")?;
+        match r.cause {
+            StopCause::GuestExit { code } => write!(f, "exit code {code:#x}")?,
+            StopCause::TripleFault => f.write_str("triple fault")?,
+            StopCause::WildAccess { access } => write!(
+                f,
+                "{} of guest-physical memory that is neither RAM nor a device",
+                access_name(access)
+            )?,
+            StopCause::FaultInRam { access } => write!(
+                f,
+                "{} inside guest RAM faulted in nested paging (hypervisor mapping bug)",
+                access_name(access)
+            )?,
+            StopCause::Exception {
+                vector,
+                error_code: Some(e),
+            } => write!(f, "exception {vector} error {e:#x}")?,
+            StopCause::Exception {
+                vector,
+                error_code: None,
+            } => write!(f, "exception {vector}")?,
+            StopCause::StringIo { port } => {
+                write!(f, "string port I/O at {port:#x} is not emulated")?
+            }
+            StopCause::Unhandled { code, info1, info2 } => write!(
+                f,
+                "unhandled exit code {code:#x} info1={info1:#x} info2={info2:#x}"
+            )?,
+            StopCause::EntryFailed(EntryFailure::VmxInstructionError(n)) => {
+                write!(f, "VM entry failed: VMX instruction error {n}")?
+            }
+            StopCause::EntryFailed(EntryFailure::VmxInvalidGuestState {
+                reason,
+                qualification,
+            }) => write!(
+                f,
+                "VM entry failed: exit reason {reason} qualification {qualification:#x}"
+            )?,
+            StopCause::EntryFailed(EntryFailure::SvmInvalidState { detail }) => {
+                write!(f, "VMRUN failed: invalid VMCB ({detail})")?
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+/// "write", "read" or "execute" (the strongest of the access bits).
+fn access_name(access: MemAccess) -> &'static str {
+    if access.write {
+        "write"
+    } else if access.execute {
+        "execute"
+    } else {
+        "read"
+    }
+}

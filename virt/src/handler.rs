@@ -1,0 +1,382 @@
+//! Exit handling: one function that turns a [`VmExit`] into guest-visible effects and an [`ExitAction`].
+//!
+//! Design: [`VmContext`] is the per-VM state the handlers need (name, CPUID policy, COM1, counters, statistics);
+//! the kernel keeps one per VM behind its lock and calls [`VmContext::handle_exit`] after every exit of any of
+//! the VM's vCPUs, passing the vCPU, the VM's RAM, the log sink and the host TSC now (time is passed in; this
+//! layer reads no clock). Handlers only read and write registers through [`Vcpu`], guest memory through
+//! [`GuestMemory`] and report through [`ConsoleSink`].
+//!
+//! Invariants:
+//! - A handled instruction (CPUID, RDMSR/WRMSR that succeeded, IN/OUT, HLT, VMCALL/VMMCALL) is skipped exactly
+//!   once; a refused MSR access is not skipped and gets #GP(0), as on hardware.
+//! - Nothing a guest does makes this code panic: every guest value is bounds-checked, every arithmetic on guest
+//!   values is checked or saturating.
+//! - A bad hypercall never stops the VM; only `EXIT`, a triple fault, an access to memory that is neither RAM nor
+//!   a device, string port I/O, an unexpected exception or exit, or an entry failure do, each with a report.
+
+use alloc::string::String;
+
+use crate::action::{ExitAction, StopCause, StopReport, NO_WAKE};
+use crate::cpuid::CpuidPolicy;
+use crate::exit::{EntryFailure, IoAccess, IoDirection, VmExit};
+use crate::hypercall::{self as hc, Counters};
+use crate::memory::GuestMemory;
+use crate::msr::{self, MsrAccess, MsrOutcome};
+use crate::sink::{self, ConsoleSink, Event};
+use crate::stats::{count_and_should_report, ExitKind, VmStats};
+use crate::uart::{Uart16550, COM1_BASE};
+use crate::vcpu::{Gpr, Vcpu};
+
+/// #GP.
+const VECTOR_GP: u8 = 13;
+
+/// The per-VM state the exit handlers work on.
+#[derive(Clone, Debug)]
+pub struct VmContext {
+    name: String,
+    vcpu_count: u32,
+    cpuid: CpuidPolicy,
+    uart: Uart16550,
+    counters: Counters,
+    exit_code: Option<u64>,
+    /// Exit and misbehaviour counts.
+    pub stats: VmStats,
+}
+
+impl VmContext {
+    /// The context of a VM named `name` with `vcpu_count` vCPUs and the given CPUID policy.
+    pub fn new(name: &str, vcpu_count: u32, cpuid: CpuidPolicy) -> Self {
+        Self {
+            name: String::from(name),
+            vcpu_count,
+            cpuid,
+            uart: Uart16550::new(),
+            counters: Counters::default(),
+            exit_code: None,
+            stats: VmStats::default(),
+        }
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Latest counter values the guest reported.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The code the guest passed to `EXIT`, once it has.
+    pub fn exit_code(&self) -> Option<u64> {
+        self.exit_code
+    }
+
+    /// Bytes the guest transmitted on COM1.
+    pub fn console_bytes(&self) -> u64 {
+        self.uart.tx_bytes
+    }
+
+    /// Handles one exit of vCPU `vcpu_id`; `now_tsc` is the host TSC at the exit.
+    pub fn handle_exit<V: Vcpu + ?Sized>(
+        &mut self,
+        exit: VmExit,
+        vcpu: &mut V,
+        vcpu_id: u32,
+        mem: &dyn GuestMemory,
+        sink: &mut dyn ConsoleSink,
+        now_tsc: u64,
+    ) -> ExitAction {
+        let action = match exit {
+            VmExit::Cpuid => {
+                self.stats.count_exit(ExitKind::Cpuid);
+                self.cpuid(vcpu, vcpu_id)
+            }
+            VmExit::Rdmsr => {
+                self.stats.count_exit(ExitKind::Msr);
+                self.msr(vcpu, false, sink, now_tsc)
+            }
+            VmExit::Wrmsr => {
+                self.stats.count_exit(ExitKind::Msr);
+                self.msr(vcpu, true, sink, now_tsc)
+            }
+            VmExit::Io(access) => {
+                self.stats.count_exit(ExitKind::Io);
+                self.port_io(vcpu, access, sink)
+            }
+            VmExit::NestedPageFault { gpa, access } => {
+                self.stats.count_exit(ExitKind::NestedPageFault);
+                // ABI v1 has no MMIO devices: a fault is either outside RAM (the guest's doing) or inside it (ours).
+                let cause = if gpa < mem.size() {
+                    StopCause::FaultInRam { access }
+                } else {
+                    StopCause::WildAccess { access }
+                };
+                ExitAction::Stop(StopReport {
+                    cause,
+                    rip: vcpu.rip(),
+                    addr: Some(gpa),
+                })
+            }
+            VmExit::Hlt => {
+                self.stats.count_exit(ExitKind::Hlt);
+                vcpu.skip_instruction();
+                // No virtual interrupt source exists in ABI v1, so nothing but a reset could wake it.
+                ExitAction::Block { until_tsc: NO_WAKE }
+            }
+            VmExit::Hypercall => {
+                self.stats.count_exit(ExitKind::Hypercall);
+                self.hypercall(vcpu, mem, sink, now_tsc)
+            }
+            VmExit::SliceExpired => {
+                self.stats.count_exit(ExitKind::SliceExpired);
+                ExitAction::Continue
+            }
+            VmExit::ExternalInterrupt => {
+                self.stats.count_exit(ExitKind::ExternalInterrupt);
+                ExitAction::Continue
+            }
+            VmExit::TripleFault => self.fatal(StopCause::TripleFault, vcpu.rip()),
+            VmExit::Exception { vector, error_code } => {
+                self.fatal(StopCause::Exception { vector, error_code }, vcpu.rip())
+            }
+            VmExit::Unhandled { code, info1, info2 } => {
+                self.fatal(StopCause::Unhandled { code, info1, info2 }, vcpu.rip())
+            }
+        };
+        if matches!(action, ExitAction::Stop(_)) {
+            self.uart.flush(&self.name, sink);
+        }
+        action
+    }
+
+    /// The action for a failed VM entry at guest `rip`.
+    pub fn entry_failed(
+        &mut self,
+        failure: EntryFailure,
+        rip: u64,
+        sink: &mut dyn ConsoleSink,
+    ) -> ExitAction {
+        self.uart.flush(&self.name, sink);
+        self.fatal(StopCause::EntryFailed(failure), rip)
+    }
+
+    fn fatal(&mut self, cause: StopCause, rip: u64) -> ExitAction {
+        self.stats.count_exit(ExitKind::Fatal);
+        ExitAction::Stop(StopReport {
+            cause,
+            rip,
+            addr: None,
+        })
+    }
+
+    fn cpuid<V: Vcpu + ?Sized>(&self, vcpu: &mut V, vcpu_id: u32) -> ExitAction {
+        let leaf = low32(vcpu.gpr(Gpr::Rax));
+        let subleaf = low32(vcpu.gpr(Gpr::Rcx));
+        let r = self.cpuid.query(leaf, subleaf, vcpu_id, self.vcpu_count);
+        // CPUID writes EAX..EDX and clears the upper halves of RAX..RDX (SDM Vol. 2A, CPUID).
+        vcpu.set_gpr(Gpr::Rax, u64::from(r.eax));
+        vcpu.set_gpr(Gpr::Rbx, u64::from(r.ebx));
+        vcpu.set_gpr(Gpr::Rcx, u64::from(r.ecx));
+        vcpu.set_gpr(Gpr::Rdx, u64::from(r.edx));
+        vcpu.skip_instruction();
+        ExitAction::Continue
+    }
+
+    fn msr<V: Vcpu + ?Sized>(
+        &mut self,
+        vcpu: &mut V,
+        write: bool,
+        sink: &mut dyn ConsoleSink,
+        now: u64,
+    ) -> ExitAction {
+        let index = low32(vcpu.gpr(Gpr::Rcx));
+        let access = if write {
+            MsrAccess::Write((vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xffff_ffff))
+        } else {
+            MsrAccess::Read
+        };
+        match msr::emulate(index, access, vcpu.guest_tsc(now)) {
+            MsrOutcome::Value(value) => {
+                vcpu.set_gpr(Gpr::Rax, value & 0xffff_ffff);
+                vcpu.set_gpr(Gpr::Rdx, value >> 32);
+                vcpu.skip_instruction();
+            }
+            MsrOutcome::Written => vcpu.skip_instruction(),
+            MsrOutcome::Refused => {
+                if count_and_should_report(&mut self.stats.msr_refused) {
+                    sink.event(
+                        &self.name,
+                        Event::MsrRefused {
+                            index,
+                            write,
+                            rip: vcpu.rip(),
+                        },
+                    );
+                }
+                vcpu.inject_exception(VECTOR_GP, Some(0));
+            }
+        }
+        ExitAction::Continue
+    }
+
+    fn port_io<V: Vcpu + ?Sized>(
+        &mut self,
+        vcpu: &mut V,
+        access: IoAccess,
+        sink: &mut dyn ConsoleSink,
+    ) -> ExitAction {
+        if access.string {
+            return ExitAction::Stop(StopReport {
+                cause: StopCause::StringIo { port: access.port },
+                rip: vcpu.rip(),
+                addr: None,
+            });
+        }
+        let size = u16::from(access.size.bytes());
+        let mut unowned = false;
+        match access.direction {
+            IoDirection::In => {
+                let mut value = 0u64;
+                for i in 0..size {
+                    let port = access.port.wrapping_add(i);
+                    let byte = if Uart16550::claims(port) {
+                        self.uart.read(port - COM1_BASE)
+                    } else {
+                        unowned = true;
+                        0xff
+                    };
+                    value |= u64::from(byte) << (8 * i);
+                }
+                let rax = vcpu.gpr(Gpr::Rax);
+                // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (SDM Vol. 3A §4.2.1.2 rules
+                // for 32-bit destinations).
+                let merged = if access.size.bytes() >= 4 {
+                    value
+                } else {
+                    (rax & !access.size.mask()) | value
+                };
+                vcpu.set_gpr(Gpr::Rax, merged);
+                if unowned && count_and_should_report(&mut self.stats.unowned_port_reads) {
+                    sink.event(
+                        &self.name,
+                        Event::UnownedPort {
+                            port: access.port,
+                            write: false,
+                            rip: vcpu.rip(),
+                        },
+                    );
+                }
+            }
+            IoDirection::Out => {
+                let value = vcpu.gpr(Gpr::Rax) & access.size.mask();
+                for i in 0..size {
+                    let port = access.port.wrapping_add(i);
+                    let byte = value.to_le_bytes()[usize::from(i)];
+                    if Uart16550::claims(port) {
+                        self.uart.write(port - COM1_BASE, byte, &self.name, sink);
+                    } else {
+                        unowned = true;
+                    }
+                }
+                if unowned && count_and_should_report(&mut self.stats.unowned_port_writes) {
+                    sink.event(
+                        &self.name,
+                        Event::UnownedPort {
+                            port: access.port,
+                            write: true,
+                            rip: vcpu.rip(),
+                        },
+                    );
+                }
+            }
+        }
+        vcpu.skip_instruction();
+        ExitAction::Continue
+    }
+
+    fn hypercall<V: Vcpu + ?Sized>(
+        &mut self,
+        vcpu: &mut V,
+        mem: &dyn GuestMemory,
+        sink: &mut dyn ConsoleSink,
+        now: u64,
+    ) -> ExitAction {
+        let nr = vcpu.gpr(Gpr::Rax);
+        let (a0, a1) = (vcpu.gpr(Gpr::Rdi), vcpu.gpr(Gpr::Rsi));
+        let rip = vcpu.rip();
+        let mut action = ExitAction::Continue;
+        let status = match nr {
+            hc::VERSION => {
+                vcpu.set_gpr(Gpr::Rdx, hc::ABI_VERSION);
+                hc::OK
+            }
+            hc::LOG => self.log(a0, a1, mem, sink),
+            hc::REPORT => match u16::try_from(a0) {
+                Ok(key) if a0 >= hc::KEY_MIN => {
+                    if self.counters.set(key, a1) {
+                        sink.event(&self.name, Event::Counter { key, value: a1 });
+                        hc::OK
+                    } else {
+                        hc::INVALID
+                    }
+                }
+                _ => hc::INVALID,
+            },
+            hc::YIELD => {
+                action = ExitAction::Yield;
+                hc::OK
+            }
+            hc::SLEEP_UNTIL => {
+                let guest_now = vcpu.guest_tsc(now);
+                if guest_now < a0 {
+                    // The guest TSC runs at the host rate, so the wait is the same number of host ticks.
+                    action = ExitAction::Block {
+                        until_tsc: now.saturating_add(a0 - guest_now).min(NO_WAKE - 1),
+                    };
+                }
+                hc::OK
+            }
+            hc::EXIT => {
+                self.exit_code = Some(a0);
+                return ExitAction::Stop(StopReport {
+                    cause: StopCause::GuestExit { code: a0 },
+                    rip,
+                    addr: None,
+                });
+            }
+            _ => hc::UNKNOWN,
+        };
+        if status != hc::OK && count_and_should_report(&mut self.stats.bad_hypercalls) {
+            sink.event(&self.name, Event::BadHypercall { nr, status, rip });
+        }
+        vcpu.set_gpr(Gpr::Rax, status.cast_unsigned());
+        vcpu.skip_instruction();
+        action
+    }
+
+    fn log(
+        &mut self,
+        addr: u64,
+        len: u64,
+        mem: &dyn GuestMemory,
+        sink: &mut dyn ConsoleSink,
+    ) -> i64 {
+        if len > hc::LOG_MAX {
+            return hc::INVALID;
+        }
+        let mut buf = [0u8; 256];
+        // `len` <= 256 was checked above.
+        let text = &mut buf[..usize::try_from(len).unwrap_or(0)];
+        if mem.read(addr, text).is_err() {
+            return hc::BAD_ADDRESS;
+        }
+        sink::send_text(sink, &self.name, text);
+        hc::OK
+    }
+}
+
+/// The low 32 bits of a register (ECX for an MSR index, EAX for a CPUID leaf).
+fn low32(value: u64) -> u32 {
+    u32::try_from(value & 0xffff_ffff).unwrap_or(u32::MAX)
+}
