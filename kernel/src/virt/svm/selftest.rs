@@ -1,0 +1,405 @@
+//! The `svm` self-test: a bring-up proof of the backend, independent of the VM runtime.
+//!
+//! It builds a tiny guest by hand (GDT and identity page tables as in docs/guest-abi.md, the code below copied to
+//! guest-physical 0x20_0000, everything mapped through NPT), runs it with [`SvmVcpu`] and checks that every exit
+//! decodes to the expected [`VmExit`] with the expected operands, in order:
+//!
+//! 1. `CPUID` (leaf 0) - the host's answer must reach the guest (checked at step 4);
+//! 2. `OUT 0x3F8, AL` (byte) and `IN AL, 0x3FD` (byte);
+//! 3. `RDMSR`/`WRMSR` of MSR 0x1A0 (intercepted: not on the allow list), the WRMSR echoing the RDMSR answer and the
+//!    CPUID answer;
+//! 4. a read of guest-physical 0x30_0000, which NPT does not map: a nested page fault; the test maps a page there and
+//!    re-enters without advancing RIP, the read is retried and its value comes back in a 32-bit `OUT`;
+//! 5. `VMMCALL` with the ABI's argument registers;
+//! 6. 1000 `CPUID` exits in a loop counting down R8 (proves the GPR switch; the median host-side round trip, TSC
+//!    ticks from before `run` to its return, is the reported figure);
+//! 7. `CLI` and a spin on a flag in guest memory: only the LAPIC-timer deadline (INTR intercept + V_INTR_MASKING)
+//!    can stop it (`SliceExpired`, and not before the deadline); the test then sets the flag;
+//! 8. `HLT`; the test then injects #GP, which the guest (no IDT) cannot deliver: a triple fault, `SHUTDOWN`.
+//!
+//! Finally a second vCPU with EFER.SVME cleared must fail entry with a report naming that rule (APM §15.5.1).
+//! The guest uses only CPU 0 of the VM; the test runs on the CPU that calls it.
+
+use alloc::vec::Vec;
+use core::arch::global_asm;
+use core::fmt::Write;
+
+use virt::entry::EntryState;
+use virt::paging::{Attrs, PageSize};
+use virt::{AccessSize, EntryFailure, Gpr, IoDirection, Vcpu, VmExit};
+
+use super::npt::NptMap;
+use super::vcpu::{backend_msr_allow_list, SvmVcpu, SvmVm};
+use super::vmcb::Save64;
+use crate::arch::x86_64::{paging, tsc};
+use crate::mm::{frame, PAGE_SIZE};
+use crate::virt::detect::VirtSupport;
+
+/// The test's explanation.
+pub type Detail = heapless::String<160>;
+
+/// What the test found.
+#[derive(Debug)]
+pub enum Outcome {
+    Pass(Detail),
+    Fail(Detail),
+    /// Not an SVM machine (the reason says what it is).
+    Skipped(Detail),
+}
+
+macro_rules! detail {
+    ($($arg:tt)*) => {{
+        let mut d = Detail::new();
+        // Overflowing the buffer only truncates the explanation.
+        let _ = write!(d, $($arg)*);
+        d
+    }};
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(detail!($($arg)*));
+        }
+    };
+}
+
+/// CPUID exits timed for the round-trip figure.
+const ROUNDTRIPS: u32 = 1000;
+/// Guest-physical layout.
+const GDT_GPA: u64 = 0x1000;
+const PML4_GPA: u64 = 0x2000;
+const PDPT_GPA: u64 = 0x3000;
+const PD_GPA: u64 = 0x4000;
+const CODE_GPA: u64 = 0x20_0000;
+/// Guest RAM: the low 32 KiB (GDT, page tables) and 12 KiB at 2 MiB (code, then stack).
+const RAM: [(u64, u64); 2] = [(0, 8), (CODE_GPA, 3)];
+/// Not mapped until the guest touches it.
+const LATE_GPA: u64 = 0x30_0000;
+const LATE_MAGIC: u32 = 0xC0DE_5AFE;
+/// What the test answers CPUID leaf 0 and RDMSR with.
+const CPUID_EAX: u64 = 0x4000_0001;
+const MSR_VALUE: u64 = 0x1234_5678_9ABC_DEF0;
+/// How long the CLI spin is allowed to run before the deadline stops it.
+const SPIN_US: u64 = 2_000;
+/// Bound on any single `run` (a wedged guest ends as SliceExpired and fails the test, never hangs it).
+const RUN_LIMIT_US: u64 = 2_000_000;
+
+global_asm!(
+    r#"
+    .section .rodata.svm_test_guest, "a"
+    .balign 16
+    .global svm_test_guest_start
+svm_test_guest_start:
+    xor eax, eax
+    xor ecx, ecx
+    cpuid
+    mov r9, rax
+    mov dx, 0x3f8
+    mov al, 0x53
+    out dx, al
+    mov dx, 0x3fd
+    in al, dx
+    mov ecx, 0x1a0
+    rdmsr
+    mov rbx, r9
+    wrmsr
+    mov eax, dword ptr [0x300000]
+    mov dx, 0x3f8
+    out dx, eax
+    mov eax, 0
+    mov edi, 0x11
+    mov esi, 0x22
+    mov edx, 0x33
+    vmmcall
+    mov r8d, {roundtrips}
+2:
+    xor eax, eax
+    cpuid
+    dec r8d
+    jnz 2b
+    mov eax, 3
+    vmmcall
+    cli
+3:
+    cmp byte ptr [rip + svm_test_guest_flag], 0
+    je 3b
+    hlt
+    mov eax, 5
+    vmmcall
+4:
+    jmp 4b
+    .global svm_test_guest_flag
+svm_test_guest_flag:
+    .byte 0
+    .global svm_test_guest_end
+svm_test_guest_end:
+    "#,
+    roundtrips = const ROUNDTRIPS,
+);
+
+extern "C" {
+    static svm_test_guest_start: u8;
+    static svm_test_guest_flag: u8;
+    static svm_test_guest_end: u8;
+}
+
+/// The guest code bytes and the offset of the flag byte in them.
+fn guest_code() -> (&'static [u8], usize) {
+    // SAFETY: the three symbols delimit one contiguous blob in .rodata, start <= flag < end.
+    unsafe {
+        let start = core::ptr::addr_of!(svm_test_guest_start);
+        let flag = core::ptr::addr_of!(svm_test_guest_flag) as usize - start as usize;
+        let len = core::ptr::addr_of!(svm_test_guest_end) as usize - start as usize;
+        (core::slice::from_raw_parts(start, len), flag)
+    }
+}
+
+/// Host frames backing guest memory, freed on drop.
+struct GuestRam {
+    /// (guest-physical page, host frame).
+    pages: Vec<(u64, u64)>,
+}
+
+impl GuestRam {
+    fn frame_of(&self, gpa: u64) -> Option<u64> {
+        self.pages.iter().find(|(g, _)| *g == gpa & !(PAGE_SIZE - 1)).map(|(_, f)| *f)
+    }
+
+    /// Writes `bytes` at guest-physical `gpa` (within one page).
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Option<()> {
+        let off = usize::try_from(gpa % PAGE_SIZE).ok()?;
+        if off + bytes.len() > 4096 {
+            return None;
+        }
+        let f = self.frame_of(gpa)?;
+        // SAFETY: the frame belongs to this guest RAM and is mapped by the direct map; the range stays in the page.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), paging::phys_to_virt(f).add(off), bytes.len()) };
+        Some(())
+    }
+
+    fn write_u64(&self, gpa: u64, v: u64) -> Option<()> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for &(_, f) in &self.pages {
+            // SAFETY: each frame came from the allocator for this guest, whose vCPUs and NPT are gone.
+            unsafe { frame::free(f) };
+        }
+    }
+}
+
+/// Builds guest RAM and its NPT mappings; writes the GDT, the guest page tables and the code.
+fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, usize), Detail> {
+    let mut ram = GuestRam { pages: Vec::new() };
+    for (base, pages) in RAM {
+        for i in 0..pages {
+            let gpa = base + i * PAGE_SIZE;
+            let f = frame::alloc_zeroed_below(u64::MAX).ok_or_else(|| detail!("out of frames for guest RAM"))?;
+            ram.pages.push((gpa, f));
+            npt.map(gpa, f, PAGE_SIZE, PageSize::Size4K, Attrs::RAM).map_err(|e| detail!("NPT map {gpa:#x}: {e:?}"))?;
+        }
+    }
+    let w = |gpa: u64, v: u64| ram.write_u64(gpa, v).ok_or_else(|| detail!("guest write at {gpa:#x} failed"));
+    w(GDT_GPA, 0)?;
+    w(GDT_GPA + 8, virt::entry::CODE_DESCRIPTOR)?;
+    w(GDT_GPA + 16, virt::entry::DATA_DESCRIPTOR)?;
+    // Identity map of the first GiB with 2 MiB pages (present, writable, PS).
+    w(PML4_GPA, PDPT_GPA | 0x3)?;
+    w(PDPT_GPA, PD_GPA | 0x3)?;
+    for i in 0..512u64 {
+        w(PD_GPA + i * 8, (i << 21) | 0x83)?;
+    }
+    let (code, flag) = guest_code();
+    ram.write(CODE_GPA, code).ok_or_else(|| detail!("guest code ({} bytes) does not fit a page", code.len()))?;
+    Ok((ram, flag))
+}
+
+/// Runs once with the standard bound.
+fn step(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
+    let deadline = tsc::rdtsc() + tsc::us_to_ticks(RUN_LIMIT_US);
+    let e = vcpu.run(deadline).map_err(|f| detail!("entry failed at rip {:#x}: {f:?}", vcpu.rip()))?;
+    *exits += 1;
+    Ok(e)
+}
+
+/// Runs until an exit other than a stray host interrupt.
+fn next(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
+    for _ in 0..100 {
+        match step(vcpu, exits)? {
+            VmExit::ExternalInterrupt => continue,
+            e => return Ok(e),
+        }
+    }
+    Err(detail!("100 host interrupts in a row at rip {:#x}", vcpu.rip()))
+}
+
+fn expect_io(e: VmExit, port: u16, size: AccessSize, dir: IoDirection) -> Result<(), Detail> {
+    match e {
+        VmExit::Io(io) if io.port == port && io.size == size && io.direction == dir && !io.string && !io.rep => Ok(()),
+        other => Err(detail!("expected {dir:?} {port:#x}/{size:?}, got {other:?}")),
+    }
+}
+
+fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: usize) -> Result<Detail, Detail> {
+    let mut exits = 0u32;
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::Cpuid && vcpu.rip() == CODE_GPA + 4, "1st exit {e:?} at {:#x}, expected CPUID", vcpu.rip());
+    ensure!(vcpu.gpr(Gpr::Rax) == 0, "CPUID leaf {:#x}, expected 0", vcpu.gpr(Gpr::Rax));
+    vcpu.set_gpr(Gpr::Rax, CPUID_EAX);
+    vcpu.skip_instruction();
+
+    let e = next(vcpu, &mut exits)?;
+    expect_io(e, 0x3F8, AccessSize::Byte, IoDirection::Out)?;
+    ensure!(vcpu.gpr(Gpr::Rax) & 0xFF == 0x53, "OUT data {:#x}", vcpu.gpr(Gpr::Rax));
+    vcpu.skip_instruction();
+    let e = next(vcpu, &mut exits)?;
+    expect_io(e, 0x3FD, AccessSize::Byte, IoDirection::In)?;
+    vcpu.set_gpr(Gpr::Rax, 0x60);
+    vcpu.skip_instruction();
+
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::Rdmsr && vcpu.gpr(Gpr::Rcx) == 0x1A0, "expected RDMSR 0x1a0, got {e:?}");
+    vcpu.set_gpr(Gpr::Rax, MSR_VALUE & 0xFFFF_FFFF);
+    vcpu.set_gpr(Gpr::Rdx, MSR_VALUE >> 32);
+    vcpu.skip_instruction();
+    let e = next(vcpu, &mut exits)?;
+    let written = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
+    ensure!(e == VmExit::Wrmsr && written == MSR_VALUE, "expected WRMSR {MSR_VALUE:#x}, got {e:?} {written:#x}");
+    ensure!(vcpu.gpr(Gpr::Rbx) == CPUID_EAX, "CPUID answer not seen by the guest (rbx {:#x})", vcpu.gpr(Gpr::Rbx));
+    vcpu.skip_instruction();
+
+    let e = next(vcpu, &mut exits)?;
+    let rip = vcpu.rip();
+    match e {
+        VmExit::NestedPageFault { gpa, access } if gpa == LATE_GPA && access.read && !access.write => {}
+        other => return Err(detail!("expected NPF read at {LATE_GPA:#x}, got {other:?}")),
+    }
+    let late = frame::alloc_zeroed_below(u64::MAX).ok_or_else(|| detail!("no frame for the late page"))?;
+    // SAFETY: `late` was just allocated and is mapped by the direct map.
+    unsafe { paging::phys_to_virt(late).cast::<u32>().write_volatile(LATE_MAGIC) };
+    let mapped = npt.map(LATE_GPA, late, PAGE_SIZE, PageSize::Size4K, Attrs::RAM);
+    if let Err(err) = mapped {
+        // SAFETY: not mapped anywhere, freed once.
+        unsafe { frame::free(late) };
+        return Err(detail!("NPT map of the late page: {err:?}"));
+    }
+    let e = next(vcpu, &mut exits);
+    let late_ok = matches!(e, Ok(VmExit::Io(_))) && vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF == u64::from(LATE_MAGIC);
+    let e = e?;
+    expect_io(e, 0x3F8, AccessSize::Dword, IoDirection::Out)?;
+    ensure!(late_ok && vcpu.rip() > rip, "after NPF the guest read {:#x}", vcpu.gpr(Gpr::Rax));
+    vcpu.skip_instruction();
+
+    let e = next(vcpu, &mut exits)?;
+    let args = [Gpr::Rax, Gpr::Rdi, Gpr::Rsi, Gpr::Rdx].map(|r| vcpu.gpr(r));
+    ensure!(e == VmExit::Hypercall && args == [0, 0x11, 0x22, 0x33], "expected VMMCALL(0,11,22,33), got {e:?} {args:x?}");
+    vcpu.set_gpr(Gpr::Rax, 0);
+    vcpu.set_gpr(Gpr::Rdx, 1);
+    vcpu.skip_instruction();
+
+    let mut ticks: Vec<u64> = Vec::with_capacity(usize::try_from(ROUNDTRIPS).unwrap_or(0));
+    for i in 0..ROUNDTRIPS {
+        let t0 = tsc::rdtsc();
+        let e = step(vcpu, &mut exits)?;
+        let t1 = tsc::rdtsc();
+        if e == VmExit::ExternalInterrupt {
+            continue;
+        }
+        let r8 = vcpu.gpr(Gpr::R8);
+        ensure!(e == VmExit::Cpuid && r8 == u64::from(ROUNDTRIPS - i), "loop exit {i}: {e:?} with r8 {r8}");
+        vcpu.skip_instruction();
+        ticks.push(t1 - t0);
+    }
+    ticks.sort_unstable();
+    let median = ticks.get(ticks.len() / 2).copied().ok_or_else(|| detail!("no round trip measured"))?;
+
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3, "expected VMMCALL(3), got {e:?}");
+    vcpu.skip_instruction();
+    let deadline = tsc::rdtsc() + tsc::us_to_ticks(SPIN_US);
+    let mut stray = 0;
+    let e = loop {
+        let e = vcpu.run(deadline).map_err(|f| detail!("entry failed in the spin: {f:?}"))?;
+        exits += 1;
+        if e != VmExit::ExternalInterrupt || stray > 100 {
+            break e;
+        }
+        stray += 1;
+    };
+    let stopped = tsc::rdtsc();
+    ensure!(e == VmExit::SliceExpired, "CLI spin ended with {e:?}, expected SliceExpired");
+    ensure!(stopped >= deadline, "SliceExpired {} ticks before the deadline", deadline - stopped);
+    let late_us = tsc::ticks_to_us(stopped - deadline);
+    ensure!(
+        vcpu.vmcb().save64(Save64::Rflags) & (1 << 9) == 0,
+        "guest IF set in the spin (rflags {:#x})",
+        vcpu.vmcb().save64(Save64::Rflags)
+    );
+    ram.write(CODE_GPA + u64::try_from(flag).unwrap_or(0), &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
+
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::Hlt, "expected HLT, got {e:?} at {:#x}", vcpu.rip());
+    vcpu.skip_instruction();
+    vcpu.inject_exception(13, Some(0));
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::TripleFault, "expected a triple fault after injecting #GP without an IDT, got {e:?}");
+
+    Ok(detail!(
+        "exits={exits} roundtrip_ticks={median} roundtrip_ns={} spin_late_us={late_us} asid={} cpu={}",
+        tsc::ticks_to_us(median * 1000),
+        vcpu.asid(),
+        crate::arch::x86_64::percpu::current_id()
+    ))
+}
+
+fn invalid_state(vm: &alloc::sync::Arc<SvmVm>, entry: &EntryState) -> Result<(), Detail> {
+    let mut bad = SvmVcpu::new(vm, entry).map_err(|e| detail!("second vCPU: {e:?}"))?;
+    let efer = bad.vmcb().save64(Save64::Efer);
+    bad.vmcb_mut().set_save64(Save64::Efer, efer & !(1 << 12));
+    let deadline = tsc::rdtsc() + tsc::us_to_ticks(RUN_LIMIT_US);
+    match bad.run(deadline) {
+        Err(EntryFailure::SvmInvalidState { detail }) if detail.contains("EFER.SVME") => Ok(()),
+        other => Err(detail!("EFER.SVME=0 entry gave {other:?}")),
+    }
+}
+
+fn run_test() -> Result<Detail, Detail> {
+    let mut npt = NptMap::new().map_err(|e| detail!("NPT root: {e:?}"))?;
+    let (ram, flag) = build_guest(&mut npt)?;
+    // SAFETY: the NPT maps only this test's frames and outlives both vCPUs (dropped in reverse order below).
+    let vm = unsafe { SvmVm::new(npt.ncr3(), &backend_msr_allow_list()) }.map_err(|e| detail!("VM: {e:?}"))?;
+    let entry = EntryState::long_mode(CODE_GPA, 0, CODE_GPA + 3 * PAGE_SIZE);
+    let mut vcpu = SvmVcpu::new(&vm, &entry).map_err(|e| detail!("vCPU: {e:?}"))?;
+    vcpu.set_tsc_offset(0u64.wrapping_sub(tsc::rdtsc()));
+    let result = guest_run(&mut vcpu, &ram, &mut npt, flag);
+    let invalid = invalid_state(&vm, &entry);
+    drop(vcpu);
+    drop(vm);
+    let late = npt.translate(LATE_GPA).map(|t| t.hpa);
+    drop(npt);
+    if let Some(f) = late {
+        // SAFETY: the late page was allocated by `guest_run` and its only mapping (the NPT) is gone.
+        unsafe { frame::free(f) };
+    }
+    drop(ram);
+    let detail = result?;
+    invalid?;
+    Ok(detail)
+}
+
+/// Runs the test on this CPU.
+pub fn run(virt: &VirtSupport) -> Outcome {
+    match virt {
+        VirtSupport::Svm(c) if c.npt => {}
+        VirtSupport::Svm(_) => return Outcome::Skipped(detail!("SVM without nested paging")),
+        other => return Outcome::Skipped(detail!("not an SVM machine (virt={})", other.name())),
+    }
+    match run_test() {
+        Ok(d) => Outcome::Pass(d),
+        Err(d) => Outcome::Fail(d),
+    }
+}
