@@ -17,9 +17,12 @@
 //! dispatcher is work-conserving up to limits. Each step is a constant number of B-tree operations:
 //! O(log n) per request in the number of active volumes.
 //!
-//! Tags (see [`super::tags`]): `R`, `L` and `B` are wall-clock tags anchored at the head request's
-//! arrival (`tag = max(clock.next, arrival)`), `P` is virtual time anchored at the current virtual
-//! time `V` (the `P` of the last weight-ordered dispatch, start-time fair queueing). A volume back
+//! Tags (see [`super::tags`]): `R` and `B` are wall-clock tags anchored at the head request's
+//! arrival (`tag = max(clock.next, arrival)`); `L` is anchored at the dispatch time and a head is
+//! eligible only once `now >= L.ready_at()`, so two consecutive dispatches of a volume are at least
+//! exactly `cost / limit` apart (limits never allow catch-up bursts); `P` is virtual time
+//! anchored at the current virtual time `V` (the `P` of the last weight-ordered dispatch,
+//! start-time fair queueing). A volume back
 //! from idle therefore restarts at `now` / `V`: no credit for its idle time (no flood of old tags)
 //! and no debt (no starvation). Only reservation-phase service advances `R`; service above the
 //! commitment advances `P` — the mClock rule that spare capacity is shared independently of
@@ -581,7 +584,9 @@ impl Partitioner {
             bucket.fill(vol.r.next, now);
         }
         if let Some(limit) = cfg.limit_iops {
-            let l = vol.l.tag_for(q.arrival);
+            // Anchored at the dispatch time: the next request may go no earlier than exactly
+            // `cost / limit` after this one, whatever happened before (no catch-up above the cap).
+            let l = vol.l.tag_for(now);
             vol.l.charge(l, q.cost, Rate::Iops(limit));
         }
         if let OveragePolicy::Boosted { horizon_ns, .. } = cfg.policy {
@@ -670,11 +675,11 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
 
 /// Files a volume with a non-empty queue under its head's tags.
 fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
-    let Some(head) = vol.queue.front() else {
+    if vol.queue.is_empty() {
         return;
-    };
+    }
     if vol.config.limit_iops.is_some() {
-        let l = vol.l.tag_for(head.arrival);
+        let l = vol.l.ready_at();
         if l > now {
             ix.throttled.insert(l, vol.id.index);
             vol.keys.throttled = Some(l);

@@ -94,6 +94,13 @@ impl TagClock {
         self.next.max(anchor)
     }
 
+    /// Earliest integer time not before the exact next tag (`next` rounded up by the carried
+    /// remainder): a limit is honoured exactly when requests become eligible only at `ready_at`.
+    #[must_use]
+    pub fn ready_at(&self) -> u64 {
+        self.next.saturating_add(u64::from(self.rem > 0))
+    }
+
     /// Charges a request of `cost` that was given `tag` (normally `tag_for(anchor)`).
     pub fn charge(&mut self, tag: u64, cost: u64, rate: Rate) {
         let (mul, den) = rate.factors();
