@@ -13,7 +13,7 @@
 //!
 //! Modules: [`exit`] and [`vcpu`] (the backend contract), [`handler`] (exit handling, returning an
 //! [`ExitAction`]), [`cpuid`], [`msr`], [`uart`] (COM1), [`hypercall`] (ABI vocabulary), [`sink`], [`stats`],
-//! [`memory`], [`loader`] (ELF images and the
+//! [`memory`], [`config`] (the VM configuration format of docs/vm-config.md), [`loader`] (ELF images and the
 //! guest ABI's entry state), [`entry`] (the initial register state backends load).
 #![no_std]
 #![forbid(unsafe_code)]
@@ -21,6 +21,7 @@
 extern crate alloc;
 
 pub mod action;
+pub mod config;
 
 pub mod cpuid;
 pub mod entry;
