@@ -103,6 +103,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/telemetry", get(telemetry))
         .route("/v1/notifications", get(notifications))
         .route("/v1/ledger", get(ledger))
+        .route("/v1/grants", get(grants))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(shared)
@@ -335,6 +336,10 @@ async fn notifications(State(s): St) -> ApiResult {
 
 async fn ledger(State(s): St) -> ApiResult {
     Ok(Json(serde_json::to_value(s.with_store(|st| st.ledger_check())?).unwrap_or(Value::Null)))
+}
+
+async fn grants(State(s): St) -> ApiResult {
+    Ok(Json(json!({ "grants": s.with_store(|st| st.grants())? })))
 }
 
 async fn metrics(State(s): St) -> Result<String, ApiError> {

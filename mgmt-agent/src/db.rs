@@ -168,6 +168,27 @@ pub struct LedgerCheck {
     pub pools_consistent: bool,
 }
 
+/// One grant as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrantRow {
+    /// Grant id.
+    pub grant_id: u64,
+    /// Pool debited.
+    pub pool: String,
+    /// Host.
+    pub host_id: String,
+    /// VM.
+    pub vm: u32,
+    /// vCPU or volume.
+    pub unit: u16,
+    /// Credits.
+    pub amount_ns: u64,
+    /// `debited`, `applied` or `refunded`.
+    pub status: String,
+    /// The host's credit request id.
+    pub credit_request_id: u64,
+}
+
 /// One notification.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Notification {
@@ -727,7 +748,7 @@ impl Store {
                 )?;
                 let mut new_balance = u64_of(balance).saturating_sub(total);
                 let replenish: Replenish = serde_json::from_str(&replenish)?;
-                if let Replenish::Auto { .. } = replenish {
+                if let Replenish::Auto { threshold_ns, .. } = replenish {
                     match policy::auto_topup(replenish, new_balance, u64_of(spent), &pricing) {
                         Some((amount, cost)) => {
                             credit_pool(&tx, &name, "topup", amount, cost, now)?;
@@ -738,7 +759,7 @@ impl Store {
                             new_balance += amount;
                             notify(&tx, now, &name, "topup", &format!("bought {amount} credit-ns for {cost} micro-$"))?;
                         }
-                        None if new_balance < u64_of(low) => {
+                        None if new_balance < threshold_ns => {
                             notify(&tx, now, &name, "topup_refused", "top-up not made: spending limit reached")?;
                         }
                         None => {}
@@ -828,6 +849,29 @@ impl Store {
         notify(&tx, now, &pool, "grant_refused", &format!("grant {grant_id} refused by host: {reason}"))?;
         tx.commit()?;
         Ok(true)
+    }
+
+    /// All grants, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn grants(&self) -> Result<Vec<GrantRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT grant_id, pool, host_id, vm, unit, amount_ns, status, credit_request_id FROM grants ORDER BY grant_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(GrantRow {
+                grant_id: r.get::<_, i64>(0)?.cast_unsigned(),
+                pool: r.get(1)?,
+                host_id: r.get(2)?,
+                vm: r.get(3)?,
+                unit: r.get(4)?,
+                amount_ns: u64_of(r.get(5)?),
+                status: r.get(6)?,
+                credit_request_id: r.get::<_, i64>(7)?.cast_unsigned(),
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
     /// Verifies the ledger identities.
@@ -1150,5 +1194,154 @@ pub fn describe_instruction(i: &Instruction) -> String {
         Instruction::Now => "now".into(),
         Instruction::Rate { per_period_ns } => format!("{per_period_ns}/period"),
         Instruction::AfterEvent(e) => format!("after {e:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::CREDIT_NS;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        std::env::temp_dir().join(format!("cvdb-{name}-{}-{nanos}.db", std::process::id()))
+    }
+
+    fn spec(name: &str) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            resource: "cpu".into(),
+            pricing: Pricing { price_micros: 50_000, discounts: vec![] },
+            replenish: Replenish::Manual,
+            strategy: Strategy::Full,
+            max_grant_ns: 0,
+            low_balance_ns: CREDIT_NS,
+        }
+    }
+
+    fn req(id: u64, amount: u64) -> CreditRequest {
+        CreditRequest { request_id: id, resource: Resource::Cpu, vm: 1, unit: 0, amount_ns: amount, balance_ns: 0 }
+    }
+
+    /// A grant debited before a crash survives it, is re-sent, and a retried request never debits twice.
+    #[test]
+    fn debit_is_durable_and_requests_are_answered_once() {
+        let path = tmp("durable");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.create_pool(&spec("p"), 0).unwrap();
+            s.purchase("p", 10 * CREDIT_NS, 0).unwrap();
+            s.authorize("p", "h", 1, true).unwrap();
+            let CreditOutcome::Grants(g) = s.handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 1).unwrap() else {
+                panic!("expected a grant")
+            };
+            assert_eq!(g[0].total_ns(), 4 * CREDIT_NS);
+            // "Crash": drop the store without acknowledging.
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.pool("p").unwrap().balance_ns, 6 * CREDIT_NS);
+        let unacked = s.unacked_grants("h").unwrap();
+        assert_eq!(unacked.len(), 1);
+        // The host retries the same request: same grant, no second debit.
+        let again = s.handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 2).unwrap();
+        assert_eq!(again, CreditOutcome::Grants(unacked.clone()));
+        assert_eq!(s.pool("p").unwrap().balance_ns, 6 * CREDIT_NS);
+        // Same request id after a host reboot is a new request.
+        assert!(matches!(s.handle_credit_request("h", 2, &req(5, CREDIT_NS), 3).unwrap(), CreditOutcome::Grants(_)));
+        assert!(s.grant_applied(unacked[0].grant_id, 4).unwrap());
+        assert!(!s.grant_applied(unacked[0].grant_id, 5).unwrap(), "idempotent");
+        let l = s.ledger_check().unwrap();
+        assert!(l.pools_consistent);
+        assert_eq!((l.debited_ns, l.applied_ns, l.in_flight_ns), (5 * CREDIT_NS, 4 * CREDIT_NS, CREDIT_NS));
+        assert_eq!(s.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn refusal_refunds_and_unauthorised_is_denied() {
+        let path = tmp("refund");
+        let mut s = Store::open(&path).unwrap();
+        s.create_pool(&spec("p"), 0).unwrap();
+        s.purchase("p", 2 * CREDIT_NS, 0).unwrap();
+        assert!(matches!(s.handle_credit_request("h", 1, &req(1, CREDIT_NS), 1).unwrap(), CreditOutcome::Deny(r) if r.contains("not authorised")));
+        s.authorize("p", "h", 1, true).unwrap();
+        let CreditOutcome::Grants(g) = s.handle_credit_request("h", 1, &req(2, CREDIT_NS), 1).unwrap() else { panic!() };
+        assert!(s.grant_refused(g[0].grant_id, "vm gone", 2).unwrap());
+        assert!(!s.grant_refused(g[0].grant_id, "vm gone", 3).unwrap(), "refund once");
+        assert_eq!(s.pool("p").unwrap().balance_ns, 2 * CREDIT_NS);
+        let l = s.ledger_check().unwrap();
+        assert!(l.pools_consistent && l.refunded_ns == CREDIT_NS);
+        // Bad input leaves nothing behind.
+        assert!(matches!(s.create_pool(&PoolSpec { resource: "gpu".into(), ..spec("q") }, 0), Err(StoreError::Invalid(_))));
+        assert!(matches!(s.create_pool(&spec("p"), 0), Err(StoreError::Conflict(_))));
+        assert!(matches!(s.purchase("nope", 1, 0), Err(StoreError::NotFound(_))));
+        assert!(matches!(s.purchase("p", 0, 0), Err(StoreError::Invalid(_))));
+        assert_eq!(s.pools().unwrap().len(), 1);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn auto_topup_and_periodic_refill() {
+        let path = tmp("topup");
+        let mut s = Store::open(&path).unwrap();
+        let auto = PoolSpec {
+            replenish: Replenish::Auto { threshold_ns: 2 * CREDIT_NS, amount_ns: 5 * CREDIT_NS, spending_limit_micros: 300_000 },
+            ..spec("a")
+        };
+        s.create_pool(&auto, 0).unwrap();
+        s.purchase("a", 3 * CREDIT_NS, 0).unwrap();
+        s.authorize("a", "h", 1, true).unwrap();
+        // 3 - 2 = 1 < 2: one top-up of 5 ($0.25), then the next one would exceed $0.30.
+        s.handle_credit_request("h", 1, &req(1, 2 * CREDIT_NS), 1).unwrap();
+        assert_eq!(s.pool("a").unwrap().balance_ns, 6 * CREDIT_NS);
+        s.handle_credit_request("h", 1, &req(2, 5 * CREDIT_NS), 2).unwrap();
+        assert_eq!(s.pool("a").unwrap().balance_ns, CREDIT_NS);
+        assert!(s.notifications(10).unwrap().iter().any(|n| n.kind == "topup_refused"));
+        let periodic = PoolSpec { replenish: Replenish::Periodic { amount_ns: CREDIT_NS, every_s: 10 }, ..spec("p") };
+        s.create_pool(&periodic, 0).unwrap();
+        assert_eq!(s.periodic_refills(9_999).unwrap(), 0);
+        assert_eq!(s.periodic_refills(10_000).unwrap(), 1);
+        // 35 s later: one refill, not three (missed periods are skipped).
+        assert_eq!(s.periodic_refills(45_000).unwrap(), 1);
+        assert_eq!(s.pool("p").unwrap().balance_ns, 2 * CREDIT_NS);
+        assert!(s.ledger_check().unwrap().pools_consistent);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn commitments_bill_prorated_and_overage() {
+        let path = tmp("bill");
+        let mut s = Store::open(&path).unwrap();
+        let c = CommitmentView {
+            host_id: "h".into(),
+            vm: 1,
+            volume: 0,
+            committed_iops: 100,
+            limit_iops: 0,
+            auto_tier: false,
+            status: "pending".into(),
+            reason: String::new(),
+        };
+        s.commitment_asked(&c, 0).unwrap();
+        s.commitment_answer(&c, true, "", 0).unwrap();
+        let c2 = CommitmentView { committed_iops: 200, ..c.clone() };
+        s.commitment_asked(&c2, 1_000_000).unwrap();
+        s.commitment_answer(&c2, false, "Admission: no room", 1_000_000).unwrap();
+        let t = VmTelemetry {
+            seq: 1,
+            time_ns: 0,
+            window_ns: 10_000_000_000,
+            vm: 1,
+            vcpus: heapless::Vec::new(),
+            volumes: core::iter::once(proto::VolumeTelemetry { volume: 0, iops: 150, committed_iops: 100, ..Default::default() }).collect(),
+        };
+        s.record_telemetry("h", &t, 500_000).unwrap();
+        let b = s.billing(2_000_000, 300_000, 100_000).unwrap();
+        // 100 IOPS for 2000 s (the refused change did not start a period); 50 IOPS over for 10 s.
+        assert_eq!(b[0].committed_iops_seconds, 200_000);
+        assert_eq!(b[0].commitment_micros, policy::commitment_cost_micros(100, 2000, 300_000));
+        assert_eq!(b[0].overage_iops_seconds, 500);
+        assert_eq!(s.commitments().unwrap()[0].status, "refused");
+        let _ = std::fs::remove_file(&path);
     }
 }

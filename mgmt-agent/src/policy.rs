@@ -299,7 +299,7 @@ pub fn fmt_credits(ns: i128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use proptest::prelude::{prop_assert, proptest};
 
     #[test]
     fn partial_grant_halves_as_in_the_seed() {

@@ -1,0 +1,306 @@
+//! End-to-end tests of the agent against the simulated host: the credit flow with an agent killed (SIGKILL) and
+//! restarted mid-run, and the same flow through a proxy that corrupts, drops, duplicates and replays bytes.
+//!
+//! The agent runs as the real `cvctl` binary (so a kill is a real crash); the simulated host and the proxy run
+//! in this process so their counters can be read. Every wait polls with a deadline; nothing sleeps to decide.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mgmt_agent::client::Client;
+use mgmt_agent::link::Address;
+use mgmt_agent::simhost::{self, SimConfig, SimHandle, SimVcpuSpec, SimVmSpec, SimVolumeSpec};
+use mgmt_agent::{proxy, simhost::SimReport};
+use proto::{BurstMode, SchedParams};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn tmpdir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let d = std::env::temp_dir().join(format!("cv-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after the deadline.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Agent {
+    child: Child,
+    client: Client,
+}
+
+impl Agent {
+    fn start(dir: &Path, host: &Address) -> Self {
+        let ready = dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new(env!("CARGO_BIN_EXE_cvctl"))
+            .args(["agent", "--listen", "127.0.0.1:0", "--retry-ms", "100", "--max-attempts", "40"])
+            .arg("--db")
+            .arg(dir.join("cv.db"))
+            .arg("--host")
+            .arg(host.to_string())
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let api = wait_for("agent API", || std::fs::read_to_string(&ready).ok());
+        let client = Client::new(&api);
+        wait_for("host connected", || {
+            let h = client.get("/v1/hosts").ok()?;
+            h["links"][0]["host_id"].as_str().is_some().then_some(())
+        });
+        Self { child, client }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL: no shutdown path runs
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `unlimited` VM (baseline 20 %, no accrual, no launch credits, always busy) and one standard VM with a
+/// volume, on 10 ms ticks; credits are asked for 20 ticks of burst at a time.
+fn config() -> SimConfig {
+    let tick_ms = 10;
+    let tick_ns = tick_ms * 1_000_000;
+    let p = |burst| SchedParams {
+        budget_ns: tick_ns / 5,
+        period_ns: tick_ns,
+        accrual_ns: 0,
+        cap_ns: tick_ns * 1000,
+        burst,
+        weight: 256,
+    };
+    SimConfig {
+        host_id: "sim0".into(),
+        boot_id: 7,
+        tick_ms,
+        telemetry_ticks: 10,
+        retry_ticks: 30,
+        horizon_ticks: 20,
+        deny_backoff_ticks: 20,
+        migration_ticks: 10,
+        cpus: 2,
+        device_iops: 2000,
+        committable_pct: 80,
+        vms: vec![
+            SimVmSpec {
+                name: "bursty".into(),
+                vcpus: vec![SimVcpuSpec { params: p(BurstMode::Unlimited), launch_balance_ns: 0, demand_pct: 100 }],
+                volumes: vec![],
+            },
+            SimVmSpec {
+                name: "web".into(),
+                vcpus: vec![SimVcpuSpec { params: p(BurstMode::Standard), launch_balance_ns: 0, demand_pct: 50 }],
+                volumes: vec![SimVolumeSpec { committed_iops: 200, limit_iops: 0, demand_iops: 150 }],
+            },
+        ],
+    }
+}
+
+fn setup_pool(c: &Client, credits_ns: u64) {
+    c.post(
+        "/v1/pools",
+        &json!({ "name": "p1", "resource": "cpu", "pricing": { "price_micros": 50_000 },
+                 "strategy": { "kind": "staged", "now_pct": 50, "periods": 5 }, "low_balance_ns": credits_ns / 4 }),
+    )
+    .unwrap();
+    c.post("/v1/pools/p1/purchase", &json!({ "amount_ns": credits_ns })).unwrap();
+    c.post("/v1/pools/p1/authorize", &json!({ "host": "sim0", "vm": 1 })).unwrap();
+}
+
+fn ledger(c: &Client) -> Value {
+    c.get("/v1/ledger").unwrap()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Waits for the end state: pool dry, VM held to baseline, nothing in flight anywhere; returns the final reports.
+fn drain(sim: &SimHandle, c: &Client) -> (Value, SimReport) {
+    wait_for("pool dry, grants settled, VM held to baseline", || {
+        let pool = c.get("/v1/pools/p1").ok()?;
+        let l = c.get("/v1/ledger").ok()?;
+        let r = sim.report();
+        let v = r.vcpus.iter().find(|v| v.vm == 1)?;
+        (u(&pool, "balance_ns") == 0
+            && u(&l, "in_flight_ns") == 0
+            && r.totals.pending_ns == 0
+            && v.balance_ns == 0
+            && v.last_burst_ns == 0)
+            .then(|| (l, r))
+    })
+}
+
+fn check_exact(l: &Value, r: &SimReport, bought: u64, c: &Client) {
+    assert_eq!(l["pools_consistent"], true, "{l}");
+    assert_eq!(u(l, "debited_ns"), bought, "the whole pool was granted");
+    assert_eq!(u(l, "applied_ns"), u(l, "debited_ns"));
+    assert_eq!(r.totals.received_ns, u(l, "debited_ns"), "host received exactly what the pool lost");
+    assert_eq!(r.totals.applied_ns, u(l, "debited_ns"), "host applied exactly what the pool lost");
+    // Grant by grant: the same ids and amounts on both sides, each applied once.
+    let grants = c.get("/v1/grants").unwrap();
+    let agent: Vec<(u64, u64)> = grants["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (u(g, "grant_id"), u(g, "amount_ns")))
+        .collect();
+    let mut host = r.grants.clone();
+    host.sort_unstable();
+    assert_eq!(host, agent);
+}
+
+#[test]
+fn unlimited_vm_drains_pool_across_agent_crash_and_ledger_is_exact() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tmpdir("crash");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+
+    let bought = 3_000_000_000; // 3 s of CPU: ~3.75 s of burst at 80 % of a CPU.
+    let agent = Agent::start(&dir, &sim.address);
+    setup_pool(&agent.client, bought);
+
+    // The VM bursts on pool credits.
+    wait_for("a third of the pool granted", || (u(&ledger(&agent.client), "debited_ns") > bought / 3).then_some(()));
+    let burst_before = sim.report().vcpus.iter().find(|v| v.vm == 1).unwrap().granted_total_ns;
+    assert!(burst_before > 0);
+
+    // Crash the agent; the host keeps asking (and keeps enforcing) meanwhile.
+    agent.kill();
+    let asked = sim.report().totals.credit_requests_sent;
+    wait_for("host retrying while the agent is down", || {
+        (sim.report().totals.credit_requests_sent >= asked + 2).then_some(())
+    });
+    let agent = Agent::start(&dir, &sim.address);
+
+    // Nothing was lost: the pool still exists with its members, and draining finishes exactly.
+    let (l, r) = drain(&sim, &agent.client);
+    check_exact(&l, &r, bought, &agent.client);
+    eprintln!(
+        "crash run: {} grants, {} credit-ns debited == applied; {} credit requests sent, {} denials, {} duplicate grants",
+        r.totals.grants, r.totals.applied_ns, r.totals.credit_requests_sent, r.totals.denials, r.totals.duplicate_grants
+    );
+    assert!(r.totals.denials > 0, "an empty pool denies");
+    let vm1 = r.vcpus.iter().find(|v| v.vm == 1).unwrap();
+    assert_eq!(vm1.granted_total_ns, bought, "every pool credit reached the VM");
+    assert_eq!(vm1.balance_ns, 0, "and was spent bursting");
+    assert_eq!(sim.report().totals.connections, 2, "one connection per agent life");
+
+    // The VM is now held to its baseline: the latest telemetry shows no burst and throttled time.
+    let t = wait_for("baseline-only telemetry", || {
+        let t = agent.client.get("/v1/telemetry").ok()?;
+        let s = t["telemetry"].as_array()?.iter().find(|e| e["snapshot"]["vm"] == 1)?["snapshot"].clone();
+        (s["vcpus"][0]["burst_ns"] == 0 && u(&s["vcpus"][0], "throttled_ns") > 0).then_some(s)
+    });
+    assert_eq!(u(&t["vcpus"][0], "baseline_ns"), u(&t, "window_ns") / 5, "exactly the 20 % baseline");
+
+    // cvctl shows it.
+    let out = Command::new(env!("CARGO_BIN_EXE_cvctl"))
+        .args(["--api", &std::fs::read_to_string(dir.join("ready")).unwrap(), "top", "--once"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bursty") && text.contains("unlimited") && text.contains("p1"), "{text}");
+    let notes = agent.client.get("/v1/notifications").unwrap();
+    assert!(notes["notifications"].as_array().unwrap().iter().any(|n| n["kind"] == "low_balance"), "{notes}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tmpdir("proxy");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let faults = proxy::Faults { flip_ppm: 3000, drop_ppm: 1500, dup_ppm: 1500, replay_ppm: 50_000, seed: 0x5eed };
+    let (paddr, pstats) = rt
+        .block_on(proxy::spawn(&Address::Unix(dir.join("proxy.sock").to_string_lossy().into_owned()), sim.address.clone(), faults))
+        .unwrap();
+
+    let bought = 4_000_000_000;
+    let agent = Agent::start(&dir, &paddr);
+    let c = &agent.client;
+    setup_pool(c, bought);
+
+    // Commands through the faulty link: each succeeds (retries) and runs once.
+    c.post("/v1/vms/sim0/2/pause", &json!({})).unwrap();
+    c.post("/v1/vms/sim0/2/resume", &json!({})).unwrap();
+    let ok = c
+        .post("/v1/commitments", &json!({ "host": "sim0", "vm": 2, "volume": 0, "committed_iops": 300 }))
+        .unwrap();
+    assert_eq!(ok["status"], "accepted", "{ok}");
+    let refused = c.post("/v1/commitments", &json!({ "host": "sim0", "vm": 2, "volume": 0, "committed_iops": 5000 }));
+    match refused {
+        Err(mgmt_agent::client::ClientError::Http(409, msg)) => assert!(msg.contains("committable 1600"), "{msg}"),
+        other => panic!("admission must refuse with the numbers: {other:?}"),
+    }
+    let rows = c.get("/v1/commitments").unwrap();
+    assert_eq!(rows["commitments"][0]["status"], "refused");
+
+    let (l, r) = drain(&sim, c);
+    check_exact(&l, &r, bought, c);
+
+    // No wrong command ran: every executed command is one the agent issued, each request id once.
+    let grant_ids: Vec<u64> = r.grants.iter().map(|g| g.0).collect();
+    let mut ids = std::collections::HashSet::new();
+    let (mut pauses, mut resumes, mut commits) = (0, 0, 0);
+    for (id, cmd) in &r.executed {
+        assert!(ids.insert(*id), "request {id} executed twice");
+        if cmd == "PauseVm { vm: 2 }" {
+            pauses += 1;
+        } else if cmd == "ResumeVm { vm: 2 }" {
+            resumes += 1;
+        } else if cmd.starts_with("SetVolumeCommitment { vm: 2, volume: 0, committed_iops: 300, limit_iops: 0 }")
+            || cmd.starts_with("SetVolumeCommitment { vm: 2, volume: 0, committed_iops: 5000, limit_iops: 0 }")
+        {
+            commits += 1;
+        } else if cmd.starts_with("ApplyGrant(Grant { grant_id: ") {
+            let gid: u64 = cmd["ApplyGrant(Grant { grant_id: ".len()..].split(',').next().unwrap().parse().unwrap();
+            assert!(grant_ids.contains(&gid), "unknown grant {gid}");
+        } else if !cmd.starts_with("DenyCredit { credit_request_id: ") {
+            panic!("unexpected command executed: {cmd}");
+        }
+    }
+    assert_eq!((pauses, resumes, commits), (1, 1, 2));
+    // The faults really happened and were caught.
+    let flipped = pstats.flipped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(flipped > 0 && r.totals.frames_rejected > 0, "flipped {flipped}, host rejected {}", r.totals.frames_rejected);
+    eprintln!(
+        "proxy: bytes {} flipped {flipped} dropped {} duplicated {} replayed {}; host rejected {} frames, {} duplicate requests, {} duplicate grants",
+        pstats.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        pstats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        pstats.duplicated.load(std::sync::atomic::Ordering::Relaxed),
+        pstats.replayed.load(std::sync::atomic::Ordering::Relaxed),
+        r.totals.frames_rejected,
+        r.totals.duplicate_requests,
+        r.totals.duplicate_grants,
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
