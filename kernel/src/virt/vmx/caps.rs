@@ -52,7 +52,10 @@ pub struct Allowed {
 
 impl Allowed {
     fn from_msr(v: u64) -> Self {
-        Self { must_be_1: lo32(v), may_be_1: hi32(v) }
+        Self {
+            must_be_1: lo32(v),
+            may_be_1: hi32(v),
+        }
     }
 }
 
@@ -98,26 +101,45 @@ impl Caps {
             let basic = cpu::rdmsr(IA32_VMX_BASIC);
             let true_ctls = basic & (1 << 55) != 0;
             let pick = |plain: u32, tru: u32| if true_ctls { tru } else { plain };
-            let primary = Allowed::from_msr(cpu::rdmsr(pick(IA32_VMX_PROCBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS)));
+            let primary = Allowed::from_msr(cpu::rdmsr(pick(
+                IA32_VMX_PROCBASED_CTLS,
+                IA32_VMX_TRUE_PROCBASED_CTLS,
+            )));
             let has_secondary = primary.may_be_1 & (1 << 31) != 0;
             let secondary = if has_secondary {
                 Allowed::from_msr(cpu::rdmsr(IA32_VMX_PROCBASED_CTLS2))
             } else {
-                Allowed { must_be_1: 0, may_be_1: 0 }
+                Allowed {
+                    must_be_1: 0,
+                    may_be_1: 0,
+                }
             };
             Self {
                 revision: lo32(basic) & 0x7FFF_FFFF,
-                pin: Allowed::from_msr(cpu::rdmsr(pick(IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS))),
+                pin: Allowed::from_msr(cpu::rdmsr(pick(
+                    IA32_VMX_PINBASED_CTLS,
+                    IA32_VMX_TRUE_PINBASED_CTLS,
+                ))),
                 primary,
                 secondary,
-                exit: Allowed::from_msr(cpu::rdmsr(pick(IA32_VMX_EXIT_CTLS, IA32_VMX_TRUE_EXIT_CTLS))),
-                entry: Allowed::from_msr(cpu::rdmsr(pick(IA32_VMX_ENTRY_CTLS, IA32_VMX_TRUE_ENTRY_CTLS))),
+                exit: Allowed::from_msr(cpu::rdmsr(pick(
+                    IA32_VMX_EXIT_CTLS,
+                    IA32_VMX_TRUE_EXIT_CTLS,
+                ))),
+                entry: Allowed::from_msr(cpu::rdmsr(pick(
+                    IA32_VMX_ENTRY_CTLS,
+                    IA32_VMX_TRUE_ENTRY_CTLS,
+                ))),
                 preemption_timer_rate: lo32(cpu::rdmsr(IA32_VMX_MISC)) & 0x1F,
                 cr0_fixed0: cpu::rdmsr(IA32_VMX_CR0_FIXED0),
                 cr0_fixed1: cpu::rdmsr(IA32_VMX_CR0_FIXED1),
                 cr4_fixed0: cpu::rdmsr(IA32_VMX_CR4_FIXED0),
                 cr4_fixed1: cpu::rdmsr(IA32_VMX_CR4_FIXED1),
-                ept_vpid: if has_secondary { cpu::rdmsr(IA32_VMX_EPT_VPID_CAP) } else { 0 },
+                ept_vpid: if has_secondary {
+                    cpu::rdmsr(IA32_VMX_EPT_VPID_CAP)
+                } else {
+                    0
+                },
             }
         }
     }
@@ -126,7 +148,12 @@ impl Caps {
     ///
     /// # Errors
     /// A `required` bit the CPU does not allow.
-    pub fn adjust(&self, kind: ControlKind, required: u32, wanted: u32) -> Result<u32, Unsupported> {
+    pub fn adjust(
+        &self,
+        kind: ControlKind,
+        required: u32,
+        wanted: u32,
+    ) -> Result<u32, Unsupported> {
         let a = match kind {
             ControlKind::Pin => self.pin,
             ControlKind::Primary => self.primary,
@@ -171,12 +198,22 @@ impl Caps {
     pub fn cr0_for(&self, desired: u64, unrestricted: bool) -> (u64, u64) {
         const PE: u64 = 1;
         const PG: u64 = 1 << 31;
-        let fixed0 = if unrestricted { self.cr0_fixed0 & !(PE | PG) } else { self.cr0_fixed0 };
-        ((desired | fixed0) & self.cr0_fixed1, fixed0 | !self.cr0_fixed1)
+        let fixed0 = if unrestricted {
+            self.cr0_fixed0 & !(PE | PG)
+        } else {
+            self.cr0_fixed0
+        };
+        (
+            (desired | fixed0) & self.cr0_fixed1,
+            fixed0 | !self.cr0_fixed1,
+        )
     }
 
     /// CR4 as the hardware requires it for `desired` (VMXE is fixed to 1), and the mask of forced bits.
     pub fn cr4_for(&self, desired: u64) -> (u64, u64) {
-        ((desired | self.cr4_fixed0) & self.cr4_fixed1, self.cr4_fixed0 | !self.cr4_fixed1)
+        (
+            (desired | self.cr4_fixed0) & self.cr4_fixed1,
+            self.cr4_fixed0 | !self.cr4_fixed1,
+        )
     }
 }

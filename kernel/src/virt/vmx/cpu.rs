@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
 use super::caps::Caps;
-use super::instr::{self, VmFail};
+use super::instr;
 use super::VmxError;
 use crate::arch::x86_64::{cpu, paging, percpu};
 use crate::mm::frame;
@@ -21,7 +21,8 @@ use crate::mm::frame;
 const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 
-static VMXON_REGION: [AtomicU64; percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
+static VMXON_REGION: [AtomicU64; percpu::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
 
 /// Whether this CPU has VMX (CPUID.1:ECX[5]).
 pub fn has_vmx() -> bool {
@@ -35,7 +36,9 @@ pub fn cpu_index() -> usize {
 
 /// Whether this CPU is in VMX operation.
 pub fn enabled() -> bool {
-    VMXON_REGION.get(cpu_index()).is_some_and(|r| r.load(Ordering::Acquire) != 0)
+    VMXON_REGION
+        .get(cpu_index())
+        .is_some_and(|r| r.load(Ordering::Acquire) != 0)
 }
 
 /// Puts this CPU in VMX operation (once) and returns its capabilities.
@@ -69,7 +72,10 @@ pub fn enable() -> Result<Caps, VmxError> {
     // CR0/CR4 must satisfy the fixed bits in VMX operation (SDM §24.8): in practice CR0.NE and CR4.VMXE. CR4.OSFXSR
     // is set too, so FXSAVE/FXRSTOR (used to keep each guest's SSE state) cover the XMM registers.
     let cr0 = (Cr0::read().bits() | caps.cr0_fixed0) & caps.cr0_fixed1;
-    let cr4 = (Cr4::read().bits() | caps.cr4_fixed0 | Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits() | Cr4Flags::OSFXSR.bits())
+    let cr4 = (Cr4::read().bits()
+        | caps.cr4_fixed0
+        | Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits()
+        | Cr4Flags::OSFXSR.bits())
         & caps.cr4_fixed1;
     // SAFETY: the fixed bits only add NE (x87 errors via #MF, which the kernel does not use: it has no x87 code)
     // and never clear PE/PG/WP or paging-related CR4 bits, which are fixed to 1 or left as they were; VMXE and
@@ -81,7 +87,11 @@ pub fn enable() -> Result<Caps, VmxError> {
     let region = frame::alloc_zeroed_below(u64::MAX).ok_or(VmxError::OutOfMemory)?;
     // SAFETY: the frame was just allocated to us and is mapped by the direct map; the first 4 bytes hold the VMCS
     // revision identifier (SDM §25.11.5).
-    unsafe { paging::phys_to_virt(region).cast::<u32>().write_volatile(caps.revision) };
+    unsafe {
+        paging::phys_to_virt(region)
+            .cast::<u32>()
+            .write_volatile(caps.revision)
+    };
     // SAFETY: CR0/CR4 satisfy the fixed bits, CR4.VMXE is set, IA32_FEATURE_CONTROL allows VMX outside SMX, and
     // the region is a zeroed frame with the revision id that this CPU keeps for as long as it is in VMX operation.
     match unsafe { instr::vmxon(region) } {
@@ -94,13 +104,5 @@ pub fn enable() -> Result<Caps, VmxError> {
             unsafe { frame::free(region) };
             Err(VmxError::VmxOn(e))
         }
-    }
-}
-
-/// The failure type when VMXON was refused, for reports.
-pub fn describe(e: VmFail) -> &'static str {
-    match e {
-        VmFail::Invalid => "VMXON failed: invalid region or fixed bits not satisfied",
-        VmFail::Valid(_) => "VMXON failed: already in VMX operation",
     }
 }

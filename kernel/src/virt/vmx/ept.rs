@@ -32,7 +32,12 @@ impl TableMemory for KernelTables {
         }
         // SAFETY: `table` is a table frame allocated above and mapped by the direct map; index < 512 keeps the
         // access inside it.
-        unsafe { paging::phys_to_virt(table).cast::<u64>().add(index).read_volatile() }
+        unsafe {
+            paging::phys_to_virt(table)
+                .cast::<u64>()
+                .add(index)
+                .read_volatile()
+        }
     }
 
     fn write(&mut self, table: u64, index: usize, value: u64) {
@@ -41,7 +46,12 @@ impl TableMemory for KernelTables {
         }
         // SAFETY: as in `read`; the frame is owned by the page-table builder, which serialises writes through
         // `&mut self`.
-        unsafe { paging::phys_to_virt(table).cast::<u64>().add(index).write_volatile(value) };
+        unsafe {
+            paging::phys_to_virt(table)
+                .cast::<u64>()
+                .add(index)
+                .write_volatile(value)
+        };
     }
 }
 
@@ -58,19 +68,30 @@ impl GuestPhysMap {
     /// # Errors
     /// No frame for the root table.
     pub fn new(accessed_dirty: bool) -> Result<Self, MapError> {
-        Ok(Self { table: Some(NestedPageTable::new(&mut KernelTables)?), accessed_dirty })
+        Ok(Self {
+            table: Some(NestedPageTable::new(&mut KernelTables)?),
+            accessed_dirty,
+        })
     }
 
     fn table(&self) -> &NestedPageTable<Ept> {
         // Only `drop` takes the table out.
-        self.table.as_ref().unwrap_or_else(|| unreachable!("GuestPhysMap used after drop"))
+        self.table
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("GuestPhysMap used after drop"))
     }
 
     /// Maps `len` bytes at `gpa` to host-physical `hpa`, 2 MiB pages where both are aligned.
     ///
     /// # Errors
     /// As `NestedPageTable::map_range`.
-    pub fn map_range(&mut self, gpa: u64, hpa: u64, len: u64, attrs: Attrs) -> Result<(), MapError> {
+    pub fn map_range(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
         match self.table.as_mut() {
             Some(t) => t.map_range(&mut KernelTables, gpa, hpa, len, attrs),
             None => Err(MapError::Empty),
@@ -81,7 +102,14 @@ impl GuestPhysMap {
     ///
     /// # Errors
     /// As `NestedPageTable::map`.
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, size: PageSize, attrs: Attrs) -> Result<(), MapError> {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        size: PageSize,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
         match self.table.as_mut() {
             Some(t) => t.map(&mut KernelTables, gpa, hpa, len, size, attrs),
             None => Err(MapError::Empty),

@@ -137,7 +137,8 @@ pub fn delivered(info: &ExitInfo) -> Delivered {
     if kind == intr_info::TYPE_NMI {
         return Delivered::Nmi;
     }
-    let error_code = (info.interruption_info & intr_info::ERROR_CODE_VALID != 0).then_some(info.interruption_error);
+    let error_code = (info.interruption_info & intr_info::ERROR_CODE_VALID != 0)
+        .then_some(info.interruption_error);
     Delivered::Exception { vector, error_code }
 }
 
@@ -148,7 +149,11 @@ pub fn io_access(q: u64) -> Option<IoAccess> {
     Some(IoAccess {
         port: u16::try_from((q >> 16) & 0xFFFF).ok()?,
         size,
-        direction: if q & (1 << 3) != 0 { IoDirection::In } else { IoDirection::Out },
+        direction: if q & (1 << 3) != 0 {
+            IoDirection::In
+        } else {
+            IoDirection::Out
+        },
         string: q & (1 << 4) != 0,
         rep: q & (1 << 5) != 0,
     })
@@ -156,21 +161,29 @@ pub fn io_access(q: u64) -> Option<IoAccess> {
 
 /// Decodes an EPT-violation qualification (SDM Vol. 3C Table 28-7, bits 2:0).
 pub fn ept_access(q: u64) -> MemAccess {
-    MemAccess { read: q & 1 != 0, write: q & 2 != 0, execute: q & 4 != 0 }
+    MemAccess {
+        read: q & 1 != 0,
+        write: q & 2 != 0,
+        execute: q & 4 != 0,
+    }
 }
 
 /// Maps an exit (not an entry failure, and not an NMI, which the caller handles first) to a `VmExit`.
 pub fn decode(info: &ExitInfo) -> VmExit {
-    let unhandled =
-        VmExit::Unhandled { code: u64::from(info.reason), info1: info.qualification, info2: info.guest_physical };
+    let unhandled = VmExit::Unhandled {
+        code: u64::from(info.reason),
+        info1: info.qualification,
+        info2: info.guest_physical,
+    };
     match info.basic() {
         reason::CPUID => VmExit::Cpuid,
         reason::RDMSR => VmExit::Rdmsr,
         reason::WRMSR => VmExit::Wrmsr,
         reason::IO_INSTRUCTION => io_access(info.qualification).map_or(unhandled, VmExit::Io),
-        reason::EPT_VIOLATION => {
-            VmExit::NestedPageFault { gpa: info.guest_physical, access: ept_access(info.qualification) }
-        }
+        reason::EPT_VIOLATION => VmExit::NestedPageFault {
+            gpa: info.guest_physical,
+            access: ept_access(info.qualification),
+        },
         reason::HLT => VmExit::Hlt,
         reason::VMCALL => VmExit::Hypercall,
         reason::PREEMPTION_TIMER => VmExit::SliceExpired,

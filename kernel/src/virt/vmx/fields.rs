@@ -18,6 +18,7 @@ macro_rules! fields {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         #[repr(u32)]
+        #[allow(clippy::enum_variant_names)] // the SDM's names: every 16-bit guest field is a selector
         pub enum $name {
             $($(#[$fmeta])* $var = $enc,)*
         }

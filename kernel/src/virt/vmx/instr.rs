@@ -73,7 +73,9 @@ fn status(cf: u8, zf: u8) -> Result<(), VmFail> {
     } else if zf != 0 {
         // The error field is readable whenever VMfailValid was reported (there is a current VMCS).
         let n = read_raw(ReadOnly32::InstructionError.encoding()).unwrap_or(0);
-        Err(VmFail::Valid(InstructionError(u32::try_from(n).unwrap_or(u32::MAX))))
+        Err(VmFail::Valid(InstructionError(
+            u32::try_from(n).unwrap_or(u32::MAX),
+        )))
     } else {
         Ok(())
     }
@@ -178,7 +180,10 @@ pub struct WriteError {
 
 /// Writes a field of any width, naming the field on failure (for the setup code's `?`).
 pub fn set<F: Field>(f: F, v: u64) -> Result<(), WriteError> {
-    write_raw(f.encoding(), v).map_err(|fail| WriteError { encoding: f.encoding(), fail })
+    write_raw(f.encoding(), v).map_err(|fail| WriteError {
+        encoding: f.encoding(),
+        fail,
+    })
 }
 
 /// VMXON with the region at physical `region`.
@@ -203,7 +208,11 @@ pub unsafe fn vmxon(region: u64) -> Result<(), VmFail> {
     }
     // After VMXON there is no current VMCS, so a ZF failure has no readable error number.
     if cf != 0 || zf != 0 {
-        return Err(if cf != 0 { VmFail::Invalid } else { VmFail::Valid(InstructionError(15)) });
+        return Err(if cf != 0 {
+            VmFail::Invalid
+        } else {
+            VmFail::Valid(InstructionError(15))
+        });
     }
     Ok(())
 }

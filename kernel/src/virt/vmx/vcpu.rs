@@ -1,0 +1,948 @@
+//! One VMX virtual CPU: its VMCS and the structures the VMCS points to, the guest's register block, and the
+//! `virt::Vcpu` implementation (enter, decode the exit, skip, inject, TSC).
+//!
+//! Set-up (SDM Vol. 3C Chapter 25 for the fields, Chapter 27 for the checks VM entry makes):
+//! - controls adjusted against the (TRUE_) capability MSRs: external-interrupt and NMI exiting, the preemption
+//!   timer; HLT exiting, TSC offsetting, I/O bitmaps (every port intercepted), MSR bitmap (all MSRs intercepted
+//!   except [`PASSTHROUGH_MSRS`]); EPT, VPID when available, unrestricted guest for real-mode entry, RDTSCP and
+//!   INVPCID when available (so guests do not get #UD for them); exits in 64-bit host mode saving/loading EFER and
+//!   PAT and saving the preemption timer; entries loading EFER, PAT and debug controls.
+//! - MSRs the VMCS does not hold (STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE) pass through the bitmap and are
+//!   switched by the VM-exit MSR-store / VM-entry MSR-load area (guest values) and the VM-exit MSR-load area (host
+//!   values), so one guest never sees another's, and the host gets its own back on every exit.
+//! - SSE/x87 state is kept per vCPU with FXSAVE/FXRSTOR around each entry (the kernel itself uses no SSE).
+//! - host state is this CPU's: CR0/CR3/CR4, selectors, FS/GS/TR/GDTR/IDTR bases, SYSENTER MSRs, EFER, PAT;
+//!   HOST_RIP is the exit stub, HOST_RSP is written by the stub. On exit the CPU sets the GDTR/IDTR limits to
+//!   0xFFFF (SDM §28.5.2); the kernel's tables are 4 KiB or less and it never loads an out-of-range selector, so
+//!   they are not reloaded.
+//! - guest state: 64-bit long mode per docs/guest-abi.md, or real mode through unrestricted guest. CR0/CR4 bits the
+//!   hardware forces (NE, VMXE, ...) are host-owned in the guest/host masks and the guest reads its own values from
+//!   the read shadows; a guest write that changes a host-owned bit exits as "control-register access"
+//!   (`VmExit::Unhandled`).
+//!
+//! Slices: `run(deadline)` programs the preemption timer with `(deadline - now) >> rate` (IA32_VMX_MISC[4:0]), so
+//! the exit comes at the deadline rounded down to the timer's granularity, even if the guest disabled interrupts.
+//!
+//! Invariants: the vCPU is used only on the CPU that created it ([`VmxVcpu::new`] records it; `run` refuses other
+//! CPUs with `EntryFailure::VmxInstructionError(0)` — 0 is not an SDM error number, it means "wrong CPU"). Its frames
+//! are freed on drop after VMCLEAR on that CPU; dropped elsewhere they are leaked rather than freed while the
+//! hardware may still cache the VMCS.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use virt::{EntryFailure, Gpr, Vcpu, VmExit};
+
+use super::caps::{Caps, ControlKind};
+use super::entry::{cv_vmx_exit, cv_vmx_run, GuestRegs, EXITED, FAIL_INVALID, FAIL_VALID};
+use super::exit::{self, reason, Delivered, ExitInfo, ENTRY_FAILURE};
+use super::fields::{
+    access, entry_ctl, exit_ctl, intr_info, pin, primary, secondary, Control16, Control32,
+    Control64, ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16, Host32, Host64, HostNat,
+    ReadOnly32, ReadOnly64, ReadOnlyNat,
+};
+use super::instr::{self, set, InstructionError, VmFail};
+use super::{cpu, VmxError};
+use crate::arch::x86_64::{cpu as x86, paging, tsc};
+use crate::mm::frame;
+
+/// MSRs the guest reads and writes without an exit. The first group lives in the VMCS guest state (saved and
+/// loaded by every exit and entry); [`SWITCHED_MSRS`] are switched through the MSR areas. This is the backend side
+/// of `virt::msr::BACKEND_MSRS`: the two lists must name the same MSRs.
+pub const PASSTHROUGH_MSRS: [u32; 12] = [
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x277,       // IA32_PAT
+    0xC000_0080, // IA32_EFER
+    0xC000_0081, // IA32_STAR
+    0xC000_0082, // IA32_LSTAR
+    0xC000_0083, // IA32_CSTAR
+    0xC000_0084, // IA32_FMASK
+    0xC000_0100, // IA32_FS_BASE
+    0xC000_0101, // IA32_GS_BASE
+    0xC000_0102, // IA32_KERNEL_GS_BASE
+];
+
+/// Pass-through MSRs the VMCS does not hold: switched by the VM-exit/VM-entry MSR areas (SDM §25.7.2, §25.8.2).
+pub const SWITCHED_MSRS: [u32; 5] = [
+    0xC000_0081,
+    0xC000_0082,
+    0xC000_0083,
+    0xC000_0084,
+    0xC000_0102,
+];
+
+/// PAT power-on value (SDM Vol. 3A §13.12.4).
+const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+const IA32_PAT: u32 = 0x277;
+const IA32_SYSENTER_CS: u32 = 0x174;
+const IA32_SYSENTER_ESP: u32 = 0x175;
+const IA32_SYSENTER_EIP: u32 = 0x176;
+const IA32_FS_BASE: u32 = 0xC000_0100;
+/// Vectors that push an error code in protected mode (SDM Vol. 3A Table 6-1).
+const ERROR_CODE_VECTORS: [u8; 8] = [8, 10, 11, 12, 13, 14, 17, 21];
+
+/// guest-abi.md: GDT at 0x1000 (null, code 0x08, data 0x10), PML4 at 0x2000.
+pub const ABI_GDT_BASE: u64 = 0x1000;
+/// GDT limit for three descriptors.
+pub const ABI_GDT_LIMIT: u32 = 3 * 8 - 1;
+/// guest-abi.md: guest CR3.
+pub const ABI_CR3: u64 = 0x2000;
+
+/// Where and how the guest starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestEntry {
+    /// 64-bit long mode (docs/guest-abi.md): CS 0x08, data 0x10, paging with `cr3`, no IDT.
+    LongMode {
+        rip: u64,
+        rsp: u64,
+        cr3: u64,
+        gdt_base: u64,
+        gdt_limit: u32,
+    },
+    /// Real mode at `cs:ip` with SP = `sp` (needs unrestricted guest). IDTR is the real-mode IVT at 0.
+    RealMode { cs: u16, ip: u16, sp: u16 },
+}
+
+impl GuestEntry {
+    /// Long mode with the ABI's GDT and page tables.
+    pub const fn long_mode(rip: u64, rsp: u64) -> Self {
+        Self::LongMode {
+            rip,
+            rsp,
+            cr3: ABI_CR3,
+            gdt_base: ABI_GDT_BASE,
+            gdt_limit: ABI_GDT_LIMIT,
+        }
+    }
+}
+
+/// What a vCPU is built from.
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuConfig {
+    /// EPT pointer of the VM's guest-physical map (`ept::GuestPhysMap::eptp`).
+    pub eptp: u64,
+    pub entry: GuestEntry,
+    /// Guest exceptions that cause exits (bit n = vector n); 0 lets the guest handle all of its own.
+    pub exception_bitmap: u32,
+    /// Added to the host TSC for guest RDTSC (two's complement).
+    pub tsc_offset: u64,
+}
+
+/// FXSAVE area.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct FxArea([u8; 512]);
+
+impl core::fmt::Debug for FxArea {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("FxArea")
+    }
+}
+
+/// One entry of an MSR load/store area (SDM Table 25-14).
+#[repr(C)]
+struct MsrEntry {
+    index: u32,
+    reserved: u32,
+    value: u64,
+}
+
+/// An event to inject at the next entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Injection {
+    info: u32,
+    error_code: u32,
+    instruction_len: u32,
+}
+
+static NEXT_VPID: AtomicU32 = AtomicU32::new(1);
+
+/// A VMX virtual CPU.
+#[derive(Debug)]
+pub struct VmxVcpu {
+    cpu: usize,
+    vmcs: u64,
+    msr_bitmap: u64,
+    io_bitmap_a: u64,
+    io_bitmap_b: u64,
+    guest_msrs: u64,
+    host_msrs: u64,
+    regs: GuestRegs,
+    rip: u64,
+    rsp: u64,
+    launched: bool,
+    vpid: u16,
+    eptp: u64,
+    tsc_offset: u64,
+    timer_rate: u32,
+    save_timer: bool,
+    last: ExitInfo,
+    skipped: bool,
+    pending: Option<Injection>,
+    timer_left: Option<u32>,
+    fx: FxArea,
+}
+
+fn frame_ptr<T>(frame: u64) -> *mut T {
+    paging::phys_to_virt(frame).cast::<T>()
+}
+
+fn vmfail_number(e: VmFail) -> u32 {
+    match e {
+        VmFail::Invalid => 0,
+        VmFail::Valid(InstructionError(n)) => n,
+    }
+}
+
+impl VmxVcpu {
+    /// Builds a vCPU on this CPU (which must be in VMX operation): allocates and programs its VMCS, leaving it
+    /// current. General-purpose registers start at zero; set them with `set_gpr`.
+    ///
+    /// # Errors
+    /// VMX not enabled here, a missing feature or control, no memory, or a VMCS access failing.
+    pub fn new(config: &VcpuConfig) -> Result<Self, VmxError> {
+        if !cpu::enabled() {
+            return Err(VmxError::NotEnabled);
+        }
+        // SAFETY: VMX operation implies the capability MSRs exist.
+        let caps = unsafe { Caps::read() };
+        if !caps.allows(ControlKind::Secondary, secondary::ENABLE_EPT) || !caps.ept_4level_wb() {
+            return Err(VmxError::MissingFeature(
+                "EPT with 4-level write-back walks",
+            ));
+        }
+        if !caps.allows(ControlKind::Pin, pin::PREEMPTION_TIMER) {
+            return Err(VmxError::MissingFeature("VMX-preemption timer"));
+        }
+        let real = matches!(config.entry, GuestEntry::RealMode { .. });
+        if real && !caps.allows(ControlKind::Secondary, secondary::UNRESTRICTED_GUEST) {
+            return Err(VmxError::MissingFeature(
+                "unrestricted guest (for real-mode entry)",
+            ));
+        }
+        let mut v = Self {
+            cpu: cpu::cpu_index(),
+            vmcs: 0,
+            msr_bitmap: 0,
+            io_bitmap_a: 0,
+            io_bitmap_b: 0,
+            guest_msrs: 0,
+            host_msrs: 0,
+            regs: GuestRegs::default(),
+            rip: 0,
+            rsp: 0,
+            launched: false,
+            vpid: 0,
+            eptp: config.eptp,
+            tsc_offset: config.tsc_offset,
+            timer_rate: caps.preemption_timer_rate,
+            save_timer: false,
+            last: ExitInfo::default(),
+            skipped: false,
+            pending: None,
+            timer_left: None,
+            fx: FxArea([0; 512]),
+        };
+        // Drop frees whatever was allocated if a later step fails.
+        for slot in [
+            &mut v.vmcs,
+            &mut v.msr_bitmap,
+            &mut v.io_bitmap_a,
+            &mut v.io_bitmap_b,
+            &mut v.guest_msrs,
+            &mut v.host_msrs,
+        ] {
+            *slot = frame::alloc_zeroed_below(u64::MAX).ok_or(VmxError::OutOfMemory)?;
+        }
+        v.init_fx();
+        v.fill_bitmaps();
+        v.fill_msr_areas();
+        // SAFETY: the VMCS frame is ours and zeroed; its first 4 bytes take the revision identifier (SDM §25.2).
+        unsafe { frame_ptr::<u32>(v.vmcs).write_volatile(caps.revision) };
+        // SAFETY: in VMX operation (checked above); the region is our own VMCS frame, never current elsewhere.
+        unsafe {
+            instr::vmclear(v.vmcs).map_err(VmxError::Vmcs)?;
+            instr::vmptrld(v.vmcs).map_err(VmxError::Vmcs)?;
+        }
+        v.program(&caps, config)?;
+        Ok(v)
+    }
+
+    /// The guest starts with the default x87/SSE state (FCW 0x37F, MXCSR 0x1F80), as after reset.
+    fn init_fx(&mut self) {
+        self.fx.0[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        self.fx.0[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        self.fx.0[28..32].copy_from_slice(&0xFFFFu32.to_le_bytes());
+    }
+
+    /// I/O bitmaps all ones (every port exits); MSR bitmap all ones except the pass-through MSRs (SDM §25.6.9:
+    /// read-low at 0, read-high at 1 KiB, write-low at 2 KiB, write-high at 3 KiB).
+    fn fill_bitmaps(&mut self) {
+        for f in [self.io_bitmap_a, self.io_bitmap_b, self.msr_bitmap] {
+            // SAFETY: our own frames, mapped by the direct map.
+            unsafe { core::ptr::write_bytes(frame_ptr::<u8>(f), 0xFF, 4096) };
+        }
+        let bitmap = frame_ptr::<u8>(self.msr_bitmap);
+        for msr in PASSTHROUGH_MSRS {
+            let (base, bit) = if msr < 0x2000 {
+                (0usize, msr)
+            } else {
+                (1024usize, msr - 0xC000_0000)
+            };
+            let Ok(byte) = usize::try_from(bit / 8) else {
+                continue;
+            };
+            let mask = !(1u8 << (bit % 8));
+            for half in [base, base + 2048] {
+                // SAFETY: `half + byte` < 4096 because bit < 0x2000 for both ranges listed.
+                unsafe {
+                    let p = bitmap.add(half + byte);
+                    p.write_volatile(p.read_volatile() & mask);
+                }
+            }
+        }
+    }
+
+    /// Guest MSR area: the switched MSRs at zero; host area: this CPU's current values.
+    fn fill_msr_areas(&mut self) {
+        let guest = frame_ptr::<MsrEntry>(self.guest_msrs);
+        let host = frame_ptr::<MsrEntry>(self.host_msrs);
+        for (i, msr) in SWITCHED_MSRS.into_iter().enumerate() {
+            // SAFETY: these MSRs exist on every x86_64 CPU with long mode.
+            let value = unsafe { x86::rdmsr(msr) };
+            // SAFETY: 5 entries of 16 bytes fit in our own frames.
+            unsafe {
+                guest.add(i).write_volatile(MsrEntry {
+                    index: msr,
+                    reserved: 0,
+                    value: 0,
+                });
+                host.add(i).write_volatile(MsrEntry {
+                    index: msr,
+                    reserved: 0,
+                    value,
+                });
+            }
+        }
+    }
+
+    fn program(&mut self, caps: &Caps, config: &VcpuConfig) -> Result<(), VmxError> {
+        let real = matches!(config.entry, GuestEntry::RealMode { .. });
+        let pin = caps.adjust(
+            ControlKind::Pin,
+            pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::PREEMPTION_TIMER,
+            0,
+        )?;
+        let primary = caps.adjust(
+            ControlKind::Primary,
+            primary::HLT_EXITING
+                | primary::USE_TSC_OFFSETTING
+                | primary::USE_IO_BITMAPS
+                | primary::USE_MSR_BITMAPS
+                | primary::ACTIVATE_SECONDARY,
+            0,
+        )?;
+        let mut wanted2 = secondary::ENABLE_RDTSCP | secondary::ENABLE_INVPCID;
+        if caps.allows(ControlKind::Secondary, secondary::ENABLE_VPID) {
+            let id = NEXT_VPID.fetch_add(1, Ordering::Relaxed);
+            // VPIDs are not recycled; past 65535 vCPUs the rest run untagged (TLB flushed on every transition).
+            if let Ok(id) = u16::try_from(id) {
+                self.vpid = id;
+                wanted2 |= secondary::ENABLE_VPID;
+            }
+        }
+        let required2 = secondary::ENABLE_EPT
+            | if real {
+                secondary::UNRESTRICTED_GUEST
+            } else {
+                0
+            };
+        let secondary = caps.adjust(ControlKind::Secondary, required2, wanted2)?;
+        if secondary & secondary::ENABLE_VPID == 0 {
+            self.vpid = 0;
+        }
+        let exit = caps.adjust(
+            ControlKind::Exit,
+            exit_ctl::HOST_ADDRESS_SPACE_SIZE
+                | exit_ctl::SAVE_EFER
+                | exit_ctl::LOAD_EFER
+                | exit_ctl::SAVE_PAT
+                | exit_ctl::LOAD_PAT,
+            exit_ctl::SAVE_DEBUG_CONTROLS | exit_ctl::SAVE_PREEMPTION_TIMER,
+        )?;
+        self.save_timer = exit & exit_ctl::SAVE_PREEMPTION_TIMER != 0;
+        let entry = caps.adjust(
+            ControlKind::Entry,
+            entry_ctl::LOAD_EFER
+                | entry_ctl::LOAD_PAT
+                | if real { 0 } else { entry_ctl::IA32E_MODE_GUEST },
+            entry_ctl::LOAD_DEBUG_CONTROLS,
+        )?;
+        set(Control32::PinBased, u64::from(pin))?;
+        set(Control32::PrimaryProcBased, u64::from(primary))?;
+        set(Control32::SecondaryProcBased, u64::from(secondary))?;
+        set(Control32::ExitControls, u64::from(exit))?;
+        set(Control32::EntryControls, u64::from(entry))?;
+        set(
+            Control32::ExceptionBitmap,
+            u64::from(config.exception_bitmap),
+        )?;
+        set(Control32::Cr3TargetCount, 0)?;
+        set(Control64::IoBitmapA, self.io_bitmap_a)?;
+        set(Control64::IoBitmapB, self.io_bitmap_b)?;
+        set(Control64::MsrBitmap, self.msr_bitmap)?;
+        let n = u64::try_from(SWITCHED_MSRS.len()).unwrap_or(0);
+        set(Control64::ExitMsrStoreAddr, self.guest_msrs)?;
+        set(Control32::ExitMsrStoreCount, n)?;
+        set(Control64::EntryMsrLoadAddr, self.guest_msrs)?;
+        set(Control32::EntryMsrLoadCount, n)?;
+        set(Control64::ExitMsrLoadAddr, self.host_msrs)?;
+        set(Control32::ExitMsrLoadCount, n)?;
+        set(Control64::TscOffset, self.tsc_offset)?;
+        set(Control64::EptPointer, self.eptp)?;
+        set(Control32::EntryInterruptionInfo, 0)?;
+        if self.vpid != 0 {
+            set(Control16::Vpid, u64::from(self.vpid))?;
+            if caps.invvpid_single() {
+                // SAFETY: in VMX operation; INVVPID single-context is supported (checked).
+                unsafe { instr::invvpid_single(self.vpid).map_err(VmxError::Vmcs)? };
+            }
+        }
+        if caps.invept_single() {
+            // SAFETY: in VMX operation; INVEPT single-context is supported (checked). Drops translations a previous
+            // user of the same EPT root frame may have left cached.
+            unsafe { instr::invept_single(self.eptp).map_err(VmxError::Vmcs)? };
+        }
+        self.program_host()?;
+        self.program_guest(caps, &config.entry, real)
+    }
+
+    /// Host state: this CPU as it is now (SDM §25.5, checks §27.2.2-27.2.4).
+    fn program_host(&mut self) -> Result<(), VmxError> {
+        use x86_64::instructions::tables::{sgdt, sidt};
+        use x86_64::registers::control::{Cr0, Cr3, Cr4};
+        let (cs, ss, ds, es, fs, gs, tr): (u16, u16, u16, u16, u16, u16, u16);
+        // SAFETY: reading segment selectors and the task register has no side effects.
+        unsafe {
+            asm!(
+                "mov {0:x}, cs", "mov {1:x}, ss", "mov {2:x}, ds", "mov {3:x}, es",
+                "mov {4:x}, fs", "mov {5:x}, gs", "str {6:x}",
+                out(reg) cs, out(reg) ss, out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs, out(reg) tr,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+        let gdt = sgdt();
+        let idt = sidt();
+        // TR base from its 16-byte system descriptor in the GDT (SDM Vol. 3A §8.2.3).
+        let tr_base = if tr & !7 == 0 {
+            0
+        } else {
+            let desc = gdt.base.as_u64() + u64::from(tr & !7);
+            // SAFETY: TR indexes a loaded, valid TSS descriptor in the current GDT, which the kernel keeps mapped.
+            let (lo, hi) = unsafe {
+                (
+                    (desc as *const u64).read_volatile(),
+                    ((desc + 8) as *const u64).read_volatile(),
+                )
+            };
+            ((lo >> 16) & 0xFF_FFFF) | (((lo >> 56) & 0xFF) << 24) | ((hi & 0xFFFF_FFFF) << 32)
+        };
+        let (cr3_frame, cr3_flags) = Cr3::read_raw();
+        set(HostNat::Cr0, Cr0::read_raw())?;
+        set(
+            HostNat::Cr3,
+            cr3_frame.start_address().as_u64() | u64::from(cr3_flags),
+        )?;
+        set(HostNat::Cr4, Cr4::read_raw())?;
+        // Selector fields need RPL = TI = 0 (§27.2.3); the values are this CPU's own.
+        for (f, v) in [
+            (Host16::CsSelector, cs),
+            (Host16::SsSelector, ss),
+            (Host16::DsSelector, ds),
+            (Host16::EsSelector, es),
+            (Host16::FsSelector, fs),
+            (Host16::GsSelector, gs),
+            (Host16::TrSelector, tr),
+        ] {
+            set(f, u64::from(v & !7))?;
+        }
+        // SAFETY: these MSRs exist on every x86_64 CPU; reading them has no side effects.
+        let (fs_base, gs_base, sysenter_cs, sysenter_esp, sysenter_eip, efer, pat) = unsafe {
+            (
+                x86::rdmsr(IA32_FS_BASE),
+                x86::rdmsr(x86::IA32_GS_BASE),
+                x86::rdmsr(IA32_SYSENTER_CS),
+                x86::rdmsr(IA32_SYSENTER_ESP),
+                x86::rdmsr(IA32_SYSENTER_EIP),
+                x86::rdmsr(x86::IA32_EFER),
+                x86::rdmsr(IA32_PAT),
+            )
+        };
+        set(HostNat::FsBase, fs_base)?;
+        set(HostNat::GsBase, gs_base)?;
+        set(HostNat::TrBase, tr_base)?;
+        set(HostNat::GdtrBase, gdt.base.as_u64())?;
+        set(HostNat::IdtrBase, idt.base.as_u64())?;
+        set(Host32::SysenterCs, sysenter_cs & 0xFFFF_FFFF)?;
+        set(HostNat::SysenterEsp, sysenter_esp)?;
+        set(HostNat::SysenterEip, sysenter_eip)?;
+        set(Host64::Efer, efer)?;
+        set(Host64::Pat, pat)?;
+        set(HostNat::Rip, cv_vmx_exit as *const () as u64)?;
+        Ok(())
+    }
+
+    /// Guest state for `entry` (SDM §25.4, checks §27.3.1).
+    fn program_guest(
+        &mut self,
+        caps: &Caps,
+        entry: &GuestEntry,
+        real: bool,
+    ) -> Result<(), VmxError> {
+        const CR0_PE: u64 = 1;
+        const CR0_ET: u64 = 1 << 4;
+        const CR0_NE: u64 = 1 << 5;
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        const CR4_OSFXSR: u64 = 1 << 9;
+        const CR4_OSXMMEXCPT: u64 = 1 << 10;
+        const EFER_LME: u64 = 1 << 8;
+        const EFER_LMA: u64 = 1 << 10;
+        const EFER_NXE: u64 = 1 << 11;
+        let (cr0, cr4, efer) = if real {
+            (CR0_ET, 0, 0)
+        } else {
+            (
+                CR0_PE | CR0_ET | CR0_NE | CR0_PG,
+                CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
+                EFER_LME | EFER_LMA | EFER_NXE,
+            )
+        };
+        let (cr0_hw, cr0_mask) = caps.cr0_for(cr0, real);
+        let (cr4_hw, cr4_mask) = caps.cr4_for(cr4);
+        set(GuestNat::Cr0, cr0_hw)?;
+        set(ControlNat::Cr0GuestHostMask, cr0_mask)?;
+        set(ControlNat::Cr0ReadShadow, cr0)?;
+        set(GuestNat::Cr4, cr4_hw)?;
+        set(ControlNat::Cr4GuestHostMask, cr4_mask)?;
+        set(ControlNat::Cr4ReadShadow, cr4)?;
+        set(Guest64::Efer, efer)?;
+        set(Guest64::Pat, PAT_DEFAULT)?;
+        set(Guest64::Debugctl, 0)?;
+        set(Guest64::VmcsLinkPointer, u64::MAX)?;
+        set(GuestNat::Dr7, 0x400)?;
+        set(GuestNat::Rflags, 0x2)?;
+        set(GuestNat::PendingDebugExceptions, 0)?;
+        set(Guest32::InterruptibilityState, 0)?;
+        set(Guest32::ActivityState, 0)?;
+        set(Guest32::SysenterCs, 0)?;
+        set(GuestNat::SysenterEsp, 0)?;
+        set(GuestNat::SysenterEip, 0)?;
+        set(Guest32::PreemptionTimerValue, 0)?;
+        let data = [
+            (
+                Guest16::SsSelector,
+                Guest32::SsLimit,
+                Guest32::SsAccessRights,
+                GuestNat::SsBase,
+            ),
+            (
+                Guest16::DsSelector,
+                Guest32::DsLimit,
+                Guest32::DsAccessRights,
+                GuestNat::DsBase,
+            ),
+            (
+                Guest16::EsSelector,
+                Guest32::EsLimit,
+                Guest32::EsAccessRights,
+                GuestNat::EsBase,
+            ),
+            (
+                Guest16::FsSelector,
+                Guest32::FsLimit,
+                Guest32::FsAccessRights,
+                GuestNat::FsBase,
+            ),
+            (
+                Guest16::GsSelector,
+                Guest32::GsLimit,
+                Guest32::GsAccessRights,
+                GuestNat::GsBase,
+            ),
+        ];
+        set(Guest16::LdtrSelector, 0)?;
+        set(Guest32::LdtrLimit, 0)?;
+        set(Guest32::LdtrAccessRights, u64::from(access::UNUSABLE))?;
+        set(GuestNat::LdtrBase, 0)?;
+        set(Guest16::TrSelector, 0)?;
+        set(GuestNat::TrBase, 0)?;
+        set(Guest32::TrLimit, 0x67)?;
+        set(
+            Guest32::TrAccessRights,
+            u64::from(access::TSS_BUSY | access::P),
+        )?;
+        match *entry {
+            GuestEntry::LongMode {
+                rip,
+                rsp,
+                cr3,
+                gdt_base,
+                gdt_limit,
+            } => {
+                set(Guest16::CsSelector, 0x08)?;
+                set(GuestNat::CsBase, 0)?;
+                set(Guest32::CsLimit, 0xFFFF_FFFF)?;
+                let code = access::CODE_ER_ACCESSED | access::S | access::P | access::L | access::G;
+                set(Guest32::CsAccessRights, u64::from(code))?;
+                let flat =
+                    access::DATA_RW_ACCESSED | access::S | access::P | access::DB | access::G;
+                for (sel, limit, ar, base) in data {
+                    set(sel, 0x10)?;
+                    set(limit, 0xFFFF_FFFF)?;
+                    set(ar, u64::from(flat))?;
+                    set(base, 0)?;
+                }
+                set(GuestNat::Cr3, cr3)?;
+                set(GuestNat::GdtrBase, gdt_base)?;
+                set(Guest32::GdtrLimit, u64::from(gdt_limit))?;
+                set(GuestNat::IdtrBase, 0)?;
+                set(Guest32::IdtrLimit, 0)?;
+                self.rip = rip;
+                self.rsp = rsp;
+            }
+            GuestEntry::RealMode { cs, ip, sp } => {
+                set(Guest16::CsSelector, u64::from(cs))?;
+                set(GuestNat::CsBase, u64::from(cs) << 4)?;
+                set(Guest32::CsLimit, 0xFFFF)?;
+                set(
+                    Guest32::CsAccessRights,
+                    u64::from(access::CODE_ER_ACCESSED | access::S | access::P),
+                )?;
+                for (sel, limit, ar, base) in data {
+                    set(sel, 0)?;
+                    set(limit, 0xFFFF)?;
+                    set(
+                        ar,
+                        u64::from(access::DATA_RW_ACCESSED | access::S | access::P),
+                    )?;
+                    set(base, 0)?;
+                }
+                set(GuestNat::Cr3, 0)?;
+                set(GuestNat::GdtrBase, 0)?;
+                set(Guest32::GdtrLimit, 0xFFFF)?;
+                set(GuestNat::IdtrBase, 0)?;
+                set(Guest32::IdtrLimit, 0x3FF)?;
+                self.rip = u64::from(ip);
+                self.rsp = u64::from(sp);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this vCPU's VMCS current if it is not.
+    fn make_current(&self) -> Result<(), VmFail> {
+        // SAFETY: called on the owning CPU, in VMX operation (checked by `run`); the VMCS is ours.
+        unsafe {
+            if instr::vmptrst() != self.vmcs {
+                instr::vmptrld(self.vmcs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the guest RIP (e.g. to step over a faulting instruction the layer above emulated).
+    pub fn set_rip(&mut self, rip: u64) {
+        self.rip = rip;
+    }
+
+    /// Sets the TSC offset used from the next entry on.
+    pub fn set_tsc_offset(&mut self, offset: u64) {
+        self.tsc_offset = offset;
+    }
+
+    /// The VMCS exit information of the last exit (for reports).
+    pub fn last_exit(&self) -> ExitInfo {
+        self.last
+    }
+
+    /// Preemption-timer value saved at the last exit, when the CPU saves it.
+    pub fn timer_remaining(&self) -> Option<u32> {
+        self.timer_left
+    }
+
+    /// The preemption timer counts once per 2^rate TSC ticks.
+    pub fn timer_rate(&self) -> u32 {
+        self.timer_rate
+    }
+
+    /// VPID (0 = none).
+    pub fn vpid(&self) -> u16 {
+        self.vpid
+    }
+
+    /// Writes one VMCS field of this vCPU, bypassing the set-up rules: only for the self-test, which breaks a
+    /// field on purpose to prove that entry failures are decoded.
+    pub(super) fn overwrite_field<F: super::fields::Field>(
+        &mut self,
+        f: F,
+        v: u64,
+    ) -> Result<(), VmFail> {
+        self.make_current()?;
+        set(f, v).map_err(|e| e.fail)
+    }
+
+    /// Reads a guest-state field for reports (e.g. CR0, CR3); `None` if the VMCS cannot be made current here.
+    pub fn guest_field(&self, f: GuestNat) -> Option<u64> {
+        if cpu::cpu_index() != self.cpu {
+            return None;
+        }
+        self.make_current().ok()?;
+        instr::read_nat(f).ok()
+    }
+
+    /// Everything written before an entry; an error is a VMWRITE failure number.
+    fn prepare_entry(&mut self, deadline_tsc: u64) -> Result<(), VmFail> {
+        let w = |r: Result<(), VmFail>| r;
+        w(instr::write_nat(GuestNat::Rip, self.rip))?;
+        w(instr::write_nat(GuestNat::Rsp, self.rsp))?;
+        w(instr::write64(Control64::TscOffset, self.tsc_offset))?;
+        let ticks = deadline_tsc.saturating_sub(tsc::rdtsc());
+        let timer = u32::try_from(ticks >> self.timer_rate).unwrap_or(u32::MAX);
+        w(instr::write32(Guest32::PreemptionTimerValue, timer))?;
+        if self.skipped {
+            // Skipping an instruction ends blocking by STI / MOV SS (SDM Table 25-3, bits 0-1).
+            let s = instr::read32(Guest32::InterruptibilityState)?;
+            if s & 0b11 != 0 {
+                instr::write32(Guest32::InterruptibilityState, s & !0b11)?;
+            }
+            self.skipped = false;
+        }
+        if let Some(inj) = self.pending.take() {
+            let mut info = inj.info;
+            if info & intr_info::ERROR_CODE_VALID != 0 {
+                // An error code is delivered only in protected mode (SDM §27.2.1.3).
+                let cr0 = instr::read_nat(GuestNat::Cr0)?;
+                if cr0 & 1 == 0 {
+                    info &= !intr_info::ERROR_CODE_VALID;
+                }
+            }
+            instr::write32(Control32::EntryInterruptionInfo, info)?;
+            instr::write32(Control32::EntryExceptionErrorCode, inj.error_code)?;
+            instr::write32(Control32::EntryInstructionLength, inj.instruction_len)?;
+        }
+        Ok(())
+    }
+
+    fn read_exit(&mut self) -> Result<(), VmFail> {
+        self.last = ExitInfo {
+            reason: instr::read32(ReadOnly32::ExitReason)?,
+            qualification: instr::read_nat(ReadOnlyNat::ExitQualification)?,
+            guest_physical: instr::read64(ReadOnly64::GuestPhysicalAddress)?,
+            interruption_info: instr::read32(ReadOnly32::ExitInterruptionInfo)?,
+            interruption_error: instr::read32(ReadOnly32::ExitInterruptionErrorCode)?,
+            instruction_len: instr::read32(ReadOnly32::ExitInstructionLength)?,
+        };
+        if self.last.reason & ENTRY_FAILURE != 0 {
+            return Ok(());
+        }
+        self.rip = instr::read_nat(GuestNat::Rip)?;
+        self.rsp = instr::read_nat(GuestNat::Rsp)?;
+        self.timer_left = if self.save_timer {
+            Some(instr::read32(Guest32::PreemptionTimerValue)?)
+        } else {
+            None
+        };
+        // An event whose delivery the exit interrupted is delivered again at the next entry (SDM §28.2.4), unless
+        // the layer above injects another one first.
+        let idt = instr::read32(ReadOnly32::IdtVectoringInfo)?;
+        if idt & intr_info::VALID != 0 {
+            self.pending = Some(Injection {
+                info: idt & !(1 << 12),
+                error_code: instr::read32(ReadOnly32::IdtVectoringErrorCode)?,
+                instruction_len: self.last.instruction_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// One entry and exit with interrupts disabled; returns the stub's status.
+    fn enter(&mut self) -> u64 {
+        // SAFETY: FXRSTOR/FXSAVE use our own 16-byte aligned 512-byte area (CR4.OSFXSR was set by `cpu::enable`);
+        // the entry stub gets a valid register block and the VMCS it enters is current and fully programmed. The
+        // host state the VMCS restores on exit is this CPU's own, and the stub returns like a normal function.
+        unsafe {
+            asm!("fxrstor64 [{0}]", in(reg) &self.fx, options(nostack, readonly, preserves_flags));
+            let status = cv_vmx_run(&mut self.regs, u64::from(self.launched));
+            asm!("fxsave64 [{0}]", in(reg) &mut self.fx, options(nostack, preserves_flags));
+            status
+        }
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self, deadline_tsc: u64) -> Result<VmExit, EntryFailure> {
+        if cpu::cpu_index() != self.cpu {
+            return Err(EntryFailure::VmxInstructionError(0));
+        }
+        let fail = |e: VmFail| EntryFailure::VmxInstructionError(vmfail_number(e));
+        self.make_current().map_err(fail)?;
+        let interrupts = x86_64::instructions::interrupts::are_enabled();
+        x86_64::instructions::interrupts::disable();
+        let entered = self.prepare_entry(deadline_tsc).map(|()| self.enter());
+        let result = match entered {
+            Err(e) => Err(fail(e)),
+            Ok(FAIL_INVALID) => Err(EntryFailure::VmxInstructionError(0)),
+            Ok(FAIL_VALID) => {
+                let n = instr::read32(ReadOnly32::InstructionError).unwrap_or(0);
+                Err(EntryFailure::VmxInstructionError(n))
+            }
+            Ok(status) if status != EXITED => Err(EntryFailure::VmxInstructionError(0)),
+            Ok(_) => match self.read_exit() {
+                Err(e) => Err(fail(e)),
+                Ok(()) if self.last.reason & ENTRY_FAILURE != 0 => {
+                    Err(EntryFailure::VmxInvalidGuestState {
+                        reason: self.last.reason & 0xFFFF,
+                        qualification: self.last.qualification,
+                    })
+                }
+                Ok(()) => {
+                    self.launched = true;
+                    if self.last.basic() == reason::EXCEPTION_OR_NMI
+                        && exit::delivered(&self.last) == Delivered::Nmi
+                    {
+                        // SAFETY: NMI exiting took a host NMI; vector 2 is the kernel's NMI handler, which runs on
+                        // its IST stack and returns with IRET.
+                        unsafe { asm!("int 2", options(nomem, nostack)) };
+                    }
+                    Ok(exit::decode(&self.last))
+                }
+            },
+        };
+        if interrupts {
+            // A host interrupt that caused an external-interrupt exit is still pending and is taken here.
+            x86_64::instructions::interrupts::enable();
+        }
+        result
+    }
+
+    fn gpr(&self, reg: Gpr) -> u64 {
+        let r = &self.regs;
+        match reg {
+            Gpr::Rax => r.rax,
+            Gpr::Rcx => r.rcx,
+            Gpr::Rdx => r.rdx,
+            Gpr::Rbx => r.rbx,
+            Gpr::Rsp => self.rsp,
+            Gpr::Rbp => r.rbp,
+            Gpr::Rsi => r.rsi,
+            Gpr::Rdi => r.rdi,
+            Gpr::R8 => r.r8,
+            Gpr::R9 => r.r9,
+            Gpr::R10 => r.r10,
+            Gpr::R11 => r.r11,
+            Gpr::R12 => r.r12,
+            Gpr::R13 => r.r13,
+            Gpr::R14 => r.r14,
+            Gpr::R15 => r.r15,
+        }
+    }
+
+    fn set_gpr(&mut self, reg: Gpr, value: u64) {
+        let r = &mut self.regs;
+        let slot = match reg {
+            Gpr::Rax => &mut r.rax,
+            Gpr::Rcx => &mut r.rcx,
+            Gpr::Rdx => &mut r.rdx,
+            Gpr::Rbx => &mut r.rbx,
+            Gpr::Rsp => &mut self.rsp,
+            Gpr::Rbp => &mut r.rbp,
+            Gpr::Rsi => &mut r.rsi,
+            Gpr::Rdi => &mut r.rdi,
+            Gpr::R8 => &mut r.r8,
+            Gpr::R9 => &mut r.r9,
+            Gpr::R10 => &mut r.r10,
+            Gpr::R11 => &mut r.r11,
+            Gpr::R12 => &mut r.r12,
+            Gpr::R13 => &mut r.r13,
+            Gpr::R14 => &mut r.r14,
+            Gpr::R15 => &mut r.r15,
+        };
+        *slot = value;
+    }
+
+    fn rip(&self) -> u64 {
+        self.rip
+    }
+
+    fn skip_instruction(&mut self) {
+        self.rip = self.rip.wrapping_add(u64::from(self.last.instruction_len));
+        self.skipped = true;
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        let kind = match vector {
+            2 => intr_info::TYPE_NMI,
+            0..=31 => intr_info::TYPE_HARDWARE_EXCEPTION,
+            _ => intr_info::TYPE_EXTERNAL,
+        };
+        let with_code =
+            kind == intr_info::TYPE_HARDWARE_EXCEPTION && ERROR_CODE_VECTORS.contains(&vector);
+        let info = u32::from(vector)
+            | (kind << intr_info::TYPE_SHIFT)
+            | if with_code {
+                intr_info::ERROR_CODE_VALID
+            } else {
+                0
+            }
+            | intr_info::VALID;
+        self.pending = Some(Injection {
+            info,
+            error_code: error_code.unwrap_or(0),
+            instruction_len: 0,
+        });
+    }
+
+    fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        host_tsc.wrapping_add(self.tsc_offset)
+    }
+}
+
+impl Drop for VmxVcpu {
+    fn drop(&mut self) {
+        if cpu::cpu_index() != self.cpu {
+            log::error!(
+                "vmx: vCPU dropped off its CPU {}: leaking its VMCS and bitmaps",
+                self.cpu
+            );
+            return;
+        }
+        if self.vmcs != 0 {
+            // SAFETY: on the owning CPU in VMX operation; VMCLEAR writes the VMCS back and makes it not current, after
+            // which the frame is ordinary memory again.
+            if let Err(e) = unsafe { instr::vmclear(self.vmcs) } {
+                log::error!(
+                    "vmx: VMCLEAR of {:#x} failed ({e}): leaking its frames",
+                    self.vmcs
+                );
+                return;
+            }
+        }
+        for f in [
+            self.vmcs,
+            self.msr_bitmap,
+            self.io_bitmap_a,
+            self.io_bitmap_b,
+            self.guest_msrs,
+            self.host_msrs,
+        ] {
+            if f != 0 {
+                // SAFETY: each frame came from the allocator in `new`, is no longer referenced by any current VMCS,
+                // and is freed once.
+                unsafe { frame::free(f) };
+            }
+        }
+    }
+}
