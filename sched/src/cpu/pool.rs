@@ -6,7 +6,8 @@
 //! run plus time it was runnable but throttled for lack of credits. With `D` the mean of the last
 //! `window_periods` such values (rounded up) and `H = horizon_periods`, the credits needed to run the pending
 //! demand at full speed for the horizon are `need = D * H`. The vCPU asks when `D > 0` and
-//! `balance + outstanding < need`, for `max(need - balance - outstanding, min_request_ns)` credit-ns, with at
+//! `balance + outstanding < need / 2` (hysteresis: about one request per half horizon), for
+//! `max(need - balance - outstanding, min_request_ns)` credit-ns, with at
 //! most one request outstanding (repeated after `retry_periods` without an answer).
 //!
 //! Grants carry a schedule: apply now, apply at a rate per period (at each of that vCPU's period closes), or hold
@@ -231,7 +232,9 @@ impl PoolState {
         let need = mean * u128::from(policy.horizon_periods);
         let need = i128::try_from(need).unwrap_or(i128::MAX);
         let have = balance + i128::from(self.outstanding.map_or(0, |o| o.credits_ns));
-        if have >= need {
+        // Hysteresis: ask only below half the need (then for all of it), so a vCPU that keeps bursting asks
+        // about once per half horizon instead of every period.
+        if have >= need / 2 {
             return None;
         }
         let short = u64::try_from(need - have).unwrap_or(u64::MAX);
