@@ -135,7 +135,15 @@ impl Shared {
         let hosts = cfg
             .hosts
             .iter()
-            .map(|a| (a.to_string(), HostStatus { address: a.to_string(), ..HostStatus::default() }))
+            .map(|a| {
+                (
+                    a.to_string(),
+                    HostStatus {
+                        address: a.to_string(),
+                        ..HostStatus::default()
+                    },
+                )
+            })
             .collect();
         Self {
             cfg,
@@ -153,8 +161,14 @@ impl Shared {
     ///
     /// # Errors
     /// Whatever `f` returns; a poisoned lock is reported as a conflict.
-    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut g = self.store.lock().map_err(|_| StoreError::Conflict("store lock poisoned".into()))?;
+    pub fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut g = self
+            .store
+            .lock()
+            .map_err(|_| StoreError::Conflict("store lock poisoned".into()))?;
         f(&mut g)
     }
 

@@ -48,13 +48,19 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        Self(StatusCode::BAD_REQUEST, format!("bad JSON body: {}", e.body_text()))
+        Self(
+            StatusCode::BAD_REQUEST,
+            format!("bad JSON body: {}", e.body_text()),
+        )
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
-        Self(StatusCode::BAD_REQUEST, format!("bad path: {}", e.body_text()))
+        Self(
+            StatusCode::BAD_REQUEST,
+            format!("bad path: {}", e.body_text()),
+        )
     }
 }
 
@@ -65,7 +71,9 @@ impl From<CallError> for ApiError {
             CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             CallError::Host(code, _) => match code {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Admission | ErrorCode::BadState | ErrorCode::Stale => StatusCode::CONFLICT,
+                ErrorCode::Admission | ErrorCode::BadState | ErrorCode::Stale => {
+                    StatusCode::CONFLICT
+                }
                 ErrorCode::Invalid => StatusCode::BAD_REQUEST,
                 ErrorCode::Unsupported => StatusCode::NOT_IMPLEMENTED,
             },
@@ -109,14 +117,31 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn call_host(s: &Shared, host: &str, command: Command, commitment: Option<CommitmentView>) -> Result<Reply, ApiError> {
-    let link = s
-        .link(host)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("host '{host}' is unknown or not connected")))?;
+async fn call_host(
+    s: &Shared,
+    host: &str,
+    command: Command,
+    commitment: Option<CommitmentView>,
+) -> Result<Reply, ApiError> {
+    let link = s.link(host).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("host '{host}' is unknown or not connected"),
+        )
+    })?;
     let (reply, rx) = oneshot::channel();
-    link.send(HostCall { command, reply, commitment })
-        .await
-        .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("host '{host}' task stopped")))?;
+    link.send(HostCall {
+        command,
+        reply,
+        commitment,
+    })
+    .await
+    .map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("host '{host}' task stopped"),
+        )
+    })?;
     let budget = s.cfg.retry * (s.cfg.max_attempts + 1) + std::time::Duration::from_secs(1);
     match tokio::time::timeout(budget, rx).await {
         Ok(Ok(r)) => Ok(r?),
@@ -126,12 +151,18 @@ async fn call_host(s: &Shared, host: &str, command: Command, commitment: Option<
 }
 
 fn reply_json(r: &Reply) -> ApiResult {
-    serde_json::to_value(r).map(Json).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    serde_json::to_value(r)
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn hosts(State(s): St) -> ApiResult {
     let stored = s.with_store(|st| st.hosts())?;
-    let live: Vec<_> = s.hosts.lock().map(|h| h.values().cloned().collect()).unwrap_or_default();
+    let live: Vec<_> = s
+        .hosts
+        .lock()
+        .map(|h| h.values().cloned().collect())
+        .unwrap_or_default();
     Ok(Json(json!({ "hosts": stored, "links": live })))
 }
 
@@ -153,7 +184,11 @@ struct CreateVm {
     vcpus: Vec<SchedParams>,
 }
 
-async fn create_vm(State(s): St, p: Result<Path<String>, PathRejection>, b: Result<Json<CreateVm>, JsonRejection>) -> ApiResult {
+async fn create_vm(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<CreateVm>, JsonRejection>,
+) -> ApiResult {
     let Path(host) = p?;
     let Json(b) = b?;
     if b.vcpus.is_empty() || b.vcpus.len() > MAX_VCPUS {
@@ -172,14 +207,21 @@ async fn describe_vm(State(s): St, p: Result<Path<(String, u32)>, PathRejection>
     reply_json(&call_host(&s, &host, Command::DescribeVm { vm }, None).await?)
 }
 
-async fn vm_action(State(s): St, p: Result<Path<(String, u32, String)>, PathRejection>) -> ApiResult {
+async fn vm_action(
+    State(s): St,
+    p: Result<Path<(String, u32, String)>, PathRejection>,
+) -> ApiResult {
     let Path((host, vm, action)) = p?;
     let cmd = match action.as_str() {
         "start" => Command::StartVm { vm },
         "pause" => Command::PauseVm { vm },
         "resume" => Command::ResumeVm { vm },
         "destroy" => Command::DestroyVm { vm },
-        other => return Err(bad(format!("unknown action '{other}' (start, pause, resume, destroy)"))),
+        other => {
+            return Err(bad(format!(
+                "unknown action '{other}' (start, pause, resume, destroy)"
+            )))
+        }
     };
     reply_json(&call_host(&s, &host, cmd, None).await?)
 }
@@ -191,7 +233,15 @@ async fn set_sched(
 ) -> ApiResult {
     let Path((host, vm, vcpu)) = p?;
     let Json(params) = b?;
-    reply_json(&call_host(&s, &host, Command::SetSchedParams { vm, vcpu, params }, None).await?)
+    reply_json(
+        &call_host(
+            &s,
+            &host,
+            Command::SetSchedParams { vm, vcpu, params },
+            None,
+        )
+        .await?,
+    )
 }
 
 async fn balances(State(s): St, p: Result<Path<String>, PathRejection>) -> ApiResult {
@@ -204,10 +254,24 @@ struct Period {
     period_ms: u32,
 }
 
-async fn set_telemetry_period(State(s): St, p: Result<Path<String>, PathRejection>, b: Result<Json<Period>, JsonRejection>) -> ApiResult {
+async fn set_telemetry_period(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<Period>, JsonRejection>,
+) -> ApiResult {
     let Path(host) = p?;
     let Json(b) = b?;
-    reply_json(&call_host(&s, &host, Command::SetTelemetryPeriod { period_ms: b.period_ms }, None).await?)
+    reply_json(
+        &call_host(
+            &s,
+            &host,
+            Command::SetTelemetryPeriod {
+                period_ms: b.period_ms,
+            },
+            None,
+        )
+        .await?,
+    )
 }
 
 async fn pools(State(s): St) -> ApiResult {
@@ -217,12 +281,16 @@ async fn pools(State(s): St) -> ApiResult {
 async fn create_pool(State(s): St, b: Result<Json<PoolSpec>, JsonRejection>) -> ApiResult {
     let Json(spec) = b?;
     s.with_store(|st| st.create_pool(&spec, now_ms()))?;
-    Ok(Json(serde_json::to_value(s.with_store(|st| st.pool(&spec.name))?).unwrap_or(Value::Null)))
+    Ok(Json(
+        serde_json::to_value(s.with_store(|st| st.pool(&spec.name))?).unwrap_or(Value::Null),
+    ))
 }
 
 async fn pool(State(s): St, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let Path(name) = p?;
-    Ok(Json(serde_json::to_value(s.with_store(|st| st.pool(&name))?).unwrap_or(Value::Null)))
+    Ok(Json(
+        serde_json::to_value(s.with_store(|st| st.pool(&name))?).unwrap_or(Value::Null),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -230,12 +298,18 @@ struct Purchase {
     amount_ns: u64,
 }
 
-async fn purchase(State(s): St, p: Result<Path<String>, PathRejection>, b: Result<Json<Purchase>, JsonRejection>) -> ApiResult {
+async fn purchase(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<Purchase>, JsonRejection>,
+) -> ApiResult {
     let Path(name) = p?;
     let Json(b) = b?;
     let cost = s.with_store(|st| st.purchase(&name, b.amount_ns, now_ms()))?;
     let pool = s.with_store(|st| st.pool(&name))?;
-    Ok(Json(json!({ "cost_micros": cost, "balance_ns": pool.balance_ns })))
+    Ok(Json(
+        json!({ "cost_micros": cost, "balance_ns": pool.balance_ns }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -244,22 +318,36 @@ struct Member {
     vm: u32,
 }
 
-async fn authorize(State(s): St, p: Result<Path<String>, PathRejection>, b: Result<Json<Member>, JsonRejection>) -> ApiResult {
+async fn authorize(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<Member>, JsonRejection>,
+) -> ApiResult {
     let Path(name) = p?;
     let Json(m) = b?;
     s.with_store(|st| st.authorize(&name, &m.host, m.vm, true))?;
-    Ok(Json(json!({ "authorized": format!("{}/{}", m.host, m.vm), "pool": name })))
+    Ok(Json(
+        json!({ "authorized": format!("{}/{}", m.host, m.vm), "pool": name }),
+    ))
 }
 
-async fn deauthorize(State(s): St, p: Result<Path<String>, PathRejection>, b: Result<Json<Member>, JsonRejection>) -> ApiResult {
+async fn deauthorize(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<Member>, JsonRejection>,
+) -> ApiResult {
     let Path(name) = p?;
     let Json(m) = b?;
     s.with_store(|st| st.authorize(&name, &m.host, m.vm, false))?;
-    Ok(Json(json!({ "deauthorized": format!("{}/{}", m.host, m.vm), "pool": name })))
+    Ok(Json(
+        json!({ "deauthorized": format!("{}/{}", m.host, m.vm), "pool": name }),
+    ))
 }
 
 async fn commitments(State(s): St) -> ApiResult {
-    Ok(Json(json!({ "commitments": s.with_store(|st| st.commitments())? })))
+    Ok(Json(
+        json!({ "commitments": s.with_store(|st| st.commitments())? }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -277,7 +365,10 @@ struct SetCommitment {
 async fn set_commitment(State(s): St, b: Result<Json<SetCommitment>, JsonRejection>) -> ApiResult {
     let Json(b) = b?;
     if b.limit_iops != 0 && b.limit_iops < b.committed_iops {
-        return Err(bad(format!("limit {} is below the commitment {}", b.limit_iops, b.committed_iops)));
+        return Err(bad(format!(
+            "limit {} is below the commitment {}",
+            b.limit_iops, b.committed_iops
+        )));
     }
     let c = CommitmentView {
         host_id: b.host.clone(),
@@ -290,7 +381,10 @@ async fn set_commitment(State(s): St, b: Result<Json<SetCommitment>, JsonRejecti
         reason: String::new(),
     };
     if s.link(&b.host).is_none() {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("host '{}' is unknown or not connected", b.host)));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("host '{}' is unknown or not connected", b.host),
+        ));
     }
     s.with_store(|st| st.commitment_asked(&c, now_ms()))?;
     let cmd = Command::SetVolumeCommitment {
@@ -301,7 +395,9 @@ async fn set_commitment(State(s): St, b: Result<Json<SetCommitment>, JsonRejecti
     };
     call_host(&s, &b.host, cmd, Some(c)).await?;
     let all = s.with_store(|st| st.commitments())?;
-    let row = all.into_iter().find(|x| x.host_id == b.host && x.vm == b.vm && x.volume == b.volume);
+    let row = all
+        .into_iter()
+        .find(|x| x.host_id == b.host && x.vm == b.vm && x.volume == b.volume);
     Ok(Json(serde_json::to_value(row).unwrap_or(Value::Null)))
 }
 
@@ -313,7 +409,13 @@ async fn usage(State(s): St) -> ApiResult {
 }
 
 async fn billing(State(s): St) -> ApiResult {
-    let lines = s.with_store(|st| st.billing(now_ms(), s.cfg.iops_month_micros, s.cfg.overage_iops_month_micros))?;
+    let lines = s.with_store(|st| {
+        st.billing(
+            now_ms(),
+            s.cfg.iops_month_micros,
+            s.cfg.overage_iops_month_micros,
+        )
+    })?;
     Ok(Json(json!({
         "iops_month_micros": s.cfg.iops_month_micros,
         "overage_iops_month_micros": s.cfg.overage_iops_month_micros,
@@ -325,17 +427,27 @@ async fn telemetry(State(s): St) -> ApiResult {
     let t: Vec<Value> = s
         .telemetry
         .lock()
-        .map(|m| m.iter().map(|((h, _), e)| json!({ "host_id": h, "at_ms": e.at_ms, "snapshot": e.snapshot })).collect())
+        .map(|m| {
+            m.iter()
+                .map(
+                    |((h, _), e)| json!({ "host_id": h, "at_ms": e.at_ms, "snapshot": e.snapshot }),
+                )
+                .collect()
+        })
         .unwrap_or_default();
     Ok(Json(json!({ "telemetry": t })))
 }
 
 async fn notifications(State(s): St) -> ApiResult {
-    Ok(Json(json!({ "notifications": s.with_store(|st| st.notifications(100))? })))
+    Ok(Json(
+        json!({ "notifications": s.with_store(|st| st.notifications(100))? }),
+    ))
 }
 
 async fn ledger(State(s): St) -> ApiResult {
-    Ok(Json(serde_json::to_value(s.with_store(|st| st.ledger_check())?).unwrap_or(Value::Null)))
+    Ok(Json(
+        serde_json::to_value(s.with_store(|st| st.ledger_check())?).unwrap_or(Value::Null),
+    ))
 }
 
 async fn grants(State(s): St) -> ApiResult {
@@ -347,39 +459,103 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
     let m = &s.metrics;
     let counters = [
         ("cv_frames_out_total", "Frames sent to hosts", &m.frames_out),
-        ("cv_credit_requests_total", "Credit requests received", &m.credit_requests),
+        (
+            "cv_credit_requests_total",
+            "Credit requests received",
+            &m.credit_requests,
+        ),
         ("cv_grants_sent_total", "Grants sent", &m.grants_sent),
-        ("cv_grants_acked_total", "Grants acknowledged", &m.grants_acked),
-        ("cv_grants_refunded_total", "Grants refunded", &m.grants_refunded),
-        ("cv_credit_denials_total", "Credit requests denied", &m.denials),
+        (
+            "cv_grants_acked_total",
+            "Grants acknowledged",
+            &m.grants_acked,
+        ),
+        (
+            "cv_grants_refunded_total",
+            "Grants refunded",
+            &m.grants_refunded,
+        ),
+        (
+            "cv_credit_denials_total",
+            "Credit requests denied",
+            &m.denials,
+        ),
         ("cv_command_retries_total", "Command re-sends", &m.retries),
-        ("cv_stale_answers_total", "Stale answers from hosts", &m.stale),
-        ("cv_telemetry_snapshots_total", "Telemetry snapshots", &m.telemetry),
-        ("cv_command_errors_total", "API commands refused by hosts", &m.command_errors),
+        (
+            "cv_stale_answers_total",
+            "Stale answers from hosts",
+            &m.stale,
+        ),
+        (
+            "cv_telemetry_snapshots_total",
+            "Telemetry snapshots",
+            &m.telemetry,
+        ),
+        (
+            "cv_command_errors_total",
+            "API commands refused by hosts",
+            &m.command_errors,
+        ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
     }
-    let _ = writeln!(out, "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter"
+    );
     if let Ok(hosts) = s.hosts.lock() {
         for h in hosts.values() {
-            let _ = writeln!(out, "cv_host_connected{{address=\"{}\"}} {}", h.address, u8::from(h.connected));
-            let _ = writeln!(out, "cv_frames_rejected_total{{address=\"{}\"}} {}", h.address, h.decode.rejected());
-            let _ = writeln!(out, "cv_telemetry_gaps_total{{address=\"{}\"}} {}", h.address, h.telemetry_gaps);
+            let _ = writeln!(
+                out,
+                "cv_host_connected{{address=\"{}\"}} {}",
+                h.address,
+                u8::from(h.connected)
+            );
+            let _ = writeln!(
+                out,
+                "cv_frames_rejected_total{{address=\"{}\"}} {}",
+                h.address,
+                h.decode.rejected()
+            );
+            let _ = writeln!(
+                out,
+                "cv_telemetry_gaps_total{{address=\"{}\"}} {}",
+                h.address, h.telemetry_gaps
+            );
         }
     }
     let _ = writeln!(out, "# TYPE cv_pool_balance_ns gauge");
     for p in s.with_store(|st| st.pools())? {
-        let _ = writeln!(out, "cv_pool_balance_ns{{pool=\"{}\"}} {}", p.spec.name, p.balance_ns);
+        let _ = writeln!(
+            out,
+            "cv_pool_balance_ns{{pool=\"{}\"}} {}",
+            p.spec.name, p.balance_ns
+        );
     }
-    let _ = writeln!(out, "# TYPE cv_vcpu_balance_ns gauge\n# TYPE cv_volume_iops gauge");
+    let _ = writeln!(
+        out,
+        "# TYPE cv_vcpu_balance_ns gauge\n# TYPE cv_volume_iops gauge"
+    );
     if let Ok(t) = s.telemetry.lock() {
         for ((host, vm), e) in t.iter() {
             for c in &e.snapshot.vcpus {
-                let _ = writeln!(out, "cv_vcpu_balance_ns{{host=\"{host}\",vm=\"{vm}\",vcpu=\"{}\"}} {}", c.vcpu, c.balance_ns);
+                let _ = writeln!(
+                    out,
+                    "cv_vcpu_balance_ns{{host=\"{host}\",vm=\"{vm}\",vcpu=\"{}\"}} {}",
+                    c.vcpu, c.balance_ns
+                );
             }
             for v in &e.snapshot.volumes {
-                let _ = writeln!(out, "cv_volume_iops{{host=\"{host}\",vm=\"{vm}\",volume=\"{}\"}} {}", v.volume, v.iops);
+                let _ = writeln!(
+                    out,
+                    "cv_volume_iops{{host=\"{host}\",vm=\"{vm}\",volume=\"{}\"}} {}",
+                    v.volume, v.iops
+                );
                 let _ = writeln!(
                     out,
                     "cv_volume_committed_iops{{host=\"{host}\",vm=\"{vm}\",volume=\"{}\"}} {}",

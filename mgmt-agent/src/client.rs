@@ -34,7 +34,13 @@ impl Client {
     /// A client for the agent at `addr` (`host:port`).
     #[must_use]
     pub fn new(addr: &str) -> Self {
-        Self { addr: addr.trim().trim_start_matches("http://").trim_end_matches('/').to_string() }
+        Self {
+            addr: addr
+                .trim()
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+        }
     }
 
     /// GET `path`.
@@ -69,21 +75,39 @@ impl Client {
     ///
     /// # Errors
     /// See [`ClientError`].
-    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
         let (status, text) = self.raw(method, path, body)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ClientError::Protocol(format!("{e} in {:?}", text.chars().take(200).collect::<String>())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            ClientError::Protocol(format!(
+                "{e} in {:?}",
+                text.chars().take(200).collect::<String>()
+            ))
+        })?;
         if !(200..300).contains(&status) {
-            let msg = v.get("error").and_then(Value::as_str).map_or_else(|| text.clone(), str::to_string);
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| text.clone(), str::to_string);
             return Err(ClientError::Http(status, msg));
         }
         Ok(v)
     }
 
-    fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, String), ClientError> {
+    fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), ClientError> {
         let conn = |e| ClientError::Connect(self.addr.clone(), e);
         let mut s = TcpStream::connect(&self.addr).map_err(conn)?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).map_err(conn)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(conn)?;
         let payload = body.map(Value::to_string).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
@@ -94,7 +118,9 @@ impl Client {
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).map_err(conn)?;
         let text = String::from_utf8_lossy(&resp);
-        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| ClientError::Protocol("no header end".into()))?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| ClientError::Protocol("no header end".into()))?;
         let status: u16 = head
             .split_whitespace()
             .nth(1)
@@ -104,7 +130,11 @@ impl Client {
             let l = l.to_ascii_lowercase();
             l.starts_with("transfer-encoding:") && l.contains("chunked")
         });
-        let body = if chunked { dechunk(body)? } else { body.to_string() };
+        let body = if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        };
         Ok((status, body))
     }
 }
@@ -112,12 +142,17 @@ impl Client {
 fn dechunk(mut s: &str) -> Result<String, ClientError> {
     let mut out = String::new();
     loop {
-        let (size, rest) = s.split_once("\r\n").ok_or_else(|| ClientError::Protocol("bad chunk".into()))?;
-        let n = usize::from_str_radix(size.trim(), 16).map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
+        let (size, rest) = s
+            .split_once("\r\n")
+            .ok_or_else(|| ClientError::Protocol("bad chunk".into()))?;
+        let n = usize::from_str_radix(size.trim(), 16)
+            .map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
         if n == 0 {
             return Ok(out);
         }
-        let chunk = rest.get(..n).ok_or_else(|| ClientError::Protocol("short chunk".into()))?;
+        let chunk = rest
+            .get(..n)
+            .ok_or_else(|| ClientError::Protocol("short chunk".into()))?;
         out.push_str(chunk);
         s = rest.get(n + 2..).unwrap_or("");
     }
@@ -135,7 +170,14 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: Vec<&str>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     let mut out = line(headers.to_vec());
     out.push('\n');
@@ -164,7 +206,10 @@ mod tests {
     fn tables_align_and_chunks_decode() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), "abcde");
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            "abcde"
+        );
         assert!(dechunk("zz\r\n").is_err());
     }
 }

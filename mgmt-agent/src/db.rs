@@ -300,6 +300,10 @@ fn resource_of(s: &str) -> Resource {
     }
 }
 
+/// Pool columns read when answering a credit request: name, balance, strategy, pricing, replenish,
+/// max grant, low-balance mark, top-up spending, low-balance notified flag.
+type PoolRow = (String, i64, String, String, String, i64, i64, i64, i64);
+
 /// The agent's database.
 pub struct Store {
     conn: Connection,
@@ -328,7 +332,9 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let have: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let have: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         let have = usize::try_from(have).unwrap_or(0);
         if have > MIGRATIONS.len() {
             return Err(StoreError::Conflict(format!(
@@ -339,7 +345,11 @@ impl Store {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i64_of(u64::try_from(i + 1).unwrap_or(u64::MAX))?)?;
+            tx.pragma_update(
+                None,
+                "user_version",
+                i64_of(u64::try_from(i + 1).unwrap_or(u64::MAX))?,
+            )?;
             tx.commit()?;
         }
         Ok(())
@@ -350,7 +360,9 @@ impl Store {
     /// # Errors
     /// SQLite errors.
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     // ---- hosts and VMs ----
@@ -373,7 +385,10 @@ impl Store {
     /// # Errors
     /// SQLite errors.
     pub fn touch_host(&self, host: &str, now: i64) -> Result<()> {
-        self.conn.execute("UPDATE hosts SET last_seen=?2 WHERE host_id=?1", params![host, now])?;
+        self.conn.execute(
+            "UPDATE hosts SET last_seen=?2 WHERE host_id=?1",
+            params![host, now],
+        )?;
         Ok(())
     }
 
@@ -441,7 +456,9 @@ impl Store {
     pub fn create_pool(&self, spec: &PoolSpec, now: i64) -> Result<()> {
         validate_pool(spec)?;
         let next_refill = match spec.replenish {
-            Replenish::Periodic { every_s, .. } => Some(now + i64_of(every_s.saturating_mul(1000))?),
+            Replenish::Periodic { every_s, .. } => {
+                Some(now + i64_of(every_s.saturating_mul(1000))?)
+            }
             _ => None,
         };
         let r = self.conn.execute(
@@ -460,8 +477,13 @@ impl Store {
             ],
         );
         match r {
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(StoreError::Conflict(format!("pool '{}' already exists", spec.name)))
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Conflict(format!(
+                    "pool '{}' already exists",
+                    spec.name
+                )))
             }
             Err(e) => Err(e.into()),
             Ok(_) => Ok(()),
@@ -475,7 +497,9 @@ impl Store {
     pub fn pools(&self) -> Result<Vec<PoolView>> {
         let names: Vec<String> = {
             let mut st = self.conn.prepare("SELECT name FROM pools ORDER BY name")?;
-            let v = st.query_map([], |r| r.get(0))?.collect::<std::result::Result<_, _>>()?;
+            let v = st
+                .query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?;
             v
         };
         names.iter().map(|n| self.pool(n)).collect()
@@ -508,9 +532,17 @@ impl Store {
             )
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("no pool named '{name}'")))?;
-        let mut st = self.conn.prepare("SELECT host_id, vm FROM pool_members WHERE pool=?1 ORDER BY host_id, vm")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT host_id, vm FROM pool_members WHERE pool=?1 ORDER BY host_id, vm")?;
         let members = st
-            .query_map(params![name], |r| Ok(format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .query_map(params![name], |r| {
+                Ok(format!(
+                    "{}/{}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?
+                ))
+            })?
             .collect::<std::result::Result<_, _>>()?;
         Ok(PoolView {
             spec: PoolSpec {
@@ -544,7 +576,9 @@ impl Store {
             params![pool, host, vm],
         )? == 0
         {
-            return Err(StoreError::NotFound(format!("{host}/{vm} is not authorised in pool '{pool}'")));
+            return Err(StoreError::NotFound(format!(
+                "{host}/{vm} is not authorised in pool '{pool}'"
+            )));
         }
         Ok(())
     }
@@ -555,13 +589,20 @@ impl Store {
     /// `NotFound`, `Invalid` for a zero amount.
     pub fn purchase(&mut self, pool: &str, amount_ns: u64, now: i64) -> Result<u64> {
         if amount_ns == 0 {
-            return Err(StoreError::Invalid("purchase amount must be positive".into()));
+            return Err(StoreError::Invalid(
+                "purchase amount must be positive".into(),
+            ));
         }
         let view = self.pool(pool)?;
         let cost = view.spec.pricing.cost_micros(amount_ns);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         credit_pool(&tx, pool, "purchase", amount_ns, cost, now)?;
-        tx.execute("UPDATE pools SET low_notified=0 WHERE name=?1 AND balance_ns>=low_balance_ns", params![pool])?;
+        tx.execute(
+            "UPDATE pools SET low_notified=0 WHERE name=?1 AND balance_ns>=low_balance_ns",
+            params![pool],
+        )?;
         tx.commit()?;
         Ok(cost)
     }
@@ -571,13 +612,17 @@ impl Store {
     /// # Errors
     /// SQLite errors.
     pub fn periodic_refills(&mut self, now: i64) -> Result<usize> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let due: Vec<(String, String, String, i64)> = {
             let mut st = tx.prepare(
                 "SELECT name, replenish, pricing, next_refill FROM pools WHERE next_refill IS NOT NULL AND next_refill<=?1",
             )?;
             let v = st
-                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map(params![now], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
                 .collect::<std::result::Result<_, _>>()?;
             v
         };
@@ -585,7 +630,14 @@ impl Store {
         for (name, rep, pricing, next) in due {
             if let Replenish::Periodic { amount_ns, every_s } = serde_json::from_str(&rep)? {
                 let pricing: Pricing = serde_json::from_str(&pricing)?;
-                credit_pool(&tx, &name, "refill", amount_ns, pricing.cost_micros(amount_ns), now)?;
+                credit_pool(
+                    &tx,
+                    &name,
+                    "refill",
+                    amount_ns,
+                    pricing.cost_micros(amount_ns),
+                    now,
+                )?;
                 let step = i64_of(every_s.max(1).saturating_mul(1000))?;
                 // Skip missed periods instead of buying them all at once after downtime.
                 let periods_missed = (now - next) / step;
@@ -611,7 +663,9 @@ impl Store {
         req: &CreditRequest,
         now: i64,
     ) -> Result<CreditOutcome> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let boot = boot_id.cast_signed();
         let rid = req.request_id.cast_signed();
         let prior: Option<(Option<i64>, Option<String>)> = tx
@@ -625,10 +679,12 @@ impl Store {
             drop(tx);
             return match (grant, deny) {
                 (Some(g), _) => Ok(CreditOutcome::Grants(vec![self.grant_by_id(g)?])),
-                (None, reason) => Ok(CreditOutcome::Deny(reason.unwrap_or_else(|| "denied".into()))),
+                (None, reason) => Ok(CreditOutcome::Deny(
+                    reason.unwrap_or_else(|| "denied".into()),
+                )),
             };
         }
-        let pool: Option<(String, i64, String, String, String, i64, i64, i64, i64)> = tx
+        let pool: Option<PoolRow> = tx
             .query_row(
                 "SELECT p.name, p.balance_ns, p.strategy, p.pricing, p.replenish, p.max_grant_ns, p.low_balance_ns,
                     p.topup_spent_micros, p.low_notified
@@ -692,10 +748,18 @@ impl Store {
                 }
                 CreditOutcome::Deny(reason)
             }
-            (GrantDecision::Grant(stages), Some((name, balance, _, pricing, replenish, _, low, spent, notified))) => {
+            (
+                GrantDecision::Grant(stages),
+                Some((name, balance, _, pricing, replenish, _, low, spent, notified)),
+            ) => {
                 let total: u64 = stages.iter().map(|(a, _)| *a).sum();
-                let stages: Vec<Stage> =
-                    stages.into_iter().map(|(amount_ns, instruction)| Stage { amount_ns, instruction }).collect();
+                let stages: Vec<Stage> = stages
+                    .into_iter()
+                    .map(|(amount_ns, instruction)| Stage {
+                        amount_ns,
+                        instruction,
+                    })
+                    .collect();
                 let pricing: Pricing = serde_json::from_str(&pricing)?;
                 tx.execute(
                     "UPDATE pools SET balance_ns=balance_ns-?2 WHERE name=?1",
@@ -757,17 +821,38 @@ impl Store {
                                 params![name, i64_of(cost)?],
                             )?;
                             new_balance += amount;
-                            notify(&tx, now, &name, "topup", &format!("bought {amount} credit-ns for {cost} micro-$"))?;
+                            notify(
+                                &tx,
+                                now,
+                                &name,
+                                "topup",
+                                &format!("bought {amount} credit-ns for {cost} micro-$"),
+                            )?;
                         }
                         None if new_balance < threshold_ns => {
-                            notify(&tx, now, &name, "topup_refused", "top-up not made: spending limit reached")?;
+                            notify(
+                                &tx,
+                                now,
+                                &name,
+                                "topup_refused",
+                                "top-up not made: spending limit reached",
+                            )?;
                         }
                         None => {}
                     }
                 }
                 if new_balance < u64_of(low) && notified == 0 {
-                    notify(&tx, now, &name, "low_balance", &format!("pool '{name}' balance {new_balance} ns below {low} ns"))?;
-                    tx.execute("UPDATE pools SET low_notified=1 WHERE name=?1", params![name])?;
+                    notify(
+                        &tx,
+                        now,
+                        &name,
+                        "low_balance",
+                        &format!("pool '{name}' balance {new_balance} ns below {low} ns"),
+                    )?;
+                    tx.execute(
+                        "UPDATE pools SET low_notified=1 WHERE name=?1",
+                        params![name],
+                    )?;
                 }
                 tx.commit()?;
                 return Ok(CreditOutcome::Grants(vec![self.grant_by_id(grant_id)?]));
@@ -804,7 +889,9 @@ impl Store {
             let mut st = self
                 .conn
                 .prepare("SELECT grant_id FROM grants WHERE host_id=?1 AND status='debited' ORDER BY grant_id")?;
-            let v = st.query_map(params![host], |r| r.get(0))?.collect::<std::result::Result<_, _>>()?;
+            let v = st
+                .query_map(params![host], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?;
             v
         };
         ids.into_iter().map(|g| self.grant_by_id(g)).collect()
@@ -826,7 +913,9 @@ impl Store {
     /// # Errors
     /// SQLite errors.
     pub fn grant_refused(&mut self, grant_id: u64, reason: &str, now: i64) -> Result<bool> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row: Option<(String, i64)> = tx
             .query_row(
                 "SELECT pool, amount_ns FROM grants WHERE grant_id=?1 AND status='debited'",
@@ -841,12 +930,21 @@ impl Store {
             "UPDATE grants SET status='refunded', settled=?2 WHERE grant_id=?1",
             params![grant_id.cast_signed(), now],
         )?;
-        tx.execute("UPDATE pools SET balance_ns=balance_ns+?2 WHERE name=?1", params![pool, amount])?;
+        tx.execute(
+            "UPDATE pools SET balance_ns=balance_ns+?2 WHERE name=?1",
+            params![pool, amount],
+        )?;
         tx.execute(
             "INSERT INTO ledger(pool, at, kind, amount_ns, cost_micros, grant_id) VALUES(?1,?2,'refund',?3,0,?4)",
             params![pool, now, amount, grant_id.cast_signed()],
         )?;
-        notify(&tx, now, &pool, "grant_refused", &format!("grant {grant_id} refused by host: {reason}"))?;
+        notify(
+            &tx,
+            now,
+            &pool,
+            "grant_refused",
+            &format!("grant {grant_id} refused by host: {reason}"),
+        )?;
         tx.commit()?;
         Ok(true)
     }
@@ -889,8 +987,11 @@ impl Store {
         let (applied, n_applied) = sum("applied")?;
         let (refunded, _) = sum("refunded")?;
         let (in_flight, n_flight) = sum("debited")?;
-        let debited: i64 =
-            self.conn.query_row("SELECT COALESCE(-SUM(amount_ns),0) FROM ledger WHERE kind='grant'", [], |r| r.get(0))?;
+        let debited: i64 = self.conn.query_row(
+            "SELECT COALESCE(-SUM(amount_ns),0) FROM ledger WHERE kind='grant'",
+            [],
+            |r| r.get(0),
+        )?;
         let inconsistent: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM pools p WHERE p.balance_ns != (SELECT COALESCE(SUM(amount_ns),0) FROM ledger l WHERE l.pool=p.name)",
             [],
@@ -903,7 +1004,8 @@ impl Store {
             in_flight_ns: in_flight,
             grants_applied: n_applied,
             grants_in_flight: n_flight,
-            pools_consistent: inconsistent == 0 && u64_of(debited) == applied + refunded + in_flight,
+            pools_consistent: inconsistent == 0
+                && u64_of(debited) == applied + refunded + in_flight,
         })
     }
 
@@ -912,10 +1014,16 @@ impl Store {
     /// # Errors
     /// SQLite errors.
     pub fn notifications(&self, limit: u32) -> Result<Vec<Notification>> {
-        let mut st =
-            self.conn.prepare("SELECT at, pool, kind, message FROM notifications ORDER BY id DESC LIMIT ?1")?;
+        let mut st = self.conn.prepare(
+            "SELECT at, pool, kind, message FROM notifications ORDER BY id DESC LIMIT ?1",
+        )?;
         let rows = st.query_map(params![limit], |r| {
-            Ok(Notification { at: r.get(0)?, pool: r.get(1)?, kind: r.get(2)?, message: r.get(3)? })
+            Ok(Notification {
+                at: r.get(0)?,
+                pool: r.get(1)?,
+                kind: r.get(2)?,
+                message: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
@@ -928,9 +1036,15 @@ impl Store {
     /// SQLite errors.
     pub fn record_telemetry(&mut self, host: &str, t: &VmTelemetry, now: i64) -> Result<()> {
         let tx = self.conn.transaction()?;
-        let sum = |f: fn(&proto::VcpuTelemetry) -> u64| t.vcpus.iter().map(f).fold(0u64, u64::saturating_add);
+        let sum = |f: fn(&proto::VcpuTelemetry) -> u64| {
+            t.vcpus.iter().map(f).fold(0u64, u64::saturating_add)
+        };
         let window_ms = t.window_ns / 1_000_000;
-        let io_ops: u64 = t.volumes.iter().map(|v| u64::from(v.iops) * window_ms / 1000).sum();
+        let io_ops: u64 = t
+            .volumes
+            .iter()
+            .map(|v| u64::from(v.iops) * window_ms / 1000)
+            .sum();
         tx.execute(
             "INSERT INTO usage(host_id, vm, minute, baseline_ns, burst_ns, spent_ns, granted_ns, throttled_ns, io_ops)
              VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)
@@ -1038,7 +1152,13 @@ impl Store {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn commitment_answer(&mut self, c: &CommitmentView, accepted: bool, reason: &str, now: i64) -> Result<()> {
+    pub fn commitment_answer(
+        &mut self,
+        c: &CommitmentView,
+        accepted: bool,
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE commitments SET status=?4, reason=?5, updated=?6 WHERE host_id=?1 AND vm=?2 AND volume=?3",
@@ -1086,12 +1206,20 @@ impl Store {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn tier_proposal(&self, host: &str, vm: u32, volume: u16, tiers: &TierPolicy) -> Result<Option<CommitmentView>> {
-        let Some(c) = self
-            .commitments()?
-            .into_iter()
-            .find(|c| c.host_id == host && c.vm == vm && c.volume == volume && c.auto_tier && c.status == "accepted")
-        else {
+    pub fn tier_proposal(
+        &self,
+        host: &str,
+        vm: u32,
+        volume: u16,
+        tiers: &TierPolicy,
+    ) -> Result<Option<CommitmentView>> {
+        let Some(c) = self.commitments()?.into_iter().find(|c| {
+            c.host_id == host
+                && c.vm == vm
+                && c.volume == volume
+                && c.auto_tier
+                && c.status == "accepted"
+        }) else {
             return Ok(None);
         };
         let n = tiers.up_windows.max(tiers.down_windows);
@@ -1104,17 +1232,36 @@ impl Store {
             "SELECT iops FROM iops_windows WHERE host_id=?1 AND vm=?2 AND volume=?3 AND at>?4 ORDER BY at DESC LIMIT ?5",
         )?;
         let mut hist: Vec<u32> = st
-            .query_map(params![host, vm, volume, since, i64_of(u64::try_from(n).unwrap_or(0))?], |r| r.get(0))?
+            .query_map(
+                params![
+                    host,
+                    vm,
+                    volume,
+                    since,
+                    i64_of(u64::try_from(n).unwrap_or(0))?
+                ],
+                |r| r.get(0),
+            )?
             .collect::<std::result::Result<_, _>>()?;
         hist.reverse();
-        Ok(policy::next_tier(tiers, c.committed_iops, &hist).map(|next| CommitmentView { committed_iops: next, ..c }))
+        Ok(
+            policy::next_tier(tiers, c.committed_iops, &hist).map(|next| CommitmentView {
+                committed_iops: next,
+                ..c
+            }),
+        )
     }
 
     /// Billing report: prorated committed IOPS-months and overage, up to `now`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn billing(&self, now: i64, price_micros: u64, overage_price_micros: u64) -> Result<Vec<BillingLine>> {
+    pub fn billing(
+        &self,
+        now: i64,
+        price_micros: u64,
+        overage_price_micros: u64,
+    ) -> Result<Vec<BillingLine>> {
         let mut st = self.conn.prepare(
             "SELECT host_id, vm, volume,
                COALESCE((SELECT SUM(committed_iops * ((COALESCE(end, ?1) - start) / 1000)) FROM commitment_periods p
@@ -1141,9 +1288,19 @@ impl Store {
     }
 }
 
-fn credit_pool(tx: &rusqlite::Transaction<'_>, pool: &str, kind: &str, amount: u64, cost: u64, now: i64) -> Result<()> {
+fn credit_pool(
+    tx: &rusqlite::Transaction<'_>,
+    pool: &str,
+    kind: &str,
+    amount: u64,
+    cost: u64,
+    now: i64,
+) -> Result<()> {
     let amount = i64_of(amount)?;
-    tx.execute("UPDATE pools SET balance_ns=balance_ns+?2 WHERE name=?1", params![pool, amount])?;
+    tx.execute(
+        "UPDATE pools SET balance_ns=balance_ns+?2 WHERE name=?1",
+        params![pool, amount],
+    )?;
     tx.execute(
         "INSERT INTO ledger(pool, at, kind, amount_ns, cost_micros) VALUES(?1,?2,?3,?4,?5)",
         params![pool, now, kind, amount, i64_of(cost)?],
@@ -1151,7 +1308,13 @@ fn credit_pool(tx: &rusqlite::Transaction<'_>, pool: &str, kind: &str, amount: u
     Ok(())
 }
 
-fn notify(tx: &rusqlite::Transaction<'_>, now: i64, pool: &str, kind: &str, message: &str) -> Result<()> {
+fn notify(
+    tx: &rusqlite::Transaction<'_>,
+    now: i64,
+    pool: &str,
+    kind: &str,
+    message: &str,
+) -> Result<()> {
     tracing::warn!(pool, kind, "{message}");
     tx.execute(
         "INSERT INTO notifications(at, pool, kind, message) VALUES(?1,?2,?3,?4)",
@@ -1162,17 +1325,31 @@ fn notify(tx: &rusqlite::Transaction<'_>, now: i64, pool: &str, kind: &str, mess
 
 fn validate_pool(spec: &PoolSpec) -> Result<()> {
     let bad = |m: String| Err(StoreError::Invalid(m));
-    if spec.name.is_empty() || spec.name.len() > 64 || !spec.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return bad(format!("pool name '{}' must be 1-64 characters of [A-Za-z0-9-_.]", spec.name));
+    if spec.name.is_empty()
+        || spec.name.len() > 64
+        || !spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return bad(format!(
+            "pool name '{}' must be 1-64 characters of [A-Za-z0-9-_.]",
+            spec.name
+        ));
     }
     if spec.resource != "cpu" && spec.resource != "io" {
-        return bad(format!("resource '{}' must be 'cpu' or 'io'", spec.resource));
+        return bad(format!(
+            "resource '{}' must be 'cpu' or 'io'",
+            spec.resource
+        ));
     }
     if spec.pricing.discounts.iter().any(|d| d.pct > 100) {
         return bad("a discount percentage exceeds 100".into());
     }
     match spec.strategy {
-        Strategy::Partial { pct } if pct == 0 || pct > 100 => return bad("partial pct must be 1..=100".into()),
+        Strategy::Partial { pct } if pct == 0 || pct > 100 => {
+            return bad("partial pct must be 1..=100".into())
+        }
         Strategy::Staged { now_pct, periods } if now_pct > 100 || periods == 0 => {
             return bad("staged needs now_pct <= 100 and periods >= 1".into())
         }
@@ -1182,7 +1359,7 @@ fn validate_pool(spec: &PoolSpec) -> Result<()> {
         Replenish::Periodic { amount_ns, every_s } if amount_ns == 0 || every_s == 0 => {
             bad("periodic replenishment needs amount_ns > 0 and every_s > 0".into())
         }
-        Replenish::Auto { amount_ns, .. } if amount_ns == 0 => bad("auto top-up needs amount_ns > 0".into()),
+        Replenish::Auto { amount_ns: 0, .. } => bad("auto top-up needs amount_ns > 0".into()),
         _ => Ok(()),
     }
 }
@@ -1203,7 +1380,9 @@ mod tests {
     use proto::CREDIT_NS;
 
     fn tmp(name: &str) -> std::path::PathBuf {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         std::env::temp_dir().join(format!("cvdb-{name}-{}-{nanos}.db", std::process::id()))
     }
 
@@ -1211,7 +1390,10 @@ mod tests {
         PoolSpec {
             name: name.into(),
             resource: "cpu".into(),
-            pricing: Pricing { price_micros: 50_000, discounts: vec![] },
+            pricing: Pricing {
+                price_micros: 50_000,
+                discounts: vec![],
+            },
             replenish: Replenish::Manual,
             strategy: Strategy::Full,
             max_grant_ns: 0,
@@ -1220,7 +1402,14 @@ mod tests {
     }
 
     fn req(id: u64, amount: u64) -> CreditRequest {
-        CreditRequest { request_id: id, resource: Resource::Cpu, vm: 1, unit: 0, amount_ns: amount, balance_ns: 0 }
+        CreditRequest {
+            request_id: id,
+            resource: Resource::Cpu,
+            vm: 1,
+            unit: 0,
+            amount_ns: amount,
+            balance_ns: 0,
+        }
     }
 
     /// A grant debited before a crash survives it, is re-sent, and a retried request never debits twice.
@@ -1232,7 +1421,10 @@ mod tests {
             s.create_pool(&spec("p"), 0).unwrap();
             s.purchase("p", 10 * CREDIT_NS, 0).unwrap();
             s.authorize("p", "h", 1, true).unwrap();
-            let CreditOutcome::Grants(g) = s.handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 1).unwrap() else {
+            let CreditOutcome::Grants(g) = s
+                .handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 1)
+                .unwrap()
+            else {
                 panic!("expected a grant")
             };
             assert_eq!(g[0].total_ns(), 4 * CREDIT_NS);
@@ -1243,17 +1435,32 @@ mod tests {
         let unacked = s.unacked_grants("h").unwrap();
         assert_eq!(unacked.len(), 1);
         // The host retries the same request: same grant, no second debit.
-        let again = s.handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 2).unwrap();
+        let again = s
+            .handle_credit_request("h", 1, &req(5, 4 * CREDIT_NS), 2)
+            .unwrap();
         assert_eq!(again, CreditOutcome::Grants(unacked.clone()));
         assert_eq!(s.pool("p").unwrap().balance_ns, 6 * CREDIT_NS);
         // Same request id after a host reboot is a new request.
-        assert!(matches!(s.handle_credit_request("h", 2, &req(5, CREDIT_NS), 3).unwrap(), CreditOutcome::Grants(_)));
+        assert!(matches!(
+            s.handle_credit_request("h", 2, &req(5, CREDIT_NS), 3)
+                .unwrap(),
+            CreditOutcome::Grants(_)
+        ));
         assert!(s.grant_applied(unacked[0].grant_id, 4).unwrap());
-        assert!(!s.grant_applied(unacked[0].grant_id, 5).unwrap(), "idempotent");
+        assert!(
+            !s.grant_applied(unacked[0].grant_id, 5).unwrap(),
+            "idempotent"
+        );
         let l = s.ledger_check().unwrap();
         assert!(l.pools_consistent);
-        assert_eq!((l.debited_ns, l.applied_ns, l.in_flight_ns), (5 * CREDIT_NS, 4 * CREDIT_NS, CREDIT_NS));
-        assert_eq!(s.schema_version().unwrap(), i64::try_from(MIGRATIONS.len()).unwrap());
+        assert_eq!(
+            (l.debited_ns, l.applied_ns, l.in_flight_ns),
+            (5 * CREDIT_NS, 4 * CREDIT_NS, CREDIT_NS)
+        );
+        assert_eq!(
+            s.schema_version().unwrap(),
+            i64::try_from(MIGRATIONS.len()).unwrap()
+        );
         let _ = std::fs::remove_file(&path);
     }
 
@@ -1263,18 +1470,43 @@ mod tests {
         let mut s = Store::open(&path).unwrap();
         s.create_pool(&spec("p"), 0).unwrap();
         s.purchase("p", 2 * CREDIT_NS, 0).unwrap();
-        assert!(matches!(s.handle_credit_request("h", 1, &req(1, CREDIT_NS), 1).unwrap(), CreditOutcome::Deny(r) if r.contains("not authorised")));
+        assert!(
+            matches!(s.handle_credit_request("h", 1, &req(1, CREDIT_NS), 1).unwrap(), CreditOutcome::Deny(r) if r.contains("not authorised"))
+        );
         s.authorize("p", "h", 1, true).unwrap();
-        let CreditOutcome::Grants(g) = s.handle_credit_request("h", 1, &req(2, CREDIT_NS), 1).unwrap() else { panic!() };
+        let CreditOutcome::Grants(g) = s
+            .handle_credit_request("h", 1, &req(2, CREDIT_NS), 1)
+            .unwrap()
+        else {
+            panic!()
+        };
         assert!(s.grant_refused(g[0].grant_id, "vm gone", 2).unwrap());
-        assert!(!s.grant_refused(g[0].grant_id, "vm gone", 3).unwrap(), "refund once");
+        assert!(
+            !s.grant_refused(g[0].grant_id, "vm gone", 3).unwrap(),
+            "refund once"
+        );
         assert_eq!(s.pool("p").unwrap().balance_ns, 2 * CREDIT_NS);
         let l = s.ledger_check().unwrap();
         assert!(l.pools_consistent && l.refunded_ns == CREDIT_NS);
         // Bad input leaves nothing behind.
-        assert!(matches!(s.create_pool(&PoolSpec { resource: "gpu".into(), ..spec("q") }, 0), Err(StoreError::Invalid(_))));
-        assert!(matches!(s.create_pool(&spec("p"), 0), Err(StoreError::Conflict(_))));
-        assert!(matches!(s.purchase("nope", 1, 0), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.create_pool(
+                &PoolSpec {
+                    resource: "gpu".into(),
+                    ..spec("q")
+                },
+                0
+            ),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.create_pool(&spec("p"), 0),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.purchase("nope", 1, 0),
+            Err(StoreError::NotFound(_))
+        ));
         assert!(matches!(s.purchase("p", 0, 0), Err(StoreError::Invalid(_))));
         assert_eq!(s.pools().unwrap().len(), 1);
         let _ = std::fs::remove_file(&path);
@@ -1285,19 +1517,35 @@ mod tests {
         let path = tmp("topup");
         let mut s = Store::open(&path).unwrap();
         let auto = PoolSpec {
-            replenish: Replenish::Auto { threshold_ns: 2 * CREDIT_NS, amount_ns: 5 * CREDIT_NS, spending_limit_micros: 300_000 },
+            replenish: Replenish::Auto {
+                threshold_ns: 2 * CREDIT_NS,
+                amount_ns: 5 * CREDIT_NS,
+                spending_limit_micros: 300_000,
+            },
             ..spec("a")
         };
         s.create_pool(&auto, 0).unwrap();
         s.purchase("a", 3 * CREDIT_NS, 0).unwrap();
         s.authorize("a", "h", 1, true).unwrap();
         // 3 - 2 = 1 < 2: one top-up of 5 ($0.25), then the next one would exceed $0.30.
-        s.handle_credit_request("h", 1, &req(1, 2 * CREDIT_NS), 1).unwrap();
+        s.handle_credit_request("h", 1, &req(1, 2 * CREDIT_NS), 1)
+            .unwrap();
         assert_eq!(s.pool("a").unwrap().balance_ns, 6 * CREDIT_NS);
-        s.handle_credit_request("h", 1, &req(2, 5 * CREDIT_NS), 2).unwrap();
+        s.handle_credit_request("h", 1, &req(2, 5 * CREDIT_NS), 2)
+            .unwrap();
         assert_eq!(s.pool("a").unwrap().balance_ns, CREDIT_NS);
-        assert!(s.notifications(10).unwrap().iter().any(|n| n.kind == "topup_refused"));
-        let periodic = PoolSpec { replenish: Replenish::Periodic { amount_ns: CREDIT_NS, every_s: 10 }, ..spec("p") };
+        assert!(s
+            .notifications(10)
+            .unwrap()
+            .iter()
+            .any(|n| n.kind == "topup_refused"));
+        let periodic = PoolSpec {
+            replenish: Replenish::Periodic {
+                amount_ns: CREDIT_NS,
+                every_s: 10,
+            },
+            ..spec("p")
+        };
         s.create_pool(&periodic, 0).unwrap();
         assert_eq!(s.periodic_refills(9_999).unwrap(), 0);
         assert_eq!(s.periodic_refills(10_000).unwrap(), 1);
@@ -1324,22 +1572,35 @@ mod tests {
         };
         s.commitment_asked(&c, 0).unwrap();
         s.commitment_answer(&c, true, "", 0).unwrap();
-        let c2 = CommitmentView { committed_iops: 200, ..c.clone() };
+        let c2 = CommitmentView {
+            committed_iops: 200,
+            ..c.clone()
+        };
         s.commitment_asked(&c2, 1_000_000).unwrap();
-        s.commitment_answer(&c2, false, "Admission: no room", 1_000_000).unwrap();
+        s.commitment_answer(&c2, false, "Admission: no room", 1_000_000)
+            .unwrap();
         let t = VmTelemetry {
             seq: 1,
             time_ns: 0,
             window_ns: 10_000_000_000,
             vm: 1,
             vcpus: heapless::Vec::new(),
-            volumes: core::iter::once(proto::VolumeTelemetry { volume: 0, iops: 150, committed_iops: 100, ..Default::default() }).collect(),
+            volumes: core::iter::once(proto::VolumeTelemetry {
+                volume: 0,
+                iops: 150,
+                committed_iops: 100,
+                ..Default::default()
+            })
+            .collect(),
         };
         s.record_telemetry("h", &t, 500_000).unwrap();
         let b = s.billing(2_000_000, 300_000, 100_000).unwrap();
         // 100 IOPS for 2000 s (the refused change did not start a period); 50 IOPS over for 10 s.
         assert_eq!(b[0].committed_iops_seconds, 200_000);
-        assert_eq!(b[0].commitment_micros, policy::commitment_cost_micros(100, 2000, 300_000));
+        assert_eq!(
+            b[0].commitment_micros,
+            policy::commitment_cost_micros(100, 2000, 300_000)
+        );
         assert_eq!(b[0].overage_iops_seconds, 500);
         assert_eq!(s.commitments().unwrap()[0].status, "refused");
         let _ = std::fs::remove_file(&path);

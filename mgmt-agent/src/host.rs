@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::{
-    Command, CommandError, ErrorCode, FrameDecoder, FrameEncoder, Reply, Request, Response, ToAgent, ToHost,
+    Command, CommandError, ErrorCode, FrameDecoder, FrameEncoder, Reply, Request, Response,
+    ToAgent, ToHost,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -76,7 +77,12 @@ struct Pending {
 }
 
 /// Runs the connection loop of one host address forever.
-pub async fn run(shared: Arc<Shared>, addr: Address, mut calls: mpsc::Receiver<HostCall>, me: mpsc::Sender<HostCall>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    addr: Address,
+    mut calls: mpsc::Receiver<HostCall>,
+    me: mpsc::Sender<HostCall>,
+) {
     let key = addr.to_string();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -140,7 +146,10 @@ async fn session(
                     if wr.write_all(&bytes).await.is_err() {
                         return;
                     }
-                    metrics.metrics.frames_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics
+                        .metrics
+                        .frames_out
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => tracing::error!("cannot encode {m:?}: {e}"),
             }
@@ -196,8 +205,19 @@ async fn session(
 impl Session<'_> {
     fn send(&mut self, command: Command, origin: Origin) {
         let id = self.shared.next_request_id();
-        let _ = self.out.send(ToHost::Request(Request { id, command: command.clone() }));
-        self.pending.insert(id, Pending { command, origin, sent: Instant::now(), attempts: 1 });
+        let _ = self.out.send(ToHost::Request(Request {
+            id,
+            command: command.clone(),
+        }));
+        self.pending.insert(
+            id,
+            Pending {
+                command,
+                origin,
+                sent: Instant::now(),
+                attempts: 1,
+            },
+        );
     }
 
     fn retry(&mut self) {
@@ -208,17 +228,30 @@ impl Session<'_> {
             if p.sent.elapsed() < retry {
                 continue;
             }
-            if p.attempts >= max && matches!(p.origin, Origin::Api(_) | Origin::Fire | Origin::Resync) {
+            if p.attempts >= max
+                && matches!(p.origin, Origin::Api(_) | Origin::Fire | Origin::Resync)
+            {
                 expired.push(*id);
                 continue;
             }
             p.attempts += 1;
             p.sent = Instant::now();
-            self.shared.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = self.out.send(ToHost::Request(Request { id: *id, command: p.command.clone() }));
+            self.shared
+                .metrics
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = self.out.send(ToHost::Request(Request {
+                id: *id,
+                command: p.command.clone(),
+            }));
         }
         for id in expired {
-            if let Some(Pending { origin: Origin::Api(tx), attempts, .. }) = self.pending.remove(&id) {
+            if let Some(Pending {
+                origin: Origin::Api(tx),
+                attempts,
+                ..
+            }) = self.pending.remove(&id)
+            {
                 let _ = tx.send(Err(CallError::Timeout(attempts)));
             }
         }
@@ -233,8 +266,13 @@ impl Session<'_> {
                 let Some((host, boot)) = self.host.clone() else {
                     return; // not identified yet: the host retries the request
                 };
-                self.shared.metrics.credit_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let outcome = self.shared.with_store(|st| st.handle_credit_request(&host, boot, &r, now));
+                self.shared
+                    .metrics
+                    .credit_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let outcome = self
+                    .shared
+                    .with_store(|st| st.handle_credit_request(&host, boot, &r, now));
                 match outcome {
                     Ok(CreditOutcome::Grants(gs)) => {
                         for g in gs {
@@ -242,14 +280,22 @@ impl Session<'_> {
                         }
                     }
                     Ok(CreditOutcome::Deny(reason)) => {
-                        self.shared.metrics.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.shared
+                            .metrics
+                            .denials
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.send(
-                            Command::DenyCredit { credit_request_id: r.request_id, reason: proto::truncated(&reason) },
+                            Command::DenyCredit {
+                                credit_request_id: r.request_id,
+                                reason: proto::truncated(&reason),
+                            },
                             Origin::Fire,
                         );
                     }
                     // Nothing was debited (the transaction rolled back); the host will ask again.
-                    Err(e) => tracing::error!(host, "credit request {} not answered: {e}", r.request_id),
+                    Err(e) => {
+                        tracing::error!(host, "credit request {} not answered: {e}", r.request_id)
+                    }
                 }
             }
             ToAgent::Response(r) => self.response(r, now),
@@ -258,7 +304,10 @@ impl Session<'_> {
 
     fn send_grant(&mut self, g: proto::Grant) {
         if self.grants_in_flight.insert(g.grant_id) {
-            self.shared.metrics.grants_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .metrics
+                .grants_sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let id = g.grant_id;
             self.send(Command::ApplyGrant(g), Origin::Grant(id));
         }
@@ -272,7 +321,10 @@ impl Session<'_> {
         let host = h.host_id.as_str().to_string();
         let first = self.host.as_ref() != Some(&(host.clone(), h.boot_id));
         self.host = Some((host.clone(), h.boot_id));
-        if let Err(e) = self.shared.with_store(|st| st.upsert_host(h, self.key, now)) {
+        if let Err(e) = self
+            .shared
+            .with_store(|st| st.upsert_host(h, self.key, now))
+        {
             tracing::error!("recording host {host}: {e}");
         }
         self.shared.set_host_id(self.key, &host, h.boot_id);
@@ -296,7 +348,10 @@ impl Session<'_> {
             Err(e) => tracing::error!("reading unacknowledged grants: {e}"),
         }
         if let Ok(cs) = self.shared.with_store(|st| st.commitments()) {
-            for c in cs.into_iter().filter(|c| c.host_id == host && c.status == "pending") {
+            for c in cs
+                .into_iter()
+                .filter(|c| c.host_id == host && c.status == "pending")
+            {
                 self.send_commitment(c, None);
             }
         }
@@ -314,10 +369,18 @@ impl Session<'_> {
     }
 
     fn telemetry(&mut self, t: proto::VmTelemetry, now: i64) {
-        let Some((host, _)) = self.host.clone() else { return };
-        self.shared.metrics.telemetry.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some((host, _)) = self.host.clone() else {
+            return;
+        };
+        self.shared
+            .metrics
+            .telemetry
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shared.note_telemetry_seq(self.key, t.seq);
-        if let Err(e) = self.shared.with_store(|st| st.record_telemetry(&host, &t, now)) {
+        if let Err(e) = self
+            .shared
+            .with_store(|st| st.record_telemetry(&host, &t, now))
+        {
             tracing::error!("recording telemetry: {e}");
         }
         let proposals: Vec<CommitmentView> = t
@@ -325,15 +388,36 @@ impl Session<'_> {
             .iter()
             .filter(|v| !self.commitments_in_flight.contains(&(t.vm, v.volume)))
             .filter_map(|v| {
-                self.shared.with_store(|st| st.tier_proposal(&host, t.vm, v.volume, &self.shared.cfg.tiers)).ok().flatten()
+                self.shared
+                    .with_store(|st| {
+                        st.tier_proposal(&host, t.vm, v.volume, &self.shared.cfg.tiers)
+                    })
+                    .ok()
+                    .flatten()
             })
             .collect();
         if let Ok(mut map) = self.shared.telemetry.lock() {
-            map.insert((host.clone(), t.vm), TelemetryEntry { at_ms: now, snapshot: t });
+            map.insert(
+                (host.clone(), t.vm),
+                TelemetryEntry {
+                    at_ms: now,
+                    snapshot: t,
+                },
+            );
         }
         for c in proposals {
-            tracing::info!(host, vm = c.vm, volume = c.volume, "automatic tier -> {} IOPS", c.committed_iops);
-            if self.shared.with_store(|st| st.commitment_asked(&c, now)).is_ok() {
+            tracing::info!(
+                host,
+                vm = c.vm,
+                volume = c.volume,
+                "automatic tier -> {} IOPS",
+                c.committed_iops
+            );
+            if self
+                .shared
+                .with_store(|st| st.commitment_asked(&c, now))
+                .is_ok()
+            {
                 self.send_commitment(c, None);
             }
         }
@@ -347,7 +431,10 @@ impl Session<'_> {
         if stale {
             // The host cannot tell whether it ran this id: send the same intent under a fresh id. Only
             // idempotent-by-content commands are re-sent (grants by grant id, commitments by value).
-            self.shared.metrics.stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .metrics
+                .stale
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match p.origin {
                 Origin::Grant(_) | Origin::Commitment(..) | Origin::Resync | Origin::Fire => {
                     self.send(p.command, p.origin);
@@ -370,7 +457,10 @@ impl Session<'_> {
                         | Command::DestroyVm { .. }
                 );
                 if r.result.is_err() {
-                    self.shared.metrics.command_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.shared
+                        .metrics
+                        .command_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if changes_vms && r.result.is_ok() {
                     self.send(Command::ListVms, Origin::Resync);
@@ -381,15 +471,24 @@ impl Session<'_> {
                 self.grants_in_flight.remove(&gid);
                 match r.result {
                     Ok(Reply::GrantApplied { grant_id, .. }) if grant_id == gid => {
-                        self.shared.metrics.grants_acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.shared
+                            .metrics
+                            .grants_acked
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if let Err(e) = self.shared.with_store(|st| st.grant_applied(gid, now)) {
                             tracing::error!("recording grant {gid} applied: {e}");
                         }
                     }
                     Ok(other) => tracing::error!("unexpected answer to grant {gid}: {other:?}"),
                     Err(e) => {
-                        self.shared.metrics.grants_refunded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if let Err(err) = self.shared.with_store(|st| st.grant_refused(gid, e.reason.as_str(), now)) {
+                        self.shared
+                            .metrics
+                            .grants_refunded
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(err) = self
+                            .shared
+                            .with_store(|st| st.grant_refused(gid, e.reason.as_str(), now))
+                        {
                             tracing::error!("refunding grant {gid}: {err}");
                         }
                     }
@@ -408,7 +507,10 @@ impl Session<'_> {
                     Ok(_) => (true, String::new()),
                     Err(e) => (false, format!("{:?}: {}", e.code, e.reason)),
                 };
-                if let Err(e) = self.shared.with_store(|st| st.commitment_answer(&c, ok, &reason, now)) {
+                if let Err(e) = self
+                    .shared
+                    .with_store(|st| st.commitment_answer(&c, ok, &reason, now))
+                {
                     tracing::error!("recording commitment answer: {e}");
                 }
                 if let Some(tx) = reply {

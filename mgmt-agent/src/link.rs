@@ -31,7 +31,9 @@ pub enum Address {
 impl std::str::FromStr for Address {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s.split_once(':').ok_or_else(|| format!("address '{s}' must be unix:PATH, tcp:HOST:PORT or serial:DEVICE"))?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!("address '{s}' must be unix:PATH, tcp:HOST:PORT or serial:DEVICE")
+        })?;
         if rest.is_empty() {
             return Err(format!("address '{s}' has an empty target"));
         }
@@ -39,7 +41,9 @@ impl std::str::FromStr for Address {
             "unix" => Ok(Self::Unix(rest.into())),
             "tcp" => Ok(Self::Tcp(rest.into())),
             "serial" => Ok(Self::Serial(rest.into())),
-            _ => Err(format!("unknown transport '{kind}' in '{s}' (unix, tcp, serial)")),
+            _ => Err(format!(
+                "unknown transport '{kind}' in '{s}' (unix, tcp, serial)"
+            )),
         }
     }
 }
@@ -109,9 +113,10 @@ impl Listener {
                 Ok(Self::Unix(tokio::net::UnixListener::bind(p)?, p.clone()))
             }
             Address::Tcp(a) => Ok(Self::Tcp(tokio::net::TcpListener::bind(a).await?)),
-            Address::Serial(_) => {
-                Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "cannot listen on a serial device"))
-            }
+            Address::Serial(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "cannot listen on a serial device",
+            )),
         }
     }
 
@@ -149,8 +154,14 @@ mod tests {
     #[test]
     fn addresses_parse_and_reject_junk() {
         assert_eq!("unix:/tmp/x".parse(), Ok(Address::Unix("/tmp/x".into())));
-        assert_eq!("tcp:127.0.0.1:9".parse(), Ok(Address::Tcp("127.0.0.1:9".into())));
-        assert_eq!("serial:/dev/ttyS1".parse(), Ok(Address::Serial("/dev/ttyS1".into())));
+        assert_eq!(
+            "tcp:127.0.0.1:9".parse(),
+            Ok(Address::Tcp("127.0.0.1:9".into()))
+        );
+        assert_eq!(
+            "serial:/dev/ttyS1".parse(),
+            Ok(Address::Serial("/dev/ttyS1".into()))
+        );
         assert!("udp:x".parse::<Address>().is_err());
         assert!("unix:".parse::<Address>().is_err());
         assert!("nothing".parse::<Address>().is_err());

@@ -17,10 +17,19 @@ use mgmt_agent::{proxy, simhost, top};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "cvctl", version, about = "Creditvisor management agent and CLI")]
+#[command(
+    name = "cvctl",
+    version,
+    about = "Creditvisor management agent and CLI"
+)]
 struct Cli {
     /// Agent API address.
-    #[arg(long, global = true, default_value = "127.0.0.1:7878", env = "CVCTL_API")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:7878",
+        env = "CVCTL_API"
+    )]
     api: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -257,13 +266,31 @@ enum PoolCmd {
 }
 
 fn parse_money(text: &str) -> Result<u64, String> {
-    let (i, f) = text.trim().trim_start_matches('$').split_once('.').unwrap_or((text.trim().trim_start_matches('$'), ""));
-    if i.is_empty() && f.is_empty() || f.len() > 6 || !i.chars().chain(f.chars()).all(|c| c.is_ascii_digit()) {
-        return Err(format!("'{text}' is not an amount in dollars with at most 6 decimals"));
+    let (i, f) = text
+        .trim()
+        .trim_start_matches('$')
+        .split_once('.')
+        .unwrap_or((text.trim().trim_start_matches('$'), ""));
+    if i.is_empty() && f.is_empty()
+        || f.len() > 6
+        || !i.chars().chain(f.chars()).all(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "'{text}' is not an amount in dollars with at most 6 decimals"
+        ));
     }
-    let whole: u64 = if i.is_empty() { 0 } else { i.parse().map_err(|_| format!("'{text}' is too large"))? };
-    let frac: u64 = format!("{f:0<6}").parse().map_err(|_| format!("'{text}' is not a number"))?;
-    whole.checked_mul(1_000_000).and_then(|w| w.checked_add(frac)).ok_or_else(|| format!("'{text}' is too large"))
+    let whole: u64 = if i.is_empty() {
+        0
+    } else {
+        i.parse().map_err(|_| format!("'{text}' is too large"))?
+    };
+    let frac: u64 = format!("{f:0<6}")
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    whole
+        .checked_mul(1_000_000)
+        .and_then(|w| w.checked_add(frac))
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 fn parts<'a>(text: &'a str, what: &str, n: usize) -> Result<Vec<&'a str>, String> {
@@ -276,7 +303,8 @@ fn parts<'a>(text: &'a str, what: &str, n: usize) -> Result<Vec<&'a str>, String
 }
 
 fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
-    s.parse().map_err(|_| format!("{what} '{s}' is not a valid number"))
+    s.parse()
+        .map_err(|_| format!("{what} '{s}' is not a valid number"))
 }
 
 fn replenish_json(text: &str) -> Result<Value, String> {
@@ -299,12 +327,18 @@ fn strategy_json(text: &str) -> Result<Value, String> {
     match text.split(':').next().unwrap_or("") {
         "full" => Ok(json!({ "kind": "full" })),
         "by-balance" => Ok(json!({ "kind": "by_balance" })),
-        "partial" => Ok(json!({ "kind": "partial", "pct": num::<u8>(parts(text, "strategy", 2)?[1], "percent")? })),
+        "partial" => Ok(
+            json!({ "kind": "partial", "pct": num::<u8>(parts(text, "strategy", 2)?[1], "percent")? }),
+        ),
         "staged" => {
             let p = parts(text, "strategy", 3)?;
-            Ok(json!({ "kind": "staged", "now_pct": num::<u8>(p[1], "percent")?, "periods": num::<u32>(p[2], "periods")? }))
+            Ok(
+                json!({ "kind": "staged", "now_pct": num::<u8>(p[1], "percent")?, "periods": num::<u32>(p[2], "periods")? }),
+            )
         }
-        _ => Err(format!("strategy '{text}' must be full, partial:PCT, by-balance or staged:NOW_PCT:PERIODS")),
+        _ => Err(format!(
+            "strategy '{text}' must be full, partial:PCT, by-balance or staged:NOW_PCT:PERIODS"
+        )),
     }
 }
 
@@ -312,9 +346,16 @@ fn sched_json(a: &SchedArgs) -> Result<Value, String> {
     let burst = match a.burst.as_str() {
         "standard" => "Standard",
         "unlimited" => "Unlimited",
-        other => return Err(format!("burst mode '{other}' must be standard or unlimited")),
+        other => {
+            return Err(format!(
+                "burst mode '{other}' must be standard or unlimited"
+            ))
+        }
     };
-    let us = |v: u64, w: &str| v.checked_mul(1000).ok_or_else(|| format!("{w} {v} us is too large"));
+    let us = |v: u64, w: &str| {
+        v.checked_mul(1000)
+            .ok_or_else(|| format!("{w} {v} us is too large"))
+    };
     Ok(json!({
         "budget_ns": us(a.budget_us, "budget")?, "period_ns": us(a.period_us, "period")?,
         "accrual_ns": us(a.accrual_us, "accrual")?, "cap_ns": parse_credits(&a.cap)?, "burst": burst, "weight": a.weight,
@@ -322,7 +363,12 @@ fn sched_json(a: &SchedArgs) -> Result<Value, String> {
 }
 
 fn rows(v: &Value, key: &str, cols: &[&str]) -> Vec<Vec<String>> {
-    v[key].as_array().into_iter().flatten().map(|r| cols.iter().map(|c| field(r, c)).collect()).collect()
+    v[key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| cols.iter().map(|c| field(r, c)).collect())
+        .collect()
 }
 
 fn credits(v: &Value, k: &str) -> String {
@@ -347,16 +393,32 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         Cmd::Hosts => {
             let v = c.get("/v1/hosts")?;
             let t = table(
-                &["ADDRESS", "HOST", "CONNECTED", "CONNECTS", "FRAMES_OK", "REJECTED", "TEL_GAPS"],
+                &[
+                    "ADDRESS",
+                    "HOST",
+                    "CONNECTED",
+                    "CONNECTS",
+                    "FRAMES_OK",
+                    "REJECTED",
+                    "TEL_GAPS",
+                ],
                 &v["links"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(|h| {
-                        let rej: u64 = ["oversized", "cobs_errors", "truncated", "crc_errors", "bad_version", "malformed", "replays"]
-                            .iter()
-                            .map(|k| h["decode"][k].as_u64().unwrap_or(0))
-                            .sum();
+                        let rej: u64 = [
+                            "oversized",
+                            "cobs_errors",
+                            "truncated",
+                            "crc_errors",
+                            "bad_version",
+                            "malformed",
+                            "replays",
+                        ]
+                        .iter()
+                        .map(|k| h["decode"][k].as_u64().unwrap_or(0))
+                        .sum();
                         vec![
                             field(h, "address"),
                             field(h, "host_id"),
@@ -373,14 +435,32 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Cmd::Vms => {
             let v = c.get("/v1/vms")?;
-            out(&v, table(&["HOST", "VM", "NAME", "STATE", "VCPUS", "POOLS"], &rows(&v, "vms", &["host_id", "vm", "name", "state", "vcpus", "pools"])));
+            out(
+                &v,
+                table(
+                    &["HOST", "VM", "NAME", "STATE", "VCPUS", "POOLS"],
+                    &rows(
+                        &v,
+                        "vms",
+                        &["host_id", "vm", "name", "state", "vcpus", "pools"],
+                    ),
+                ),
+            );
         }
         Cmd::Vm { cmd } => {
             let v = match cmd {
-                VmCmd::Start { host, vm } => c.post(&format!("/v1/vms/{host}/{vm}/start"), &json!({}))?,
-                VmCmd::Pause { host, vm } => c.post(&format!("/v1/vms/{host}/{vm}/pause"), &json!({}))?,
-                VmCmd::Resume { host, vm } => c.post(&format!("/v1/vms/{host}/{vm}/resume"), &json!({}))?,
-                VmCmd::Destroy { host, vm } => c.post(&format!("/v1/vms/{host}/{vm}/destroy"), &json!({}))?,
+                VmCmd::Start { host, vm } => {
+                    c.post(&format!("/v1/vms/{host}/{vm}/start"), &json!({}))?
+                }
+                VmCmd::Pause { host, vm } => {
+                    c.post(&format!("/v1/vms/{host}/{vm}/pause"), &json!({}))?
+                }
+                VmCmd::Resume { host, vm } => {
+                    c.post(&format!("/v1/vms/{host}/{vm}/resume"), &json!({}))?
+                }
+                VmCmd::Destroy { host, vm } => {
+                    c.post(&format!("/v1/vms/{host}/{vm}/destroy"), &json!({}))?
+                }
                 VmCmd::Describe { host, vm } => c.get(&format!("/v1/vms/{host}/{vm}"))?,
                 VmCmd::Balances { host } => {
                     let v = c.get(&format!("/v1/balances/{host}"))?;
@@ -388,19 +468,45 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .map(|b| vec![field(b, "vm"), field(b, "vcpu"), credits(b, "balance_ns"), credits(b, "pending_ns"), credits(b, "granted_total_ns")])
+                        .map(|b| {
+                            vec![
+                                field(b, "vm"),
+                                field(b, "vcpu"),
+                                credits(b, "balance_ns"),
+                                credits(b, "pending_ns"),
+                                credits(b, "granted_total_ns"),
+                            ]
+                        })
                         .collect();
-                    out(&v, table(&["VM", "VCPU", "BALANCE", "PENDING", "GRANTED"], &r));
+                    out(
+                        &v,
+                        table(&["VM", "VCPU", "BALANCE", "PENDING", "GRANTED"], &r),
+                    );
                     return Ok(());
                 }
-                VmCmd::Create { host, module, name, vcpus, sched } => {
+                VmCmd::Create {
+                    host,
+                    module,
+                    name,
+                    vcpus,
+                    sched,
+                } => {
                     let p = sched_json(sched)?;
                     let list: Vec<Value> = (0..*vcpus).map(|_| p.clone()).collect();
-                    c.post(&format!("/v1/vms/{host}"), &json!({ "module": module, "name": name, "vcpus": list }))?
+                    c.post(
+                        &format!("/v1/vms/{host}"),
+                        &json!({ "module": module, "name": name, "vcpus": list }),
+                    )?
                 }
-                VmCmd::Sched { host, vm, vcpu, sched } => {
-                    c.post(&format!("/v1/vms/{host}/{vm}/vcpus/{vcpu}/sched"), &sched_json(sched)?)?
-                }
+                VmCmd::Sched {
+                    host,
+                    vm,
+                    vcpu,
+                    sched,
+                } => c.post(
+                    &format!("/v1/vms/{host}/{vm}/vcpus/{vcpu}/sched"),
+                    &sched_json(sched)?,
+                )?,
             };
             out(&v, format!("{v}\n"));
         }
@@ -417,21 +523,60 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                         credits(p, "balance_ns"),
                         p["strategy"]["kind"].as_str().unwrap_or("-").into(),
                         p["replenish"]["kind"].as_str().unwrap_or("-").into(),
-                        format!("${}", p["pricing"]["price_micros"].as_u64().map_or(0.0, |m| m as f64 / 1e6)),
-                        p["members"].as_array().map(|m| m.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+                        format!(
+                            "${}",
+                            p["pricing"]["price_micros"]
+                                .as_u64()
+                                .map_or(0.0, |m| m as f64 / 1e6)
+                        ),
+                        p["members"]
+                            .as_array()
+                            .map(|m| {
+                                m.iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default(),
                     ]
                 })
                 .collect();
-            out(&v, table(&["POOL", "RES", "BALANCE", "STRATEGY", "REPLENISH", "PRICE", "MEMBERS"], &r));
+            out(
+                &v,
+                table(
+                    &[
+                        "POOL",
+                        "RES",
+                        "BALANCE",
+                        "STRATEGY",
+                        "REPLENISH",
+                        "PRICE",
+                        "MEMBERS",
+                    ],
+                    &r,
+                ),
+            );
         }
         Cmd::Pool { cmd } => {
             let v = match cmd {
-                PoolCmd::Create { name, resource, price, discounts, replenish, strategy, max_grant, low } => {
+                PoolCmd::Create {
+                    name,
+                    resource,
+                    price,
+                    discounts,
+                    replenish,
+                    strategy,
+                    max_grant,
+                    low,
+                } => {
                     let discounts: Vec<Discount> = discounts
                         .iter()
                         .map(|d| {
                             let p = parts(d, "discount", 2)?;
-                            Ok(Discount { min_credits: num(p[0], "credits")?, pct: num(p[1], "percent")? })
+                            Ok(Discount {
+                                min_credits: num(p[0], "credits")?,
+                                pct: num(p[1], "percent")?,
+                            })
                         })
                         .collect::<Result<_, String>>()?;
                     c.post(
@@ -444,27 +589,62 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                         }),
                     )?
                 }
-                PoolCmd::Purchase { name, credits } => {
-                    c.post(&format!("/v1/pools/{name}/purchase"), &json!({ "amount_ns": parse_credits(credits)? }))?
-                }
-                PoolCmd::Authorize { name, host, vm } => {
-                    c.post(&format!("/v1/pools/{name}/authorize"), &json!({ "host": host, "vm": vm }))?
-                }
-                PoolCmd::Deauthorize { name, host, vm } => {
-                    c.post(&format!("/v1/pools/{name}/deauthorize"), &json!({ "host": host, "vm": vm }))?
-                }
+                PoolCmd::Purchase { name, credits } => c.post(
+                    &format!("/v1/pools/{name}/purchase"),
+                    &json!({ "amount_ns": parse_credits(credits)? }),
+                )?,
+                PoolCmd::Authorize { name, host, vm } => c.post(
+                    &format!("/v1/pools/{name}/authorize"),
+                    &json!({ "host": host, "vm": vm }),
+                )?,
+                PoolCmd::Deauthorize { name, host, vm } => c.post(
+                    &format!("/v1/pools/{name}/deauthorize"),
+                    &json!({ "host": host, "vm": vm }),
+                )?,
                 PoolCmd::Show { name } => c.get(&format!("/v1/pools/{name}"))?,
             };
             out(&v, format!("{}\n", serde_json::to_string_pretty(&v)?));
         }
         Cmd::Commitments => {
             let v = c.get("/v1/commitments")?;
-            out(&v, table(
-                &["HOST", "VM", "VOL", "COMMITTED", "LIMIT", "AUTO", "STATUS", "REASON"],
-                &rows(&v, "commitments", &["host_id", "vm", "volume", "committed_iops", "limit_iops", "auto_tier", "status", "reason"]),
-            ));
+            out(
+                &v,
+                table(
+                    &[
+                        "HOST",
+                        "VM",
+                        "VOL",
+                        "COMMITTED",
+                        "LIMIT",
+                        "AUTO",
+                        "STATUS",
+                        "REASON",
+                    ],
+                    &rows(
+                        &v,
+                        "commitments",
+                        &[
+                            "host_id",
+                            "vm",
+                            "volume",
+                            "committed_iops",
+                            "limit_iops",
+                            "auto_tier",
+                            "status",
+                            "reason",
+                        ],
+                    ),
+                ),
+            );
         }
-        Cmd::Commit { host, vm, volume, iops, limit, auto } => {
+        Cmd::Commit {
+            host,
+            vm,
+            volume,
+            iops,
+            limit,
+            auto,
+        } => {
             let v = c.post(
                 "/v1/commitments",
                 &json!({ "host": host, "vm": vm, "volume": volume, "committed_iops": iops, "limit_iops": limit, "auto_tier": auto }),
@@ -477,7 +657,16 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|p| vec![field(p, "pool"), credits(p, "bought_ns"), dollars(p, "bought_micros"), credits(p, "granted_ns"), field(p, "grants"), field(p, "denied")])
+                .map(|p| {
+                    vec![
+                        field(p, "pool"),
+                        credits(p, "bought_ns"),
+                        dollars(p, "bought_micros"),
+                        credits(p, "granted_ns"),
+                        field(p, "grants"),
+                        field(p, "denied"),
+                    ]
+                })
                 .collect();
             let m: Vec<Vec<String>> = v["vms"]
                 .as_array()
@@ -496,11 +685,29 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     ]
                 })
                 .collect();
-            out(&v, format!(
-                "{}\n{}",
-                table(&["POOL", "BOUGHT", "COST", "GRANTED", "GRANTS", "DENIED"], &p),
-                table(&["HOST", "VM", "BASELINE", "BURST", "POOL_CREDITS", "POOL_COST", "THROTTLED", "IO_OPS"], &m)
-            ));
+            out(
+                &v,
+                format!(
+                    "{}\n{}",
+                    table(
+                        &["POOL", "BOUGHT", "COST", "GRANTED", "GRANTS", "DENIED"],
+                        &p
+                    ),
+                    table(
+                        &[
+                            "HOST",
+                            "VM",
+                            "BASELINE",
+                            "BURST",
+                            "POOL_CREDITS",
+                            "POOL_COST",
+                            "THROTTLED",
+                            "IO_OPS"
+                        ],
+                        &m
+                    )
+                ),
+            );
         }
         Cmd::Billing => {
             let v = c.get("/v1/billing")?;
@@ -520,39 +727,83 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     ]
                 })
                 .collect();
-            out(&v, table(&["HOST", "VM", "VOL", "COMMITTED_IOPS_S", "COMMIT_COST", "OVERAGE_IOPS_S", "OVERAGE_COST"], &r));
+            out(
+                &v,
+                table(
+                    &[
+                        "HOST",
+                        "VM",
+                        "VOL",
+                        "COMMITTED_IOPS_S",
+                        "COMMIT_COST",
+                        "OVERAGE_IOPS_S",
+                        "OVERAGE_COST",
+                    ],
+                    &r,
+                ),
+            );
         }
         Cmd::Notifications => {
             let v = c.get("/v1/notifications")?;
-            out(&v, table(&["AT_MS", "POOL", "KIND", "MESSAGE"], &rows(&v, "notifications", &["at", "pool", "kind", "message"])));
+            out(
+                &v,
+                table(
+                    &["AT_MS", "POOL", "KIND", "MESSAGE"],
+                    &rows(&v, "notifications", &["at", "pool", "kind", "message"]),
+                ),
+            );
         }
         Cmd::Ledger => {
             let v = c.get("/v1/ledger")?;
-            out(&v, format!(
-                "debited {}  applied {}  refunded {}  in flight {}  consistent {}\n",
-                credits(&v, "debited_ns"),
-                credits(&v, "applied_ns"),
-                credits(&v, "refunded_ns"),
-                credits(&v, "in_flight_ns"),
-                field(&v, "pools_consistent")
-            ));
+            out(
+                &v,
+                format!(
+                    "debited {}  applied {}  refunded {}  in flight {}  consistent {}\n",
+                    credits(&v, "debited_ns"),
+                    credits(&v, "applied_ns"),
+                    credits(&v, "refunded_ns"),
+                    credits(&v, "in_flight_ns"),
+                    field(&v, "pools_consistent")
+                ),
+            );
         }
         Cmd::Metrics => print!("{}", c.get_text("/metrics")?),
         Cmd::Top { interval_ms, once } => top::run(&c, Duration::from_millis(*interval_ms), *once)?,
-        Cmd::Agent { .. } | Cmd::Simhost { .. } | Cmd::Proxy { .. } => unreachable!("handled in main"),
+        Cmd::Agent { .. } | Cmd::Simhost { .. } | Cmd::Proxy { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(())
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
-        Cmd::Agent { db, hosts, listen, ready_file, retry_ms, max_attempts, tiers, iops_month_price, overage_price } => {
-            let hosts = hosts.iter().map(|h| h.parse::<Address>()).collect::<Result<Vec<_>, _>>()?;
-            let tiers: Vec<u32> = tiers.split(',').map(|t| num(t.trim(), "tier")).collect::<Result<_, _>>()?;
+        Cmd::Agent {
+            db,
+            hosts,
+            listen,
+            ready_file,
+            retry_ms,
+            max_attempts,
+            tiers,
+            iops_month_price,
+            overage_price,
+        } => {
+            let hosts = hosts
+                .iter()
+                .map(|h| h.parse::<Address>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let tiers: Vec<u32> = tiers
+                .split(',')
+                .map(|t| num(t.trim(), "tier"))
+                .collect::<Result<_, _>>()?;
             if tiers.is_empty() || retry_ms == 0 || max_attempts == 0 {
                 return Err("tiers, retry-ms and max-attempts must be non-empty / positive".into());
             }
@@ -563,28 +814,57 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 ready_file,
                 retry: Duration::from_millis(retry_ms),
                 max_attempts,
-                tiers: TierPolicy { tiers, ..TierPolicy::default() },
+                tiers: TierPolicy {
+                    tiers,
+                    ..TierPolicy::default()
+                },
                 iops_month_micros: parse_money(&iops_month_price)?,
                 overage_iops_month_micros: parse_money(&overage_price)?,
             };
             runtime()?.block_on(agent::run(cfg))?;
         }
-        Cmd::Simhost { listen, host_id, tick_ms, report } => {
+        Cmd::Simhost {
+            listen,
+            host_id,
+            tick_ms,
+            report,
+        } => {
             let addr: Address = listen.parse()?;
             if tick_ms == 0 {
                 return Err("tick-ms must be positive".into());
             }
-            runtime()?.block_on(simhost::run(simhost::SimConfig::demo(&host_id, tick_ms), &addr, report))?;
+            runtime()?.block_on(simhost::run(
+                simhost::SimConfig::demo(&host_id, tick_ms),
+                &addr,
+                report,
+            ))?;
         }
-        Cmd::Proxy { listen, target, flip_ppm, drop_ppm, dup_ppm, replay_ppm, seed } => {
+        Cmd::Proxy {
+            listen,
+            target,
+            flip_ppm,
+            drop_ppm,
+            dup_ppm,
+            replay_ppm,
+            seed,
+        } => {
             let (l, t): (Address, Address) = (listen.parse()?, target.parse()?);
             runtime()?.block_on(async move {
-                let faults = proxy::Faults { flip_ppm, drop_ppm, dup_ppm, replay_ppm, seed };
+                let faults = proxy::Faults {
+                    flip_ppm,
+                    drop_ppm,
+                    dup_ppm,
+                    replay_ppm,
+                    seed,
+                };
                 let (_, stats) = proxy::spawn(&l, t, faults).await?;
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(Duration::from_secs(5)).await;
-                        tracing::info!("proxy: {}", serde_json::to_string(&*stats).unwrap_or_default());
+                        tracing::info!(
+                            "proxy: {}",
+                            serde_json::to_string(&*stats).unwrap_or_default()
+                        );
                     }
                 });
                 tokio::signal::ctrl_c().await
@@ -597,8 +877,13 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = if matches!(cli.cmd, Cmd::Agent { .. } | Cmd::Simhost { .. } | Cmd::Proxy { .. }) {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let result = if matches!(
+        cli.cmd,
+        Cmd::Agent { .. } | Cmd::Simhost { .. } | Cmd::Proxy { .. }
+    ) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .init();
         daemon(cli.cmd)
     } else {
         client_cmd(&cli)

@@ -187,8 +187,18 @@ pub enum Replenish {
 
 /// The automatic top-up to perform now, if any: `(amount_ns, cost_micros)`.
 #[must_use]
-pub fn auto_topup(policy: Replenish, balance_ns: u64, topup_spent_micros: u64, pricing: &Pricing) -> Option<(u64, u64)> {
-    let Replenish::Auto { threshold_ns, amount_ns, spending_limit_micros } = policy else {
+pub fn auto_topup(
+    policy: Replenish,
+    balance_ns: u64,
+    topup_spent_micros: u64,
+    pricing: &Pricing,
+) -> Option<(u64, u64)> {
+    let Replenish::Auto {
+        threshold_ns,
+        amount_ns,
+        spending_limit_micros,
+    } = policy
+    else {
         return None;
     };
     if balance_ns >= threshold_ns || amount_ns == 0 {
@@ -216,7 +226,13 @@ pub struct TierPolicy {
 
 impl Default for TierPolicy {
     fn default() -> Self {
-        Self { tiers: vec![200, 350, 500], down_pct: 75, down_windows: 6, up_pct: 110, up_windows: 3 }
+        Self {
+            tiers: vec![200, 350, 500],
+            down_pct: 75,
+            down_windows: 6,
+            up_pct: 110,
+            up_windows: 3,
+        }
     }
 }
 
@@ -231,14 +247,18 @@ pub fn next_tier(policy: &TierPolicy, current: u32, history: &[u32]) -> Option<u
     let tail = |n: usize| (n > 0 && history.len() >= n).then(|| &history[history.len() - n..]);
     let cur = u64::from(current);
     if let Some(w) = tail(policy.up_windows) {
-        if w.iter().all(|&i| u64::from(i) * 100 >= cur * u64::from(policy.up_pct)) {
+        if w.iter()
+            .all(|&i| u64::from(i) * 100 >= cur * u64::from(policy.up_pct))
+        {
             if let Some(&up) = tiers.iter().find(|&&t| t > current) {
                 return Some(up);
             }
         }
     }
     if let Some(w) = tail(policy.down_windows) {
-        if w.iter().all(|&i| u64::from(i) * 100 < cur * u64::from(policy.down_pct)) {
+        if w.iter()
+            .all(|&i| u64::from(i) * 100 < cur * u64::from(policy.down_pct))
+        {
             if let Some(&down) = tiers.iter().rev().find(|&&t| t < current) {
                 return Some(down);
             }
@@ -251,7 +271,8 @@ pub fn next_tier(policy: &TierPolicy, current: u32, history: &[u32]) -> Option<u
 #[must_use]
 pub fn commitment_cost_micros(committed_iops: u32, seconds: u64, price_micros: u64) -> u64 {
     clamp_u64(
-        u128::from(committed_iops) * u128::from(seconds) * u128::from(price_micros) / u128::from(SECONDS_PER_MONTH),
+        u128::from(committed_iops) * u128::from(seconds) * u128::from(price_micros)
+            / u128::from(SECONDS_PER_MONTH),
     )
 }
 
@@ -268,17 +289,30 @@ pub fn overage_iops_seconds(iops: u32, committed_iops: u32, window_s: u64) -> u6
 pub fn parse_credits(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let (int, frac) = t.split_once('.').unwrap_or((t, ""));
-    if int.is_empty() && frac.is_empty() || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
-        return Err(format!("'{text}' is not a non-negative decimal number of credits"));
+    if int.is_empty() && frac.is_empty()
+        || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "'{text}' is not a non-negative decimal number of credits"
+        ));
     }
-    let int_v: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| format!("'{text}' is too large"))? };
+    let int_v: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| format!("'{text}' is too large"))?
+    };
     let mut ns = int_v * u128::from(CREDIT_NS);
     if !frac.is_empty() {
-        let digits = u32::try_from(frac.len()).map_err(|_| format!("'{text}' has too many decimals"))?;
-        let scale = 10u128.checked_pow(digits).ok_or_else(|| format!("'{text}' has too many decimals"))?;
-        let f: u128 = frac.parse().map_err(|_| format!("'{text}' is not a number"))?;
+        let digits =
+            u32::try_from(frac.len()).map_err(|_| format!("'{text}' has too many decimals"))?;
+        let scale = 10u128
+            .checked_pow(digits)
+            .ok_or_else(|| format!("'{text}' has too many decimals"))?;
+        let f: u128 = frac
+            .parse()
+            .map_err(|_| format!("'{text}' is not a number"))?;
         let num = f * u128::from(CREDIT_NS);
-        if num % scale != 0 {
+        if !num.is_multiple_of(scale) {
             return Err(format!("'{text}' is finer than one credit-nanosecond"));
         }
         ns += num / scale;
@@ -305,7 +339,12 @@ mod tests {
     fn partial_grant_halves_as_in_the_seed() {
         let d = decide_grant(
             Strategy::Partial { pct: 50 },
-            GrantInput { requested_ns: 10, requester_balance_ns: 0, pool_balance_ns: 100, max_grant_ns: 0 },
+            GrantInput {
+                requested_ns: 10,
+                requester_balance_ns: 0,
+                pool_balance_ns: 100,
+                max_grant_ns: 0,
+            },
         );
         assert_eq!(d, GrantDecision::Grant(vec![(5, Instruction::Now)]));
     }
@@ -313,10 +352,24 @@ mod tests {
     #[test]
     fn staged_grant_20_gives_10_now_10_later() {
         let d = decide_grant(
-            Strategy::Staged { now_pct: 50, periods: 5 },
-            GrantInput { requested_ns: 20, requester_balance_ns: 3, pool_balance_ns: 100, max_grant_ns: 0 },
+            Strategy::Staged {
+                now_pct: 50,
+                periods: 5,
+            },
+            GrantInput {
+                requested_ns: 20,
+                requester_balance_ns: 3,
+                pool_balance_ns: 100,
+                max_grant_ns: 0,
+            },
         );
-        assert_eq!(d, GrantDecision::Grant(vec![(10, Instruction::Now), (10, Instruction::Rate { per_period_ns: 2 })]));
+        assert_eq!(
+            d,
+            GrantDecision::Grant(vec![
+                (10, Instruction::Now),
+                (10, Instruction::Rate { per_period_ns: 2 })
+            ])
+        );
     }
 
     #[test]
@@ -324,7 +377,12 @@ mod tests {
         let g = |bal| {
             decide_grant(
                 Strategy::ByBalance,
-                GrantInput { requested_ns: 100, requester_balance_ns: bal, pool_balance_ns: 1000, max_grant_ns: 0 },
+                GrantInput {
+                    requested_ns: 100,
+                    requester_balance_ns: bal,
+                    pool_balance_ns: 1000,
+                    max_grant_ns: 0,
+                },
             )
             .total_ns()
         };
@@ -337,31 +395,58 @@ mod tests {
     fn empty_pool_denies() {
         let d = decide_grant(
             Strategy::Full,
-            GrantInput { requested_ns: 10, requester_balance_ns: 0, pool_balance_ns: 0, max_grant_ns: 0 },
+            GrantInput {
+                requested_ns: 10,
+                requester_balance_ns: 0,
+                pool_balance_ns: 0,
+                max_grant_ns: 0,
+            },
         );
         assert!(matches!(d, GrantDecision::Deny(r) if r.contains("empty")));
     }
 
     #[test]
     fn volume_discount_applies_from_threshold() {
-        let p = Pricing { price_micros: 50_000, discounts: vec![Discount { min_credits: 100, pct: 10 }] };
+        let p = Pricing {
+            price_micros: 50_000,
+            discounts: vec![Discount {
+                min_credits: 100,
+                pct: 10,
+            }],
+        };
         assert_eq!(p.cost_micros(99 * CREDIT_NS), 99 * 50_000);
         assert_eq!(p.cost_micros(100 * CREDIT_NS), 100 * 45_000);
     }
 
     #[test]
     fn auto_topup_respects_threshold_and_limit() {
-        let p = Pricing { price_micros: 1_000, discounts: vec![] };
-        let pol = Replenish::Auto { threshold_ns: 10 * CREDIT_NS, amount_ns: 5 * CREDIT_NS, spending_limit_micros: 12_000 };
+        let p = Pricing {
+            price_micros: 1_000,
+            discounts: vec![],
+        };
+        let pol = Replenish::Auto {
+            threshold_ns: 10 * CREDIT_NS,
+            amount_ns: 5 * CREDIT_NS,
+            spending_limit_micros: 12_000,
+        };
         assert_eq!(auto_topup(pol, 11 * CREDIT_NS, 0, &p), None);
-        assert_eq!(auto_topup(pol, 9 * CREDIT_NS, 0, &p), Some((5 * CREDIT_NS, 5_000)));
+        assert_eq!(
+            auto_topup(pol, 9 * CREDIT_NS, 0, &p),
+            Some((5 * CREDIT_NS, 5_000))
+        );
         assert_eq!(auto_topup(pol, 9 * CREDIT_NS, 10_000, &p), None);
     }
 
     /// The seed's example: tiers 500/350/200, down below 75 %, up at or above 110 %.
     #[test]
     fn tier_trajectory_follows_the_seed() {
-        let pol = TierPolicy { tiers: vec![500, 350, 200], down_pct: 75, down_windows: 3, up_pct: 110, up_windows: 2 };
+        let pol = TierPolicy {
+            tiers: vec![500, 350, 200],
+            down_pct: 75,
+            down_windows: 3,
+            up_pct: 110,
+            up_windows: 2,
+        };
         // 500 committed, used 300 (< 375) for three windows -> 350.
         assert_eq!(next_tier(&pol, 500, &[300, 300, 300]), Some(350));
         // Two windows are not enough.
@@ -380,7 +465,10 @@ mod tests {
     #[test]
     fn proration_of_an_iops_month() {
         // 100 IOPS for half a month at $0.30 = $15.
-        assert_eq!(commitment_cost_micros(100, SECONDS_PER_MONTH / 2, 300_000), 15_000_000);
+        assert_eq!(
+            commitment_cost_micros(100, SECONDS_PER_MONTH / 2, 300_000),
+            15_000_000
+        );
         assert_eq!(overage_iops_seconds(150, 100, 10), 500);
         assert_eq!(overage_iops_seconds(50, 100, 10), 0);
     }
@@ -388,7 +476,10 @@ mod tests {
     #[test]
     fn credit_parsing_is_exact_and_strict() {
         assert_eq!(parse_credits("1.5"), Ok(90_000_000_000));
-        assert_eq!(parse_credits("0.000000000016666"), Err("'0.000000000016666' is finer than one credit-nanosecond".into()));
+        assert_eq!(
+            parse_credits("0.000000000016666"),
+            Err("'0.000000000016666' is finer than one credit-nanosecond".into())
+        );
         assert!(parse_credits("-1").is_err());
         assert!(parse_credits("abc").is_err());
         assert!(parse_credits("").is_err());

@@ -102,7 +102,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        stats.bytes.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+        stats
+            .bytes
+            .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
         let out = mutate(&mut rng, &f, &stats, &buf[..n]);
         if to.write_all(&out).await.is_err() {
             return;
@@ -114,7 +116,11 @@ async fn pump(
 ///
 /// # Errors
 /// Bind errors.
-pub async fn spawn(listen: &Address, target: Address, f: Faults) -> std::io::Result<(Address, Arc<ProxyStats>)> {
+pub async fn spawn(
+    listen: &Address,
+    target: Address,
+    f: Faults,
+) -> std::io::Result<(Address, Arc<ProxyStats>)> {
     let l = Listener::bind(listen).await?;
     let addr = l.local()?;
     let stats = Arc::new(ProxyStats::default());
@@ -123,12 +129,26 @@ pub async fn spawn(listen: &Address, target: Address, f: Faults) -> std::io::Res
         let mut conn = 0u64;
         loop {
             let Ok(a) = l.accept().await else { continue };
-            let Ok(b) = link::connect(&target).await else { continue };
+            let Ok(b) = link::connect(&target).await else {
+                continue;
+            };
             conn += 1;
             let (ar, aw) = tokio::io::split(a);
             let (br, bw) = tokio::io::split(b);
-            tokio::spawn(pump(ar, bw, f, f.seed ^ conn.wrapping_mul(0x9e37_79b9), st.clone()));
-            tokio::spawn(pump(br, aw, f, f.seed ^ conn.wrapping_mul(0x85eb_ca6b) ^ 1, st.clone()));
+            tokio::spawn(pump(
+                ar,
+                bw,
+                f,
+                f.seed ^ conn.wrapping_mul(0x9e37_79b9),
+                st.clone(),
+            ));
+            tokio::spawn(pump(
+                br,
+                aw,
+                f,
+                f.seed ^ conn.wrapping_mul(0x85eb_ca6b) ^ 1,
+                st.clone(),
+            ));
         }
     });
     Ok((addr, stats))

@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::{
-    BurstMode, Command, CommandError, CreditRequest, DedupWindow, ErrorCode, Event, FrameDecoder, FrameEncoder, Grant,
-    Hello, Instruction, Reply, Request, Resource, Response, SchedParams, Seen, ToAgent, ToHost, VcpuBalance,
-    VcpuTelemetry, VmInfo, VmState, VmSummary, VolumeInfo, VolumeTelemetry, VmTelemetry,
+    BurstMode, Command, CommandError, CreditRequest, DedupWindow, ErrorCode, Event, FrameDecoder,
+    FrameEncoder, Grant, Hello, Instruction, Reply, Request, Resource, Response, SchedParams, Seen,
+    ToAgent, ToHost, VcpuBalance, VcpuTelemetry, VmInfo, VmState, VmSummary, VmTelemetry,
+    VolumeInfo, VolumeTelemetry,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -107,7 +108,11 @@ impl SimConfig {
                 period_ns: tick_ns,
                 accrual_ns: tick_ns * pct_base / 100 / 4,
                 cap_ns: tick_ns * 100,
-                burst: if unlimited { BurstMode::Unlimited } else { BurstMode::Standard },
+                burst: if unlimited {
+                    BurstMode::Unlimited
+                } else {
+                    BurstMode::Standard
+                },
                 weight: 256,
             },
             launch_balance_ns: launch_ticks * i64::try_from(tick_ns).unwrap_or(0),
@@ -129,17 +134,29 @@ impl SimConfig {
                 SimVmSpec {
                     name: "burst-unlimited".into(),
                     vcpus: vec![vcpu(20, 100, true, 5)],
-                    volumes: vec![SimVolumeSpec { committed_iops: 350, limit_iops: 0, demand_iops: 300 }],
+                    volumes: vec![SimVolumeSpec {
+                        committed_iops: 350,
+                        limit_iops: 0,
+                        demand_iops: 300,
+                    }],
                 },
                 SimVmSpec {
                     name: "web-standard".into(),
                     vcpus: vec![vcpu(20, 60, false, 20), vcpu(20, 10, false, 0)],
-                    volumes: vec![SimVolumeSpec { committed_iops: 500, limit_iops: 900, demand_iops: 700 }],
+                    volumes: vec![SimVolumeSpec {
+                        committed_iops: 500,
+                        limit_iops: 900,
+                        demand_iops: 700,
+                    }],
                 },
                 SimVmSpec {
                     name: "quiet".into(),
                     vcpus: vec![vcpu(10, 5, false, 0)],
-                    volumes: vec![SimVolumeSpec { committed_iops: 200, limit_iops: 0, demand_iops: 40 }],
+                    volumes: vec![SimVolumeSpec {
+                        committed_iops: 200,
+                        limit_iops: 0,
+                        demand_iops: 40,
+                    }],
                 },
             ],
         }
@@ -363,14 +380,24 @@ impl SimState {
 
     /// Changes a vCPU's demand (tests and scenarios).
     pub fn set_demand(&mut self, vm: u32, vcpu: usize, pct: u32) {
-        if let Some(c) = self.vms.iter_mut().find(|v| v.id == vm).and_then(|v| v.vcpus.get_mut(vcpu)) {
+        if let Some(c) = self
+            .vms
+            .iter_mut()
+            .find(|v| v.id == vm)
+            .and_then(|v| v.vcpus.get_mut(vcpu))
+        {
             c.demand_pct = pct.min(100);
         }
     }
 
     /// Changes a volume's offered load.
     pub fn set_io_demand(&mut self, vm: u32, volume: usize, iops: u32) {
-        if let Some(v) = self.vms.iter_mut().find(|v| v.id == vm).and_then(|v| v.volumes.get_mut(volume)) {
+        if let Some(v) = self
+            .vms
+            .iter_mut()
+            .find(|v| v.id == vm)
+            .and_then(|v| v.volumes.get_mut(volume))
+        {
             v.demand_iops = iops;
         }
     }
@@ -417,7 +444,8 @@ impl SimState {
                 | proto::caps::CREDIT_REQUESTS
                 | proto::caps::IOPS
                 | proto::caps::CREATE_VM,
-            telemetry_period_ms: u32::try_from(u64::from(self.telemetry_ticks) * self.cfg.tick_ms).unwrap_or(u32::MAX),
+            telemetry_period_ms: u32::try_from(u64::from(self.telemetry_ticks) * self.cfg.tick_ms)
+                .unwrap_or(u32::MAX),
         }
     }
 
@@ -437,7 +465,10 @@ impl SimState {
             let running = vm.state == VmState::Running;
             for (i, c) in vm.vcpus.iter_mut().enumerate() {
                 // Accrual, capped (discards counted).
-                let room = to_i64(c.params.cap_ns).saturating_sub(c.balance_ns).max(0).unsigned_abs();
+                let room = to_i64(c.params.cap_ns)
+                    .saturating_sub(c.balance_ns)
+                    .max(0)
+                    .unsigned_abs();
                 let add = c.params.accrual_ns.min(room);
                 c.balance_ns = c.balance_ns.saturating_add(to_i64(add));
                 c.window.earned_ns += add;
@@ -468,7 +499,8 @@ impl SimState {
                     continue;
                 }
                 let demand = mul_div(tick_ns, u64::from(c.demand_pct), 100);
-                let baseline = mul_div(tick_ns, c.params.budget_ns, c.params.period_ns.max(1)).min(tick_ns);
+                let baseline =
+                    mul_div(tick_ns, c.params.budget_ns, c.params.period_ns.max(1)).min(tick_ns);
                 let base = demand.min(baseline);
                 let want = demand - base;
                 let burst = want.min(c.balance_ns.max(0).unsigned_abs());
@@ -518,14 +550,23 @@ impl SimState {
             let tick_s_num = self.cfg.tick_ms;
             for v in &mut vm.volumes {
                 let offered = if running { v.demand_iops } else { 0 };
-                let cap = if v.limit_iops > 0 { offered.min(v.limit_iops) } else { offered };
+                let cap = if v.limit_iops > 0 {
+                    offered.min(v.limit_iops)
+                } else {
+                    offered
+                };
                 v.last_iops = cap;
                 v.throttled = v.throttled.saturating_add(offered - cap);
                 v.served_ops += u64::from(cap) * tick_s_num / 1000;
             }
         }
         // Device capacity: scale down best-effort parts if the total exceeds it.
-        let total: u64 = self.vms.iter().flat_map(|v| v.volumes.iter()).map(|v| u64::from(v.last_iops)).sum();
+        let total: u64 = self
+            .vms
+            .iter()
+            .flat_map(|v| v.volumes.iter())
+            .map(|v| u64::from(v.last_iops))
+            .sum();
         let cap = u64::from(self.cfg.device_iops);
         if total > cap {
             let committed: u64 = self
@@ -539,7 +580,8 @@ impl SimState {
             for v in self.vms.iter_mut().flat_map(|v| v.volumes.iter_mut()) {
                 let c = v.last_iops.min(v.committed_iops);
                 let extra = u64::from(v.last_iops - c);
-                let got = u32::try_from(mul_div(extra, extra_room, extra_total)).unwrap_or(u32::MAX);
+                let got =
+                    u32::try_from(mul_div(extra, extra_room, extra_total)).unwrap_or(u32::MAX);
                 v.throttled = v.throttled.saturating_add(v.last_iops - c - got);
                 v.last_iops = c + got;
             }
@@ -548,7 +590,7 @@ impl SimState {
         for r in requests {
             self.send(ToAgent::CreditRequest(r));
         }
-        if self.ticks % u64::from(self.telemetry_ticks) == 0 {
+        if self.ticks.is_multiple_of(u64::from(self.telemetry_ticks)) {
             self.emit_telemetry();
         }
     }
@@ -556,7 +598,12 @@ impl SimState {
     fn emit_telemetry(&mut self) {
         let window_ns = u64::from(self.telemetry_ticks) * self.cfg.tick_ms * 1_000_000;
         let time_ns = self.ticks * self.cfg.tick_ms * 1_000_000;
-        let util: u64 = self.vms.iter().flat_map(|v| v.volumes.iter()).map(|v| u64::from(v.last_iops)).sum();
+        let util: u64 = self
+            .vms
+            .iter()
+            .flat_map(|v| v.volumes.iter())
+            .map(|v| u64::from(v.last_iops))
+            .sum();
         let cap = u64::from(self.cfg.device_iops.max(1));
         // Queue-wait model of a single server with 1/cap s service time: wait = s * rho / (1 - rho).
         let service_ns = 1_000_000_000 / cap;
@@ -581,7 +628,11 @@ impl SimState {
                         granted_ns: w.granted_ns,
                         balance_ns: c.balance_ns,
                         throttled_ns: w.throttled_ns,
-                        wake_latency_max_ns: if w.throttled_ns > 0 { self.cfg.tick_ms * 1_000_000 } else { 50_000 },
+                        wake_latency_max_ns: if w.throttled_ns > 0 {
+                            self.cfg.tick_ms * 1_000_000
+                        } else {
+                            50_000
+                        },
                         unlimited: c.params.burst == BurstMode::Unlimited,
                     }
                 })
@@ -631,7 +682,10 @@ impl SimState {
                     self.totals.stale_requests += 1;
                     self.send(ToAgent::Response(Response {
                         id: req.id,
-                        result: Err(err(ErrorCode::Stale, "request id older than the dedup window; not executed")),
+                        result: Err(err(
+                            ErrorCode::Stale,
+                            "request id older than the dedup window; not executed",
+                        )),
                     }));
                     return;
                 }
@@ -665,9 +719,19 @@ impl SimState {
             .sum()
     }
 
-    fn check_params(&self, p: &SchedParams, skip: Option<(u32, usize)>) -> Result<(), CommandError> {
-        if !(100_000..=1_000_000_000).contains(&p.period_ns) || p.budget_ns == 0 || p.budget_ns > p.period_ns {
-            return Err(err(ErrorCode::Invalid, "period must be 100us..=1s and 0 < budget <= period"));
+    fn check_params(
+        &self,
+        p: &SchedParams,
+        skip: Option<(u32, usize)>,
+    ) -> Result<(), CommandError> {
+        if !(100_000..=1_000_000_000).contains(&p.period_ns)
+            || p.budget_ns == 0
+            || p.budget_ns > p.period_ns
+        {
+            return Err(err(
+                ErrorCode::Invalid,
+                "period must be 100us..=1s and 0 < budget <= period",
+            ));
         }
         let new = mul_div(p.budget_ns, 1_000_000, p.period_ns);
         let used = self.cpu_util_ppm(skip);
@@ -675,7 +739,10 @@ impl SimState {
         if used + new > cap {
             return Err(err(
                 ErrorCode::Admission,
-                &format!("baseline utilisation {}+{} ppm exceeds {} ppm of {} CPUs", used, new, cap, self.cfg.cpus),
+                &format!(
+                    "baseline utilisation {}+{} ppm exceeds {} ppm of {} CPUs",
+                    used, new, cap, self.cfg.cpus
+                ),
             ));
         }
         Ok(())
@@ -710,7 +777,12 @@ impl SimState {
                         vcpus: u16::try_from(v.vcpus.len()).unwrap_or(u16::MAX),
                     },
                     module: proto::truncated(&v.module),
-                    vcpus: v.vcpus.iter().map(|c| c.params).take(proto::MAX_VCPUS).collect(),
+                    vcpus: v
+                        .vcpus
+                        .iter()
+                        .map(|c| c.params)
+                        .take(proto::MAX_VCPUS)
+                        .collect(),
                     volumes: v
                         .volumes
                         .iter()
@@ -724,9 +796,16 @@ impl SimState {
                         .collect(),
                 }))
             }
-            Command::CreateVm { module, name, vcpus } => {
+            Command::CreateVm {
+                module,
+                name,
+                vcpus,
+            } => {
                 if !MODULES.contains(&module.as_str()) {
-                    return Err(err(ErrorCode::NotFound, &format!("module '{module}' is not loaded")));
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        &format!("module '{module}' is not loaded"),
+                    ));
                 }
                 if vcpus.is_empty() {
                     return Err(err(ErrorCode::Invalid, "a VM needs at least one vCPU"));
@@ -738,7 +817,10 @@ impl SimState {
                 }
                 let cap = u64::from(self.cfg.cpus) * 1_000_000;
                 if self.cpu_util_ppm(None) + extra > cap {
-                    return Err(err(ErrorCode::Admission, &format!("VM baselines need {extra} ppm; no room")));
+                    return Err(err(
+                        ErrorCode::Admission,
+                        &format!("VM baselines need {extra} ppm; no room"),
+                    ));
                 }
                 let id = self.next_vm;
                 self.next_vm += 1;
@@ -778,22 +860,35 @@ impl SimState {
                 }
                 Ok(r)
             }
-            Command::DestroyVm { vm } => {
-                self.transition(vm, &[VmState::Created, VmState::Running, VmState::Paused], VmState::Destroyed)
-            }
+            Command::DestroyVm { vm } => self.transition(
+                vm,
+                &[VmState::Created, VmState::Running, VmState::Paused],
+                VmState::Destroyed,
+            ),
             Command::SetSchedParams { vm, vcpu, params } => {
                 let idx = usize::from(vcpu);
                 if self.vm_mut(vm)?.vcpus.get(idx).is_none() {
-                    return Err(err(ErrorCode::NotFound, &format!("VM {vm} has no vCPU {vcpu}")));
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        &format!("VM {vm} has no vCPU {vcpu}"),
+                    ));
                 }
                 self.check_params(&params, Some((vm, idx)))?;
                 self.vm_mut(vm)?.vcpus[idx].params = params;
                 Ok(Reply::Ack)
             }
-            Command::SetVolumeCommitment { vm, volume, committed_iops, limit_iops } => {
+            Command::SetVolumeCommitment {
+                vm,
+                volume,
+                committed_iops,
+                limit_iops,
+            } => {
                 let idx = usize::from(volume);
                 if self.vm_mut(vm)?.volumes.get(idx).is_none() {
-                    return Err(err(ErrorCode::NotFound, &format!("VM {vm} has no volume {volume}")));
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        &format!("VM {vm} has no volume {volume}"),
+                    ));
                 }
                 if limit_iops != 0 && limit_iops < committed_iops {
                     return Err(err(ErrorCode::Invalid, "limit below commitment"));
@@ -806,7 +901,8 @@ impl SimState {
                     .filter(|(id, i, _)| !(*id == vm && *i == idx))
                     .map(|(_, _, s)| u64::from(s.committed_iops))
                     .sum();
-                let committable = u64::from(self.cfg.device_iops) * u64::from(self.cfg.committable_pct) / 100;
+                let committable =
+                    u64::from(self.cfg.device_iops) * u64::from(self.cfg.committable_pct) / 100;
                 if others + u64::from(committed_iops) > committable {
                     return Err(err(
                         ErrorCode::Admission,
@@ -822,7 +918,9 @@ impl SimState {
                 Ok(Reply::Ack)
             }
             Command::ApplyGrant(g) => self.apply_grant(&g),
-            Command::DenyCredit { credit_request_id, .. } => {
+            Command::DenyCredit {
+                credit_request_id, ..
+            } => {
                 self.totals.denials += 1;
                 let backoff = self.cfg.deny_backoff_ticks;
                 for c in self.vms.iter_mut().flat_map(|v| v.vcpus.iter_mut()) {
@@ -851,7 +949,10 @@ impl SimState {
             )),
             Command::SetTelemetryPeriod { period_ms } => {
                 if period_ms == 0 {
-                    return Err(err(ErrorCode::Unsupported, "the simulator always streams telemetry"));
+                    return Err(err(
+                        ErrorCode::Unsupported,
+                        "the simulator always streams telemetry",
+                    ));
                 }
                 let ticks = u64::from(period_ms) / self.cfg.tick_ms.max(1);
                 self.telemetry_ticks = u32::try_from(ticks.max(1)).unwrap_or(u32::MAX);
@@ -860,10 +961,18 @@ impl SimState {
         }
     }
 
-    fn transition(&mut self, vm: u32, from: &[VmState], to: VmState) -> Result<Reply, CommandError> {
+    fn transition(
+        &mut self,
+        vm: u32,
+        from: &[VmState],
+        to: VmState,
+    ) -> Result<Reply, CommandError> {
         let v = self.vm_mut(vm)?;
         if !from.contains(&v.state) {
-            return Err(err(ErrorCode::BadState, &format!("VM {vm} is {:?}; cannot become {to:?}", v.state)));
+            return Err(err(
+                ErrorCode::BadState,
+                &format!("VM {vm} is {:?}; cannot become {to:?}", v.state),
+            ));
         }
         v.state = to;
         Ok(Reply::Ack)
@@ -872,7 +981,12 @@ impl SimState {
     fn apply_grant(&mut self, g: &Grant) -> Result<Reply, CommandError> {
         if self.applied_grants.contains(&g.grant_id) {
             self.totals.duplicate_grants += 1;
-            return Ok(Reply::GrantApplied { grant_id: g.grant_id, duplicate: true, applied_now_ns: 0, pending_ns: 0 });
+            return Ok(Reply::GrantApplied {
+                grant_id: g.grant_id,
+                duplicate: true,
+                applied_now_ns: 0,
+                pending_ns: 0,
+            });
         }
         let idx = usize::from(g.unit);
         let vm = g.vm;
@@ -880,7 +994,10 @@ impl SimState {
             Ok(Some(c)) if g.resource == Resource::Cpu => c,
             _ => {
                 self.totals.refused_grants += 1;
-                return Err(err(ErrorCode::NotFound, &format!("no vCPU {vm}/{idx} for grant {}", g.grant_id)));
+                return Err(err(
+                    ErrorCode::NotFound,
+                    &format!("no vCPU {vm}/{idx} for grant {}", g.grant_id),
+                ));
             }
         };
         let mut now = 0u64;
@@ -911,13 +1028,22 @@ impl SimState {
         self.totals.grants += 1;
         self.totals.received_ns += total;
         self.totals.applied_ns += now;
-        Ok(Reply::GrantApplied { grant_id: g.grant_id, duplicate: false, applied_now_ns: now, pending_ns: pending })
+        Ok(Reply::GrantApplied {
+            grant_id: g.grant_id,
+            duplicate: false,
+            applied_now_ns: now,
+            pending_ns: pending,
+        })
     }
 
     /// Which grant ids have staged credits left (diagnostics).
     #[must_use]
     pub fn staged_grants(&self) -> Vec<u64> {
-        self.vms.iter().flat_map(|v| v.vcpus.iter()).flat_map(|c| c.pending.iter().map(|p| p.grant_id)).collect()
+        self.vms
+            .iter()
+            .flat_map(|v| v.vcpus.iter())
+            .flat_map(|c| c.pending.iter().map(|p| p.grant_id))
+            .collect()
     }
 }
 
@@ -1002,7 +1128,9 @@ async fn serve(
             }
         }
         while let Some(m) = rx.recv().await {
-            let Ok(bytes) = enc.encode_vec(&m) else { continue };
+            let Ok(bytes) = enc.encode_vec(&m) else {
+                continue;
+            };
             if wr.write_all(&bytes).await.is_err() {
                 return;
             }
@@ -1036,7 +1164,11 @@ async fn serve(
 ///
 /// # Errors
 /// Bind errors.
-pub async fn run(cfg: SimConfig, listen: &Address, report: Option<std::path::PathBuf>) -> std::io::Result<()> {
+pub async fn run(
+    cfg: SimConfig,
+    listen: &Address,
+    report: Option<std::path::PathBuf>,
+) -> std::io::Result<()> {
     let h = spawn(cfg, listen).await?;
     tracing::info!("simhost listening on {}", h.address);
     let mut iv = tokio::time::interval(Duration::from_secs(1));

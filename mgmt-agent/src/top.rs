@@ -33,10 +33,21 @@ pub struct TopData {
 }
 
 /// VM table columns.
-pub const VM_COLS: [&str; 10] =
-    ["HOST", "VM", "NAME", "VCPUS", "CPU%", "BASE%", "BURST%", "THROTL%", "BALANCE", "MODE"];
+pub const VM_COLS: [&str; 10] = [
+    "HOST", "VM", "NAME", "VCPUS", "CPU%", "BASE%", "BURST%", "THROTL%", "BALANCE", "MODE",
+];
 /// Volume table columns.
-pub const VOL_COLS: [&str; 9] = ["HOST", "VM", "VOL", "IOPS", "COMMIT", "LIMIT", "USE%", "P99(us)", "THROTTLED"];
+pub const VOL_COLS: [&str; 9] = [
+    "HOST",
+    "VM",
+    "VOL",
+    "IOPS",
+    "COMMIT",
+    "LIMIT",
+    "USE%",
+    "P99(us)",
+    "THROTTLED",
+];
 /// Pool table columns.
 pub const POOL_COLS: [&str; 6] = ["POOL", "RES", "BALANCE", "STRATEGY", "REPLENISH", "MEMBERS"];
 
@@ -64,7 +75,10 @@ pub fn gather(c: &Client) -> Result<TopData, ClientError> {
     let name_of = |host: &str, vm: u64| {
         vms["vms"]
             .as_array()
-            .and_then(|a| a.iter().find(|v| v["host_id"] == host && v["vm"].as_u64() == Some(vm)))
+            .and_then(|a| {
+                a.iter()
+                    .find(|v| v["host_id"] == host && v["vm"].as_u64() == Some(vm))
+            })
             .map_or_else(|| "-".to_string(), |v| field(v, "name"))
     };
     let mut d = TopData {
@@ -84,7 +98,10 @@ pub fn gather(c: &Client) -> Result<TopData, ClientError> {
         let window = u(s, "window_ns");
         let vcpus = s["vcpus"].as_array().cloned().unwrap_or_default();
         let sum = |k: &str| vcpus.iter().map(|c| u(c, k)).sum::<u64>();
-        let balance: i128 = vcpus.iter().map(|c| i128::from(c["balance_ns"].as_i64().unwrap_or(0))).sum();
+        let balance: i128 = vcpus
+            .iter()
+            .map(|c| i128::from(c["balance_ns"].as_i64().unwrap_or(0)))
+            .sum();
         let unlimited = vcpus.iter().any(|c| c["unlimited"].as_bool() == Some(true));
         d.vms.push(vec![
             host.clone(),
@@ -96,7 +113,11 @@ pub fn gather(c: &Client) -> Result<TopData, ClientError> {
             pct(sum("burst_ns"), window),
             pct(sum("throttled_ns"), window),
             fmt_credits(balance),
-            if unlimited { "unlimited".into() } else { "standard".into() },
+            if unlimited {
+                "unlimited".into()
+            } else {
+                "standard".into()
+            },
         ]);
         for v in s["volumes"].as_array().into_iter().flatten() {
             let limit = u(v, "limit_iops");
@@ -106,7 +127,11 @@ pub fn gather(c: &Client) -> Result<TopData, ClientError> {
                 u(v, "volume").to_string(),
                 u(v, "iops").to_string(),
                 u(v, "committed_iops").to_string(),
-                if limit == 0 { "-".into() } else { limit.to_string() },
+                if limit == 0 {
+                    "-".into()
+                } else {
+                    limit.to_string()
+                },
                 pct(u(v, "iops"), u(v, "committed_iops")),
                 (u(v, "latency_p99_ns") / 1000).to_string(),
                 u(v, "throttled").to_string(),
@@ -131,7 +156,12 @@ fn table<'a>(title: &'a str, cols: &'a [&'a str], rows: &'a [Vec<String>]) -> Ta
         .iter()
         .enumerate()
         .map(|(i, h)| {
-            let w = rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0).max(h.len());
+            let w = rows
+                .iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+                .max(h.len());
             Constraint::Length(u16::try_from(w).unwrap_or(u16::MAX))
         })
         .collect();
@@ -143,25 +173,47 @@ fn table<'a>(title: &'a str, cols: &'a [&'a str], rows: &'a [Vec<String>]) -> Ta
 /// Draws one frame.
 pub fn draw(f: &mut Frame<'_>, d: &TopData) {
     let h = |n: usize| Constraint::Length(u16::try_from(n + 3).unwrap_or(u16::MAX));
-    let [head, vms, vols, pools] =
-        Layout::vertical([Constraint::Length(1), h(d.vms.len()), h(d.volumes.len()), Constraint::Min(3)]).areas(f.area());
-    f.render_widget(Paragraph::new(format!("cvctl top — {}  (q to quit)", d.header)), head);
-    f.render_widget(table("VMs (CPU % of one CPU over the last window)", &VM_COLS, &d.vms), vms);
-    f.render_widget(table("Volumes (IOPS vs commitment)", &VOL_COLS, &d.volumes), vols);
+    let [head, vms, vols, pools] = Layout::vertical([
+        Constraint::Length(1),
+        h(d.vms.len()),
+        h(d.volumes.len()),
+        Constraint::Min(3),
+    ])
+    .areas(f.area());
+    f.render_widget(
+        Paragraph::new(format!("cvctl top — {}  (q to quit)", d.header)),
+        head,
+    );
+    f.render_widget(
+        table(
+            "VMs (CPU % of one CPU over the last window)",
+            &VM_COLS,
+            &d.vms,
+        ),
+        vms,
+    );
+    f.render_widget(
+        table("Volumes (IOPS vs commitment)", &VOL_COLS, &d.volumes),
+        vols,
+    );
     f.render_widget(table("Credit pools", &POOL_COLS, &d.pools), pools);
 }
 
 /// Renders one frame off-screen and returns it as text.
 #[must_use]
 pub fn render_text(d: &TopData, width: u16, height: u16) -> String {
-    let Ok(mut t) = Terminal::new(TestBackend::new(width, height)) else { return String::new() };
+    let Ok(mut t) = Terminal::new(TestBackend::new(width, height)) else {
+        return String::new();
+    };
     if t.draw(|f| draw(f, d)).is_err() {
         return String::new();
     }
     let buf = t.backend().buffer();
     let mut out = String::new();
     for y in 0..buf.area.height {
-        let line: String = (0..buf.area.width).map(|x| buf[(x, y)].symbol().to_string()).collect();
+        let line: String = (0..buf.area.width)
+            .map(|x| buf[(x, y)].symbol().to_string())
+            .collect();
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -176,14 +228,20 @@ pub fn run(c: &Client, interval: Duration, once: bool) -> Result<(), Box<dyn std
     if once {
         let d = gather(c)?;
         let rows = d.vms.len() + d.volumes.len() + d.pools.len() + 10;
-        print!("{}", render_text(&d, 120, u16::try_from(rows).unwrap_or(u16::MAX)));
+        print!(
+            "{}",
+            render_text(&d, 120, u16::try_from(rows).unwrap_or(u16::MAX))
+        );
         return Ok(());
     }
     use ratatui::crossterm::event::{self, Event, KeyCode};
     let mut term = ratatui::init();
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
         loop {
-            let d = gather(c).unwrap_or_else(|e| TopData { header: format!("agent unreachable: {e}"), ..TopData::default() });
+            let d = gather(c).unwrap_or_else(|e| TopData {
+                header: format!("agent unreachable: {e}"),
+                ..TopData::default()
+            });
             term.draw(|f| draw(f, &d))?;
             if event::poll(interval)? {
                 if let Event::Key(k) = event::read()? {
