@@ -2,4 +2,8 @@
 //! queue and protocol logic is tested on the host against fake devices.
 #![no_std]
 
+extern crate alloc;
+
+pub mod nvme;
+pub mod pci;
 pub mod uart16550;
