@@ -13,9 +13,13 @@
 //! 5. `VMMCALL` with the ABI's argument registers;
 //! 6. 1000 `CPUID` exits in a loop counting down R8 (proves the GPR switch; the median host-side round trip, TSC
 //!    ticks from before `run` to its return, is the reported figure);
-//! 7. `CLI` and a spin on a flag in guest memory: only the LAPIC-timer deadline (INTR intercept + V_INTR_MASKING)
-//!    can stop it (`SliceExpired`, and not before the deadline); the test then sets the flag;
-//! 8. `HLT`; the test then injects #GP, which the guest (no IDT) cannot deliver: a triple fault, `SHUTDOWN`.
+//! 7. two spins on flags in guest memory, first with `STI`, then with `CLI` (bounded by R12 iterations): only the
+//!    LAPIC-timer deadline (INTR intercept + V_INTR_MASKING) can stop them (`SliceExpired`, never before the
+//!    deadline); the test then sets the flag. Bochs 2.7 cannot preempt the CLI spin (see `guest_run`): there the
+//!    bounded spin ends with `VMMCALL(4)` and the detail says `cli_preempt=no(bochs)`;
+//! 8. `HLT`; the test then loads an IDT and injects #GP with an error code: the guest's handler reports the error
+//!    code and the pushed RIP by `VMMCALL(6)`, drops its IDT and executes `UD2`: a triple fault, `SHUTDOWN`
+//!    (skipped on Bochs, which stops the emulator on a guest triple fault under the harness's settings).
 //!
 //! Finally a second vCPU with EFER.SVME cleared must fail entry with a report naming that rule (APM §15.5.1).
 //! The guest uses only CPU 0 of the VM; the test runs on the CPU that calls it.
@@ -30,7 +34,7 @@ use virt::{AccessSize, EntryFailure, Gpr, IoDirection, Vcpu, VmExit};
 
 use super::npt::NptMap;
 use super::vcpu::{backend_msr_allow_list, SvmVcpu, SvmVm};
-use super::vmcb::Save64;
+use super::vmcb::{Save64, Seg, Segment};
 use crate::arch::x86_64::{paging, tsc};
 use crate::mm::{frame, PAGE_SIZE};
 use crate::virt::detect::VirtSupport;
@@ -71,6 +75,7 @@ const GDT_GPA: u64 = 0x1000;
 const PML4_GPA: u64 = 0x2000;
 const PDPT_GPA: u64 = 0x3000;
 const PD_GPA: u64 = 0x4000;
+const IDT_GPA: u64 = 0x5000;
 const CODE_GPA: u64 = 0x20_0000;
 /// Guest RAM: the low 32 KiB (GDT, page tables) and 12 KiB at 2 MiB (code, then stack).
 const RAM: [(u64, u64); 2] = [(0, 8), (CODE_GPA, 3)];
@@ -80,8 +85,14 @@ const LATE_MAGIC: u32 = 0xC0DE_5AFE;
 /// What the test answers CPUID leaf 0 and RDMSR with.
 const CPUID_EAX: u64 = 0x4000_0001;
 const MSR_VALUE: u64 = 0x1234_5678_9ABC_DEF0;
-/// How long the CLI spin is allowed to run before the deadline stops it.
+/// Error code of the injected #GP.
+const GP_ERROR_CODE: u32 = 0x18;
+/// How long each spin runs before the deadline stops it.
 const SPIN_US: u64 = 2_000;
+/// Iterations of the CLI spin before the guest gives up (far beyond the deadline on QEMU: ~0.1-1 s of TCG).
+const SPIN_BOUND: u64 = 200_000_000;
+/// The same on Bochs, which cannot preempt it (see `guest_run`): ~3 million instructions.
+const BOCHS_SPIN_BOUND: u64 = 1_000_000;
 /// Bound on any single `run` (a wedged guest ends as SliceExpired and fails the test, never hangs it).
 const RUN_LIMIT_US: u64 = 2_000_000;
 
@@ -120,18 +131,40 @@ svm_test_guest_start:
     jnz 2b
     mov eax, 3
     vmmcall
-    cli
+    sti
 3:
     cmp byte ptr [rip + svm_test_guest_flag], 0
     je 3b
+    cli
+    mov eax, 3
+    vmmcall
+5:
+    cmp byte ptr [rip + svm_test_guest_flag + 1], 0
+    jne 6f
+    dec r12
+    jnz 5b
+    mov eax, 4
+    vmmcall
+6:
     hlt
     mov eax, 5
     vmmcall
 4:
     jmp 4b
+    .global svm_test_guest_gp
+svm_test_guest_gp:
+    mov eax, 6
+    mov rdi, [rsp]
+    mov rsi, [rsp + 8]
+    vmmcall
+    lidt [rip + 7f]
+    ud2
+7:
+    .word 0
+    .quad 0
     .global svm_test_guest_flag
 svm_test_guest_flag:
-    .byte 0
+    .byte 0, 0
     .global svm_test_guest_end
 svm_test_guest_end:
     "#,
@@ -140,18 +173,20 @@ svm_test_guest_end:
 
 extern "C" {
     static svm_test_guest_start: u8;
+    static svm_test_guest_gp: u8;
     static svm_test_guest_flag: u8;
     static svm_test_guest_end: u8;
 }
 
-/// The guest code bytes and the offset of the flag byte in them.
-fn guest_code() -> (&'static [u8], usize) {
-    // SAFETY: the three symbols delimit one contiguous blob in .rodata, start <= flag < end.
+/// The guest code bytes and the offsets of the #GP handler and of the flag bytes in them.
+fn guest_code() -> (&'static [u8], usize, usize) {
+    // SAFETY: the symbols delimit one contiguous blob in .rodata, start <= gp, flag < end.
     unsafe {
         let start = core::ptr::addr_of!(svm_test_guest_start);
+        let gp = core::ptr::addr_of!(svm_test_guest_gp) as usize - start as usize;
         let flag = core::ptr::addr_of!(svm_test_guest_flag) as usize - start as usize;
         let len = core::ptr::addr_of!(svm_test_guest_end) as usize - start as usize;
-        (core::slice::from_raw_parts(start, len), flag)
+        (core::slice::from_raw_parts(start, len), gp, flag)
     }
 }
 
@@ -193,7 +228,7 @@ impl Drop for GuestRam {
 }
 
 /// Builds guest RAM and its NPT mappings; writes the GDT, the guest page tables and the code.
-fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, usize), Detail> {
+fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
     let mut ram = GuestRam { pages: Vec::new() };
     for (base, pages) in RAM {
         for i in 0..pages {
@@ -213,9 +248,15 @@ fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, usize), Detail> {
     for i in 0..512u64 {
         w(PD_GPA + i * 8, (i << 21) | 0x83)?;
     }
-    let (code, flag) = guest_code();
+    let (code, gp, flag) = guest_code();
     ram.write(CODE_GPA, code).ok_or_else(|| detail!("guest code ({} bytes) does not fit a page", code.len()))?;
-    Ok((ram, flag))
+    // IDT gate 13 (#GP): 64-bit interrupt gate to the handler (Intel SDM Vol. 3A 6.14.1). The guest starts with
+    // no IDT; the test loads IDTR only before it injects #GP.
+    let handler = CODE_GPA + u64::try_from(gp).unwrap_or(0);
+    let low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((handler >> 16 & 0xFFFF) << 48);
+    w(IDT_GPA + 13 * 16, low)?;
+    w(IDT_GPA + 13 * 16 + 8, handler >> 32)?;
+    Ok((ram, u64::try_from(flag).unwrap_or(u64::MAX)))
 }
 
 /// Runs once with the standard bound.
@@ -244,7 +285,31 @@ fn expect_io(e: VmExit, port: u16, size: AccessSize, dir: IoDirection) -> Result
     }
 }
 
-fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: usize) -> Result<Detail, Detail> {
+/// Runs with a [`SPIN_US`] deadline until an exit other than a stray host interrupt; returns the exit and how
+/// late after the deadline it came (microseconds). A SliceExpired must not come before the deadline.
+fn spin_until_deadline(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<(VmExit, u64), Detail> {
+    let deadline = tsc::rdtsc() + tsc::us_to_ticks(SPIN_US);
+    for _ in 0..100 {
+        let e = vcpu.run(deadline).map_err(|f| detail!("entry failed in a spin: {f:?}"))?;
+        *exits += 1;
+        if e == VmExit::ExternalInterrupt {
+            continue;
+        }
+        let now = tsc::rdtsc();
+        ensure!(e != VmExit::SliceExpired || now >= deadline, "SliceExpired {} ticks early", deadline - now);
+        return Ok((e, tsc::ticks_to_us(now.saturating_sub(deadline))));
+    }
+    Err(detail!("100 host interrupts in a row in a spin"))
+}
+
+/// Bochs: its port 0xE9 hack reads back 0xE9, and (unlike QEMU) it sets no CPUID hypervisor bit.
+fn is_bochs() -> bool {
+    // SAFETY: reading port 0xE9 has no side effect on any PC (unclaimed ports read as all ones).
+    let v: u8 = unsafe { x86_64::instructions::port::PortReadOnly::new(0xE9).read() };
+    v == 0xE9 && crate::arch::x86_64::cpu::cpuid(1, 0).ecx & (1 << 31) == 0
+}
+
+fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) -> Result<Detail, Detail> {
     let mut exits = 0u32;
     let e = next(vcpu, &mut exits)?;
     ensure!(e == VmExit::Cpuid && vcpu.rip() == CODE_GPA + 4, "1st exit {e:?} at {:#x}, expected CPUID", vcpu.rip());
@@ -317,39 +382,65 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: usize) 
     ticks.sort_unstable();
     let median = ticks.get(ticks.len() / 2).copied().ok_or_else(|| detail!("no round trip measured"))?;
 
+    // STI spin: the guest takes no interrupt itself (INTR is intercepted); only the deadline stops it.
     let e = next(vcpu, &mut exits)?;
     ensure!(e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3, "expected VMMCALL(3), got {e:?}");
     vcpu.skip_instruction();
-    let deadline = tsc::rdtsc() + tsc::us_to_ticks(SPIN_US);
-    let mut stray = 0;
-    let e = loop {
-        let e = vcpu.run(deadline).map_err(|f| detail!("entry failed in the spin: {f:?}"))?;
-        exits += 1;
-        if e != VmExit::ExternalInterrupt || stray > 100 {
-            break e;
+    let (e, sti_late_us) = spin_until_deadline(vcpu, &mut exits)?;
+    ensure!(e == VmExit::SliceExpired, "STI spin ended with {e:?}, expected SliceExpired");
+    ram.write(CODE_GPA + flag, &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
+
+    // CLI spin, bounded by R12 iterations so an emulator that never preempts it cannot hang the test.
+    let e = next(vcpu, &mut exits)?;
+    ensure!(e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3, "expected 2nd VMMCALL(3), got {e:?}");
+    vcpu.skip_instruction();
+    let bochs = is_bochs();
+    vcpu.set_gpr(Gpr::R12, if bochs { BOCHS_SPIN_BOUND } else { SPIN_BOUND });
+    let (e, cli_late_us) = spin_until_deadline(vcpu, &mut exits)?;
+    let rflags = vcpu.vmcb().save64(Save64::Rflags);
+    let cli = match e {
+        VmExit::SliceExpired => {
+            ensure!(rflags & (1 << 9) == 0, "guest IF set in the CLI spin (rflags {rflags:#x})");
+            ram.write(CODE_GPA + flag + 1, &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
+            detail!("cli_late_us={cli_late_us}")
         }
-        stray += 1;
+        // Bochs 2.7 computes the interrupt mask at VMRUN before it marks the CPU as in the guest, so it masks
+        // physical INTR for a guest entered with IF=0 despite V_INTR_MASKING (cpu/svm.cc, setEFlags during
+        // SvmEnterLoadCheckGuestState); the guest's STI unmasks it, which is why the STI spin above is preempted.
+        VmExit::Hypercall if bochs && vcpu.gpr(Gpr::Rax) == 4 => {
+            vcpu.skip_instruction();
+            detail!("cli_preempt=no(bochs)")
+        }
+        other => return Err(detail!("CLI spin ended with {other:?} (rax {}), expected SliceExpired", vcpu.gpr(Gpr::Rax))),
     };
-    let stopped = tsc::rdtsc();
-    ensure!(e == VmExit::SliceExpired, "CLI spin ended with {e:?}, expected SliceExpired");
-    ensure!(stopped >= deadline, "SliceExpired {} ticks before the deadline", deadline - stopped);
-    let late_us = tsc::ticks_to_us(stopped - deadline);
-    ensure!(
-        vcpu.vmcb().save64(Save64::Rflags) & (1 << 9) == 0,
-        "guest IF set in the spin (rflags {:#x})",
-        vcpu.vmcb().save64(Save64::Rflags)
-    );
-    ram.write(CODE_GPA + u64::try_from(flag).unwrap_or(0), &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
 
     let e = next(vcpu, &mut exits)?;
     ensure!(e == VmExit::Hlt, "expected HLT, got {e:?} at {:#x}", vcpu.rip());
     vcpu.skip_instruction();
-    vcpu.inject_exception(13, Some(0));
+    let resume = vcpu.rip();
+    vcpu.vmcb_mut().set_segment(Seg::Idtr, Segment { selector: 0, attrib: 0, limit: 0xFFF, base: IDT_GPA });
+    vcpu.inject_exception(13, Some(GP_ERROR_CODE));
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::TripleFault, "expected a triple fault after injecting #GP without an IDT, got {e:?}");
+    let (code, pushed_rip) = (vcpu.gpr(Gpr::Rdi), vcpu.gpr(Gpr::Rsi));
+    ensure!(
+        e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 6 && code == u64::from(GP_ERROR_CODE) && pushed_rip == resume,
+        "injected #GP: got {e:?} rax {} error {code:#x} rip {pushed_rip:#x} (expected {resume:#x})",
+        vcpu.gpr(Gpr::Rax)
+    );
+    vcpu.skip_instruction();
+    // The handler now drops its IDT and executes UD2: #UD, #GP, #DF, triple fault. Bochs with the harness's
+    // `panic: action=fatal` stops the emulator on a guest triple fault before its SHUTDOWN intercept, so the last
+    // step runs only elsewhere.
+    let shutdown = if bochs {
+        "shutdown=skipped(bochs)"
+    } else {
+        let e = next(vcpu, &mut exits)?;
+        ensure!(e == VmExit::TripleFault, "expected a triple fault after UD2 without an IDT, got {e:?}");
+        "shutdown=ok"
+    };
 
     Ok(detail!(
-        "exits={exits} roundtrip_ticks={median} roundtrip_ns={} spin_late_us={late_us} asid={} cpu={}",
+        "exits={exits} roundtrip_ticks={median} roundtrip_ns={} sti_late_us={sti_late_us} {cli} {shutdown} asid={} cpu={}",
         tsc::ticks_to_us(median * 1000),
         vcpu.asid(),
         crate::arch::x86_64::percpu::current_id()
