@@ -74,6 +74,8 @@ pub struct Config {
     pub selftests: SelfTests,
     /// Behaviour after boot.
     pub exit: ExitMode,
+    /// Run the VMs for this many milliseconds, then report and stop (`run_ms=`); `None` = run forever.
+    pub run_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             log: LevelFilter::Info,
             selftests: SelfTests::empty(),
             exit: ExitMode::Halt,
+            run_ms: None,
         }
     }
 }
@@ -139,6 +142,12 @@ pub fn parse(cmdline: &str) -> Parsed<'_> {
                 }
                 _ => false,
             },
+            "run_ms" => value
+                .parse::<u64>()
+                .ok()
+                .filter(|&ms| ms > 0)
+                .map(|ms| parsed.config.run_ms = Some(ms))
+                .is_some(),
             _ => {
                 parsed.warn(Warning::UnknownKey(key));
                 continue;

@@ -21,6 +21,7 @@ mod console;
 mod mm;
 mod selftest;
 mod virt;
+mod vm;
 
 use core::fmt::Display;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -325,7 +326,10 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         selftest::describe_virt(&virt)
     ));
 
-    let passed = selftest::run(config.selftests);
+    let mut passed = selftest::run(config.selftests);
+    if let Some(vms_ok) = vm::start(bi, &virt, result.online, config.run_ms) {
+        passed &= vms_ok;
+    }
     marker!("DONE status={}", if passed { "pass" } else { "fail" });
     match config.exit {
         ExitMode::Emu => stop::stop(if passed {

@@ -45,6 +45,8 @@ pub enum StopCause {
     Unhandled { code: u64, info1: u64, info2: u64 },
     /// VM entry was refused by the hardware.
     EntryFailed(EntryFailure),
+    /// The hypervisor could not provide what the vCPU needs (e.g. no memory for its control structures).
+    HostFailure { detail: &'static str },
 }
 
 impl StopCause {
@@ -59,6 +61,7 @@ impl StopCause {
             Self::StringIo { .. } => "string-io",
             Self::Unhandled { .. } => "unhandled-exit",
             Self::EntryFailed(_) => "entry-failed",
+            Self::HostFailure { .. } => "host-failure",
         }
     }
 }
@@ -142,6 +145,7 @@ impl fmt::Display for ReportLine<'_> {
             StopCause::EntryFailed(EntryFailure::SvmInvalidState { detail }) => {
                 write!(f, "VMRUN failed: invalid VMCB ({detail})")?
             }
+            StopCause::HostFailure { detail } => write!(f, "hypervisor failure: {detail}")?,
         }
         f.write_str("\"")
     }

@@ -3,3 +3,4 @@
 //! `virt/svm`.
 
 pub mod detect;
+pub mod svm;

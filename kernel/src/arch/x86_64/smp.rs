@@ -287,7 +287,8 @@ extern "C" fn ap_entry(area: &'static PerCpu) -> ! {
     area.started.store(true, Ordering::Release);
 
     bring_up_local(area);
-    cpu::idle_forever()
+    // Idles until the VM runtime starts, then runs this CPU's share of the vCPUs.
+    crate::vm::ap_main()
 }
 
 /// Proves this CPU's LAPIC timer (a one-shot must interrupt it), then reports it online. Leaves interrupts on.

@@ -1,0 +1,171 @@
+//! The backend a VM runs on, chosen once at boot from what `virt::detect` found: SVM (AMD-V with nested paging)
+//! or VMX (Intel VT-x with EPT). Nothing above this file knows which one runs.
+//!
+//! Design: [`VmBackend`] owns what a VM's vCPUs share (the nested page table and, on SVM, the MSR permission map)
+//! and creates vCPUs; [`BackendVcpu`] implements `virt::Vcpu` by delegating to the vendor type. A backend that is
+//! present but not ready (missing a feature the runtime needs, or not built into this kernel yet) is reported by
+//! [`choose`] with the reason, and the kernel then runs no VM.
+//!
+//! Invariants: the nested page table maps exactly the VM's RAM (guest-physical `[0, size)`), RWX write-back, and
+//! lives as long as the backend value; vCPUs hold the backend alive (`Arc`).
+
+use alloc::sync::Arc;
+
+use virt::entry::EntryState;
+use virt::paging::{Attrs, MapError};
+use virt::{EntryFailure, Gpr, Vcpu, VmExit};
+
+use super::ram::GuestRam;
+use crate::virt::detect::VirtSupport;
+use crate::virt::svm::{self, NptMap, SvmVcpu, SvmVm};
+
+/// Which hardware backend runs guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Svm,
+}
+
+impl Kind {
+    /// Name for logs and markers.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Svm => "svm",
+        }
+    }
+}
+
+/// The backend for this machine, or why no VM can run.
+///
+/// # Errors
+/// A sentence naming what is missing.
+pub fn choose(virt: &VirtSupport) -> Result<Kind, &'static str> {
+    match virt {
+        VirtSupport::Svm(c) if c.npt => Ok(Kind::Svm),
+        VirtSupport::Svm(_) => Err("SVM without nested paging (NPT) cannot run guests"),
+        VirtSupport::Vmx(_) => {
+            Err("the VMX backend is not wired into the VM runtime of this build yet")
+        }
+        VirtSupport::None(reason) => Err(reason),
+    }
+}
+
+/// Why a VM or vCPU could not be set up on the backend.
+#[derive(Clone, Copy, Debug)]
+pub enum BackendError {
+    /// Building the nested page table failed.
+    Map(MapError),
+    /// The SVM backend refused.
+    Svm(svm::SvmError),
+}
+
+impl core::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Map(e) => write!(f, "nested page table: {e:?}"),
+            Self::Svm(e) => write!(f, "SVM: {e:?}"),
+        }
+    }
+}
+
+/// What the vCPUs of one VM share on the backend.
+#[derive(Debug)]
+pub enum VmBackend {
+    Svm {
+        /// Kept alive for the VM's lifetime: the VMCBs point at it.
+        npt: NptMap,
+        vm: Arc<SvmVm>,
+    },
+}
+
+impl VmBackend {
+    /// Maps `ram` at guest-physical 0 on backend `kind`.
+    ///
+    /// # Errors
+    /// No frames for the tables or maps.
+    pub fn new(kind: Kind, ram: &GuestRam) -> Result<Self, BackendError> {
+        match kind {
+            Kind::Svm => {
+                let mut npt = NptMap::new().map_err(BackendError::Map)?;
+                for (gpa, hpa, len) in ram.ranges() {
+                    npt.map_range(gpa, hpa, len, Attrs::RAM)
+                        .map_err(BackendError::Map)?;
+                }
+                // SAFETY: the table maps only this VM's RAM frames and is stored next to the `SvmVm` in this value,
+                // which outlives every vCPU created from it (each vCPU holds the `Arc`, and the runtime keeps the
+                // `VmBackend` for as long as any vCPU exists).
+                let vm = unsafe { SvmVm::new(npt.ncr3(), &svm::backend_msr_allow_list()) }
+                    .map_err(BackendError::Svm)?;
+                Ok(Self::Svm { npt, vm })
+            }
+        }
+    }
+
+    /// A vCPU starting in `entry`, whose guest TSC is the host TSC plus `tsc_offset`. Call it on the CPU that
+    /// will run the vCPU.
+    ///
+    /// # Errors
+    /// No frames for the vCPU's structures.
+    pub fn create_vcpu(
+        &self,
+        entry: &EntryState,
+        tsc_offset: u64,
+    ) -> Result<BackendVcpu, BackendError> {
+        match self {
+            Self::Svm { vm, .. } => {
+                let mut vcpu = SvmVcpu::new(vm, entry).map_err(BackendError::Svm)?;
+                vcpu.set_tsc_offset(tsc_offset);
+                Ok(BackendVcpu::Svm(vcpu))
+            }
+        }
+    }
+}
+
+/// One vCPU on whichever backend runs.
+#[derive(Debug)]
+pub enum BackendVcpu {
+    Svm(SvmVcpu),
+}
+
+impl BackendVcpu {
+    fn inner(&self) -> &dyn Vcpu {
+        match self {
+            Self::Svm(v) => v,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Vcpu {
+        match self {
+            Self::Svm(v) => v,
+        }
+    }
+}
+
+impl Vcpu for BackendVcpu {
+    fn run(&mut self, deadline_tsc: u64) -> Result<VmExit, EntryFailure> {
+        self.inner_mut().run(deadline_tsc)
+    }
+
+    fn gpr(&self, reg: Gpr) -> u64 {
+        self.inner().gpr(reg)
+    }
+
+    fn set_gpr(&mut self, reg: Gpr, value: u64) {
+        self.inner_mut().set_gpr(reg, value);
+    }
+
+    fn rip(&self) -> u64 {
+        self.inner().rip()
+    }
+
+    fn skip_instruction(&mut self) {
+        self.inner_mut().skip_instruction();
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.inner_mut().inject_exception(vector, error_code);
+    }
+
+    fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        self.inner().guest_tsc(host_tsc)
+    }
+}

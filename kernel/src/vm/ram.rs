@@ -1,0 +1,148 @@
+//! Guest RAM: host frames owned by one VM, reached by the hypervisor through the direct map.
+//!
+//! Design: a VM's RAM is allocated at creation, zeroed, and never grows. It is taken as one physically contiguous
+//! run when the frame allocator has one (so nested paging can use 2 MiB pages), else frame by frame. The frames
+//! are mapped into exactly one VM's nested page table ([`GuestRam::ranges`] feeds the backend), and into the
+//! hypervisor only through the direct map, which is how [`virt::GuestMemory`] copies in and out.
+//!
+//! Invariants: `frames[i]` backs guest-physical `[i * 4 KiB, (i + 1) * 4 KiB)`; every access is bounds-checked by
+//! `virt::memory::check_range` before any byte is touched. Guest vCPUs may write the same bytes concurrently; the
+//! hypervisor only copies plain bytes out (never forms references into guest memory), so a racing guest can only
+//! change what it logs. Frames are returned to the allocator only by [`GuestRam::release`], after the VM's nested
+//! page table is gone.
+
+use alloc::vec::Vec;
+
+use virt::memory::{check_range, GuestMemory, OutOfRange};
+
+use crate::arch::x86_64::paging;
+use crate::mm::{frame, PAGE_SIZE};
+
+/// Not enough free frames for the requested RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfFrames {
+    pub wanted_pages: u64,
+    pub free_pages: u64,
+}
+
+/// One VM's RAM.
+#[derive(Debug)]
+pub struct GuestRam {
+    frames: Vec<u64>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// `size` bytes (a multiple of 4 KiB) of zeroed RAM.
+    ///
+    /// # Errors
+    /// [`OutOfFrames`]; nothing stays allocated then.
+    pub fn new(size: u64) -> Result<Self, OutOfFrames> {
+        let pages = size / PAGE_SIZE;
+        let mut frames = Vec::with_capacity(usize::try_from(pages).unwrap_or(0));
+        if let Some(base) = frame::alloc_contiguous(pages) {
+            frames.extend((0..pages).map(|i| base + i * PAGE_SIZE));
+        } else {
+            for _ in 0..pages {
+                match frame::alloc() {
+                    Some(f) => frames.push(f),
+                    None => {
+                        let free_pages = frame::free_frames();
+                        for f in frames {
+                            // SAFETY: allocated just above, never mapped or shared.
+                            unsafe { frame::free(f) };
+                        }
+                        return Err(OutOfFrames {
+                            wanted_pages: pages,
+                            free_pages,
+                        });
+                    }
+                }
+            }
+        }
+        for &f in &frames {
+            // SAFETY: the frame is ours (just allocated) and mapped by the direct map.
+            unsafe { core::ptr::write_bytes(paging::phys_to_virt(f), 0, 4096) };
+        }
+        Ok(Self { frames, size })
+    }
+
+    /// Maximal runs of physically contiguous frames: `(gpa, hpa, len)`.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let mut i = 0usize;
+        core::iter::from_fn(move || {
+            let start = *self.frames.get(i)?;
+            let first = i;
+            i += 1;
+            while self.frames.get(i) == Some(&(start + (i - first) as u64 * PAGE_SIZE)) {
+                i += 1;
+            }
+            Some((
+                first as u64 * PAGE_SIZE,
+                start,
+                (i - first) as u64 * PAGE_SIZE,
+            ))
+        })
+    }
+
+    /// Returns the frames to the allocator.
+    ///
+    /// # Safety
+    /// No nested page table maps these frames any more and no vCPU of the VM exists.
+    pub unsafe fn release(self) {
+        for f in self.frames {
+            // SAFETY: forwarded to the caller: the frame is no longer mapped or used.
+            unsafe { frame::free(f) };
+        }
+    }
+
+    /// Calls `f(host pointer, offset in buf, len)` for each page-bounded piece of `[gpa, gpa + len)`.
+    fn pieces(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), OutOfRange> {
+        check_range(gpa, len, self.size)?;
+        let mut done = 0u64;
+        while done < len {
+            let at = gpa + done;
+            let page = usize::try_from(at / PAGE_SIZE).map_err(|_| OutOfRange { gpa, len })?;
+            let in_page = at % PAGE_SIZE;
+            let chunk = (PAGE_SIZE - in_page).min(len - done);
+            let frame = self.frames[page];
+            // In bounds: `check_range` above, and `frames` covers `size`.
+            let host = paging::phys_to_virt(frame + in_page);
+            f(
+                host,
+                usize::try_from(done).unwrap_or(0),
+                usize::try_from(chunk).unwrap_or(0),
+            );
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for GuestRam {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        let dst = buf.as_mut_ptr();
+        self.pieces(gpa, buf.len() as u64, |host, off, len| {
+            // SAFETY: `host..host+len` lies inside one frame of this VM's RAM (mapped by the direct map) and
+            // `dst+off..+len` inside `buf`; guest RAM and `buf` never overlap.
+            unsafe { core::ptr::copy_nonoverlapping(host, dst.add(off), len) };
+        })
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        let src = data.as_ptr();
+        self.pieces(gpa, data.len() as u64, |host, off, len| {
+            // SAFETY: as in `read`, in the other direction.
+            unsafe { core::ptr::copy_nonoverlapping(src.add(off), host, len) };
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Per-VM accounting lines (`CV:VM`, every second and at the end) and the end-of-run summary (`CV:VMSUM`).
+//!
+//! Figures come from the scheduler (CPU time charged per tier, credit balance), from the VM's exit-handling
+//! context (exits, misbehaviour counts, the counters its guest `REPORT`ed) and from the run loops' per-CPU
+//! statistics (time in guests, idle time, overrun), so the tests can set the hypervisor's accounting beside what
+//! the guests measured themselves. Formats are in docs/console.md.
+
+use core::fmt::Write as _;
+use core::sync::atomic::Ordering;
+
+use virt::{StopCause, NO_WAKE};
+
+use super::{ticks_to_ns, Runtime, VmState, REPORT_INTERVAL_NS};
+use crate::arch::x86_64::tsc;
+use crate::marker;
+
+/// The BSP's report clock.
+#[derive(Debug)]
+pub struct Reporter {
+    start: u64,
+    next: u64,
+    end: u64,
+}
+
+impl Reporter {
+    /// Starts the clock now.
+    pub fn new(rt: &Runtime) -> Self {
+        let start = tsc::rdtsc();
+        Self {
+            start,
+            next: rt.after(start, REPORT_INTERVAL_NS),
+            end: rt
+                .run_ms
+                .map_or(u64::MAX, |ms| rt.after(start, ms.saturating_mul(1_000_000))),
+        }
+    }
+
+    /// The next TSC at which [`Reporter::tick`] has something to do.
+    pub fn next_due(&self) -> u64 {
+        self.next.min(self.end)
+    }
+
+    /// Prints the VM lines when a report is due; marks the runtime done at the end of a `run_ms` run.
+    pub fn tick(&mut self, rt: &Runtime, now: u64) {
+        if now >= self.end {
+            rt.done.store(true, Ordering::Release);
+            return;
+        }
+        if now >= self.next {
+            vm_lines(rt);
+            while self.next <= now {
+                self.next = rt.after(self.next, REPORT_INTERVAL_NS);
+            }
+        }
+    }
+
+    /// TSC at which the run started.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+}
+
+/// A bounded line buffer for one marker (values are numbers and VM names, so 512 bytes always suffice).
+struct Line(heapless::String<512>);
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        // A full line is cut rather than lost.
+        let _ = self.0.push_str(s);
+        Ok(())
+    }
+}
+
+/// One `CV:VM` line per VM.
+pub fn vm_lines(rt: &Runtime) {
+    for vm in &rt.vms {
+        let (mut baseline, mut burst, mut balance) = (0u64, 0u64, 0i64);
+        {
+            let sched = rt.sched.lock();
+            for s in vm.slots.clone() {
+                if let Ok(st) = sched.status(rt.slots[s].id) {
+                    baseline += st.total_baseline_ns;
+                    burst += st.total_burst_ns;
+                    balance = balance.saturating_add(st.balance_ns);
+                }
+            }
+        }
+        let mut line = Line(heapless::String::new());
+        let _ = write!(
+            line,
+            "name={} cpu_ms={} baseline_ms={} burst_ms={} balance={}",
+            vm.name,
+            (baseline + burst) / 1_000_000,
+            baseline / 1_000_000,
+            burst / 1_000_000,
+            balance / 1_000_000
+        );
+        let state = *vm.state.lock();
+        let _ = match state {
+            VmState::Running => {
+                let halted = vm.slots.clone().all(|s| {
+                    let slot = &rt.slots[s];
+                    slot.blocked.load(Ordering::Relaxed)
+                        && slot.wake_at.load(Ordering::Relaxed) == NO_WAKE
+                });
+                write!(line, " state={}", if halted { "halted" } else { "running" })
+            }
+            VmState::Stopped(r) => match r.cause {
+                StopCause::GuestExit { code } => write!(line, " state=exited exit_code={code}"),
+                cause => write!(line, " state=stopped cause={}", cause.name()),
+            },
+        };
+        {
+            let ctx = vm.ctx.lock();
+            let st = &ctx.stats;
+            let _ = write!(
+                line,
+                " exits={} unowned_ports={} msr_refused={} bad_hypercalls={}",
+                st.total_exits(),
+                st.unowned_port_reads + st.unowned_port_writes,
+                st.msr_refused,
+                st.bad_hypercalls
+            );
+            for (key, value) in ctx.counters().iter() {
+                let _ = match key {
+                    1 => write!(line, " progress={value}"),
+                    2 => write!(line, " received_ms={}", value / 1_000_000),
+                    3 => write!(line, " elapsed_ms={}", value / 1_000_000),
+                    4 => write!(line, " rt_periods={value}"),
+                    5 => write!(line, " rt_misses={value}"),
+                    6 => write!(line, " rt_min_received_us={}", value / 1000),
+                    k => write!(line, " c{k}={value}"),
+                };
+            }
+        }
+        marker!("VM {}", line.0);
+    }
+}
+
+/// The end-of-run summary over all CPUs since `start` (TSC).
+pub fn summary(rt: &Runtime, start: u64) {
+    let now = tsc::rdtsc();
+    let elapsed = ticks_to_ns(now.saturating_sub(start), rt.tsc_hz);
+    let (mut guest, mut idle, mut exits, mut slices, mut overrun) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for c in &rt.cpu_stats {
+        guest += ticks_to_ns(c.guest_ticks.load(Ordering::Relaxed), rt.tsc_hz);
+        idle += ticks_to_ns(c.idle_ticks.load(Ordering::Relaxed), rt.tsc_hz);
+        exits += c.exits.load(Ordering::Relaxed);
+        slices += c.slices.load(Ordering::Relaxed);
+        overrun = overrun.max(c.max_overrun_ns.load(Ordering::Relaxed));
+    }
+    let total = elapsed.saturating_mul(rt.cpus as u64).max(1);
+    let overhead = total.saturating_sub(guest).saturating_sub(idle);
+    let stopped = rt.vms.iter().filter(|v| v.stopped()).count();
+    marker!(
+        "VMSUM backend={} cpus={} vms={} stopped={} run_ms={} exits={} slices={} guest_ms={} idle_ms={} \
+         overhead_ppm={} overhead_per_exit_ns={} max_overrun_us={}",
+        rt.kind.name(),
+        rt.cpus,
+        rt.vms.len(),
+        stopped,
+        elapsed / 1_000_000,
+        exits,
+        slices,
+        guest / 1_000_000,
+        idle / 1_000_000,
+        u128::from(overhead) * 1_000_000 / u128::from(total),
+        overhead / exits.max(1),
+        overrun / 1000
+    );
+}

@@ -1,0 +1,248 @@
+//! The per-CPU run loop: pick, enter, charge, handle, repeat; halt when nothing may run.
+//!
+//! Each iteration on CPU `c`:
+//! 1. wake this CPU's blocked vCPUs whose wake time has passed (`Scheduler::wake`);
+//! 2. `Scheduler::pick(c, now)`;
+//! 3. idle decision: arm the LAPIC timer for the earliest of the next release, the next wake-up of a sleeping
+//!    vCPU on this CPU (and, on the BSP, the next report) and halt;
+//! 4. vCPU decision: enter it with a deadline of `now + slice`, cut short by the next wake-up of another vCPU on
+//!    this CPU (so a waking real-time vCPU is re-picked within the overrun bound), handle each exit through
+//!    `VmContext::handle_exit` and act on the `ExitAction`, then charge the whole time since the decision
+//!    (guest time, world switches and exit handling: the scheduler's contract 2) and block the vCPU if it halted.
+//!
+//! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
+//! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
+
+use core::sync::atomic::Ordering;
+
+use virt::{ExitAction, StopReport, Vcpu, NO_WAKE};
+
+use super::report;
+use super::sink::LogSink;
+use super::{Runtime, VmState, IDLE_CHECK_NS};
+use crate::arch::x86_64::{lapic, tsc};
+use crate::marker;
+
+/// Runs CPU `cpu`'s loop until the runtime is done.
+pub fn run_cpu(rt: &Runtime, cpu: u32) {
+    let Some(stats) = usize::try_from(cpu).ok().and_then(|c| rt.cpu_stats.get(c)) else {
+        return;
+    };
+    let mine: alloc::vec::Vec<usize> = (0..rt.slots.len())
+        .filter(|&s| rt.slots[s].cpu == cpu)
+        .collect();
+    let mut reporter = (cpu == 0).then(|| report::Reporter::new(rt));
+    x86_64::instructions::interrupts::disable();
+    while !rt.done.load(Ordering::Acquire) {
+        let now = tsc::rdtsc();
+        wake_due(rt, &mine, now);
+        if let Some(r) = reporter.as_mut() {
+            r.tick(rt, now);
+            if rt.done.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        let decision = match rt.sched.lock().pick(cpu, rt.ns(now)) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!(
+                    "vm: scheduler refused pick on cpu{cpu}: {e}; stopping this CPU's run loop"
+                );
+                break;
+            }
+        };
+        match decision.vcpu {
+            None => {
+                let mut until = rt.after(now, decision.slice_ns.min(IDLE_CHECK_NS));
+                until = until.min(next_wake(rt, &mine, None));
+                if let Some(r) = reporter.as_ref() {
+                    until = until.min(r.next_due());
+                }
+                idle_until(until);
+                stats
+                    .idle_ticks
+                    .fetch_add(tsc::rdtsc().saturating_sub(now), Ordering::Relaxed);
+            }
+            Some(id) => {
+                let Some(s) = mine.iter().copied().find(|&s| rt.slots[s].id == id) else {
+                    log::error!("vm: scheduler picked {id:?}, which is not pinned to cpu{cpu}; stopping this loop");
+                    break;
+                };
+                run_slice(rt, s, &mine, now, decision.slice_ns, stats);
+            }
+        }
+    }
+    lapic::disarm();
+    stats.finished.store(true, Ordering::Release);
+    x86_64::instructions::interrupts::enable();
+}
+
+/// Wakes this CPU's blocked vCPUs whose time has come.
+fn wake_due(rt: &Runtime, mine: &[usize], now: u64) {
+    for &s in mine {
+        let slot = &rt.slots[s];
+        if slot.blocked.load(Ordering::Relaxed) && slot.wake_at.load(Ordering::Relaxed) <= now {
+            slot.blocked.store(false, Ordering::Relaxed);
+            if rt.vms[slot.vm].stopped() {
+                continue;
+            }
+            // The preemption hint names this CPU, which is about to pick anyway.
+            if let Err(e) = rt.sched.lock().wake(slot.id, rt.ns(now)) {
+                log::error!("vm: wake of {:?} refused: {e}", slot.id);
+            }
+        }
+    }
+}
+
+/// Earliest timed wake-up among this CPU's blocked vCPUs other than `except` (`NO_WAKE` if none).
+fn next_wake(rt: &Runtime, mine: &[usize], except: Option<usize>) -> u64 {
+    mine.iter()
+        .filter(|&&s| Some(s) != except && rt.slots[s].blocked.load(Ordering::Relaxed))
+        .map(|&s| rt.slots[s].wake_at.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(NO_WAKE)
+}
+
+/// Halts until the TSC reaches `until` (or any interrupt). Interrupts are off on entry and on return.
+fn idle_until(until: u64) {
+    let now = tsc::rdtsc();
+    if until <= now {
+        return;
+    }
+    if !lapic::arm_deadline(until) {
+        lapic::arm_oneshot_us(tsc::ticks_to_us(until - now) + 1);
+    }
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+    lapic::disarm();
+}
+
+/// Runs slot `s` for one decision of `slice_ns` taken at TSC `t0`.
+fn run_slice(
+    rt: &Runtime,
+    s: usize,
+    mine: &[usize],
+    t0: u64,
+    slice_ns: u64,
+    stats: &super::CpuStats,
+) {
+    let slot = &rt.slots[s];
+    let vm = &rt.vms[slot.vm];
+    let deadline = rt.after(t0, slice_ns).min(next_wake(rt, mine, Some(s)));
+    let mut blocked = false;
+    let mut stop: Option<StopReport> = None;
+    let mut guest_ticks = 0u64;
+    let mut exits = 0u64;
+    if !vm.stopped() {
+        let mut guard = slot.vcpu.lock();
+        if guard.is_none() {
+            let entry = virt::entry::EntryState::long_mode(
+                vm.entry,
+                slot.index,
+                virt::GuestMemory::size(&vm.ram),
+            );
+            match vm.backend.create_vcpu(&entry, vm.tsc_offset) {
+                Ok(v) => *guard = Some(v),
+                Err(e) => {
+                    log::error!("vm {}: cannot create vCPU {}: {e}", vm.name, slot.index);
+                    stop = Some(StopReport {
+                        cause: virt::StopCause::HostFailure {
+                            detail: "cannot create the vCPU (see the log)",
+                        },
+                        rip: vm.entry,
+                        addr: None,
+                    });
+                }
+            }
+        }
+        if let Some(vcpu) = guard.as_mut() {
+            loop {
+                let before = tsc::rdtsc();
+                let exit = vcpu.run(deadline);
+                let now = tsc::rdtsc();
+                guest_ticks += now.saturating_sub(before);
+                exits += 1;
+                let mut sink = LogSink;
+                let action = {
+                    let mut ctx = vm.ctx.lock();
+                    match exit {
+                        Ok(e) => ctx.handle_exit(e, vcpu, slot.index, &vm.ram, &mut sink, now),
+                        Err(f) => {
+                            let rip = vcpu.rip();
+                            ctx.entry_failed(f, rip, &mut sink)
+                        }
+                    }
+                };
+                match action {
+                    ExitAction::Continue => {
+                        if tsc::rdtsc() >= deadline
+                            || rt.done.load(Ordering::Relaxed)
+                            || vm.stopped()
+                        {
+                            break;
+                        }
+                    }
+                    ExitAction::Yield => break,
+                    ExitAction::Block { until_tsc } => {
+                        slot.wake_at.store(until_tsc, Ordering::Relaxed);
+                        slot.blocked.store(true, Ordering::Relaxed);
+                        blocked = true;
+                        break;
+                    }
+                    ExitAction::Stop(report) => {
+                        stop = Some(report);
+                        break;
+                    }
+                }
+            }
+        }
+    } else {
+        blocked = true;
+        slot.wake_at.store(NO_WAKE, Ordering::Relaxed);
+        slot.blocked.store(true, Ordering::Relaxed);
+    }
+    let t1 = tsc::rdtsc();
+    let ran_ns = super::ticks_to_ns(t1.saturating_sub(t0), rt.tsc_hz);
+    stats.guest_ticks.fetch_add(guest_ticks, Ordering::Relaxed);
+    stats.exits.fetch_add(exits, Ordering::Relaxed);
+    stats.slices.fetch_add(1, Ordering::Relaxed);
+    stats
+        .max_overrun_ns
+        .fetch_max(ran_ns.saturating_sub(slice_ns), Ordering::Relaxed);
+    {
+        let mut sched = rt.sched.lock();
+        if let Err(e) = sched.charge(slot.id, ran_ns, rt.ns(t1)) {
+            log::error!("vm: charge of {:?} refused: {e}", slot.id);
+        }
+        if blocked {
+            if let Err(e) = sched.block(slot.id, rt.ns(t1)) {
+                log::error!("vm: block of {:?} refused: {e}", slot.id);
+            }
+        }
+    }
+    if let Some(report) = stop {
+        stop_vm(rt, slot.vm, report, t1);
+    }
+}
+
+/// Stops VM `vm` (once): records and prints the report, blocks all its vCPUs.
+pub fn stop_vm(rt: &Runtime, vm: usize, report: StopReport, now: u64) {
+    let v = &rt.vms[vm];
+    {
+        let mut state = v.state.lock();
+        if *state != VmState::Running {
+            return;
+        }
+        *state = VmState::Stopped(report);
+    }
+    marker!("VMSTOP {}", report.line(&v.name));
+    let mut sched = rt.sched.lock();
+    for s in v.slots.clone() {
+        let slot = &rt.slots[s];
+        slot.wake_at.store(NO_WAKE, Ordering::Relaxed);
+        slot.blocked.store(true, Ordering::Relaxed);
+        if let Err(e) = sched.block(slot.id, rt.ns(now)) {
+            log::error!("vm {}: block of vCPU {} refused: {e}", v.name, slot.index);
+        }
+    }
+}
