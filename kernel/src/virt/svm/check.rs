@@ -1,12 +1,14 @@
 //! Explains a `VMEXIT_INVALID`: which consistency check of AMD APM Vol. 2 §15.5.1 ("Basic Operation: VMRUN",
 //! the list of illegal guest states) the VMCB violates.
 //!
-//! The processor only says "invalid" (exit code -1); this module re-checks the VMCB against the documented rules, in
-//! the APM's order, and names the first one that fails. Checks that depend on the CPU (MAXPHYADDR, the reserved
+//! The processor only says "invalid" (exit code -1); this module re-checks the state against the documented rules,
+//! in the APM's order, and names the first one that fails. The state-save fields and EVENTINJ are taken from a
+//! [`Snapshot`] made just before VMRUN: a failed VMRUN may write the processor's own state back into the VMCB
+//! (Bochs does), so the VMCB after the exit no longer shows what was rejected. Checks that depend on the CPU (MAXPHYADDR, the reserved
 //! CR4/EFER bits) use CPUID. When no documented rule fails, the report says so: the state the processor rejected is
 //! then outside the VMCB fields checked here (or an emulator enforces an extra rule).
 
-use super::vmcb::{event, misc2, Ctl32, Ctl64, Save64, Seg, Vmcb, NP_ENABLE};
+use super::vmcb::{attrib, event, misc2, Ctl32, Ctl64, Save64, Seg, Vmcb, NP_ENABLE};
 use crate::arch::x86_64::cpu;
 
 const CR0_PE: u64 = 1 << 0;
@@ -60,13 +62,51 @@ fn bad_event(ev: u64) -> bool {
     }
 }
 
-/// The first violated consistency rule, as a sentence naming the field.
-pub fn diagnose(vmcb: &Vmcb) -> &'static str {
-    let efer = vmcb.save64(Save64::Efer);
-    let cr0 = vmcb.save64(Save64::Cr0);
-    let cr3 = vmcb.save64(Save64::Cr3);
-    let cr4 = vmcb.save64(Save64::Cr4);
-    let cs = vmcb.segment(Seg::Cs);
+/// The VMCB fields a failed VMRUN may overwrite, as they were handed to VMRUN.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    efer: u64,
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    dr6: u64,
+    dr7: u64,
+    cs_attrib: u16,
+    gpat: u64,
+    event_inj: u64,
+}
+
+impl Snapshot {
+    /// Reads the fields from `vmcb` (call right before VMRUN).
+    pub fn capture(vmcb: &Vmcb) -> Self {
+        Self {
+            efer: vmcb.save64(Save64::Efer),
+            cr0: vmcb.save64(Save64::Cr0),
+            cr3: vmcb.save64(Save64::Cr3),
+            cr4: vmcb.save64(Save64::Cr4),
+            dr6: vmcb.save64(Save64::Dr6),
+            dr7: vmcb.save64(Save64::Dr7),
+            cs_attrib: vmcb.segment(Seg::Cs).attrib,
+            gpat: vmcb.save64(Save64::GPat),
+            event_inj: vmcb.ctl64(Ctl64::EventInj),
+        }
+    }
+}
+
+/// The first violated consistency rule, as a sentence naming the field: guest state from `before`, controls from
+/// `vmcb`.
+pub fn diagnose(before: &Snapshot, vmcb: &Vmcb) -> &'static str {
+    let Snapshot {
+        efer,
+        cr0,
+        cr3,
+        cr4,
+        dr6,
+        dr7,
+        cs_attrib,
+        gpat,
+        event_inj,
+    } = *before;
     let pa_limit = 1u64 << max_phys_bits().min(63);
     let long_paging = efer & EFER_LME != 0 && cr0 & CR0_PG != 0;
     if efer & EFER_SVME == 0 {
@@ -84,10 +124,10 @@ pub fn diagnose(vmcb: &Vmcb) -> &'static str {
     if cr4 & CR4_RESERVED != 0 {
         return "guest CR4 sets a must-be-zero bit (APM 15.5.1)";
     }
-    if vmcb.save64(Save64::Dr6) >> 32 != 0 {
+    if dr6 >> 32 != 0 {
         return "guest DR6[63:32] is not zero (APM 15.5.1)";
     }
-    if vmcb.save64(Save64::Dr7) >> 32 != 0 {
+    if dr7 >> 32 != 0 {
         return "guest DR7[63:32] is not zero (APM 15.5.1)";
     }
     if efer & !EFER_DEFINED != 0 {
@@ -99,7 +139,10 @@ pub fn diagnose(vmcb: &Vmcb) -> &'static str {
     if long_paging && cr0 & CR0_PE == 0 {
         return "guest EFER.LME and CR0.PG are 1 but CR0.PE is 0 (APM 15.5.1)";
     }
-    if long_paging && cr4 & CR4_PAE != 0 && cs.attrib & super::vmcb::attrib::L != 0 && cs.attrib & super::vmcb::attrib::DB != 0
+    if long_paging
+        && cr4 & CR4_PAE != 0
+        && cs_attrib & attrib::L != 0
+        && cs_attrib & attrib::DB != 0
     {
         return "guest EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D are all 1 (APM 15.5.1)";
     }
@@ -112,7 +155,7 @@ pub fn diagnose(vmcb: &Vmcb) -> &'static str {
     if vmcb.ctl64(Ctl64::IopmBasePa).saturating_add(3 * 4096) > pa_limit {
         return "the I/O permission map extends beyond MAXPHYADDR (APM 15.5.1)";
     }
-    if bad_event(vmcb.ctl64(Ctl64::EventInj)) {
+    if bad_event(event_inj) {
         return "EVENTINJ holds an illegal event (APM 15.20)";
     }
     if vmcb.ctl32(Ctl32::GuestAsid) == 0 {
@@ -122,8 +165,11 @@ pub fn diagnose(vmcb: &Vmcb) -> &'static str {
         if vmcb.ctl64(Ctl64::NCr3) >= pa_limit {
             return "nCR3 sets bits above MAXPHYADDR (APM 15.25.4)";
         }
-        let gpat = vmcb.save64(Save64::GPat).to_le_bytes();
-        if gpat.iter().any(|t| !PAT_VALID_TYPES.contains(t)) {
+        if gpat
+            .to_le_bytes()
+            .iter()
+            .any(|t| !PAT_VALID_TYPES.contains(t))
+        {
             return "G_PAT holds an invalid memory type (APM 15.25.8)";
         }
     }

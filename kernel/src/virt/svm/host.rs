@@ -46,8 +46,8 @@ pub enum HostError {
 pub struct CpuSvm {
     /// Logical CPU id.
     pub cpu: u32,
-    /// Physical page holding the host state VMRUN saves (VM_HSAVE_PA).
-    pub hsave_pa: u64,
+    /// Physical page holding the host state VMRUN saves (VM_HSAVE_PA); owned by the CPU for ever.
+    hsave_pa: u64,
     /// Physical page the entry stub VMSAVEs the host's FS/GS/TR/LDTR/syscall MSRs into, and VMLOADs them back.
     pub host_vmsave_pa: u64,
     /// Highest usable ASID (CPUID 0x8000000A EBX - 1; ASID 0 is the host's).
@@ -79,27 +79,41 @@ pub struct AsidGrant {
 impl CpuSvm {
     /// ASID for the vCPU holding `record` (updated in place). `fresh` forces a new ASID (a TLB flush request).
     pub fn asid_for(&mut self, record: &mut AsidRecord, fresh: bool) -> AsidGrant {
-        let current = record.cpu == self.cpu && record.generation == self.generation && record.asid != 0;
+        let current =
+            record.cpu == self.cpu && record.generation == self.generation && record.asid != 0;
         if !current || fresh {
             if self.next_asid > self.max_asid {
                 self.generation += 1;
                 self.next_asid = 1;
                 self.flush_pending = true;
             }
-            *record = AsidRecord { cpu: self.cpu, generation: self.generation, asid: self.next_asid };
+            *record = AsidRecord {
+                cpu: self.cpu,
+                generation: self.generation,
+                asid: self.next_asid,
+            };
             self.next_asid += 1;
         }
         let tlb_control = u8::from(core::mem::take(&mut self.flush_pending));
-        AsidGrant { asid: record.asid, tlb_control }
+        AsidGrant {
+            asid: record.asid,
+            tlb_control,
+        }
     }
 
     /// ASIDs this CPU hands out per generation.
     pub fn asids(&self) -> u32 {
         self.max_asid
     }
+
+    /// Physical address of this CPU's VM_HSAVE_PA page.
+    pub fn hsave_pa(&self) -> u64 {
+        self.hsave_pa
+    }
 }
 
-static CPUS: [Mutex<Option<CpuSvm>>; percpu::MAX_CPUS] = [const { Mutex::new(None) }; percpu::MAX_CPUS];
+static CPUS: [Mutex<Option<CpuSvm>>; percpu::MAX_CPUS] =
+    [const { Mutex::new(None) }; percpu::MAX_CPUS];
 
 /// Number of ASIDs the CPU reports (CPUID 0x8000000A EBX), or None without SVM.
 fn svm_asids() -> Option<u32> {
@@ -138,7 +152,15 @@ fn enable(id: u32) -> Result<CpuSvm, HostError> {
             core::arch::asm!("mov cr4, {}", in(reg) cr4 | CR4_OSFXSR, options(nostack, preserves_flags));
         }
     }
-    Ok(CpuSvm { cpu: id, hsave_pa, host_vmsave_pa, max_asid: asids - 1, next_asid: 1, generation: 1, flush_pending: true })
+    Ok(CpuSvm {
+        cpu: id,
+        hsave_pa,
+        host_vmsave_pa,
+        max_asid: asids - 1,
+        next_asid: 1,
+        generation: 1,
+        flush_pending: true,
+    })
 }
 
 /// Runs `f` with this CPU's SVM state, enabling SVM on the CPU first if needed. Call with interrupts disabled (the
@@ -148,7 +170,9 @@ fn enable(id: u32) -> Result<CpuSvm, HostError> {
 /// SVM unsupported or disabled, or no memory for the save areas.
 pub fn this_cpu<R>(f: impl FnOnce(&mut CpuSvm) -> R) -> Result<R, HostError> {
     let id = percpu::current_id();
-    let slot = CPUS.get(usize::try_from(id).map_err(|_| HostError::TooManyCpus)?).ok_or(HostError::TooManyCpus)?;
+    let slot = CPUS
+        .get(usize::try_from(id).map_err(|_| HostError::TooManyCpus)?)
+        .ok_or(HostError::TooManyCpus)?;
     let mut guard = slot.lock();
     if guard.is_none() {
         *guard = Some(enable(id)?);

@@ -31,7 +31,12 @@ impl TableMemory for FrameTables {
             return 0;
         }
         // SAFETY: `table` is a table frame from `alloc_zeroed`, mapped by the direct map; index < 512.
-        unsafe { paging::phys_to_virt(table).cast::<u64>().add(index).read_volatile() }
+        unsafe {
+            paging::phys_to_virt(table)
+                .cast::<u64>()
+                .add(index)
+                .read_volatile()
+        }
     }
 
     fn write(&mut self, table: u64, index: usize, value: u64) {
@@ -39,7 +44,12 @@ impl TableMemory for FrameTables {
             return;
         }
         // SAFETY: as in `read`; writes are serialised by `&mut self` of the owning map.
-        unsafe { paging::phys_to_virt(table).cast::<u64>().add(index).write_volatile(value) };
+        unsafe {
+            paging::phys_to_virt(table)
+                .cast::<u64>()
+                .add(index)
+                .write_volatile(value)
+        };
     }
 }
 
@@ -55,7 +65,9 @@ impl NptMap {
     /// # Errors
     /// No frame for the root table.
     pub fn new() -> Result<Self, MapError> {
-        Ok(Self { table: Some(NestedPageTable::new(&mut FrameTables)?) })
+        Ok(Self {
+            table: Some(NestedPageTable::new(&mut FrameTables)?),
+        })
     }
 
     /// nCR3 for the VMCB.
@@ -67,7 +79,13 @@ impl NptMap {
     ///
     /// # Errors
     /// As `NestedPageTable::map_range`.
-    pub fn map_range(&mut self, gpa: u64, hpa: u64, len: u64, attrs: Attrs) -> Result<(), MapError> {
+    pub fn map_range(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
         match self.table.as_mut() {
             Some(t) => t.map_range(&mut FrameTables, gpa, hpa, len, attrs),
             None => Err(MapError::Empty),
@@ -78,7 +96,14 @@ impl NptMap {
     ///
     /// # Errors
     /// As `NestedPageTable::map`.
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, size: PageSize, attrs: Attrs) -> Result<(), MapError> {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        size: PageSize,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
         match self.table.as_mut() {
             Some(t) => t.map(&mut FrameTables, gpa, hpa, len, size, attrs),
             None => Err(MapError::Empty),

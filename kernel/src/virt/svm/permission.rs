@@ -107,11 +107,25 @@ impl MsrPermissionMap {
         unsafe { core::slice::from_raw_parts_mut(paging::phys_to_virt(self.pa), len) }
     }
 
+    fn byte(&self, index: usize) -> u8 {
+        if u64::try_from(index).map_or(true, |i| i >= MSRPM_PAGES * PAGE_SIZE) {
+            return 0xFF;
+        }
+        // SAFETY: as in `bytes`; the index is inside the map and the read is a plain byte load (the processor only
+        // reads the map).
+        unsafe { paging::phys_to_virt(self.pa).add(index).read_volatile() }
+    }
+
     /// Sets whether RDMSR / WRMSR of `msr` exit.
     ///
     /// # Errors
     /// The MSR is outside the mappable ranges.
-    pub fn set(&mut self, msr: u32, intercept_read: bool, intercept_write: bool) -> Result<(), PermissionError> {
+    pub fn set(
+        &mut self,
+        msr: u32,
+        intercept_read: bool,
+        intercept_write: bool,
+    ) -> Result<(), PermissionError> {
         let bit = msr_bit(msr).ok_or(PermissionError::MsrNotMappable(msr))?;
         let bytes = self.bytes();
         for (b, on) in [(bit, intercept_read), (bit + 1, intercept_write)] {
@@ -126,9 +140,11 @@ impl MsrPermissionMap {
     }
 
     /// Whether RDMSR (`write` false) or WRMSR of `msr` exits.
-    pub fn intercepts(&mut self, msr: u32, write: bool) -> bool {
-        let Some(bit) = msr_bit(msr).map(|b| b + usize::from(write)) else { return true };
-        self.bytes()[bit / 8] & (1 << (bit % 8)) != 0
+    pub fn intercepts(&self, msr: u32, write: bool) -> bool {
+        let Some(bit) = msr_bit(msr).map(|b| b + usize::from(write)) else {
+            return true;
+        };
+        self.byte(bit / 8) & (1 << (bit % 8)) != 0
     }
 }
 

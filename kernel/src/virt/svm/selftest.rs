@@ -24,6 +24,8 @@
 //! Finally a second vCPU with EFER.SVME cleared must fail entry with a report naming that rule (APM §15.5.1).
 //! The guest uses only CPU 0 of the VM; the test runs on the CPU that calls it.
 
+#![allow(clippy::result_large_err)] // the explanation travels in the error, as in kernel/src/selftest.rs
+
 use alloc::vec::Vec;
 use core::arch::global_asm;
 use core::fmt::Write;
@@ -32,10 +34,11 @@ use virt::entry::EntryState;
 use virt::paging::{Attrs, PageSize};
 use virt::{AccessSize, EntryFailure, Gpr, IoDirection, Vcpu, VmExit};
 
+use super::host;
 use super::npt::NptMap;
 use super::vcpu::{backend_msr_allow_list, SvmVcpu, SvmVm};
 use super::vmcb::{Save64, Seg, Segment};
-use crate::arch::x86_64::{paging, tsc};
+use crate::arch::x86_64::{cpu, paging, tsc};
 use crate::mm::{frame, PAGE_SIZE};
 use crate::virt::detect::VirtSupport;
 
@@ -77,8 +80,10 @@ const PDPT_GPA: u64 = 0x3000;
 const PD_GPA: u64 = 0x4000;
 const IDT_GPA: u64 = 0x5000;
 const CODE_GPA: u64 = 0x20_0000;
-/// Guest RAM: the low 32 KiB (GDT, page tables) and 12 KiB at 2 MiB (code, then stack).
-const RAM: [(u64, u64); 2] = [(0, 8), (CODE_GPA, 3)];
+/// Guest RAM: the low 32 KiB (GDT, page tables, IDT), one 4 KiB frame at a time, and 12 KiB at 2 MiB (code, then
+/// stack) from three contiguous frames.
+const LOW_PAGES: u64 = 8;
+const CODE_PAGES: u64 = 3;
 /// Not mapped until the guest touches it.
 const LATE_GPA: u64 = 0x30_0000;
 const LATE_MAGIC: u32 = 0xC0DE_5AFE;
@@ -198,7 +203,10 @@ struct GuestRam {
 
 impl GuestRam {
     fn frame_of(&self, gpa: u64) -> Option<u64> {
-        self.pages.iter().find(|(g, _)| *g == gpa & !(PAGE_SIZE - 1)).map(|(_, f)| *f)
+        self.pages
+            .iter()
+            .find(|(g, _)| *g == gpa & !(PAGE_SIZE - 1))
+            .map(|(_, f)| *f)
     }
 
     /// Writes `bytes` at guest-physical `gpa` (within one page).
@@ -209,7 +217,13 @@ impl GuestRam {
         }
         let f = self.frame_of(gpa)?;
         // SAFETY: the frame belongs to this guest RAM and is mapped by the direct map; the range stays in the page.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), paging::phys_to_virt(f).add(off), bytes.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                paging::phys_to_virt(f).add(off),
+                bytes.len(),
+            )
+        };
         Some(())
     }
 
@@ -230,15 +244,28 @@ impl Drop for GuestRam {
 /// Builds guest RAM and its NPT mappings; writes the GDT, the guest page tables and the code.
 fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
     let mut ram = GuestRam { pages: Vec::new() };
-    for (base, pages) in RAM {
-        for i in 0..pages {
-            let gpa = base + i * PAGE_SIZE;
-            let f = frame::alloc_zeroed_below(u64::MAX).ok_or_else(|| detail!("out of frames for guest RAM"))?;
-            ram.pages.push((gpa, f));
-            npt.map(gpa, f, PAGE_SIZE, PageSize::Size4K, Attrs::RAM).map_err(|e| detail!("NPT map {gpa:#x}: {e:?}"))?;
-        }
+    for i in 0..LOW_PAGES {
+        let gpa = i * PAGE_SIZE;
+        let f = frame::alloc_zeroed_below(u64::MAX)
+            .ok_or_else(|| detail!("out of frames for guest RAM"))?;
+        ram.pages.push((gpa, f));
+        npt.map(gpa, f, PAGE_SIZE, PageSize::Size4K, Attrs::RAM)
+            .map_err(|e| detail!("NPT map {gpa:#x}: {e:?}"))?;
     }
-    let w = |gpa: u64, v: u64| ram.write_u64(gpa, v).ok_or_else(|| detail!("guest write at {gpa:#x} failed"));
+    let code = frame::alloc_contiguous(CODE_PAGES)
+        .ok_or_else(|| detail!("no contiguous frames for guest code"))?;
+    for i in 0..CODE_PAGES {
+        ram.pages
+            .push((CODE_GPA + i * PAGE_SIZE, code + i * PAGE_SIZE));
+        // SAFETY: the frame was just allocated for this guest and is mapped by the direct map.
+        unsafe { core::ptr::write_bytes(paging::phys_to_virt(code + i * PAGE_SIZE), 0, 4096) };
+    }
+    npt.map_range(CODE_GPA, code, CODE_PAGES * PAGE_SIZE, Attrs::RAM)
+        .map_err(|e| detail!("NPT map code: {e:?}"))?;
+    let w = |gpa: u64, v: u64| {
+        ram.write_u64(gpa, v)
+            .ok_or_else(|| detail!("guest write at {gpa:#x} failed"))
+    };
     w(GDT_GPA, 0)?;
     w(GDT_GPA + 8, virt::entry::CODE_DESCRIPTOR)?;
     w(GDT_GPA + 16, virt::entry::DATA_DESCRIPTOR)?;
@@ -249,7 +276,8 @@ fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
         w(PD_GPA + i * 8, (i << 21) | 0x83)?;
     }
     let (code, gp, flag) = guest_code();
-    ram.write(CODE_GPA, code).ok_or_else(|| detail!("guest code ({} bytes) does not fit a page", code.len()))?;
+    ram.write(CODE_GPA, code)
+        .ok_or_else(|| detail!("guest code ({} bytes) does not fit a page", code.len()))?;
     // IDT gate 13 (#GP): 64-bit interrupt gate to the handler (Intel SDM Vol. 3A 6.14.1). The guest starts with
     // no IDT; the test loads IDTR only before it injects #GP.
     let handler = CODE_GPA + u64::try_from(gp).unwrap_or(0);
@@ -262,7 +290,9 @@ fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
 /// Runs once with the standard bound.
 fn step(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
     let deadline = tsc::rdtsc() + tsc::us_to_ticks(RUN_LIMIT_US);
-    let e = vcpu.run(deadline).map_err(|f| detail!("entry failed at rip {:#x}: {f:?}", vcpu.rip()))?;
+    let e = vcpu
+        .run(deadline)
+        .map_err(|f| detail!("entry failed at rip {:#x}: {f:?}", vcpu.rip()))?;
     *exits += 1;
     Ok(e)
 }
@@ -275,13 +305,26 @@ fn next(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
             e => return Ok(e),
         }
     }
-    Err(detail!("100 host interrupts in a row at rip {:#x}", vcpu.rip()))
+    Err(detail!(
+        "100 host interrupts in a row at rip {:#x}",
+        vcpu.rip()
+    ))
 }
 
 fn expect_io(e: VmExit, port: u16, size: AccessSize, dir: IoDirection) -> Result<(), Detail> {
     match e {
-        VmExit::Io(io) if io.port == port && io.size == size && io.direction == dir && !io.string && !io.rep => Ok(()),
-        other => Err(detail!("expected {dir:?} {port:#x}/{size:?}, got {other:?}")),
+        VmExit::Io(io)
+            if io.port == port
+                && io.size == size
+                && io.direction == dir
+                && !io.string
+                && !io.rep =>
+        {
+            Ok(())
+        }
+        other => Err(detail!(
+            "expected {dir:?} {port:#x}/{size:?}, got {other:?}"
+        )),
     }
 }
 
@@ -290,13 +333,19 @@ fn expect_io(e: VmExit, port: u16, size: AccessSize, dir: IoDirection) -> Result
 fn spin_until_deadline(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<(VmExit, u64), Detail> {
     let deadline = tsc::rdtsc() + tsc::us_to_ticks(SPIN_US);
     for _ in 0..100 {
-        let e = vcpu.run(deadline).map_err(|f| detail!("entry failed in a spin: {f:?}"))?;
+        let e = vcpu
+            .run(deadline)
+            .map_err(|f| detail!("entry failed in a spin: {f:?}"))?;
         *exits += 1;
         if e == VmExit::ExternalInterrupt {
             continue;
         }
         let now = tsc::rdtsc();
-        ensure!(e != VmExit::SliceExpired || now >= deadline, "SliceExpired {} ticks early", deadline - now);
+        ensure!(
+            e != VmExit::SliceExpired || now >= deadline,
+            "SliceExpired {} ticks early",
+            deadline - now
+        );
         return Ok((e, tsc::ticks_to_us(now.saturating_sub(deadline))));
     }
     Err(detail!("100 host interrupts in a row in a spin"))
@@ -306,20 +355,37 @@ fn spin_until_deadline(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<(VmExit, u
 fn is_bochs() -> bool {
     // SAFETY: reading port 0xE9 has no side effect on any PC (unclaimed ports read as all ones).
     let v: u8 = unsafe { x86_64::instructions::port::PortReadOnly::new(0xE9).read() };
-    v == 0xE9 && crate::arch::x86_64::cpu::cpuid(1, 0).ecx & (1 << 31) == 0
+    v == 0xE9 && cpu::cpuid(1, 0).ecx & (1 << 31) == 0
 }
 
-fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) -> Result<Detail, Detail> {
+fn guest_run(
+    vcpu: &mut SvmVcpu,
+    ram: &GuestRam,
+    npt: &mut NptMap,
+    flag: u64,
+) -> Result<Detail, Detail> {
     let mut exits = 0u32;
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::Cpuid && vcpu.rip() == CODE_GPA + 4, "1st exit {e:?} at {:#x}, expected CPUID", vcpu.rip());
-    ensure!(vcpu.gpr(Gpr::Rax) == 0, "CPUID leaf {:#x}, expected 0", vcpu.gpr(Gpr::Rax));
+    ensure!(
+        e == VmExit::Cpuid && vcpu.rip() == CODE_GPA + 4,
+        "1st exit {e:?} at {:#x}, expected CPUID",
+        vcpu.rip()
+    );
+    ensure!(
+        vcpu.gpr(Gpr::Rax) == 0,
+        "CPUID leaf {:#x}, expected 0",
+        vcpu.gpr(Gpr::Rax)
+    );
     vcpu.set_gpr(Gpr::Rax, CPUID_EAX);
     vcpu.skip_instruction();
 
     let e = next(vcpu, &mut exits)?;
     expect_io(e, 0x3F8, AccessSize::Byte, IoDirection::Out)?;
-    ensure!(vcpu.gpr(Gpr::Rax) & 0xFF == 0x53, "OUT data {:#x}", vcpu.gpr(Gpr::Rax));
+    ensure!(
+        vcpu.gpr(Gpr::Rax) & 0xFF == 0x53,
+        "OUT data {:#x}",
+        vcpu.gpr(Gpr::Rax)
+    );
     vcpu.skip_instruction();
     let e = next(vcpu, &mut exits)?;
     expect_io(e, 0x3FD, AccessSize::Byte, IoDirection::In)?;
@@ -327,41 +393,72 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) ->
     vcpu.skip_instruction();
 
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::Rdmsr && vcpu.gpr(Gpr::Rcx) == 0x1A0, "expected RDMSR 0x1a0, got {e:?}");
+    ensure!(
+        e == VmExit::Rdmsr && vcpu.gpr(Gpr::Rcx) == 0x1A0,
+        "expected RDMSR 0x1a0, got {e:?}"
+    );
     vcpu.set_gpr(Gpr::Rax, MSR_VALUE & 0xFFFF_FFFF);
     vcpu.set_gpr(Gpr::Rdx, MSR_VALUE >> 32);
     vcpu.skip_instruction();
     let e = next(vcpu, &mut exits)?;
     let written = (vcpu.gpr(Gpr::Rdx) << 32) | (vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF);
-    ensure!(e == VmExit::Wrmsr && written == MSR_VALUE, "expected WRMSR {MSR_VALUE:#x}, got {e:?} {written:#x}");
-    ensure!(vcpu.gpr(Gpr::Rbx) == CPUID_EAX, "CPUID answer not seen by the guest (rbx {:#x})", vcpu.gpr(Gpr::Rbx));
+    ensure!(
+        e == VmExit::Wrmsr && written == MSR_VALUE,
+        "expected WRMSR {MSR_VALUE:#x}, got {e:?} {written:#x}"
+    );
+    ensure!(
+        vcpu.gpr(Gpr::Rbx) == CPUID_EAX,
+        "CPUID answer not seen by the guest (rbx {:#x})",
+        vcpu.gpr(Gpr::Rbx)
+    );
     vcpu.skip_instruction();
 
     let e = next(vcpu, &mut exits)?;
     let rip = vcpu.rip();
     match e {
-        VmExit::NestedPageFault { gpa, access } if gpa == LATE_GPA && access.read && !access.write => {}
+        VmExit::NestedPageFault { gpa, access }
+            if gpa == LATE_GPA && access.read && !access.write => {}
         other => return Err(detail!("expected NPF read at {LATE_GPA:#x}, got {other:?}")),
     }
-    let late = frame::alloc_zeroed_below(u64::MAX).ok_or_else(|| detail!("no frame for the late page"))?;
+    let late =
+        frame::alloc_zeroed_below(u64::MAX).ok_or_else(|| detail!("no frame for the late page"))?;
     // SAFETY: `late` was just allocated and is mapped by the direct map.
-    unsafe { paging::phys_to_virt(late).cast::<u32>().write_volatile(LATE_MAGIC) };
+    unsafe {
+        paging::phys_to_virt(late)
+            .cast::<u32>()
+            .write_volatile(LATE_MAGIC)
+    };
     let mapped = npt.map(LATE_GPA, late, PAGE_SIZE, PageSize::Size4K, Attrs::RAM);
     if let Err(err) = mapped {
         // SAFETY: not mapped anywhere, freed once.
         unsafe { frame::free(late) };
         return Err(detail!("NPT map of the late page: {err:?}"));
     }
+    // A TLB flush request must give the vCPU a fresh ASID on this CPU.
+    let asid_before = vcpu.asid();
+    vcpu.flush_tlb();
     let e = next(vcpu, &mut exits);
-    let late_ok = matches!(e, Ok(VmExit::Io(_))) && vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF == u64::from(LATE_MAGIC);
+    ensure!(
+        vcpu.asid() != asid_before,
+        "flush_tlb kept ASID {asid_before}"
+    );
+    let late_ok =
+        matches!(e, Ok(VmExit::Io(_))) && vcpu.gpr(Gpr::Rax) & 0xFFFF_FFFF == u64::from(LATE_MAGIC);
     let e = e?;
     expect_io(e, 0x3F8, AccessSize::Dword, IoDirection::Out)?;
-    ensure!(late_ok && vcpu.rip() > rip, "after NPF the guest read {:#x}", vcpu.gpr(Gpr::Rax));
+    ensure!(
+        late_ok && vcpu.rip() > rip,
+        "after NPF the guest read {:#x}",
+        vcpu.gpr(Gpr::Rax)
+    );
     vcpu.skip_instruction();
 
     let e = next(vcpu, &mut exits)?;
     let args = [Gpr::Rax, Gpr::Rdi, Gpr::Rsi, Gpr::Rdx].map(|r| vcpu.gpr(r));
-    ensure!(e == VmExit::Hypercall && args == [0, 0x11, 0x22, 0x33], "expected VMMCALL(0,11,22,33), got {e:?} {args:x?}");
+    ensure!(
+        e == VmExit::Hypercall && args == [0, 0x11, 0x22, 0x33],
+        "expected VMMCALL(0,11,22,33), got {e:?} {args:x?}"
+    );
     vcpu.set_gpr(Gpr::Rax, 0);
     vcpu.set_gpr(Gpr::Rdx, 1);
     vcpu.skip_instruction();
@@ -375,24 +472,40 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) ->
             continue;
         }
         let r8 = vcpu.gpr(Gpr::R8);
-        ensure!(e == VmExit::Cpuid && r8 == u64::from(ROUNDTRIPS - i), "loop exit {i}: {e:?} with r8 {r8}");
+        ensure!(
+            e == VmExit::Cpuid && r8 == u64::from(ROUNDTRIPS - i),
+            "loop exit {i}: {e:?} with r8 {r8}"
+        );
         vcpu.skip_instruction();
         ticks.push(t1 - t0);
     }
     ticks.sort_unstable();
-    let median = ticks.get(ticks.len() / 2).copied().ok_or_else(|| detail!("no round trip measured"))?;
+    let median = ticks
+        .get(ticks.len() / 2)
+        .copied()
+        .ok_or_else(|| detail!("no round trip measured"))?;
 
     // STI spin: the guest takes no interrupt itself (INTR is intercepted); only the deadline stops it.
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3, "expected VMMCALL(3), got {e:?}");
+    ensure!(
+        e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3,
+        "expected VMMCALL(3), got {e:?}"
+    );
     vcpu.skip_instruction();
     let (e, sti_late_us) = spin_until_deadline(vcpu, &mut exits)?;
-    ensure!(e == VmExit::SliceExpired, "STI spin ended with {e:?}, expected SliceExpired");
-    ram.write(CODE_GPA + flag, &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
+    ensure!(
+        e == VmExit::SliceExpired,
+        "STI spin ended with {e:?}, expected SliceExpired"
+    );
+    ram.write(CODE_GPA + flag, &[1])
+        .ok_or_else(|| detail!("cannot set the flag"))?;
 
     // CLI spin, bounded by R12 iterations so an emulator that never preempts it cannot hang the test.
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3, "expected 2nd VMMCALL(3), got {e:?}");
+    ensure!(
+        e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 3,
+        "expected 2nd VMMCALL(3), got {e:?}"
+    );
     vcpu.skip_instruction();
     let bochs = is_bochs();
     vcpu.set_gpr(Gpr::R12, if bochs { BOCHS_SPIN_BOUND } else { SPIN_BOUND });
@@ -400,8 +513,12 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) ->
     let rflags = vcpu.vmcb().save64(Save64::Rflags);
     let cli = match e {
         VmExit::SliceExpired => {
-            ensure!(rflags & (1 << 9) == 0, "guest IF set in the CLI spin (rflags {rflags:#x})");
-            ram.write(CODE_GPA + flag + 1, &[1]).ok_or_else(|| detail!("cannot set the flag"))?;
+            ensure!(
+                rflags & (1 << 9) == 0,
+                "guest IF set in the CLI spin (rflags {rflags:#x})"
+            );
+            ram.write(CODE_GPA + flag + 1, &[1])
+                .ok_or_else(|| detail!("cannot set the flag"))?;
             detail!("cli_late_us={cli_late_us}")
         }
         // Bochs 2.7 computes the interrupt mask at VMRUN before it marks the CPU as in the guest, so it masks
@@ -411,19 +528,39 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) ->
             vcpu.skip_instruction();
             detail!("cli_preempt=no(bochs)")
         }
-        other => return Err(detail!("CLI spin ended with {other:?} (rax {}), expected SliceExpired", vcpu.gpr(Gpr::Rax))),
+        other => {
+            return Err(detail!(
+                "CLI spin ended with {other:?} (rax {}), expected SliceExpired",
+                vcpu.gpr(Gpr::Rax)
+            ))
+        }
     };
 
     let e = next(vcpu, &mut exits)?;
-    ensure!(e == VmExit::Hlt, "expected HLT, got {e:?} at {:#x}", vcpu.rip());
+    ensure!(
+        e == VmExit::Hlt,
+        "expected HLT, got {e:?} at {:#x}",
+        vcpu.rip()
+    );
     vcpu.skip_instruction();
     let resume = vcpu.rip();
-    vcpu.vmcb_mut().set_segment(Seg::Idtr, Segment { selector: 0, attrib: 0, limit: 0xFFF, base: IDT_GPA });
+    vcpu.vmcb_mut().set_segment(
+        Seg::Idtr,
+        Segment {
+            selector: 0,
+            attrib: 0,
+            limit: 0xFFF,
+            base: IDT_GPA,
+        },
+    );
     vcpu.inject_exception(13, Some(GP_ERROR_CODE));
     let e = next(vcpu, &mut exits)?;
     let (code, pushed_rip) = (vcpu.gpr(Gpr::Rdi), vcpu.gpr(Gpr::Rsi));
     ensure!(
-        e == VmExit::Hypercall && vcpu.gpr(Gpr::Rax) == 6 && code == u64::from(GP_ERROR_CODE) && pushed_rip == resume,
+        e == VmExit::Hypercall
+            && vcpu.gpr(Gpr::Rax) == 6
+            && code == u64::from(GP_ERROR_CODE)
+            && pushed_rip == resume,
         "injected #GP: got {e:?} rax {} error {code:#x} rip {pushed_rip:#x} (expected {resume:#x})",
         vcpu.gpr(Gpr::Rax)
     );
@@ -435,7 +572,10 @@ fn guest_run(vcpu: &mut SvmVcpu, ram: &GuestRam, npt: &mut NptMap, flag: u64) ->
         "shutdown=skipped(bochs)"
     } else {
         let e = next(vcpu, &mut exits)?;
-        ensure!(e == VmExit::TripleFault, "expected a triple fault after UD2 without an IDT, got {e:?}");
+        ensure!(
+            e == VmExit::TripleFault,
+            "expected a triple fault after UD2 without an IDT, got {e:?}"
+        );
         "shutdown=ok"
     };
 
@@ -462,8 +602,21 @@ fn run_test() -> Result<Detail, Detail> {
     let mut npt = NptMap::new().map_err(|e| detail!("NPT root: {e:?}"))?;
     let (ram, flag) = build_guest(&mut npt)?;
     // SAFETY: the NPT maps only this test's frames and outlives both vCPUs (dropped in reverse order below).
-    let vm = unsafe { SvmVm::new(npt.ncr3(), &backend_msr_allow_list()) }.map_err(|e| detail!("VM: {e:?}"))?;
-    let entry = EntryState::long_mode(CODE_GPA, 0, CODE_GPA + 3 * PAGE_SIZE);
+    let vm = unsafe { SvmVm::new(npt.ncr3(), &backend_msr_allow_list()) }
+        .map_err(|e| detail!("VM: {e:?}"))?;
+    for (msr, write, exits) in [
+        (0x1A0, false, true),
+        (0x1A0, true, true),
+        (0xC000_0080, true, false),
+        (0x174, false, false),
+    ] {
+        ensure!(
+            vm.msr_exits(msr, write) == exits,
+            "MSRPM: MSR {msr:#x} write={write} exits={}",
+            !exits
+        );
+    }
+    let entry = EntryState::long_mode(CODE_GPA, 0, CODE_GPA + CODE_PAGES * PAGE_SIZE);
     let mut vcpu = SvmVcpu::new(&vm, &entry).map_err(|e| detail!("vCPU: {e:?}"))?;
     vcpu.set_tsc_offset(0u64.wrapping_sub(tsc::rdtsc()));
     let result = guest_run(&mut vcpu, &ram, &mut npt, flag);
@@ -479,7 +632,18 @@ fn run_test() -> Result<Detail, Detail> {
     drop(ram);
     let detail = result?;
     invalid?;
-    Ok(detail)
+    // Per-CPU enabling took: EFER.SVME set and VM_HSAVE_PA pointing at this CPU's page.
+    let (asids, hsave) =
+        host::this_cpu(|c| (c.asids(), c.hsave_pa())).map_err(|e| detail!("host state: {e:?}"))?;
+    // SAFETY: EFER and VM_HSAVE_PA exist on an SVM CPU (the test ran a guest on it).
+    let (efer, hsave_msr) = unsafe { (cpu::rdmsr(cpu::IA32_EFER), cpu::rdmsr(0xC001_0117)) };
+    ensure!(
+        efer & (1 << 12) != 0 && hsave_msr == hsave,
+        "EFER {efer:#x}, VM_HSAVE_PA {hsave_msr:#x} != {hsave:#x}"
+    );
+    let mut d = detail;
+    let _ = write!(d, " asids={asids}");
+    Ok(d)
 }
 
 /// Runs the test on this CPU.

@@ -25,14 +25,14 @@ use virt::entry::{EntryState, Segment as EntrySegment};
 use virt::{AccessSize, EntryFailure, Gpr, IoAccess, IoDirection, MemAccess, Vcpu, VmExit};
 use x86_64::instructions::interrupts;
 
+use super::check;
 use super::entry::{svm_enter, FxArea, GuestGprs};
 use super::host::{self, AsidRecord};
 use super::permission::{self, MsrAllow, MsrPermissionMap, PermissionError};
 use super::vmcb::{
-    event, exit_code, int_ctl, misc1, misc2, Ctl32, Ctl64, Ctl8, OutOfFrames, Save64, Save8, Seg, Segment, Vmcb,
-    NP_ENABLE,
+    event, exit_code, int_ctl, misc1, misc2, Ctl32, Ctl64, Ctl8, OutOfFrames, Save64, Save8, Seg,
+    Segment, Vmcb, NP_ENABLE,
 };
-use super::check;
 use crate::arch::x86_64::{lapic, tsc};
 
 /// EFER.SVME: QEMU and the APM (§15.5.1) require it in the guest's EFER as well.
@@ -88,7 +88,15 @@ impl SvmVm {
     /// # Errors
     /// No frames for the MSR permission map, or an allow-list entry it cannot express.
     pub unsafe fn new(ncr3: u64, allow: &[MsrAllow]) -> Result<Arc<Self>, SvmError> {
-        Ok(Arc::new(Self { ncr3, msrpm: MsrPermissionMap::new(allow)? }))
+        Ok(Arc::new(Self {
+            ncr3,
+            msrpm: MsrPermissionMap::new(allow)?,
+        }))
+    }
+
+    /// Whether the guest's RDMSR (`write` false) or WRMSR of `msr` exits.
+    pub fn msr_exits(&self, msr: u32, write: bool) -> bool {
+        self.msrpm.intercepts(msr, write)
     }
 }
 
@@ -96,7 +104,14 @@ impl SvmVm {
 /// writes: VMLOAD/VMSAVE switch the SYSCALL/SYSENTER MSRs and the FS/GS/KernelGS bases, VMRUN/#VMEXIT switch EFER
 /// and (with nested paging) PAT, so none of them reaches the host.
 pub fn backend_msr_allow_list() -> alloc::vec::Vec<MsrAllow> {
-    virt::msr::BACKEND_MSRS.iter().map(|&msr| MsrAllow { msr, read: true, write: true }).collect()
+    virt::msr::BACKEND_MSRS
+        .iter()
+        .map(|&msr| MsrAllow {
+            msr,
+            read: true,
+            write: true,
+        })
+        .collect()
 }
 
 /// The decoded information of the last exit, kept for `skip_instruction`.
@@ -110,7 +125,8 @@ struct LastExit {
 /// One virtual CPU.
 #[derive(Debug)]
 pub struct SvmVcpu {
-    vm: Arc<SvmVm>,
+    /// Keeps the VM's MSR permission map and (by the `SvmVm::new` contract) its nested page tables alive.
+    _vm: Arc<SvmVm>,
     vmcb: Vmcb,
     gprs: GuestGprs,
     fx: Box<FxArea>,
@@ -123,7 +139,12 @@ pub struct SvmVcpu {
 }
 
 fn segment(s: &EntrySegment) -> Segment {
-    Segment { selector: s.selector, attrib: s.svm_attrib(), limit: s.limit, base: s.base }
+    Segment {
+        selector: s.selector,
+        attrib: s.svm_attrib(),
+        limit: s.limit,
+        base: s.base,
+    }
 }
 
 impl SvmVcpu {
@@ -186,11 +207,21 @@ impl SvmVcpu {
         vmcb.set_segment(Seg::Ldtr, segment(&entry.ldtr));
         vmcb.set_segment(
             Seg::Gdtr,
-            Segment { selector: 0, attrib: 0, limit: u32::from(entry.gdtr.limit), base: entry.gdtr.base },
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: u32::from(entry.gdtr.limit),
+                base: entry.gdtr.base,
+            },
         );
         vmcb.set_segment(
             Seg::Idtr,
-            Segment { selector: 0, attrib: 0, limit: u32::from(entry.idtr.limit), base: entry.idtr.base },
+            Segment {
+                selector: 0,
+                attrib: 0,
+                limit: u32::from(entry.idtr.limit),
+                base: entry.idtr.base,
+            },
         );
         vmcb.set_save8(Save8::Cpl, 0);
         vmcb.set_save64(Save64::Efer, entry.efer | EFER_SVME);
@@ -207,9 +238,12 @@ impl SvmVcpu {
 
         let nrips = crate::arch::x86_64::cpu::cpuid(0x8000_000A, 0).edx & (1 << 3) != 0;
         Ok(Self {
-            vm: Arc::clone(vm),
+            _vm: Arc::clone(vm),
             vmcb,
-            gprs: GuestGprs { rdi: entry.rdi, ..GuestGprs::default() },
+            gprs: GuestGprs {
+                rdi: entry.rdi,
+                ..GuestGprs::default()
+            },
             fx: Box::new(FxArea::reset()),
             nrips,
             asid: AsidRecord::default(),
@@ -222,11 +256,6 @@ impl SvmVcpu {
     /// Sets the value added to the host TSC for the guest's TSC.
     pub fn set_tsc_offset(&mut self, offset: u64) {
         self.vmcb.set_ctl64(Ctl64::TscOffset, offset);
-    }
-
-    /// Sets the guest RIP (e.g. to restart a vCPU).
-    pub fn set_rip(&mut self, rip: u64) {
-        self.vmcb.set_save64(Save64::Rip, rip);
     }
 
     /// Makes the next entry run with a TLB free of this vCPU's old guest translations (call after changing the
@@ -261,14 +290,24 @@ impl SvmVcpu {
         }
     }
 
-    /// Decodes the exit the VMCB now describes.
-    fn decode(&mut self, deadline: u64) -> Result<VmExit, EntryFailure> {
+    /// Decodes the exit the VMCB now describes (`before`: the state handed to VMRUN, for invalid-state reports).
+    fn decode(&mut self, deadline: u64, before: &check::Snapshot) -> Result<VmExit, EntryFailure> {
         let code = self.vmcb.ctl64(Ctl64::ExitCode);
         let info1 = self.vmcb.ctl64(Ctl64::ExitInfo1);
         let info2 = self.vmcb.ctl64(Ctl64::ExitInfo2);
-        self.last = LastExit { code, info2, next_rip: if self.nrips { self.vmcb.ctl64(Ctl64::NextRip) } else { 0 } };
+        self.last = LastExit {
+            code,
+            info2,
+            next_rip: if self.nrips {
+                self.vmcb.ctl64(Ctl64::NextRip)
+            } else {
+                0
+            },
+        };
         if code & 0xFFFF_FFFF == exit_code::INVALID_LOW32 {
-            return Err(EntryFailure::SvmInvalidState { detail: check::diagnose(&self.vmcb) });
+            return Err(EntryFailure::SvmInvalidState {
+                detail: check::diagnose(before, &self.vmcb),
+            });
         }
         // An event whose delivery the exit interrupted is delivered at the next entry (APM §15.7.2).
         let int_info = self.vmcb.ctl64(Ctl64::ExitIntInfo);
@@ -289,16 +328,26 @@ impl SvmVcpu {
                 // EXITINFO1 is a #PF-style error code: bit 1 write, bit 4 instruction fetch (APM §15.25.6).
                 let write = info1 & (1 << 1) != 0;
                 let execute = info1 & (1 << 4) != 0;
-                VmExit::NestedPageFault { gpa: info2, access: MemAccess { read: !write && !execute, write, execute } }
+                VmExit::NestedPageFault {
+                    gpa: info2,
+                    access: MemAccess {
+                        read: !write && !execute,
+                        write,
+                        execute,
+                    },
+                }
             }
             exit_code::INTR if tsc::rdtsc() >= deadline => VmExit::SliceExpired,
-            exit_code::INTR | exit_code::NMI | exit_code::SMI | exit_code::INIT => VmExit::ExternalInterrupt,
+            exit_code::INTR | exit_code::NMI | exit_code::SMI | exit_code::INIT => {
+                VmExit::ExternalInterrupt
+            }
             exit_code::SHUTDOWN => VmExit::TripleFault,
             exit_code::EXCP_BASE..=exit_code::EXCP_LAST => {
                 // The range bound makes the vector < 32.
                 let vector = u8::try_from(code - exit_code::EXCP_BASE).unwrap_or(u8::MAX);
-                let error_code =
-                    ERROR_CODE_VECTORS.contains(&vector).then(|| u32::try_from(info1 & 0xFFFF_FFFF).unwrap_or(0));
+                let error_code = ERROR_CODE_VECTORS
+                    .contains(&vector)
+                    .then(|| u32::try_from(info1 & 0xFFFF_FFFF).unwrap_or(0));
                 VmExit::Exception { vector, error_code }
             }
             _ => VmExit::Unhandled { code, info1, info2 },
@@ -318,7 +367,11 @@ fn decode_io(info1: u64) -> Option<IoAccess> {
     Some(IoAccess {
         port: u16::try_from((info1 >> 16) & 0xFFFF).unwrap_or(0),
         size,
-        direction: if info1 & 1 != 0 { IoDirection::In } else { IoDirection::Out },
+        direction: if info1 & 1 != 0 {
+            IoDirection::In
+        } else {
+            IoDirection::Out
+        },
         string: info1 & (1 << 2) != 0,
         rep: info1 & (1 << 3) != 0,
     })
@@ -444,17 +497,19 @@ impl SvmVcpu {
         };
         self.vmcb.set_ctl32(Ctl32::GuestAsid, grant.asid);
         self.vmcb.set_ctl8(Ctl8::TlbControl, grant.tlb_control);
-        self.vmcb.set_ctl64(Ctl64::EventInj, self.pending_event.take().unwrap_or(0));
+        self.vmcb
+            .set_ctl64(Ctl64::EventInj, self.pending_event.take().unwrap_or(0));
+        let before = check::Snapshot::capture(&self.vmcb);
         Self::arm_timer(deadline, now);
         clgi_sti();
         // SAFETY: GIF = 0 (above); SVM is enabled on this CPU and `host_page` is its host page (`this_cpu`); the VMCB
-        // is owned by `self` and points at the live shared IOPM, this VM's MSRPM and nCR3 (kept alive by `self.vm`);
+        // is owned by `self` and points at the live shared IOPM, this VM's MSRPM and nCR3 (kept alive by `self._vm`);
         // the GPR block and the FXSAVE area are owned by `self`.
         unsafe { svm_enter(self.vmcb.pa(), &mut self.gprs, host_page, &mut *self.fx) };
         cli_stgi();
         lapic::disarm();
         self.vmcb.set_ctl8(Ctl8::TlbControl, 0);
-        let exit = self.decode(deadline);
+        let exit = self.decode(deadline, &before);
         if matches!(exit, Ok(VmExit::SliceExpired | VmExit::ExternalInterrupt)) {
             // Let the host take the interrupt that caused the exit (it is still pending in the LAPIC).
             interrupts::enable();
