@@ -15,11 +15,11 @@
 //! - [`check`]: readable reports for `VMEXIT_INVALID` (the consistency rules of APM §15.5.1);
 //! - [`selftest`]: the `svm` self-test, a hand-built guest that exercises every exit the backend decodes.
 //!
-//! How the runtime uses it: build the guest memory in an [`npt::NptMap`], create one [`vcpu::SvmVm`] per VM from its
-//! nCR3 and the MSR allow list ([`vcpu::backend_msr_allow_list`]), one [`vcpu::SvmVcpu`] per vCPU from a
+//! How the runtime uses it: build the guest memory in an [`NptMap`], create one [`SvmVm`] per VM from its
+//! nCR3 and the MSR allow list ([`backend_msr_allow_list`]), one [`SvmVcpu`] per vCPU from a
 //! `virt::entry::EntryState`, then
 //! loop `Vcpu::run(deadline_tsc)` on whichever CPU the scheduler picks. SVM is enabled on a CPU the first time a
-//! vCPU runs there. Keep the NPT alive as long as the `SvmVm`; call [`vcpu::SvmVcpu::flush_tlb`] on every vCPU after
+//! vCPU runs there. Keep the NPT alive as long as the `SvmVm`; call [`SvmVcpu::flush_tlb`] on every vCPU after
 //! removing or downgrading an NPT mapping.
 //!
 //! Known limits: without NRIPS (QEMU TCG) the RIP advance uses the unprefixed instruction lengths; debug registers
@@ -34,3 +34,7 @@ pub mod permission;
 pub mod selftest;
 pub mod vcpu;
 pub mod vmcb;
+
+pub use npt::NptMap;
+pub use permission::MsrAllow;
+pub use vcpu::{backend_msr_allow_list, SvmError, SvmVcpu, SvmVm};
