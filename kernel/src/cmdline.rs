@@ -29,6 +29,8 @@ bitflags! {
         const PANIC = 1 << 6;
         /// Destructive: forced page fault.
         const PAGEFAULT = 1 << 7;
+        /// VMX backend bring-up: a tiny EPT guest, every exit kind decoded, the exit round trip measured.
+        const VMX = 1 << 9;
     }
 }
 
@@ -40,10 +42,11 @@ impl SelfTests {
         .union(Self::TIMER)
         .union(Self::SMP)
         .union(Self::ACPI)
-        .union(Self::BOOTINFO);
+        .union(Self::BOOTINFO)
+        .union(Self::VMX);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 9] = [
+    pub const NAMES: [(&'static str, Self); 10] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
@@ -51,6 +54,7 @@ impl SelfTests {
         ("smp", Self::SMP),
         ("acpi", Self::ACPI),
         ("bootinfo", Self::BOOTINFO),
+        ("vmx", Self::VMX),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

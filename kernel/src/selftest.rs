@@ -61,6 +61,7 @@ pub fn run(tests: SelfTests) -> bool {
                 .map_err(|e| detail!("{e}")),
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
+            SelfTests::VMX => crate::virt::vmx::selftest::run(),
             _ => Err(detail!("no such test")),
         };
         let (result, detail) = match &outcome {

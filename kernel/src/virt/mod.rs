@@ -4,3 +4,4 @@
 
 pub mod detect;
 pub mod svm;
+pub mod vmx;

@@ -8,7 +8,8 @@
 //! How the runtime uses it, on the CPU that will run the vCPU:
 //! 1. `cpu::enable()` once per CPU (idempotent);
 //! 2. guest memory: `ept::GuestPhysMap::new()`, then `map_range(gpa, hpa, len, Attrs::RAM)` for each RAM chunk;
-//! 3. `vcpu::VmxVcpu::new(&VcpuConfig { eptp: map.eptp(), entry: GuestEntry::long_mode(rip, rsp), .. })`;
+//! 3. `vcpu::VmxVcpu::new(&VcpuConfig { eptp: map.eptp(), entry: EntryState::long_mode(..), .. })` (or
+//!    `vcpu::real_mode_entry(cs, ip, sp)` for a real-mode start);
 //! 4. loop `run(deadline_tsc)` and handle the `VmExit` through `virt::Vcpu`.
 //!
 //! Invariants: a vCPU runs only on the CPU that created it (its VMCS is current there and never migrated); all

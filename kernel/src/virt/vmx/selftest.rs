@@ -26,12 +26,13 @@
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use virt::entry::{EntryState, CODE_DESCRIPTOR, DATA_DESCRIPTOR};
 use virt::paging::{Attrs, PageSize};
 use virt::{AccessSize, Gpr, IoDirection, Vcpu, VmExit};
 
 use super::cpu;
 use super::ept::GuestPhysMap;
-use super::vcpu::{GuestEntry, VcpuConfig, VmxVcpu};
+use super::vcpu::{real_mode_entry, VcpuConfig, VmxVcpu};
 use crate::arch::x86_64::{paging, tsc};
 use crate::mm::frame;
 
@@ -45,6 +46,23 @@ const LATE_GPA: u64 = 0x10_0000;
 const LATE_VALUE: u64 = 0xC0DE_CAFE_F00D_BEEF;
 const R14: u64 = 0x1111_2222_3333_4444;
 const R15: u64 = 0x0101_0101_0101_0101;
+
+/// At 0x6000: the guest measures one CPUID exit with RDTSC on both sides and reports the delta by VMCALL in RAX.
+const TIMED_CODE: u64 = 0x6000;
+const TIMED_GUEST: [u8; 33] = [
+    0x0F, 0x31, // rdtsc
+    0x48, 0xC1, 0xE2, 0x20, // shl rdx,32
+    0x48, 0x09, 0xD0, // or rax,rdx
+    0x49, 0x89, 0xC0, // mov r8,rax
+    0x31, 0xC0, // xor eax,eax
+    0x0F, 0xA2, // cpuid
+    0x0F, 0x31, // rdtsc
+    0x48, 0xC1, 0xE2, 0x20, // shl rdx,32
+    0x48, 0x09, 0xD0, // or rax,rdx
+    0x4C, 0x29, 0xC0, // sub rax,r8
+    0x0F, 0x01, 0xC1, // vmcall
+    0xEB, 0xDF, // jmp 0x6000
+];
 
 const GUEST_CODE: [u8; 40] = [
     0x31, 0xC0, // xor eax,eax
@@ -137,12 +155,15 @@ pub fn run() -> Result<Detail, Detail> {
     build_guest(&mut mem, &mut map)?;
     let config = VcpuConfig {
         eptp: map.eptp(),
-        entry: GuestEntry::long_mode(CODE, GUEST_PAGES * 4096),
+        entry: long_mode(),
         exception_bitmap: 1 << 6,
         tsc_offset: 0,
     };
     let mut v = VmxVcpu::new(&config).map_err(|e| detail!("vCPU: {e:?}"))?;
-    let (exits, median, slice_late) = drive(&mut v, &mut map, &mut mem)?;
+    let (mut exits, median, slice_late) = drive(&mut v, &mut map, &mut mem)?;
+    // The triple fault ended `v`'s guest; the guest-timed loop gets a fresh vCPU.
+    let guest_median = guest_timed(&map)?;
+    exits += 2 * ROUNDS;
     let real = if caps.allows(
         super::caps::ControlKind::Secondary,
         super::fields::secondary::UNRESTRICTED_GUEST,
@@ -155,9 +176,10 @@ pub fn run() -> Result<Detail, Detail> {
     drop(v);
     drop(map);
     Ok(detail!(
-        "exits={} roundtrip_ticks={} timer_late_ticks={} real_mode={} entry_failures=decoded vpid={}",
+        "exits={} roundtrip_ticks={} guest_roundtrip_ticks={} timer_late_ticks={} real_mode={} entry_failures=decoded vpid={}",
         exits + 1,
         median,
+        guest_median,
         slice_late,
         real,
         if caps.allows(super::caps::ControlKind::Secondary, super::fields::secondary::ENABLE_VPID) { "on" } else { "off" }
@@ -167,12 +189,13 @@ pub fn run() -> Result<Detail, Detail> {
 /// GDT at 0x1000, PML4/PDPT/PD at 0x2000/0x3000/0x4000 identity-mapping 2 MiB, code at 0x5000; EPT maps the 64 KiB.
 fn build_guest(mem: &mut GuestMem, map: &mut GuestPhysMap) -> Result<(), Detail> {
     mem.write_u64(0x1000, 0)?;
-    mem.write_u64(0x1008, 0x00AF_9A00_0000_FFFF)?;
-    mem.write_u64(0x1010, 0x00CF_9200_0000_FFFF)?;
+    mem.write_u64(0x1008, CODE_DESCRIPTOR)?;
+    mem.write_u64(0x1010, DATA_DESCRIPTOR)?;
     mem.write_u64(0x2000, 0x3000 | 0x3)?;
     mem.write_u64(0x3000, 0x4000 | 0x3)?;
     mem.write_u64(0x4000, 0x83)?;
     mem.write(CODE, &GUEST_CODE)?;
+    mem.write(TIMED_CODE, &TIMED_GUEST)?;
     // Real-mode vCPU: HLT at 0x7000.
     mem.write(0x7000, &[0xF4])?;
     for (i, &f) in mem.frames.iter().enumerate() {
@@ -189,6 +212,11 @@ fn build_guest(mem: &mut GuestMem, map: &mut GuestPhysMap) -> Result<(), Detail>
         "GPA {LATE_GPA:#x} mapped before the test maps it"
     );
     Ok(())
+}
+
+/// The ABI's long-mode entry state with RIP at the test code and the stack at the top of the 64 KiB.
+fn long_mode() -> EntryState {
+    EntryState::long_mode(CODE, 0, GUEST_PAGES * 4096)
 }
 
 fn far_deadline() -> u64 {
@@ -365,6 +393,38 @@ fn drive(
     Ok((exits, median, late))
 }
 
+/// Runs the guest-timed loop on a fresh vCPU: ROUNDS pairs of CPUID (timed by the guest) and VMCALL (reporting
+/// the time); returns the median CPUID round trip in guest TSC ticks.
+fn guest_timed(map: &GuestPhysMap) -> Result<u64, Detail> {
+    let config = VcpuConfig {
+        eptp: map.eptp(),
+        entry: EntryState::long_mode(TIMED_CODE, 0, GUEST_PAGES * 4096),
+        exception_bitmap: 0,
+        tsc_offset: 0,
+    };
+    let mut v = VmxVcpu::new(&config).map_err(|e| detail!("timed vCPU: {e:?}"))?;
+    let mut ticks = Vec::with_capacity(usize::try_from(ROUNDS).unwrap_or(0));
+    for i in 0..ROUNDS {
+        let e = run_once(&mut v, far_deadline())?;
+        ensure!(
+            e == VmExit::Cpuid && v.rip() == TIMED_CODE + 0xE,
+            "timed round {i}: {e:?} at {:#x}",
+            v.rip()
+        );
+        v.skip_instruction();
+        let e = run_once(&mut v, far_deadline())?;
+        ensure!(
+            e == VmExit::Hypercall && v.rip() == TIMED_CODE + 0x1C,
+            "timed round {i}: {e:?} at {:#x}",
+            v.rip()
+        );
+        ticks.push(v.gpr(Gpr::Rax));
+        v.skip_instruction();
+    }
+    ticks.sort_unstable();
+    Ok(ticks[ticks.len() / 2])
+}
+
 /// Breaks a control field and a guest-state field on purpose and checks both entry failures are decoded: CR3-target
 /// count 5 (more than the 4 the SDM allows, §27.2.1.1) must fail VMLAUNCH with VM-instruction error 7, and guest RFLAGS
 /// with reserved bit 1 clear (§27.3.1.4) must fail with exit reason 33, "invalid guest state".
@@ -373,7 +433,7 @@ fn entry_failures(map: &GuestPhysMap) -> Result<(), Detail> {
     use virt::EntryFailure;
     let config = VcpuConfig {
         eptp: map.eptp(),
-        entry: GuestEntry::long_mode(CODE, GUEST_PAGES * 4096),
+        entry: long_mode(),
         exception_bitmap: 0,
         tsc_offset: 0,
     };
@@ -403,11 +463,7 @@ fn entry_failures(map: &GuestPhysMap) -> Result<(), Detail> {
 fn real_mode(map: &GuestPhysMap) -> Result<&'static str, Detail> {
     let config = VcpuConfig {
         eptp: map.eptp(),
-        entry: GuestEntry::RealMode {
-            cs: 0x0700,
-            ip: 0,
-            sp: 0x7000,
-        },
+        entry: real_mode_entry(0x0700, 0, 0x7000),
         exception_bitmap: 0,
         tsc_offset: 0,
     };

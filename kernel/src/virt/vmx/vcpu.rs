@@ -15,7 +15,8 @@
 //!   HOST_RIP is the exit stub, HOST_RSP is written by the stub. On exit the CPU sets the GDTR/IDTR limits to
 //!   0xFFFF (SDM §28.5.2); the kernel's tables are 4 KiB or less and it never loads an out-of-range selector, so
 //!   they are not reloaded.
-//! - guest state: 64-bit long mode per docs/guest-abi.md, or real mode through unrestricted guest. CR0/CR4 bits the
+//! - guest state: any `virt::entry::EntryState` — 64-bit long mode per docs/guest-abi.md, or real mode through
+//!   unrestricted guest ([`real_mode_entry`]). CR0/CR4 bits the
 //!   hardware forces (NE, VMXE, ...) are host-owned in the guest/host masks and the guest reads its own values from
 //!   the read shadows; a guest write that changes a host-owned bit exits as "control-register access"
 //!   (`VmExit::Unhandled`).
@@ -31,15 +32,16 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use virt::entry::{DescriptorTable, EntryState, Segment};
 use virt::{EntryFailure, Gpr, Vcpu, VmExit};
 
 use super::caps::{Caps, ControlKind};
 use super::entry::{cv_vmx_exit, cv_vmx_run, GuestRegs, EXITED, FAIL_INVALID, FAIL_VALID};
 use super::exit::{self, reason, Delivered, ExitInfo, ENTRY_FAILURE};
 use super::fields::{
-    access, entry_ctl, exit_ctl, intr_info, pin, primary, secondary, Control16, Control32,
-    Control64, ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16, Host32, Host64, HostNat,
-    ReadOnly32, ReadOnly64, ReadOnlyNat,
+    entry_ctl, exit_ctl, intr_info, pin, primary, secondary, Control16, Control32, Control64,
+    ControlNat, Guest16, Guest32, Guest64, GuestNat, Host16, Host32, Host64, HostNat, ReadOnly32,
+    ReadOnly64, ReadOnlyNat,
 };
 use super::instr::{self, set, InstructionError, VmFail};
 use super::{cpu, VmxError};
@@ -83,38 +85,60 @@ const IA32_FS_BASE: u32 = 0xC000_0100;
 /// Vectors that push an error code in protected mode (SDM Vol. 3A Table 6-1).
 const ERROR_CODE_VECTORS: [u8; 8] = [8, 10, 11, 12, 13, 14, 17, 21];
 
-/// guest-abi.md: GDT at 0x1000 (null, code 0x08, data 0x10), PML4 at 0x2000.
-pub const ABI_GDT_BASE: u64 = 0x1000;
-/// GDT limit for three descriptors.
-pub const ABI_GDT_LIMIT: u32 = 3 * 8 - 1;
-/// guest-abi.md: guest CR3.
-pub const ABI_CR3: u64 = 0x2000;
+/// CR0.PE and CR0.PG: a guest without both needs unrestricted guest (SDM §26.2.1.1, §27.3.1.1).
+const CR0_PE_PG: u64 = (1 << 0) | (1 << 31);
+/// EFER.LMA: the guest enters in IA-32e mode.
+const EFER_LMA: u64 = 1 << 10;
 
-/// Where and how the guest starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestEntry {
-    /// 64-bit long mode (docs/guest-abi.md): CS 0x08, data 0x10, paging with `cr3`, no IDT.
-    LongMode {
-        rip: u64,
-        rsp: u64,
-        cr3: u64,
-        gdt_base: u64,
-        gdt_limit: u32,
-    },
-    /// Real mode at `cs:ip` with SP = `sp` (needs unrestricted guest). IDTR is the real-mode IVT at 0.
-    RealMode { cs: u16, ip: u16, sp: u16 },
-}
-
-impl GuestEntry {
-    /// Long mode with the ABI's GDT and page tables.
-    pub const fn long_mode(rip: u64, rsp: u64) -> Self {
-        Self::LongMode {
-            rip,
-            rsp,
-            cr3: ABI_CR3,
-            gdt_base: ABI_GDT_BASE,
-            gdt_limit: ABI_GDT_LIMIT,
-        }
+/// The real-mode entry state at `cs:ip` with SP = `sp` (for full-OS guests through unrestricted guest): CR0 = ET,
+/// flat 64 KiB data segments, the real-mode IVT at 0, a busy 32-bit TSS and no LDT, as VM entry requires.
+pub fn real_mode_entry(cs: u16, ip: u16, sp: u16) -> EntryState {
+    let seg = |selector: u16, access: u16| Segment {
+        selector,
+        base: u64::from(selector) << 4,
+        limit: 0xFFFF,
+        access,
+        unusable: false,
+    };
+    // Code: execute/read accessed, S, P. Data: read/write accessed, S, P (SDM Table 25-2).
+    let data = seg(0, 0x93);
+    EntryState {
+        rip: u64::from(ip),
+        rsp: u64::from(sp),
+        rdi: 0,
+        rflags: 0x2,
+        cr0: 1 << 4,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        cs: seg(cs, 0x9B),
+        ds: data,
+        es: data,
+        ss: data,
+        fs: data,
+        gs: data,
+        tr: Segment {
+            selector: 0,
+            base: 0,
+            limit: 0x67,
+            access: 0x8B,
+            unusable: false,
+        },
+        ldtr: Segment {
+            selector: 0,
+            base: 0,
+            limit: 0,
+            access: 0,
+            unusable: true,
+        },
+        gdtr: DescriptorTable {
+            base: 0,
+            limit: 0xFFFF,
+        },
+        idtr: DescriptorTable {
+            base: 0,
+            limit: 0x3FF,
+        },
     }
 }
 
@@ -123,7 +147,8 @@ impl GuestEntry {
 pub struct VcpuConfig {
     /// EPT pointer of the VM's guest-physical map (`ept::GuestPhysMap::eptp`).
     pub eptp: u64,
-    pub entry: GuestEntry,
+    /// Initial state: `virt::entry::EntryState::long_mode` for ABI guests, [`real_mode_entry`] for real mode.
+    pub entry: EntryState,
     /// Guest exceptions that cause exits (bit n = vector n); 0 lets the guest handle all of its own.
     pub exception_bitmap: u32,
     /// Added to the host TSC for guest RDTSC (two's complement).
@@ -216,7 +241,7 @@ impl VmxVcpu {
         if !caps.allows(ControlKind::Pin, pin::PREEMPTION_TIMER) {
             return Err(VmxError::MissingFeature("VMX-preemption timer"));
         }
-        let real = matches!(config.entry, GuestEntry::RealMode { .. });
+        let real = config.entry.cr0 & CR0_PE_PG != CR0_PE_PG;
         if real && !caps.allows(ControlKind::Secondary, secondary::UNRESTRICTED_GUEST) {
             return Err(VmxError::MissingFeature(
                 "unrestricted guest (for real-mode entry)",
@@ -329,7 +354,8 @@ impl VmxVcpu {
     }
 
     fn program(&mut self, caps: &Caps, config: &VcpuConfig) -> Result<(), VmxError> {
-        let real = matches!(config.entry, GuestEntry::RealMode { .. });
+        let real = config.entry.cr0 & CR0_PE_PG != CR0_PE_PG;
+        let long = config.entry.efer & EFER_LMA != 0;
         let pin = caps.adjust(
             ControlKind::Pin,
             pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::PREEMPTION_TIMER,
@@ -377,7 +403,7 @@ impl VmxVcpu {
             ControlKind::Entry,
             entry_ctl::LOAD_EFER
                 | entry_ctl::LOAD_PAT
-                | if real { 0 } else { entry_ctl::IA32E_MODE_GUEST },
+                | if long { entry_ctl::IA32E_MODE_GUEST } else { 0 },
             entry_ctl::LOAD_DEBUG_CONTROLS,
         )?;
         set(Control32::PinBased, u64::from(pin))?;
@@ -494,46 +520,29 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// Guest state for `entry` (SDM §25.4, checks §27.3.1).
+    /// Guest state from `e` (SDM §25.4, checks §27.3.1). Fields the entry state does not name get their reset
+    /// values (DR7 0x400, PAT power-on, no pending events, active).
     fn program_guest(
         &mut self,
         caps: &Caps,
-        entry: &GuestEntry,
-        real: bool,
+        e: &EntryState,
+        unrestricted: bool,
     ) -> Result<(), VmxError> {
-        const CR0_PE: u64 = 1;
-        const CR0_ET: u64 = 1 << 4;
-        const CR0_NE: u64 = 1 << 5;
-        const CR0_PG: u64 = 1 << 31;
-        const CR4_PAE: u64 = 1 << 5;
-        const CR4_OSFXSR: u64 = 1 << 9;
-        const CR4_OSXMMEXCPT: u64 = 1 << 10;
-        const EFER_LME: u64 = 1 << 8;
-        const EFER_LMA: u64 = 1 << 10;
-        const EFER_NXE: u64 = 1 << 11;
-        let (cr0, cr4, efer) = if real {
-            (CR0_ET, 0, 0)
-        } else {
-            (
-                CR0_PE | CR0_ET | CR0_NE | CR0_PG,
-                CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
-                EFER_LME | EFER_LMA | EFER_NXE,
-            )
-        };
-        let (cr0_hw, cr0_mask) = caps.cr0_for(cr0, real);
-        let (cr4_hw, cr4_mask) = caps.cr4_for(cr4);
+        let (cr0_hw, cr0_mask) = caps.cr0_for(e.cr0, unrestricted);
+        let (cr4_hw, cr4_mask) = caps.cr4_for(e.cr4);
         set(GuestNat::Cr0, cr0_hw)?;
         set(ControlNat::Cr0GuestHostMask, cr0_mask)?;
-        set(ControlNat::Cr0ReadShadow, cr0)?;
+        set(ControlNat::Cr0ReadShadow, e.cr0)?;
         set(GuestNat::Cr4, cr4_hw)?;
         set(ControlNat::Cr4GuestHostMask, cr4_mask)?;
-        set(ControlNat::Cr4ReadShadow, cr4)?;
-        set(Guest64::Efer, efer)?;
+        set(ControlNat::Cr4ReadShadow, e.cr4)?;
+        set(GuestNat::Cr3, e.cr3)?;
+        set(Guest64::Efer, e.efer)?;
         set(Guest64::Pat, PAT_DEFAULT)?;
         set(Guest64::Debugctl, 0)?;
         set(Guest64::VmcsLinkPointer, u64::MAX)?;
         set(GuestNat::Dr7, 0x400)?;
-        set(GuestNat::Rflags, 0x2)?;
+        set(GuestNat::Rflags, e.rflags)?;
         set(GuestNat::PendingDebugExceptions, 0)?;
         set(Guest32::InterruptibilityState, 0)?;
         set(Guest32::ActivityState, 0)?;
@@ -541,104 +550,77 @@ impl VmxVcpu {
         set(GuestNat::SysenterEsp, 0)?;
         set(GuestNat::SysenterEip, 0)?;
         set(Guest32::PreemptionTimerValue, 0)?;
-        let data = [
+        let segments = [
             (
+                &e.cs,
+                Guest16::CsSelector,
+                Guest32::CsLimit,
+                Guest32::CsAccessRights,
+                GuestNat::CsBase,
+            ),
+            (
+                &e.ss,
                 Guest16::SsSelector,
                 Guest32::SsLimit,
                 Guest32::SsAccessRights,
                 GuestNat::SsBase,
             ),
             (
+                &e.ds,
                 Guest16::DsSelector,
                 Guest32::DsLimit,
                 Guest32::DsAccessRights,
                 GuestNat::DsBase,
             ),
             (
+                &e.es,
                 Guest16::EsSelector,
                 Guest32::EsLimit,
                 Guest32::EsAccessRights,
                 GuestNat::EsBase,
             ),
             (
+                &e.fs,
                 Guest16::FsSelector,
                 Guest32::FsLimit,
                 Guest32::FsAccessRights,
                 GuestNat::FsBase,
             ),
             (
+                &e.gs,
                 Guest16::GsSelector,
                 Guest32::GsLimit,
                 Guest32::GsAccessRights,
                 GuestNat::GsBase,
             ),
+            (
+                &e.tr,
+                Guest16::TrSelector,
+                Guest32::TrLimit,
+                Guest32::TrAccessRights,
+                GuestNat::TrBase,
+            ),
+            (
+                &e.ldtr,
+                Guest16::LdtrSelector,
+                Guest32::LdtrLimit,
+                Guest32::LdtrAccessRights,
+                GuestNat::LdtrBase,
+            ),
         ];
-        set(Guest16::LdtrSelector, 0)?;
-        set(Guest32::LdtrLimit, 0)?;
-        set(Guest32::LdtrAccessRights, u64::from(access::UNUSABLE))?;
-        set(GuestNat::LdtrBase, 0)?;
-        set(Guest16::TrSelector, 0)?;
-        set(GuestNat::TrBase, 0)?;
-        set(Guest32::TrLimit, 0x67)?;
-        set(
-            Guest32::TrAccessRights,
-            u64::from(access::TSS_BUSY | access::P),
-        )?;
-        match *entry {
-            GuestEntry::LongMode {
-                rip,
-                rsp,
-                cr3,
-                gdt_base,
-                gdt_limit,
-            } => {
-                set(Guest16::CsSelector, 0x08)?;
-                set(GuestNat::CsBase, 0)?;
-                set(Guest32::CsLimit, 0xFFFF_FFFF)?;
-                let code = access::CODE_ER_ACCESSED | access::S | access::P | access::L | access::G;
-                set(Guest32::CsAccessRights, u64::from(code))?;
-                let flat =
-                    access::DATA_RW_ACCESSED | access::S | access::P | access::DB | access::G;
-                for (sel, limit, ar, base) in data {
-                    set(sel, 0x10)?;
-                    set(limit, 0xFFFF_FFFF)?;
-                    set(ar, u64::from(flat))?;
-                    set(base, 0)?;
-                }
-                set(GuestNat::Cr3, cr3)?;
-                set(GuestNat::GdtrBase, gdt_base)?;
-                set(Guest32::GdtrLimit, u64::from(gdt_limit))?;
-                set(GuestNat::IdtrBase, 0)?;
-                set(Guest32::IdtrLimit, 0)?;
-                self.rip = rip;
-                self.rsp = rsp;
-            }
-            GuestEntry::RealMode { cs, ip, sp } => {
-                set(Guest16::CsSelector, u64::from(cs))?;
-                set(GuestNat::CsBase, u64::from(cs) << 4)?;
-                set(Guest32::CsLimit, 0xFFFF)?;
-                set(
-                    Guest32::CsAccessRights,
-                    u64::from(access::CODE_ER_ACCESSED | access::S | access::P),
-                )?;
-                for (sel, limit, ar, base) in data {
-                    set(sel, 0)?;
-                    set(limit, 0xFFFF)?;
-                    set(
-                        ar,
-                        u64::from(access::DATA_RW_ACCESSED | access::S | access::P),
-                    )?;
-                    set(base, 0)?;
-                }
-                set(GuestNat::Cr3, 0)?;
-                set(GuestNat::GdtrBase, 0)?;
-                set(Guest32::GdtrLimit, 0xFFFF)?;
-                set(GuestNat::IdtrBase, 0)?;
-                set(Guest32::IdtrLimit, 0x3FF)?;
-                self.rip = u64::from(ip);
-                self.rsp = u64::from(sp);
-            }
+        for (seg, selector, limit, rights, base) in segments {
+            set(selector, u64::from(seg.selector))?;
+            set(limit, u64::from(seg.limit))?;
+            set(rights, u64::from(seg.vmx_access_rights()))?;
+            set(base, seg.base)?;
         }
+        set(GuestNat::GdtrBase, e.gdtr.base)?;
+        set(Guest32::GdtrLimit, u64::from(e.gdtr.limit))?;
+        set(GuestNat::IdtrBase, e.idtr.base)?;
+        set(Guest32::IdtrLimit, u64::from(e.idtr.limit))?;
+        self.rip = e.rip;
+        self.rsp = e.rsp;
+        self.regs.rdi = e.rdi;
         Ok(())
     }
 
