@@ -6,11 +6,11 @@
 //! [`exit`] (exit reasons, Appendix C) and [`selftest`] (a tiny guest proving the path end to end).
 //!
 //! How the runtime uses it, on the CPU that will run the vCPU:
-//! 1. `cpu::enable()` once per CPU (idempotent);
-//! 2. guest memory: `ept::GuestPhysMap::new()`, then `map_range(gpa, hpa, len, Attrs::RAM)` for each RAM chunk;
-//! 3. `vcpu::VmxVcpu::new(&VcpuConfig { eptp: map.eptp(), entry: EntryState::long_mode(..), .. })` (or
-//!    `vcpu::real_mode_entry(cs, ip, sp)` for a real-mode start);
-//! 4. loop `run(deadline_tsc)` and handle the `VmExit` through `virt::Vcpu`.
+//! 1. guest memory: `ept::GuestPhysMap::new(false)`, then `map_range(gpa, hpa, len, Attrs::RAM)` per RAM chunk;
+//! 2. `vcpu::VmxVcpu::new(&VcpuConfig { eptp: map.eptp(), entry, exception_bitmap: 0, tsc_offset })` with
+//!    `entry` a `virt::entry::EntryState` (`EntryState::long_mode(..)`, or `vcpu::real_mode_entry(cs, ip, sp)`);
+//!    the first vCPU built on a CPU executes VMXON there (`cpu::enable`, idempotent, may also be called early);
+//! 3. loop `run(deadline_tsc)` and handle the `VmExit` through `virt::Vcpu`.
 //!
 //! Invariants: a vCPU runs only on the CPU that created it (its VMCS is current there and never migrated); all
 //! VMCS accesses happen on that CPU with interrupts in whatever state the caller chose (VMREAD/VMWRITE are not
@@ -44,8 +44,6 @@ pub enum VmxError {
     DisabledByFirmware,
     /// This CPU's logical id is beyond the per-CPU table.
     CpuIndex,
-    /// This CPU is not in VMX operation (call `cpu::enable` first).
-    NotEnabled,
     /// A required feature is missing (EPT with 4-level WB walks, the preemption timer, ...).
     MissingFeature(&'static str),
     /// A required control bit is not allowed by the capability MSRs.

@@ -14,8 +14,12 @@
 //! 0x5026  jmp $                                   ; spins until the preemption timer ends the slice
 //! ```
 //!
-//! then injects #GP into the guest, which has no IDT, and expects the triple-fault exit; and, when the CPU has
-//! unrestricted guest, enters a second vCPU in real mode at 0700:0000 and expects its HLT. Every exit is checked
+//! then injects #GP into the guest, which has no IDT, and expects the triple-fault exit. Fresh vCPUs on the same EPT
+//! then run: a guest-timed loop at 0x6000 (RDTSC around CPUID, reported by VMCALL: the round trip as the guest
+//! sees it); an MSR/port program at 0x7100 (LSTAR written and read back without exits and the host's LSTAR intact,
+//! MISC_ENABLE RDMSR/WRMSR exits, `IN al,0x71`); a real-mode vCPU at 0700:0000 (HLT) when the CPU has unrestricted
+//! guest; and two vCPUs with a control field and a guest-state field broken on purpose, whose entry failures must
+//! decode as VM-instruction error 7 and exit reason 33. Every exit is checked
 //! (kind, operands, RIP). The round trip is the host TSC across `run()` for a CPUID exit plus `skip_instruction`,
 //! median of ROUNDS. On a CPU without VMX it reports "skipped: no vmx" — as a pass, because nothing is wrong with the
 //! kernel; the word "skipped" is the signal that nothing was proven.
@@ -62,6 +66,25 @@ const TIMED_GUEST: [u8; 33] = [
     0x4C, 0x29, 0xC0, // sub rax,r8
     0x0F, 0x01, 0xC1, // vmcall
     0xEB, 0xDF, // jmp 0x6000
+];
+
+/// At 0x7100: MSR and port checks, on a fresh vCPU.
+const MSR_CODE: u64 = 0x7100;
+const MSR_GUEST: [u8; 38] = [
+    0xB9, 0x82, 0x00, 0x00,
+    0xC0, // mov ecx,0xC0000082 (LSTAR: passed through, switched by the MSR areas)
+    0xB8, 0xEF, 0xBE, 0xAD, 0xDE, // mov eax,0xDEADBEEF
+    0xBA, 0x34, 0x12, 0x00, 0x00, // mov edx,0x1234 (LSTAR must be canonical)
+    0x0F, 0x30, // wrmsr (no exit)
+    0x31, 0xC0, // xor eax,eax
+    0x31, 0xD2, // xor edx,edx
+    0x0F, 0x32, // rdmsr (no exit)
+    0x0F, 0x01, 0xC1, // vmcall
+    0xB9, 0xA0, 0x01, 0x00, 0x00, // mov ecx,0x1A0 (MISC_ENABLE: intercepted)
+    0x0F, 0x32, // rdmsr
+    0x0F, 0x30, // wrmsr
+    0xE4, 0x71, // in al,0x71
+    0xF4, // hlt
 ];
 
 const GUEST_CODE: [u8; 40] = [
@@ -164,6 +187,7 @@ pub fn run() -> Result<Detail, Detail> {
     // The triple fault ended `v`'s guest; the guest-timed loop gets a fresh vCPU.
     let guest_median = guest_timed(&map)?;
     exits += 2 * ROUNDS;
+    exits += msrs_and_ports(&map)?;
     let real = if caps.allows(
         super::caps::ControlKind::Secondary,
         super::fields::secondary::UNRESTRICTED_GUEST,
@@ -196,6 +220,7 @@ fn build_guest(mem: &mut GuestMem, map: &mut GuestPhysMap) -> Result<(), Detail>
     mem.write_u64(0x4000, 0x83)?;
     mem.write(CODE, &GUEST_CODE)?;
     mem.write(TIMED_CODE, &TIMED_GUEST)?;
+    mem.write(MSR_CODE, &MSR_GUEST)?;
     // Real-mode vCPU: HLT at 0x7000.
     mem.write(0x7000, &[0xF4])?;
     for (i, &f) in mem.frames.iter().enumerate() {
@@ -391,6 +416,74 @@ fn drive(
         "#GP into a guest without IDT gave {e:?}, not a triple fault"
     );
     Ok((exits, median, late))
+}
+
+/// WRMSR/RDMSR of LSTAR pass through (no exit) and stay the guest's (the host's LSTAR is unchanged at the next
+/// exit); MISC_ENABLE exits for RDMSR and WRMSR with ECX decoded by the layer above; `IN al,0x71` exits as a 1-byte
+/// input from port 0x71. Returns the number of exits checked.
+fn msrs_and_ports(map: &GuestPhysMap) -> Result<u64, Detail> {
+    const IA32_LSTAR: u32 = 0xC000_0082;
+    let config = VcpuConfig {
+        eptp: map.eptp(),
+        entry: EntryState::long_mode(MSR_CODE, 0, GUEST_PAGES * 4096),
+        exception_bitmap: 0,
+        tsc_offset: 0,
+    };
+    let mut v = VmxVcpu::new(&config).map_err(|e| detail!("MSR vCPU: {e:?}"))?;
+    // SAFETY: LSTAR exists on every x86_64 CPU; reading it has no side effects.
+    let host_lstar = unsafe { crate::arch::x86_64::cpu::rdmsr(IA32_LSTAR) };
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(
+        e == VmExit::Hypercall && v.rip() == MSR_CODE + 0x17,
+        "MSR guest: {e:?} at {:#x}",
+        v.rip()
+    );
+    let (rax, rdx) = (v.gpr(Gpr::Rax), v.gpr(Gpr::Rdx));
+    ensure!(
+        rax == 0xDEAD_BEEF && rdx == 0x1234,
+        "guest LSTAR read back {rdx:#x}:{rax:#x}"
+    );
+    // SAFETY: as above.
+    let after = unsafe { crate::arch::x86_64::cpu::rdmsr(IA32_LSTAR) };
+    ensure!(
+        after == host_lstar,
+        "host LSTAR {after:#x} after the guest wrote it (was {host_lstar:#x})"
+    );
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(
+        e == VmExit::Rdmsr && v.gpr(Gpr::Rcx) == 0x1A0,
+        "expected RDMSR 0x1a0, got {e:?}"
+    );
+    v.set_gpr(Gpr::Rax, 1);
+    v.set_gpr(Gpr::Rdx, 0);
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(
+        e == VmExit::Wrmsr && v.rip() == MSR_CODE + 0x21,
+        "expected WRMSR, got {e:?} at {:#x}",
+        v.rip()
+    );
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    let VmExit::Io(io) = e else {
+        return Err(detail!("expected IN, got {e:?}"));
+    };
+    ensure!(
+        io.port == 0x71
+            && io.size == AccessSize::Byte
+            && io.direction == IoDirection::In
+            && !io.string,
+        "IN decoded as {io:?}"
+    );
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(
+        e == VmExit::Hlt && v.rip() == MSR_CODE + 0x25,
+        "expected HLT, got {e:?} at {:#x}",
+        v.rip()
+    );
+    Ok(5)
 }
 
 /// Runs the guest-timed loop on a fresh vCPU: ROUNDS pairs of CPUID (timed by the guest) and VMCALL (reporting

@@ -4,7 +4,7 @@
 //! Set-up (SDM Vol. 3C Chapter 25 for the fields, Chapter 27 for the checks VM entry makes):
 //! - controls adjusted against the (TRUE_) capability MSRs: external-interrupt and NMI exiting, the preemption
 //!   timer; HLT exiting, TSC offsetting, I/O bitmaps (every port intercepted), MSR bitmap (all MSRs intercepted
-//!   except [`PASSTHROUGH_MSRS`]); EPT, VPID when available, unrestricted guest for real-mode entry, RDTSCP and
+//!   except those `virt::msr::BACKEND_MSRS` names and this backend can switch: [`VMCS_HELD_MSRS`], [`SWITCHED_MSRS`]); EPT, VPID when available, unrestricted guest for real-mode entry, RDTSCP and
 //!   INVPCID when available (so guests do not get #UD for them); exits in 64-bit host mode saving/loading EFER and
 //!   PAT and saving the preemption timer; entries loading EFER, PAT and debug controls.
 //! - MSRs the VMCS does not hold (STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE) pass through the bitmap and are
@@ -48,22 +48,16 @@ use super::{cpu, VmxError};
 use crate::arch::x86_64::{cpu as x86, paging, tsc};
 use crate::mm::frame;
 
-/// MSRs the guest reads and writes without an exit. The first group lives in the VMCS guest state (saved and
-/// loaded by every exit and entry); [`SWITCHED_MSRS`] are switched through the MSR areas. This is the backend side
-/// of `virt::msr::BACKEND_MSRS`: the two lists must name the same MSRs.
-pub const PASSTHROUGH_MSRS: [u32; 12] = [
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0x277,       // IA32_PAT
-    0xC000_0080, // IA32_EFER
-    0xC000_0081, // IA32_STAR
-    0xC000_0082, // IA32_LSTAR
-    0xC000_0083, // IA32_CSTAR
-    0xC000_0084, // IA32_FMASK
-    0xC000_0100, // IA32_FS_BASE
-    0xC000_0101, // IA32_GS_BASE
-    0xC000_0102, // IA32_KERNEL_GS_BASE
+/// MSRs the VMCS guest-state area holds (SYSENTER_CS/ESP/EIP, PAT, EFER, FS/GS base): saved on every exit and
+/// loaded on every entry by the controls this backend sets, so the guest may access them without an exit.
+pub const VMCS_HELD_MSRS: [u32; 7] = [
+    0x174,
+    0x175,
+    0x176,
+    0x277,
+    0xC000_0080,
+    0xC000_0100,
+    0xC000_0101,
 ];
 
 /// Pass-through MSRs the VMCS does not hold: switched by the VM-exit/VM-entry MSR areas (SDM §25.7.2, §25.8.2).
@@ -222,17 +216,14 @@ fn vmfail_number(e: VmFail) -> u32 {
 }
 
 impl VmxVcpu {
-    /// Builds a vCPU on this CPU (which must be in VMX operation): allocates and programs its VMCS, leaving it
+    /// Builds a vCPU on this CPU (entering VMX operation here first if needed): allocates and programs its VMCS, leaving it
     /// current. General-purpose registers start at zero; set them with `set_gpr`.
     ///
     /// # Errors
     /// VMX not enabled here, a missing feature or control, no memory, or a VMCS access failing.
     pub fn new(config: &VcpuConfig) -> Result<Self, VmxError> {
-        if !cpu::enabled() {
-            return Err(VmxError::NotEnabled);
-        }
-        // SAFETY: VMX operation implies the capability MSRs exist.
-        let caps = unsafe { Caps::read() };
+        // VMXON on this CPU the first time a vCPU is built here (idempotent).
+        let caps = cpu::enable()?;
         if !caps.allows(ControlKind::Secondary, secondary::ENABLE_EPT) || !caps.ept_4level_wb() {
             return Err(VmxError::MissingFeature(
                 "EPT with 4-level write-back walks",
@@ -302,26 +293,31 @@ impl VmxVcpu {
         self.fx.0[28..32].copy_from_slice(&0xFFFFu32.to_le_bytes());
     }
 
-    /// I/O bitmaps all ones (every port exits); MSR bitmap all ones except the pass-through MSRs (SDM §25.6.9:
-    /// read-low at 0, read-high at 1 KiB, write-low at 2 KiB, write-high at 3 KiB).
+    /// I/O bitmaps all ones (every port exits); MSR bitmap all ones except the MSRs the layer above leaves to the
+    /// backend (`virt::msr::BACKEND_MSRS`) that this backend switches (SDM §25.6.9: read-low at 0, read-high at
+    /// 1 KiB, write-low at 2 KiB, write-high at 3 KiB). A listed MSR this backend cannot switch stays intercepted.
     fn fill_bitmaps(&mut self) {
         for f in [self.io_bitmap_a, self.io_bitmap_b, self.msr_bitmap] {
             // SAFETY: our own frames, mapped by the direct map.
             unsafe { core::ptr::write_bytes(frame_ptr::<u8>(f), 0xFF, 4096) };
         }
         let bitmap = frame_ptr::<u8>(self.msr_bitmap);
-        for msr in PASSTHROUGH_MSRS {
-            let (base, bit) = if msr < 0x2000 {
-                (0usize, msr)
-            } else {
-                (1024usize, msr - 0xC000_0000)
+        for &msr in virt::msr::BACKEND_MSRS {
+            if !VMCS_HELD_MSRS.contains(&msr) && !SWITCHED_MSRS.contains(&msr) {
+                log::warn!("vmx: MSR {msr:#x} is backend-owned but not switched by VMX; it stays intercepted");
+                continue;
+            }
+            let (base, bit) = match msr {
+                0..=0x1FFF => (0usize, msr),
+                0xC000_0000..=0xC000_1FFF => (1024usize, msr - 0xC000_0000),
+                _ => continue,
             };
             let Ok(byte) = usize::try_from(bit / 8) else {
                 continue;
             };
             let mask = !(1u8 << (bit % 8));
             for half in [base, base + 2048] {
-                // SAFETY: `half + byte` < 4096 because bit < 0x2000 for both ranges listed.
+                // SAFETY: `half + byte` < 4096: bit < 0x2000, so byte < 1024, and half <= 3072.
                 unsafe {
                     let p = bitmap.add(half + byte);
                     p.write_volatile(p.read_volatile() & mask);
