@@ -42,6 +42,11 @@ impl CpuMeter {
         self.last = rdtsc();
     }
 
+    /// The TSC value read when the meter started.
+    pub fn first_sample(&self) -> u64 {
+        self.start
+    }
+
     /// CPU time received since the meter started, in ns.
     pub fn received_ns(&self) -> u64 {
         ticks_to_ns(self.received_ticks)
