@@ -14,8 +14,9 @@
 //! spaced at the idle volumes' total commitment bounds borrowing to exactly that); the smallest due
 //! `B`; else the smallest `P` among all eligible volumes (weight phase). Every eligible volume is in
 //! `share`, so whenever any queued request is allowed by its limit something is dispatched: the
-//! dispatcher is work-conserving up to limits. Each step is a constant number of B-tree operations:
-//! O(log n) per request in the number of active volumes.
+//! dispatcher is work-conserving up to limits. Each step is a constant number of heap operations
+//! ([`TagIndex`]), and only index entries whose key changed are touched: O(log n) per request in
+//! the number of active volumes.
 //!
 //! Tags (see [`super::tags`]): `R` and `B` are wall-clock tags anchored at the head request's
 //! arrival (`tag = max(clock.next, arrival)`); `L` is anchored at the dispatch time and a head is
@@ -565,8 +566,9 @@ impl Partitioner {
                 .get_mut(index as usize)
                 .and_then(|s| s.volume.as_mut())
             {
+                // `pop_due` already took the throttled entry out of its index.
                 vol.keys.throttled = None;
-                index_eligible(ix, vol, now, vtime);
+                file_volume(ix, vol, now, vtime);
             }
         }
     }
@@ -577,7 +579,6 @@ impl Partitioner {
         let Self { slots, ix, .. } = self;
         let vol = slots.get_mut(index as usize)?.volume.as_mut()?;
         let keys = vol.keys;
-        unindex(ix, vol);
         let q = vol.queue.pop_front()?;
         let cfg = vol.config;
         if let Some(bucket) = vol.bucket.as_mut() {
@@ -638,9 +639,8 @@ impl Partitioner {
         let id = vol.id;
         let now_idle = vol.queue.is_empty();
         let commit = cfg.committed_iops;
-        if !now_idle {
-            file_volume(ix, vol, now, new_vtime);
-        }
+        // Only the index entries whose key changed are touched (usually one or two).
+        file_volume(ix, vol, now, new_vtime);
         self.vtime = new_vtime;
         if borrow_charge && lendable > 0 {
             let g = self.borrow_clock.tag_for(now);
@@ -673,80 +673,86 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
         .ok_or(IopsError::UnknownVolume(id))
 }
 
-/// Files a volume with a non-empty queue under its head's tags.
+/// Files a volume under its head's tags (or nowhere when its queue is empty), touching only the
+/// index entries whose key changed.
 fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
-    if vol.queue.is_empty() {
-        return;
+    let new = desired_keys(vol, now, vtime);
+    if new.throttled.is_some() && new.throttled != vol.keys.throttled {
+        vol.stats.throttled += 1;
     }
-    if vol.config.limit_iops.is_some() {
-        let l = vol.l.ready_at();
-        if l > now {
-            ix.throttled.insert(l, vol.id.index);
-            vol.keys.throttled = Some(l);
-            vol.stats.throttled += 1;
-            return;
-        }
-    }
-    index_eligible(ix, vol, now, vtime);
+    apply_keys(ix, vol.id.index, vol.keys, new);
+    vol.keys = new;
 }
 
-/// Files a volume whose head is allowed by its limit.
-fn index_eligible(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
+/// The index keys a volume should be filed under now.
+fn desired_keys(vol: &Volume, now: u64, vtime: u64) -> Keys {
+    let mut k = Keys::default();
     let Some(head) = vol.queue.front() else {
-        return;
+        return k;
     };
-    let v = vol.id.index;
     let cfg = &vol.config;
-    if cfg.committed_iops > 0 {
-        let r = vol.r.tag_for(head.arrival);
-        ix.res.insert(r, v);
-        vol.keys.res = Some(r);
-    }
-    let p = vol.p.tag_for(vtime);
-    ix.share.insert(p, v);
-    vol.keys.share = Some(p);
-    if vol.bucket.is_some_and(|b| b.can_spend(head.cost)) {
-        ix.burst.insert(p, v);
-        vol.keys.burst = true;
-    }
-    match cfg.policy {
-        OveragePolicy::Borrow => {
-            ix.borrow.insert(p, v);
-            vol.keys.borrow = true;
+    if cfg.limit_iops.is_some() {
+        let l = vol.l.ready_at();
+        if l > now {
+            k.throttled = Some(l);
+            return k;
         }
+    }
+    if cfg.committed_iops > 0 {
+        k.res = Some(vol.r.tag_for(head.arrival));
+    }
+    k.share = Some(vol.p.tag_for(vtime));
+    k.burst = vol.bucket.is_some_and(|b| b.can_spend(head.cost));
+    match cfg.policy {
+        OveragePolicy::Borrow => k.borrow = true,
         OveragePolicy::Boosted { .. } => {
             let lead = vol.u.next.saturating_sub(now);
             let rate = cfg.boost_iops(lead);
             if rate > 0 {
-                let b = vol.b.tag_for(head.arrival);
-                ix.boost.insert(b, v);
-                vol.keys.boost = Some((b, rate));
+                k.boost = Some((vol.b.tag_for(head.arrival), rate));
             }
         }
         OveragePolicy::BestEffort => {}
     }
+    k
+}
+
+/// Moves volume `v` in the indices from `old` keys to `new` keys.
+fn apply_keys(ix: &mut Indices, v: u32, old: Keys, new: Keys) {
+    fn update(index: &mut TagIndex, v: u32, old: Option<u64>, new: Option<u64>) {
+        match (old, new) {
+            (Some(a), Some(b)) if a == b => {}
+            // Insert re-keys an existing entry in place.
+            (_, Some(b)) => index.insert(b, v),
+            (Some(a), None) => index.remove(a, v),
+            (None, None) => {}
+        }
+    }
+    update(&mut ix.throttled, v, old.throttled, new.throttled);
+    update(&mut ix.res, v, old.res, new.res);
+    update(&mut ix.share, v, old.share, new.share);
+    update(
+        &mut ix.burst,
+        v,
+        old.share.filter(|_| old.burst),
+        new.share.filter(|_| new.burst),
+    );
+    update(
+        &mut ix.borrow,
+        v,
+        old.share.filter(|_| old.borrow),
+        new.share.filter(|_| new.borrow),
+    );
+    update(
+        &mut ix.boost,
+        v,
+        old.boost.map(|b| b.0),
+        new.boost.map(|b| b.0),
+    );
 }
 
 /// Removes a volume from every index it is filed under.
 fn unindex(ix: &mut Indices, vol: &mut Volume) {
-    let v = vol.id.index;
-    let k = core::mem::take(&mut vol.keys);
-    if let Some(t) = k.throttled {
-        ix.throttled.remove(t, v);
-    }
-    if let Some(t) = k.res {
-        ix.res.remove(t, v);
-    }
-    if let Some(p) = k.share {
-        ix.share.remove(p, v);
-        if k.burst {
-            ix.burst.remove(p, v);
-        }
-        if k.borrow {
-            ix.borrow.remove(p, v);
-        }
-    }
-    if let Some((b, _)) = k.boost {
-        ix.boost.remove(b, v);
-    }
+    let old = core::mem::take(&mut vol.keys);
+    apply_keys(ix, vol.id.index, old, Keys::default());
 }

@@ -15,9 +15,10 @@
 //! Invariants: `next >= last` always; arithmetic saturates rather than wrapping (a u64 of
 //! nanoseconds lasts 584 years; virtual time lasts >= 2^48 unit I/Os at weight 1).
 //!
-//! [`TagIndex`] is an ordered set of `(tag, volume index)` giving O(log n) insert, remove and min.
+//! [`TagIndex`] is an indexed binary min-heap of `(tag, volume index)`, one entry per volume,
+//! giving O(log n) insert, re-key, remove and pop, and O(1) min.
 
-use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
 
 /// Cost units per normalised I/O (fixed point: 1024 = one I/O of `unit_bytes` at cost factor 1.0).
 pub const COST_ONE: u64 = 1024;
@@ -139,34 +140,68 @@ impl TagClock {
     }
 }
 
-/// An ordered set of `(tag, volume index)`; ties are broken by the lower volume index.
+/// A min-heap of `(tag, volume index)` with at most one entry per volume and a position map, so
+/// insert, remove, re-key and pop are O(log n) sifts over one contiguous array (no allocation in
+/// steady state, cache friendly). Ties are broken by the lower volume index, so the order is
+/// total and deterministic.
 #[derive(Clone, Debug, Default)]
 pub struct TagIndex {
-    set: BTreeSet<(u64, u32)>,
+    heap: Vec<(u64, u32)>,
+    /// `pos[v]` = position of volume `v` in `heap`, or `ABSENT`.
+    pos: Vec<u32>,
 }
 
+const ABSENT: u32 = u32::MAX;
+
 impl TagIndex {
-    /// Inserts `volume` with `tag`.
+    /// Files `volume` under `tag`, replacing any entry it had.
     pub fn insert(&mut self, tag: u64, volume: u32) {
-        self.set.insert((tag, volume));
+        let v = volume as usize;
+        if self.pos.len() <= v {
+            self.pos.resize(v + 1, ABSENT);
+        }
+        match self.pos[v] {
+            ABSENT => {
+                let i = self.heap.len();
+                self.heap.push((tag, volume));
+                self.set_pos(i);
+                self.sift_up(i);
+            }
+            p => {
+                let i = p as usize;
+                let old = self.heap[i].0;
+                self.heap[i].0 = tag;
+                if tag < old {
+                    self.sift_up(i);
+                } else {
+                    self.sift_down(i);
+                }
+            }
+        }
     }
 
-    /// Removes `volume` with `tag` (no-op when absent).
-    pub fn remove(&mut self, tag: u64, volume: u32) {
-        self.set.remove(&(tag, volume));
+    /// Removes `volume`'s entry (the tag is not needed: one entry per volume).
+    pub fn remove(&mut self, _tag: u64, volume: u32) {
+        let Some(&p) = self.pos.get(volume as usize) else {
+            return;
+        };
+        if p == ABSENT {
+            return;
+        }
+        self.remove_at(p as usize);
     }
 
     /// The smallest `(tag, volume)`.
     #[must_use]
     pub fn first(&self) -> Option<(u64, u32)> {
-        self.set.first().copied()
+        self.heap.first().copied()
     }
 
     /// Removes and returns the smallest entry if its tag is `<= bound`.
     pub fn pop_due(&mut self, bound: u64) -> Option<(u64, u32)> {
-        match self.set.first() {
+        match self.heap.first() {
             Some(&(t, v)) if t <= bound => {
-                self.set.pop_first();
+                self.remove_at(0);
                 Some((t, v))
             }
             _ => None,
@@ -176,13 +211,73 @@ impl TagIndex {
     /// Number of entries.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.set.len()
+        self.heap.len()
     }
 
     /// Whether the index is empty.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.heap.is_empty()
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        let (_, v) = self.heap[i];
+        self.pos[v as usize] = ABSENT;
+        let last = self.heap.len() - 1;
+        if i != last {
+            self.heap.swap(i, last);
+            self.heap.pop();
+            self.set_pos(i);
+            // The moved entry may need to go either way.
+            self.sift_down(i);
+            self.sift_up(i);
+        } else {
+            self.heap.pop();
+        }
+    }
+
+    fn set_pos(&mut self, i: usize) {
+        let v = self.heap[i].1 as usize;
+        // Heap positions are < number of volume slots <= u32::MAX.
+        self.pos[v] = u32::try_from(i).unwrap_or(ABSENT);
+    }
+
+    fn sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap[i] < self.heap[parent] {
+                self.heap.swap(i, parent);
+                self.set_pos(i);
+                self.set_pos(parent);
+                i = parent;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.heap.len();
+        loop {
+            let l = 2 * i + 1;
+            if l >= n {
+                break;
+            }
+            let r = l + 1;
+            let c = if r < n && self.heap[r] < self.heap[l] {
+                r
+            } else {
+                l
+            };
+            if self.heap[c] < self.heap[i] {
+                self.heap.swap(i, c);
+                self.set_pos(i);
+                self.set_pos(c);
+                i = c;
+            } else {
+                break;
+            }
+        }
     }
 }
 
@@ -208,6 +303,26 @@ mod tests {
         assert_eq!(c.next, 1_000_000);
         assert_eq!(c.tag_for(5_000_000), 5_000_000);
         assert_eq!(c.tag_for(10), 1_000_000);
+    }
+
+    #[test]
+    fn tag_index_orders_rekeys_and_removes() {
+        let mut ix = TagIndex::default();
+        for (t, v) in [(50, 0), (10, 1), (30, 2), (10, 3), (70, 4)] {
+            ix.insert(t, v);
+        }
+        assert_eq!(ix.first(), Some((10, 1)));
+        ix.insert(5, 4); // re-key down
+        assert_eq!(ix.first(), Some((5, 4)));
+        ix.insert(100, 4); // re-key up
+        ix.remove(0, 1);
+        assert_eq!(ix.pop_due(9), None);
+        let mut order = Vec::new();
+        while let Some(e) = ix.pop_due(u64::MAX) {
+            order.push(e);
+        }
+        assert_eq!(order, [(10, 3), (30, 2), (50, 0), (100, 4)]);
+        assert!(ix.is_empty());
     }
 
     #[test]
