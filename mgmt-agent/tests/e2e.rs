@@ -411,3 +411,104 @@ fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn automatic_tiers_follow_telemetry() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tmpdir("tiers");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let agent = Agent::start(&dir, &sim.address);
+    let c = &agent.client;
+    let tier = |want: u64| {
+        wait_for(&format!("tier {want}"), || {
+            let rows = c.get("/v1/commitments").ok()?;
+            let row = rows["commitments"].as_array()?.first()?.clone();
+            (row["committed_iops"] == want && row["status"] == "accepted").then_some(())
+        });
+    };
+    // 350 committed, 150 used (< 75 %): down to 200 after the down windows.
+    let r = c.post(
+        "/v1/commitments",
+        &json!({ "host": "sim0", "vm": 2, "volume": 0, "committed_iops": 350, "auto_tier": true }),
+    );
+    assert_eq!(r.unwrap()["status"], "accepted");
+    tier(200);
+    // Load rises to 600 (>= 110 % of 200, then of 350): up one tier at a time to 500.
+    sim.state.lock().unwrap().set_io_demand(2, 0, 600);
+    tier(350);
+    tier(500);
+    let b = c.get("/v1/billing").unwrap();
+    let line = &b["volumes"].as_array().unwrap().iter().find(|l| l["vm"] == 2).unwrap().clone();
+    assert!(u(line, "overage_iops_seconds") > 0, "{b}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
+    let dir = tmpdir("badinput");
+    // No host listens here: the agent keeps trying to connect and still serves its API.
+    let nowhere = Address::Unix(dir.join("nobody.sock").to_string_lossy().into_owned());
+    let ready = dir.join("ready");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cvctl"))
+        .args(["agent", "--listen", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(dir.join("cv.db"))
+        .arg("--host")
+        .arg(nowhere.to_string())
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = wait_for("agent API", || std::fs::read_to_string(&ready).ok());
+    let c = Client::new(&api);
+    let status = |r: Result<Value, mgmt_agent::client::ClientError>| match r {
+        Err(mgmt_agent::client::ClientError::Http(s, msg)) => {
+            assert!(!msg.is_empty());
+            s
+        }
+        other => panic!("expected an HTTP error, got {other:?}"),
+    };
+    c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" })).unwrap();
+    assert_eq!(status(c.request("POST", "/v1/pools", None)), 400, "missing body");
+    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "x", "resource": "gpu" }))), 400);
+    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "bad name!", "resource": "cpu" }))), 400);
+    assert_eq!(
+        status(c.post("/v1/pools", &json!({ "name": "y", "resource": "cpu", "strategy": { "kind": "partial", "pct": 0 } }))),
+        400
+    );
+    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" }))), 409);
+    assert_eq!(status(c.post("/v1/pools/nope/purchase", &json!({ "amount_ns": 5 }))), 404);
+    assert_eq!(status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": -5 }))), 400);
+    assert_eq!(status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": 0 }))), 400);
+    assert_eq!(status(c.post("/v1/pools/ok/deauthorize", &json!({ "host": "h", "vm": 1 }))), 404);
+    assert_eq!(status(c.post("/v1/vms/sim0/1/explode", &json!({}))), 400);
+    assert_eq!(status(c.post("/v1/vms/sim0/notanumber/pause", &json!({}))), 400);
+    assert_eq!(status(c.post("/v1/vms/sim0/1/pause", &json!({}))), 404, "unknown host");
+    assert_eq!(
+        status(c.post("/v1/commitments", &json!({ "host": "h", "vm": 1, "volume": 0, "committed_iops": 10, "limit_iops": 5 }))),
+        400
+    );
+    assert_eq!(status(c.get("/v1/nothing")), 404);
+    // Nothing was written by the failures.
+    let pools = c.get("/v1/pools").unwrap();
+    assert_eq!(pools["pools"].as_array().unwrap().len(), 1);
+    assert_eq!(pools["pools"][0]["balance_ns"], 0);
+    assert!(c.get_text("/metrics").unwrap().contains("cv_pool_balance_ns{pool=\"ok\"} 0"));
+    // The CLI says what is wrong and exits non-zero.
+    for args in [
+        vec!["pool", "purchase", "ok", "abc"],
+        vec!["pool", "create", "z", "--strategy", "bogus"],
+        vec!["pool", "create", "z", "--replenish", "auto:1:2"],
+        vec!["pool", "purchase", "missing", "1"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cvctl")).arg("--api").arg(&api).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("cvctl: "), "{args:?}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
