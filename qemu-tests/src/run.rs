@@ -105,11 +105,13 @@ impl Report {
             let hits: Vec<&str> = text
                 .lines()
                 .filter(|l| {
-                    l.contains("VMENTER")
-                        || l.contains("VMFAIL")
-                        || l.contains("PANIC")
-                        || l.contains("FATAL")
-                        || l.contains("triple fault")
+                    // Bochs reports its normal `exit=emu` shutdown as a "panic": not news.
+                    !l.contains("Shutdown port")
+                        && (l.contains("VMENTER")
+                            || l.contains("VMFAIL")
+                            || l.contains("PANIC")
+                            || l.contains("FATAL")
+                            || l.contains("triple fault"))
                 })
                 .collect();
             let start = hits.len().saturating_sub(20);

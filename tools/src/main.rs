@@ -50,7 +50,11 @@ pub enum MachineArg {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Build, boot and test Creditvisor")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, boot and test Creditvisor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

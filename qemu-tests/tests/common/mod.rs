@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -25,7 +26,10 @@ pub const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
 /// The artefacts, or `None` (with a message) when this family's tests are skipped.
 pub fn setup(family: Family) -> Option<Artefacts> {
     if let Some(why) = skip_reason(family) {
-        println!("{why}");
+        // Written to the raw stderr handle: libtest captures `println!`/`eprintln!` of passing
+        // tests, and a skip must be visible in a plain `cargo test`.
+        let name = std::thread::current().name().unwrap_or("test").to_string();
+        let _ = writeln!(std::io::stderr(), "{name}: {why}");
         return None;
     }
     match Artefacts::from_env() {
