@@ -1,13 +1,15 @@
 //! The backend a VM runs on, chosen once at boot from what `virt::detect` found: SVM (AMD-V with nested paging)
-//! or VMX (Intel VT-x with EPT). Nothing above this file knows which one runs.
+//! or VMX (Intel VT-x with EPT and the preemption timer). Nothing above this file knows which one runs.
 //!
 //! Design: [`VmBackend`] owns what a VM's vCPUs share (the nested page table and, on SVM, the MSR permission map)
 //! and creates vCPUs; [`BackendVcpu`] implements `virt::Vcpu` by delegating to the vendor type. A backend that is
-//! present but not ready (missing a feature the runtime needs, or not built into this kernel yet) is reported by
-//! [`choose`] with the reason, and the kernel then runs no VM.
+//! present but lacks a feature the runtime needs is reported by [`choose`] with the reason, and the kernel then
+//! runs no VM.
 //!
 //! Invariants: the nested page table maps exactly the VM's RAM (guest-physical `[0, size)`), RWX write-back, and
-//! lives as long as the backend value; vCPUs hold the backend alive (`Arc`).
+//! lives as long as the backend value, which the runtime keeps for as long as any vCPU of the VM exists. A vCPU is
+//! created on the CPU that will run it (a VMCS is current on one CPU only; the first VMX vCPU of a CPU executes
+//! VMXON there, the first SVM vCPU sets EFER.SVME).
 
 use alloc::sync::Arc;
 
@@ -18,11 +20,13 @@ use virt::{EntryFailure, Gpr, Vcpu, VmExit};
 use super::ram::GuestRam;
 use crate::virt::detect::VirtSupport;
 use crate::virt::svm::{self, NptMap, SvmVcpu, SvmVm};
+use crate::virt::vmx::{self, ept::GuestPhysMap, vcpu::VmxVcpu};
 
 /// Which hardware backend runs guests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Svm,
+    Vmx,
 }
 
 impl Kind {
@@ -30,6 +34,7 @@ impl Kind {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Svm => "svm",
+            Self::Vmx => "vmx",
         }
     }
 }
@@ -42,9 +47,8 @@ pub fn choose(virt: &VirtSupport) -> Result<Kind, &'static str> {
     match virt {
         VirtSupport::Svm(c) if c.npt => Ok(Kind::Svm),
         VirtSupport::Svm(_) => Err("SVM without nested paging (NPT) cannot run guests"),
-        VirtSupport::Vmx(_) => {
-            Err("the VMX backend is not wired into the VM runtime of this build yet")
-        }
+        VirtSupport::Vmx(c) if c.ept && c.preemption_timer => Ok(Kind::Vmx),
+        VirtSupport::Vmx(_) => Err("VMX without EPT or the VMX-preemption timer cannot run guests"),
         VirtSupport::None(reason) => Err(reason),
     }
 }
@@ -56,6 +60,8 @@ pub enum BackendError {
     Map(MapError),
     /// The SVM backend refused.
     Svm(svm::SvmError),
+    /// The VMX backend refused.
+    Vmx(vmx::VmxError),
 }
 
 impl core::fmt::Display for BackendError {
@@ -63,6 +69,7 @@ impl core::fmt::Display for BackendError {
         match self {
             Self::Map(e) => write!(f, "nested page table: {e:?}"),
             Self::Svm(e) => write!(f, "SVM: {e:?}"),
+            Self::Vmx(e) => write!(f, "VMX: {e:?}"),
         }
     }
 }
@@ -74,6 +81,10 @@ pub enum VmBackend {
         /// Kept alive for the VM's lifetime: the VMCBs point at it.
         npt: NptMap,
         vm: Arc<SvmVm>,
+    },
+    Vmx {
+        /// Kept alive for the VM's lifetime: each VMCS holds its EPT pointer.
+        ept: GuestPhysMap,
     },
 }
 
@@ -91,11 +102,19 @@ impl VmBackend {
                         .map_err(BackendError::Map)?;
                 }
                 // SAFETY: the table maps only this VM's RAM frames and is stored next to the `SvmVm` in this value,
-                // which outlives every vCPU created from it (each vCPU holds the `Arc`, and the runtime keeps the
-                // `VmBackend` for as long as any vCPU exists).
+                // which outlives every vCPU created from it (the runtime keeps the `VmBackend` for as long as any
+                // vCPU exists).
                 let vm = unsafe { SvmVm::new(npt.ncr3(), &svm::backend_msr_allow_list()) }
                     .map_err(BackendError::Svm)?;
                 Ok(Self::Svm { npt, vm })
+            }
+            Kind::Vmx => {
+                let mut ept = GuestPhysMap::new(false).map_err(BackendError::Map)?;
+                for (gpa, hpa, len) in ram.ranges() {
+                    ept.map_range(gpa, hpa, len, Attrs::RAM)
+                        .map_err(BackendError::Map)?;
+                }
+                Ok(Self::Vmx { ept })
             }
         }
     }
@@ -104,7 +123,7 @@ impl VmBackend {
     /// will run the vCPU.
     ///
     /// # Errors
-    /// No frames for the vCPU's structures.
+    /// No frames for the vCPU's structures, or (VMX) a missing feature or failed VMCS set-up.
     pub fn create_vcpu(
         &self,
         entry: &EntryState,
@@ -116,6 +135,17 @@ impl VmBackend {
                 vcpu.set_tsc_offset(tsc_offset);
                 Ok(BackendVcpu::Svm(vcpu))
             }
+            Self::Vmx { ept } => {
+                let config = vmx::vcpu::VcpuConfig {
+                    eptp: ept.eptp(),
+                    entry: *entry,
+                    exception_bitmap: 0,
+                    tsc_offset,
+                };
+                VmxVcpu::new(&config)
+                    .map(BackendVcpu::Vmx)
+                    .map_err(BackendError::Vmx)
+            }
         }
     }
 }
@@ -124,18 +154,21 @@ impl VmBackend {
 #[derive(Debug)]
 pub enum BackendVcpu {
     Svm(SvmVcpu),
+    Vmx(VmxVcpu),
 }
 
 impl BackendVcpu {
     fn inner(&self) -> &dyn Vcpu {
         match self {
             Self::Svm(v) => v,
+            Self::Vmx(v) => v,
         }
     }
 
     fn inner_mut(&mut self) -> &mut dyn Vcpu {
         match self {
             Self::Svm(v) => v,
+            Self::Vmx(v) => v,
         }
     }
 }

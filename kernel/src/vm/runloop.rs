@@ -19,7 +19,7 @@ use virt::{ExitAction, StopReport, Vcpu, NO_WAKE};
 
 use super::report;
 use super::sink::LogSink;
-use super::{Runtime, VmState, IDLE_CHECK_NS};
+use super::{Runtime, VmState, IDLE_CHECK_NS, OVERRUN_BOUND_NS};
 use crate::arch::x86_64::{lapic, tsc};
 use crate::marker;
 
@@ -32,6 +32,12 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         .filter(|&s| rt.slots[s].cpu == cpu)
         .collect();
     let mut reporter = (cpu == 0).then(|| report::Reporter::new(rt));
+    log::info!(
+        "vm: cpu{cpu} runs {} vCPU(s); TSC {} (epoch {})",
+        mine.len(),
+        tsc::rdtsc(),
+        rt.epoch
+    );
     x86_64::instructions::interrupts::disable();
     while !rt.done.load(Ordering::Acquire) {
         let now = tsc::rdtsc();
@@ -133,8 +139,10 @@ fn run_slice(
     let mut stop: Option<StopReport> = None;
     let mut guest_ticks = 0u64;
     let mut exits = 0u64;
+    let mut first = false;
     if !vm.stopped() {
         let mut guard = slot.vcpu.lock();
+        first = guard.is_none();
         if guard.is_none() {
             let entry = virt::entry::EntryState::long_mode(
                 vm.entry,
@@ -206,9 +214,18 @@ fn run_slice(
     stats.guest_ticks.fetch_add(guest_ticks, Ordering::Relaxed);
     stats.exits.fetch_add(exits, Ordering::Relaxed);
     stats.slices.fetch_add(1, Ordering::Relaxed);
-    stats
-        .max_overrun_ns
-        .fetch_max(ran_ns.saturating_sub(slice_ns), Ordering::Relaxed);
+    let overrun = ran_ns.saturating_sub(slice_ns);
+    if overrun > stats.max_overrun_ns.fetch_max(overrun, Ordering::Relaxed)
+        && overrun > OVERRUN_BOUND_NS
+    {
+        log::warn!(
+            "vm {}: vCPU {} ran {} us past its {} us slice ({exits} exits, first slice: {first})",
+            vm.name,
+            slot.index,
+            overrun / 1000,
+            slice_ns / 1000
+        );
+    }
     {
         let mut sched = rt.sched.lock();
         if let Err(e) = sched.charge(slot.id, ran_ns, rt.ns(t1)) {
