@@ -26,6 +26,7 @@ pub enum Counter {
     RtPeriods = 4,
     RtMisses = 5,
     RtMinReceivedNs = 6,
+    ExitRttTicks = 7,
 }
 
 /// A hypercall's error status.
@@ -115,6 +116,21 @@ pub fn yield_now() {
 /// Blocks until the guest TSC reaches `deadline`.
 pub fn sleep_until(deadline: u64) {
     let _ = call(Call::SleepUntil, deadline, 0, 0);
+}
+
+/// Guest TSC ticks of `samples` `VERSION` hypercalls, each measured alone: (min, median). A hypercall is a
+/// complete VM-exit round trip (exit, the hypervisor's dispatch, entry), so this is the exit cost a guest sees.
+pub fn exit_round_trip(samples: &mut [u64]) -> (u64, u64) {
+    for slot in samples.iter_mut() {
+        let start = crate::rdtsc();
+        let _ = raw(Call::Version as u64, 0, 0, 0);
+        *slot = crate::rdtsc().wrapping_sub(start);
+    }
+    samples.sort_unstable();
+    (
+        samples.first().copied().unwrap_or(0),
+        samples.get(samples.len() / 2).copied().unwrap_or(0),
+    )
 }
 
 /// Stops the VM with `code`.

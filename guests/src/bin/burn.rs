@@ -1,6 +1,9 @@
 //! `burn`: spins forever doing arithmetic, and reports its progress and the CPU share it measured.
 //!
 //! Arguments: `report_ms` (default 100) between reports, `gap_us` (default 20) the deschedule threshold.
+//!
+//! At start it measures the VM-exit round trip (256 `VERSION` hypercalls) and reports the median in guest TSC
+//! ticks (`EXIT_RTT_TICKS`).
 #![no_std]
 #![no_main]
 
@@ -11,7 +14,12 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
     let cmdline = boot.cmdline();
     let report_ticks = ns_to_ticks(args::u64_or(cmdline, "report_ms", 100) * 1_000_000);
     let mut meter = CpuMeter::new(args::u64_or(cmdline, "gap_us", 20) * 1000);
-    println!("burn: start vcpu={} tsc_hz={}", boot.vcpu_id, boot.tsc_hz);
+    let (rtt_min, rtt_median) = guest::hypercall::exit_round_trip(&mut [0u64; 256]);
+    report(Counter::ExitRttTicks, rtt_median);
+    println!(
+        "burn: start vcpu={} tsc_hz={} exit_rtt_ticks min={rtt_min} median={rtt_median}",
+        boot.vcpu_id, boot.tsc_hz
+    );
     let mut work: u64 = 0;
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = meter.sample().wrapping_add(report_ticks);

@@ -129,6 +129,7 @@ pub fn vm_lines(rt: &Runtime) {
                     4 => write!(line, " rt_periods={value}"),
                     5 => write!(line, " rt_misses={value}"),
                     6 => write!(line, " rt_min_received_us={}", value / 1000),
+                    7 => write!(line, " exit_rtt_ticks={value}"),
                     k => write!(line, " c{k}={value}"),
                 };
             }
