@@ -6,10 +6,10 @@
 //! configured lifetime expire and are counted separately. Unlimited vCPUs (and overrun beyond a standard vCPU's
 //! last credit) may overdraw: the overdraft is a negative balance repaid first by the next accrual or grant.
 //!
-//! Memory is bounded: at most [`MAX_LOTS`] lots are kept. When a new lot would exceed that, the two adjacent lots
-//! whose tags are closest are merged under the *newer* tag. Merging never lets a credit expire early; it may let
-//! a coalesced credit live longer by at most the merged span. With no lifetime, merging changes nothing
-//! observable (spending order is preserved).
+//! Memory is bounded: at most [`MAX_LOTS`] lots are kept. When a new lot would exceed that, the older half of
+//! the lots is merged pairwise, each pair under its *newer* tag (the newest half keeps exact tags). Merging never
+//! lets a credit expire early; it may let a coalesced credit live longer by at most the merged span. With no
+//! lifetime, merging changes nothing observable (spending order is preserved).
 //!
 //! Invariants (checked by the conservation tests): `total == sum(lots.amount)`, and for the cumulative counters
 //! `launch + earned + granted - spent - discarded - expired == total - overdraft` at every instant. Counters
@@ -136,20 +136,29 @@ impl Ledger {
         self.total = self.total.saturating_add(amount);
     }
 
-    /// Merges the adjacent pair with the closest tags under the newer tag.
+    /// Halves the older half of the lots by merging adjacent pairs under the newer tag of each pair. The
+    /// newest half keeps exact tags; repeated halvings give older credits exponentially coarser tags (like a
+    /// log-structured histogram). Amortised cost: O(MAX_LOTS) per MAX_LOTS/4 pushes.
     fn coalesce(&mut self) {
-        let mut best: Option<(u64, usize)> = None;
-        for i in 0..self.lots.len().saturating_sub(1) {
-            let gap = self.lots[i + 1].period - self.lots[i].period;
-            if best.is_none_or(|(g, _)| gap < g) {
-                best = Some((gap, i));
+        let older = self.lots.len() / 2;
+        let mut merged: VecDeque<Lot> = VecDeque::with_capacity(MAX_LOTS);
+        let mut i = 0;
+        while i < older {
+            let a = self.lots[i];
+            if i + 1 < older {
+                let b = self.lots[i + 1];
+                merged.push_back(Lot {
+                    period: b.period,
+                    amount: a.amount.saturating_add(b.amount),
+                });
+                i += 2;
+            } else {
+                merged.push_back(a);
+                i += 1;
             }
         }
-        if let Some((_, i)) = best {
-            if let Some(older) = self.lots.remove(i) {
-                self.lots[i].amount = self.lots[i].amount.saturating_add(older.amount);
-            }
-        }
+        merged.extend(self.lots.iter().skip(older).copied());
+        self.lots = merged;
     }
 
     /// Credits the accrual of closed period `period`: repays the overdraft first, then adds a lot up to `cap`.

@@ -23,7 +23,7 @@ use super::pool::{
     CreditRequest, Grant, GrantError, GrantMemory, GrantOutcome, GrantSchedule, Outstanding,
     PoolState, Staged,
 };
-use super::runqueue::{Bounded, CpuQueue, Queue, Running, WEIGHT_SCALE};
+use super::runqueue::{stride, Bounded, CpuQueue, Queue, Running};
 use super::telemetry::{PeriodAccum, PeriodRecord};
 use super::{CpuId, VcpuId};
 
@@ -152,6 +152,10 @@ struct Vcpu {
     runnable: bool,
     queue: Queue,
     vtime: u128,
+    /// `WEIGHT_SCALE / weight`, precomputed.
+    stride: u128,
+    /// Share cap of the open period in ns (`u64::MAX` without a cap), precomputed at each release.
+    cap_ns: u64,
     ledger: Ledger,
     counters_at_start: LedgerCounters,
     acc: PeriodAccum,
@@ -173,14 +177,25 @@ fn to_i64(v: u64) -> i64 {
 
 impl Vcpu {
     fn cap_room(&self) -> u64 {
-        match self.cfg.cap_ppm {
+        self.cap_ns
+            .saturating_sub(self.acc.baseline_ns.saturating_add(self.acc.burst_ns))
+    }
+
+    /// Recomputes the derived per-configuration values.
+    fn derive(&mut self) {
+        self.stride = stride(self.cfg.weight);
+        self.derive_cap();
+    }
+
+    /// Recomputes the cap of the open period.
+    fn derive_cap(&mut self) {
+        self.cap_ns = match self.cfg.cap_ppm {
             None => u64::MAX,
             Some(c) => {
                 let limit = u128::from(c) * u128::from(self.cur_period_ns) / u128::from(PPM);
-                let limit = u64::try_from(limit).unwrap_or(u64::MAX);
-                limit.saturating_sub(self.acc.baseline_ns.saturating_add(self.acc.burst_ns))
+                u64::try_from(limit).unwrap_or(u64::MAX)
             }
-        }
+        };
     }
 
     fn spend_room(&self) -> u64 {
@@ -324,6 +339,8 @@ impl Scheduler {
             runnable: false,
             queue: Queue::None,
             vtime: self.cpus[ci].vclock,
+            stride: stride(cfg.weight),
+            cap_ns: u64::MAX,
             counters_at_start: ledger.counters(),
             ledger,
             acc: PeriodAccum::default(),
@@ -334,6 +351,8 @@ impl Scheduler {
             total_baseline_ns: 0,
             total_burst_ns: 0,
         };
+        let mut v = v;
+        v.derive();
         self.cpus[ci].releases.insert((v.next_release, id));
         self.cpus[ci].vcpus += 1;
         self.vcpus.push(Some(v));
@@ -424,6 +443,7 @@ impl Scheduler {
         let params = self.params;
         let v = self.vcpu_mut(id)?;
         v.cfg = cfg;
+        v.derive();
         v.u_ppm = server_ppm(&cfg, &params);
         v.budget = v.budget.min(Self::fluid_limit(v, now, &params));
         self.reposition(id, now)
@@ -589,6 +609,7 @@ impl Scheduler {
         v.period_start = r;
         v.cur_period_ns = v.cfg.period_ns;
         v.next_release = r.saturating_add(v.cfg.period_ns);
+        v.derive_cap();
         v.budget = to_i64(v.cfg.budget_ns).saturating_add(v.budget.min(0));
         v.acc = PeriodAccum::default();
         v.counters_at_start = v.ledger.counters();
@@ -701,10 +722,7 @@ impl Scheduler {
             let _spend = v.ledger.spend(ran_ns);
             v.acc.burst_ns = v.acc.burst_ns.saturating_add(ran_ns);
             v.total_burst_ns = v.total_burst_ns.saturating_add(ran_ns);
-            let w = u128::from(v.cfg.weight.max(1));
-            v.vtime = v
-                .vtime
-                .saturating_add(u128::from(ran_ns) * WEIGHT_SCALE / w);
+            v.vtime = v.vtime.saturating_add(u128::from(ran_ns) * v.stride);
         } else {
             v.budget = v.budget.saturating_sub(to_i64(ran_ns));
             v.acc.baseline_ns = v.acc.baseline_ns.saturating_add(ran_ns);
