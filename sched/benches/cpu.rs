@@ -47,7 +47,7 @@ fn step(s: &mut Scheduler, now: &mut u64) {
         s.charge(v, ran, *now + ran).expect("picked");
     }
     *now += ran;
-    black_box(d);
+    let _ = black_box(d);
 }
 
 fn warmed(n: u64) -> (Scheduler, u64) {
