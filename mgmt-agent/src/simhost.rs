@@ -1197,7 +1197,13 @@ mod tests {
                 resource: Resource::Cpu,
                 vm: 1,
                 unit: 0,
-                stages: stages.iter().map(|&(amount_ns, instruction)| Stage { amount_ns, instruction }).collect(),
+                stages: stages
+                    .iter()
+                    .map(|&(amount_ns, instruction)| Stage {
+                        amount_ns,
+                        instruction,
+                    })
+                    .collect(),
             }),
         }
     }
@@ -1216,21 +1222,44 @@ mod tests {
             }
         }
         let mut s = SimState::new(cfg);
-        s.handle_request(grant(1, &[(10, Instruction::Now), (9, Instruction::Rate { per_period_ns: 4 })]));
+        s.handle_request(grant(
+            1,
+            &[
+                (10, Instruction::Now),
+                (9, Instruction::Rate { per_period_ns: 4 }),
+            ],
+        ));
         s.handle_request(grant(1, &[(10, Instruction::Now)]));
         let mut g2 = grant(1, &[(10, Instruction::Now)]);
         g2.id = 999;
         s.handle_request(g2);
-        s.handle_request(grant(2, &[(5, Instruction::AfterEvent(Event::MigrationComplete))]));
-        let bal = |s: &SimState| s.report().vcpus.iter().find(|v| v.vm == 1).unwrap().balance_ns;
+        s.handle_request(grant(
+            2,
+            &[(5, Instruction::AfterEvent(Event::MigrationComplete))],
+        ));
+        let bal = |s: &SimState| {
+            s.report()
+                .vcpus
+                .iter()
+                .find(|v| v.vm == 1)
+                .unwrap()
+                .balance_ns
+        };
         assert_eq!(bal(&s), 10);
-        assert_eq!(s.report().totals.duplicate_grants, 1, "same grant id under a new request id");
+        assert_eq!(
+            s.report().totals.duplicate_grants,
+            1,
+            "same grant id under a new request id"
+        );
         assert_eq!(s.report().totals.duplicate_requests, 1, "same request id");
         let mut seen = Vec::new();
         for _ in 0..4 {
             s.tick();
             let r = s.report();
-            assert_eq!(r.totals.received_ns, r.totals.applied_ns + r.totals.pending_ns);
+            assert_eq!(
+                r.totals.received_ns,
+                r.totals.applied_ns + r.totals.pending_ns
+            );
             seen.push(bal(&s));
         }
         // Rate 4/period: 14, 18, then 19 + the migration stage (5) at tick 3 = 24.
@@ -1247,11 +1276,30 @@ mod tests {
         s.out = Some(tx);
         s.handle_request(Request {
             id: 1,
-            command: Command::SetVolumeCommitment { vm: 1, volume: 0, committed_iops: 5000, limit_iops: 0 },
+            command: Command::SetVolumeCommitment {
+                vm: 1,
+                volume: 0,
+                committed_iops: 5000,
+                limit_iops: 0,
+            },
         });
-        s.handle_request(Request { id: 2, command: Command::PauseVm { vm: 42 } });
-        let params = SchedParams { budget_ns: 900_000, period_ns: 1_000_000, ..s.cfg.vms[0].vcpus[0].params };
-        s.handle_request(Request { id: 3, command: Command::SetSchedParams { vm: 1, vcpu: 0, params } });
+        s.handle_request(Request {
+            id: 2,
+            command: Command::PauseVm { vm: 42 },
+        });
+        let params = SchedParams {
+            budget_ns: 900_000,
+            period_ns: 1_000_000,
+            ..s.cfg.vms[0].vcpus[0].params
+        };
+        s.handle_request(Request {
+            id: 3,
+            command: Command::SetSchedParams {
+                vm: 1,
+                vcpu: 0,
+                params,
+            },
+        });
         let mut answers = Vec::new();
         while let Ok(ToAgent::Response(r)) = rx.try_recv() {
             answers.push(r.result.unwrap_err());
@@ -1259,10 +1307,16 @@ mod tests {
         assert_eq!(answers.len(), 3);
         assert_eq!(answers[0].code, ErrorCode::Admission);
         // Demo volumes commit 350 + 500 + 200; without this one's 350 the others hold 700.
-        assert_eq!(answers[0].reason.as_str(), "committed 700 + 5000 IOPS > committable 1600 (80% of 2000)");
+        assert_eq!(
+            answers[0].reason.as_str(),
+            "committed 700 + 5000 IOPS > committable 1600 (80% of 2000)"
+        );
         assert_eq!(answers[1].code, ErrorCode::NotFound);
         assert_eq!(answers[2].code, ErrorCode::Admission);
         // Baselines: 20 % + 2 x 20 % + 10 % = 70 %; replacing this vCPU's 20 % by 90 % needs 140 % of 1 CPU.
-        assert_eq!(answers[2].reason.as_str(), "baseline utilisation 500000+900000 ppm exceeds 1000000 ppm of 1 CPUs");
+        assert_eq!(
+            answers[2].reason.as_str(),
+            "baseline utilisation 500000+900000 ppm exceeds 1000000 ppm of 1 CPUs"
+        );
     }
 }

@@ -321,12 +321,17 @@ fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
     let dir = tmpdir("proxy");
     let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
     let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    // CV_PROXY_SEED replays a particular fault pattern.
+    let seed = std::env::var("CV_PROXY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
     let faults = proxy::Faults {
         flip_ppm: 3000,
         drop_ppm: 1500,
         dup_ppm: 1500,
         replay_ppm: 50_000,
-        seed: 0x5eed,
+        seed,
     };
     let (paddr, pstats) = rt
         .block_on(proxy::spawn(
@@ -414,7 +419,11 @@ fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
 
 #[test]
 fn automatic_tiers_follow_telemetry() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tmpdir("tiers");
     let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
     let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
@@ -439,7 +448,13 @@ fn automatic_tiers_follow_telemetry() {
     tier(350);
     tier(500);
     let b = c.get("/v1/billing").unwrap();
-    let line = &b["volumes"].as_array().unwrap().iter().find(|l| l["vm"] == 2).unwrap().clone();
+    let line = &b["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["vm"] == 2)
+        .unwrap()
+        .clone();
     assert!(u(line, "overage_iops_seconds") > 0, "{b}");
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
@@ -471,24 +486,66 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
         }
         other => panic!("expected an HTTP error, got {other:?}"),
     };
-    c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" })).unwrap();
-    assert_eq!(status(c.request("POST", "/v1/pools", None)), 400, "missing body");
-    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "x", "resource": "gpu" }))), 400);
-    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "bad name!", "resource": "cpu" }))), 400);
+    c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" }))
+        .unwrap();
     assert_eq!(
-        status(c.post("/v1/pools", &json!({ "name": "y", "resource": "cpu", "strategy": { "kind": "partial", "pct": 0 } }))),
+        status(c.request("POST", "/v1/pools", None)),
+        400,
+        "missing body"
+    );
+    assert_eq!(
+        status(c.post("/v1/pools", &json!({ "name": "x", "resource": "gpu" }))),
         400
     );
-    assert_eq!(status(c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" }))), 409);
-    assert_eq!(status(c.post("/v1/pools/nope/purchase", &json!({ "amount_ns": 5 }))), 404);
-    assert_eq!(status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": -5 }))), 400);
-    assert_eq!(status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": 0 }))), 400);
-    assert_eq!(status(c.post("/v1/pools/ok/deauthorize", &json!({ "host": "h", "vm": 1 }))), 404);
-    assert_eq!(status(c.post("/v1/vms/sim0/1/explode", &json!({}))), 400);
-    assert_eq!(status(c.post("/v1/vms/sim0/notanumber/pause", &json!({}))), 400);
-    assert_eq!(status(c.post("/v1/vms/sim0/1/pause", &json!({}))), 404, "unknown host");
     assert_eq!(
-        status(c.post("/v1/commitments", &json!({ "host": "h", "vm": 1, "volume": 0, "committed_iops": 10, "limit_iops": 5 }))),
+        status(c.post(
+            "/v1/pools",
+            &json!({ "name": "bad name!", "resource": "cpu" })
+        )),
+        400
+    );
+    assert_eq!(
+        status(c.post(
+            "/v1/pools",
+            &json!({ "name": "y", "resource": "cpu", "strategy": { "kind": "partial", "pct": 0 } })
+        )),
+        400
+    );
+    assert_eq!(
+        status(c.post("/v1/pools", &json!({ "name": "ok", "resource": "cpu" }))),
+        409
+    );
+    assert_eq!(
+        status(c.post("/v1/pools/nope/purchase", &json!({ "amount_ns": 5 }))),
+        404
+    );
+    assert_eq!(
+        status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": -5 }))),
+        400
+    );
+    assert_eq!(
+        status(c.post("/v1/pools/ok/purchase", &json!({ "amount_ns": 0 }))),
+        400
+    );
+    assert_eq!(
+        status(c.post("/v1/pools/ok/deauthorize", &json!({ "host": "h", "vm": 1 }))),
+        404
+    );
+    assert_eq!(status(c.post("/v1/vms/sim0/1/explode", &json!({}))), 400);
+    assert_eq!(
+        status(c.post("/v1/vms/sim0/notanumber/pause", &json!({}))),
+        400
+    );
+    assert_eq!(
+        status(c.post("/v1/vms/sim0/1/pause", &json!({}))),
+        404,
+        "unknown host"
+    );
+    assert_eq!(
+        status(c.post(
+            "/v1/commitments",
+            &json!({ "host": "h", "vm": 1, "volume": 0, "committed_iops": 10, "limit_iops": 5 })
+        )),
         400
     );
     assert_eq!(status(c.get("/v1/nothing")), 404);
@@ -496,7 +553,10 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
     let pools = c.get("/v1/pools").unwrap();
     assert_eq!(pools["pools"].as_array().unwrap().len(), 1);
     assert_eq!(pools["pools"][0]["balance_ns"], 0);
-    assert!(c.get_text("/metrics").unwrap().contains("cv_pool_balance_ns{pool=\"ok\"} 0"));
+    assert!(c
+        .get_text("/metrics")
+        .unwrap()
+        .contains("cv_pool_balance_ns{pool=\"ok\"} 0"));
     // The CLI says what is wrong and exits non-zero.
     for args in [
         vec!["pool", "purchase", "ok", "abc"],
@@ -504,11 +564,121 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
         vec!["pool", "create", "z", "--replenish", "auto:1:2"],
         vec!["pool", "purchase", "missing", "1"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cvctl")).arg("--api").arg(&api).args(&args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_cvctl"))
+            .arg("--api")
+            .arg(&api)
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).starts_with("cvctl: "), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("cvctl: "),
+            "{args:?}"
+        );
     }
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A frame-aware proxy that forwards everything but, while `drop_acks` is set, swallows the host's grant
+/// acknowledgements: the grant is debited, sent and applied, but the agent never hears so.
+async fn ack_dropping_proxy(
+    listen: Address,
+    target: Address,
+    drop_acks: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Address {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = mgmt_agent::link::Listener::bind(&listen).await.unwrap();
+    let addr = l.local().unwrap();
+    tokio::spawn(async move {
+        let mut session = 0;
+        loop {
+            let agent_side = l.accept().await.unwrap();
+            let host_side = mgmt_agent::link::connect(&target).await.unwrap();
+            let (mut ar, mut aw) = tokio::io::split(agent_side);
+            let (mut hr, mut hw) = tokio::io::split(host_side);
+            tokio::spawn(async move { tokio::io::copy(&mut ar, &mut hw).await });
+            let (drop_acks, dropped) = (drop_acks.clone(), dropped.clone());
+            session += 1;
+            tokio::spawn(async move {
+                let mut dec = proto::FrameDecoder::new();
+                let mut enc = proto::FrameEncoder::new(session, 1);
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let n = match hr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut frames = Vec::new();
+                    dec.push_slice::<proto::ToAgent>(&buf[..n], |f| frames.push(f.msg));
+                    for m in frames {
+                        let is_ack = matches!(
+                            &m,
+                            proto::ToAgent::Response(proto::Response {
+                                result: Ok(proto::Reply::GrantApplied { .. }),
+                                ..
+                            })
+                        );
+                        if is_ack && drop_acks.load(Ordering::SeqCst) {
+                            dropped.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        if aw.write_all(&enc.encode_vec(&m).unwrap()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The agent crashes after debiting and sending grants but before hearing they were applied: after the restart
+/// it re-sends them, the host recognises the grant ids and applies nothing twice, and the ledger settles exactly.
+#[test]
+fn grants_unacknowledged_at_a_crash_are_settled_once_after_restart() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("ackloss");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let drop_acks = Arc::new(AtomicBool::new(true));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let paddr = rt.block_on(ack_dropping_proxy(
+        Address::Unix(dir.join("proxy.sock").to_string_lossy().into_owned()),
+        sim.address.clone(),
+        drop_acks.clone(),
+        dropped.clone(),
+    ));
+    let bought = 2_000_000_000;
+    let agent = Agent::start(&dir, &paddr);
+    setup_pool(&agent.client, bought);
+    let in_flight = wait_for("grants applied on the host but unacknowledged", || {
+        let l = agent.client.get("/v1/ledger").ok()?;
+        let applied_on_host = sim.report().totals.grants;
+        (applied_on_host >= 3 && u(&l, "grants_in_flight") >= 3 && u(&l, "grants_applied") == 0)
+            .then(|| u(&l, "grants_in_flight"))
+    });
+    agent.kill();
+    drop_acks.store(false, Ordering::SeqCst);
+    let agent = Agent::start(&dir, &paddr);
+    let (l, r) = drain(&sim, &agent.client);
+    check_exact(&l, &r, bought, &agent.client);
+    assert!(dropped.load(Ordering::SeqCst) >= in_flight);
+    assert!(
+        r.totals.duplicate_grants >= in_flight,
+        "{} grants re-sent after the restart were recognised, {in_flight} expected",
+        r.totals.duplicate_grants
+    );
+    drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
