@@ -27,6 +27,9 @@ fn req(id: u64, units: u32) -> Request {
     }
 }
 
+/// An in-flight request: (completion time, volume index, volume generation, request id, bytes).
+type Completion = (u64, u32, u32, u64, u32);
+
 /// Drives `p` with `arrivals` (time, volume, request) through a device with `slots` parallel slots
 /// and a fixed `service_ns` (`slots == 0`: unbounded, instant). Returns every dispatch with its time.
 fn drive(
@@ -38,9 +41,8 @@ fn drive(
     end: u64,
 ) -> Vec<(u64, Dispatch)> {
     let mut out = Vec::new();
-    let mut completions: std::collections::BinaryHeap<
-        std::cmp::Reverse<(u64, u32, u32, u64, u32)>,
-    > = std::collections::BinaryHeap::new();
+    let mut completions: std::collections::BinaryHeap<std::cmp::Reverse<Completion>> =
+        std::collections::BinaryHeap::new();
     let mut i = 0;
     let mut now = 0;
     loop {

@@ -48,7 +48,14 @@ impl CostModel {
     /// Cost in cost units ([`COST_ONE`] per unit I/O) of a request of `bytes` bytes.
     #[must_use]
     pub fn cost(&self, op: IoOp, bytes: u32) -> u64 {
-        let units = u64::from(bytes.div_ceil(self.unit_bytes.max(1)).max(1));
+        let unit = self.unit_bytes.max(1);
+        let units = if unit.is_power_of_two() {
+            // The usual case (4 KiB, 16 KiB units): a shift instead of a division.
+            (bytes >> unit.trailing_zeros()) + u32::from(bytes & (unit - 1) != 0)
+        } else {
+            bytes.div_ceil(unit)
+        };
+        let units = u64::from(units.max(1));
         let factor = match op {
             IoOp::Read => self.read_cost,
             IoOp::Write => self.write_cost,

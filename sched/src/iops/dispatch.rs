@@ -433,6 +433,7 @@ impl Partitioner {
     /// Chooses the next request to send to the device at `now`, or `None` when nothing may go
     /// (nothing queued, or every queued volume is held by its limit: see
     /// [`Partitioner::next_eligible_time`]).
+    #[must_use = "a dispatched request must be submitted to the device"]
     pub fn dispatch(&mut self, now: u64) -> Option<Dispatch> {
         let now = self.advance(now);
         self.promote(now);

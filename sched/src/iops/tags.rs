@@ -242,22 +242,27 @@ impl TagIndex {
         self.pos[v] = u32::try_from(i).unwrap_or(ABSENT);
     }
 
+    // Sifts move a "hole": the entry is held aside, parents/children slide into the hole, and
+    // the entry is written once at its final place (half the writes of pairwise swaps).
     fn sift_up(&mut self, mut i: usize) {
+        let e = self.heap[i];
         while i > 0 {
             let parent = (i - 1) / 2;
-            if self.heap[i] < self.heap[parent] {
-                self.heap.swap(i, parent);
+            if e < self.heap[parent] {
+                self.heap[i] = self.heap[parent];
                 self.set_pos(i);
-                self.set_pos(parent);
                 i = parent;
             } else {
                 break;
             }
         }
+        self.heap[i] = e;
+        self.set_pos(i);
     }
 
     fn sift_down(&mut self, mut i: usize) {
         let n = self.heap.len();
+        let e = self.heap[i];
         loop {
             let l = 2 * i + 1;
             if l >= n {
@@ -269,15 +274,16 @@ impl TagIndex {
             } else {
                 l
             };
-            if self.heap[c] < self.heap[i] {
-                self.heap.swap(i, c);
+            if self.heap[c] < e {
+                self.heap[i] = self.heap[c];
                 self.set_pos(i);
-                self.set_pos(c);
                 i = c;
             } else {
                 break;
             }
         }
+        self.heap[i] = e;
+        self.set_pos(i);
     }
 }
 

@@ -264,10 +264,7 @@ pub fn run(sc: &Scenario, d: &mut dyn SimDispatcher) -> Result<RunResult, String
     let mut busy = vec![0u64; windows + 1];
     let mut timer_at: Option<u64> = None;
     let mut now = 0u64;
-    loop {
-        let Some(Reverse((t, _, ev))) = heap.pop() else {
-            break;
-        };
+    while let Some(Reverse((t, _, ev))) = heap.pop() {
         if t >= sc.duration_ns {
             break;
         }
