@@ -31,6 +31,8 @@ bitflags! {
         const PAGEFAULT = 1 << 7;
         /// VMX backend bring-up: a tiny EPT guest, every exit kind decoded, the exit round trip measured.
         const VMX = 1 << 9;
+        /// SVM backend bring-up: a tiny NPT guest, every exit kind decoded, preemption, the exit round trip measured.
+        const SVM = 1 << 10;
     }
 }
 
@@ -43,10 +45,11 @@ impl SelfTests {
         .union(Self::SMP)
         .union(Self::ACPI)
         .union(Self::BOOTINFO)
-        .union(Self::VMX);
+        .union(Self::VMX)
+        .union(Self::SVM);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 10] = [
+    pub const NAMES: [(&'static str, Self); 11] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
@@ -55,6 +58,7 @@ impl SelfTests {
         ("acpi", Self::ACPI),
         ("bootinfo", Self::BOOTINFO),
         ("vmx", Self::VMX),
+        ("svm", Self::SVM),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

@@ -62,6 +62,7 @@ pub fn run(tests: SelfTests) -> bool {
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
             SelfTests::VMX => crate::virt::vmx::selftest::run(),
+            SelfTests::SVM => crate::virt::svm::selftest::outcome(),
             _ => Err(detail!("no such test")),
         };
         let (result, detail) = match &outcome {

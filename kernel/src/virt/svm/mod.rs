@@ -36,5 +36,4 @@ pub mod vcpu;
 pub mod vmcb;
 
 pub use npt::NptMap;
-pub use permission::MsrAllow;
 pub use vcpu::{backend_msr_allow_list, SvmError, SvmVcpu, SvmVm};
