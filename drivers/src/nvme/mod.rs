@@ -113,6 +113,9 @@ pub struct Config {
     pub io_timeout_us: u64,
     /// Time an admin command may take before the controller is considered hung.
     pub admin_timeout_us: u64,
+    /// Least time between two health checks of a queue (CSTS read and deadline scan) while commands are
+    /// outstanding; bounds how late a timeout or fatal status is noticed.
+    pub health_interval_us: u64,
     /// How often an I/O request is re-issued after controller resets before it fails with TIMED_OUT.
     pub max_retries: u8,
 }
@@ -125,6 +128,7 @@ impl Default for Config {
             io_queue_pairs: 1,
             io_timeout_us: 2_000_000,
             admin_timeout_us: 2_000_000,
+            health_interval_us: 1_000,
             max_retries: 2,
         }
     }

@@ -16,6 +16,7 @@ fn config(pairs: u16) -> Config {
         io_entries: 16,
         io_timeout_us: 1_000,
         admin_timeout_us: 1_000,
+        health_interval_us: 50,
         ..Config::default()
     }
 }
@@ -409,6 +410,9 @@ fn ignored_abort_leads_to_reset_and_requeue() {
         .expect("ok");
     c.submit(2, IoRequest::contiguous(2, 1, IoOp::Read, 0, 1, b, 512))
         .expect("ok");
+    assert_eq!(c.hal.held(), 0, "staged, not yet visible to the controller");
+    c.flush(1);
+    c.flush(2);
     assert_eq!(c.hal.held(), 2);
     // Poll queue 1 until the abort has been sent, then let the device work again.
     let mut got = Vec::new();
@@ -474,6 +478,8 @@ fn fatal_status_resets_and_requeues() {
     let p = buffer(&mut c, 1, |_| 0);
     c.submit(1, IoRequest::contiguous(8, 1, IoOp::Read, 0, 1, p, 512))
         .expect("ok");
+    c.flush(1);
+    assert_eq!(c.hal.held(), 1);
     c.hal.set_fatal();
     c.hal.hang_io = false;
     let done = poll_all(&mut c, 1, 1);

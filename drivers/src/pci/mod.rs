@@ -83,6 +83,8 @@ pub mod reg {
     pub const HEADER: u16 = 0x0C;
     /// First BAR.
     pub const BAR0: u16 = 0x10;
+    /// Type 1 header: primary (7:0), secondary (15:8) and subordinate (23:16) bus numbers.
+    pub const BUS_NUMBERS: u16 = 0x18;
 }
 
 /// Command register bits (PCI 3.0 section 6.2.2).
@@ -153,6 +155,32 @@ pub fn enumerate(cfg: &mut impl ConfigSpace, first_bus: u8, last_bus: u8) -> Vec
             }
         }
     }
+    found
+}
+
+/// Scans from bus `first_bus` down through PCI-to-PCI bridges (type 1 headers: secondary bus number at 0x19,
+/// PCI-to-PCI Bridge Architecture Specification 1.2 section 3.2.5.4), visiting each bus at most once and only
+/// buses within `first_bus..=last_bus`. This finds what firmware configured without probing 8192 empty slots.
+pub fn enumerate_tree(cfg: &mut impl ConfigSpace, first_bus: u8, last_bus: u8) -> Vec<Function> {
+    let mut found = Vec::new();
+    let mut visited = [false; 256];
+    let mut pending = alloc::vec![first_bus];
+    while let Some(bus) = pending.pop() {
+        if core::mem::replace(&mut visited[usize::from(bus)], true) {
+            continue;
+        }
+        let on_bus = enumerate(cfg, bus, bus);
+        for f in &on_bus {
+            if f.header_type == 1 {
+                let secondary = cfg.read32(f.bdf, reg::BUS_NUMBERS).to_le_bytes()[1];
+                if secondary > bus && secondary <= last_bus && !visited[usize::from(secondary)] {
+                    pending.push(secondary);
+                }
+            }
+        }
+        found.extend(on_bus);
+    }
+    found.sort_by_key(|f| f.bdf);
     found
 }
 

@@ -48,7 +48,8 @@ impl ConfigSpace for FakeBus {
             return;
         };
         let i = usize::from(offset / 4);
-        if (4..10).contains(&i) {
+        let bars = if (f.regs[3] >> 16) & 0x7F == 1 { 2 } else { 6 };
+        if (4..4 + bars).contains(&i) {
             let slot = i - 4;
             let mask = f.bar_mask[slot];
             let prev = if slot > 0 { f.regs[i - 1] } else { 0 };
@@ -139,6 +140,36 @@ fn enumeration_finds_functions_and_honours_multifunction() {
     assert_eq!((nvme[0].vendor, nvme[0].device), (0x1B36, 0x0010));
     assert_eq!(found[1].header_type, 0, "multi-function bit stripped");
     assert_eq!(std::format!("{}", nvme[0].bdf), "00:04.0");
+}
+
+#[test]
+fn tree_walk_follows_bridges_only() {
+    let mut b = machine();
+    // Without a bridge, bus 2 is unreachable.
+    let found = enumerate_tree(&mut b, 0, 255);
+    assert_eq!(found.len(), 4);
+    assert!(found.iter().all(|f| f.bdf.bus == 0));
+    // A PCI-to-PCI bridge at 00:02.0 with secondary bus 2; a bogus bridge pointing back at bus 0 is ignored.
+    b.add(bdf(0, 2, 0), 0x0001_1B36, 0x0604_0000, 1, [(0, 0); 6]);
+    b.write32(bdf(0, 2, 0), reg::BUS_NUMBERS, 0x0002_0200);
+    b.add(bdf(2, 5, 0), 0x0001_1B36, 0x0604_0000, 1, [(0, 0); 6]);
+    b.write32(bdf(2, 5, 0), reg::BUS_NUMBERS, 0x0000_0002);
+    let found = enumerate_tree(&mut b, 0, 255);
+    let addrs: Vec<Bdf> = found.iter().map(|f| f.bdf).collect();
+    assert_eq!(
+        addrs,
+        [
+            bdf(0, 0, 0),
+            bdf(0, 1, 0),
+            bdf(0, 1, 1),
+            bdf(0, 2, 0),
+            bdf(0, 4, 0),
+            bdf(2, 3, 0),
+            bdf(2, 5, 0)
+        ]
+    );
+    // The walk stays inside the mechanism's bus range.
+    assert_eq!(enumerate_tree(&mut b, 0, 1).len(), 5);
 }
 
 #[test]
