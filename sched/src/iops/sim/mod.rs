@@ -1,4 +1,4 @@
-//! IOPS simulator: `sim io list`, `sim io <scenario> [--out DIR] [--seed N]`.
+//! IOPS simulator: `sim io list`, `sim io <scenario> [--out DIR] [--seed N] [--duration SECONDS]`.
 //!
 //! The engine, device model, workloads, dispatchers and scenarios need only `alloc` (integer
 //! arithmetic), so the guarantee tests run them under plain `cargo test`; the command line and the
@@ -56,7 +56,8 @@ pub fn run_all(sc: &Scenario) -> Result<Vec<RunResult>, String> {
 /// Command-line entry (arguments after `io`).
 #[cfg(feature = "std")]
 pub fn cli(args: &[String]) -> Result<(), String> {
-    let usage = "usage: sim io list | sim io <scenario> [--out DIR] [--seed N]";
+    let usage =
+        "usage: sim io list | sim io <scenario> [--out DIR] [--seed N] [--duration SECONDS]";
     let Some(name) = args.first() else {
         return Err(usage.into());
     };
@@ -80,6 +81,17 @@ pub fn cli(args: &[String]) -> Result<(), String> {
                     .ok_or("--seed needs a number")?
                     .parse()
                     .map_err(|e| format!("--seed: {e}"))?;
+            }
+            "--duration" => {
+                let secs: u64 = it
+                    .next()
+                    .ok_or("--duration needs seconds")?
+                    .parse()
+                    .map_err(|e| format!("--duration: {e}"))?;
+                if secs == 0 || secs > 100_000 {
+                    return Err("--duration must be 1..=100000 seconds".into());
+                }
+                sc.duration_ns = secs * sc.window_ns;
             }
             other => return Err(format!("unknown argument {other:?}; {usage}")),
         }
