@@ -68,6 +68,24 @@ fn reconfiguration_goes_through_admission() {
 }
 
 #[test]
+fn freed_bandwidth_is_admissible_from_the_next_release() {
+    let mut s = Scheduler::new(1, SchedParams::default()).expect("params");
+    let a = s.add_vcpu(0, pct(60), 0).expect("fits");
+    s.add_vcpu(0, pct(30), 0).expect("fits");
+    s.reconfigure(a, pct(20), 100_000)
+        .expect("a decrease always fits");
+    // Until a's period (started at 0) ends at 1 ms, a is still accounted at 60%.
+    assert_eq!(s.utilisation()[0].used_ppm, 602_000 + 302_000);
+    assert!(matches!(
+        s.add_vcpu(0, pct(30), 100_000),
+        Err(SchedError::Admission(_))
+    ));
+    let _ = s.pick(0, MS).expect("cpu 0");
+    assert_eq!(s.utilisation()[0].used_ppm, 202_000 + 302_000);
+    s.add_vcpu(0, pct(30), MS).expect("fits after the release");
+}
+
+#[test]
 fn invalid_configurations_are_refused() {
     let mut s = Scheduler::new(1, SchedParams::default()).expect("params");
     assert!(matches!(

@@ -7,6 +7,10 @@
 //! proof in [`crate::cpu`]). Rounding every term up (and the bound down) means the exact rational condition
 //! `sum((Q+O)/T) <= 1 - reserve - O/T_min` holds whenever the integer check passes.
 //!
+//! A reconfigured vCPU is accounted, until the end of the period it started under its old server, as the
+//! [`Server::cover`] of old and new (larger utilisation, shorter period), so bandwidth it gives up becomes
+//! admissible only once its current job is over (see `Scheduler::reconfigure`).
+//!
 //! Invariants: `sum_ppm` equals the sum of the admitted servers' `u'`; `periods` is the multiset of their
 //! periods. Nothing here mutates on a failed check.
 
@@ -90,19 +94,32 @@ impl CpuLoad {
         old: Option<&VcpuConfig>,
         params: &SchedParams,
     ) -> Result<(), AdmissionError> {
+        let old = old.map(|o| Server::of(o, params));
+        self.check_server(cpu, Server::of(cfg, params), old, params)
+    }
+
+    /// Checks whether server `new` fits, optionally replacing the admitted server `old`.
+    ///
+    /// # Errors
+    /// [`AdmissionError`] naming the CPU and the utilisation numbers.
+    pub fn check_server(
+        &self,
+        cpu: CpuId,
+        new: Server,
+        old: Option<Server>,
+        params: &SchedParams,
+    ) -> Result<(), AdmissionError> {
         let mut rest = self.clone();
         if let Some(o) = old {
-            rest.remove(o, params);
+            rest.remove_server(o);
         }
-        let requested = server_ppm(cfg, params);
-        let bound = rest.bound_ppm(params, Some(cfg.period_ns));
-        let total = rest.sum_ppm.checked_add(requested);
-        match total {
+        let bound = rest.bound_ppm(params, Some(new.period_ns));
+        match rest.sum_ppm.checked_add(new.ppm) {
             Some(t) if t <= bound => Ok(()),
             _ => Err(AdmissionError {
                 cpu,
                 current_ppm: rest.sum_ppm,
-                requested_ppm: requested,
+                requested_ppm: new.ppm,
                 bound_ppm: bound,
             }),
         }
@@ -110,18 +127,58 @@ impl CpuLoad {
 
     /// Records an admitted server (call only after [`CpuLoad::check`] passed).
     pub fn add(&mut self, cfg: &VcpuConfig, params: &SchedParams) {
-        self.sum_ppm = self.sum_ppm.saturating_add(server_ppm(cfg, params));
-        *self.periods.entry(cfg.period_ns).or_insert(0) += 1;
+        self.add_server(Server::of(cfg, params));
     }
 
     /// Forgets an admitted server.
     pub fn remove(&mut self, cfg: &VcpuConfig, params: &SchedParams) {
-        self.sum_ppm = self.sum_ppm.saturating_sub(server_ppm(cfg, params));
-        if let Some(n) = self.periods.get_mut(&cfg.period_ns) {
+        self.remove_server(Server::of(cfg, params));
+    }
+
+    /// Records an admitted server entry.
+    pub fn add_server(&mut self, s: Server) {
+        self.sum_ppm = self.sum_ppm.saturating_add(s.ppm);
+        *self.periods.entry(s.period_ns).or_insert(0) += 1;
+    }
+
+    /// Forgets an admitted server entry.
+    pub fn remove_server(&mut self, s: Server) {
+        self.sum_ppm = self.sum_ppm.saturating_sub(s.ppm);
+        if let Some(n) = self.periods.get_mut(&s.period_ns) {
             *n -= 1;
             if *n == 0 {
-                self.periods.remove(&cfg.period_ns);
+                self.periods.remove(&s.period_ns);
             }
+        }
+    }
+}
+
+/// What admission accounts for one server: its utilisation `u'` (ppm) and its period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// `ceil((Q + O) * 1e6 / T)`.
+    pub ppm: u64,
+    /// `T`.
+    pub period_ns: u64,
+}
+
+impl Server {
+    /// The server of a configuration.
+    #[must_use]
+    pub fn of(cfg: &VcpuConfig, params: &SchedParams) -> Self {
+        Self {
+            ppm: server_ppm(cfg, params),
+            period_ns: cfg.period_ns,
+        }
+    }
+
+    /// The entry that covers both `self` and `other`: the larger utilisation and the shorter period (used while
+    /// a reconfigured vCPU finishes the period it started under its old server).
+    #[must_use]
+    pub fn cover(self, other: Self) -> Self {
+        Self {
+            ppm: self.ppm.max(other.ppm),
+            period_ns: self.period_ns.min(other.period_ns),
         }
     }
 }

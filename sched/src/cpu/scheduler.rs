@@ -15,7 +15,7 @@
 
 use alloc::vec::Vec;
 
-use super::admission::{server_ppm, AdmissionError};
+use super::admission::{server_ppm, AdmissionError, Server};
 use super::config::{BurstMode, ConfigError, SchedParams, VcpuConfig, PPM};
 use super::ledger::{Ledger, LedgerCounters};
 use super::placement::{first_fit_decreasing, CpuUtilisation, PlacementError};
@@ -143,6 +143,8 @@ struct Vcpu {
     cfg: VcpuConfig,
     cpu: CpuId,
     u_ppm: u64,
+    /// The server entry admission currently accounts for this vCPU (see `reconfigure`).
+    load_entry: Server,
     period: u64,
     period_start: u64,
     next_release: u64,
@@ -331,6 +333,7 @@ impl Scheduler {
             cfg,
             cpu,
             u_ppm: server_ppm(&cfg, &self.params),
+            load_entry: Server::of(&cfg, &self.params),
             period: 1,
             period_start: now,
             next_release: now.saturating_add(cfg.period_ns),
@@ -410,7 +413,7 @@ impl Scheduler {
         let q = &mut self.cpus[ci];
         q.leave(id, v.queue);
         q.releases.remove(&(v.next_release, id));
-        q.load.remove(&v.cfg, &self.params);
+        q.load.remove_server(v.load_entry);
         q.vcpus -= 1;
         if q.current.is_some_and(|r| r.vcpu == id) {
             q.current = None;
@@ -423,28 +426,45 @@ impl Scheduler {
 
     /// Changes a vCPU's configuration through admission. Credits, weight, cap and pool settings apply at once; a
     /// new period length applies from the next release; the open period's remaining budget is clamped to what
-    /// the new server may use before its deadline (`(d - now) * u'_new - O`), so the change can never hurt
-    /// another vCPU's guarantee. The launch balance of an existing vCPU is ignored.
+    /// the new server may use before its deadline (`(d - now) * u'_new - O`). Until that release admission
+    /// accounts the vCPU as the cover of its old and new servers (larger utilisation, shorter period), so neither
+    /// an increase nor a decrease can hurt another vCPU's guarantee: freed bandwidth is admissible from the next
+    /// release on. The launch balance of an existing vCPU is ignored.
     ///
     /// # Errors
-    /// Invalid configuration, unknown vCPU, or admission refusal.
+    /// Invalid configuration, unknown vCPU, or admission refusal (for the new server, or for the cover while
+    /// the current period ends).
     pub fn reconfigure(&mut self, id: VcpuId, cfg: VcpuConfig, now: u64) -> Result<(), SchedError> {
         cfg.validate()?;
-        let (cpu, old) = {
+        let params = self.params;
+        let (cpu, entry, job) = {
             let v = self.vcpu(id)?;
-            (v.cpu, v.cfg)
+            (
+                v.cpu,
+                v.load_entry,
+                Server {
+                    ppm: v.u_ppm,
+                    period_ns: v.cur_period_ns,
+                },
+            )
         };
+        let new = Server::of(&cfg, &params);
+        // The open job still runs under its old server (or the cover from an earlier change this period).
+        let cover = new.cover(job).cover(entry);
         let ci = self.cpu_index(cpu)?;
         self.cpus[ci]
             .load
-            .check(cpu, &cfg, Some(&old), &self.params)?;
-        self.cpus[ci].load.remove(&old, &self.params);
-        self.cpus[ci].load.add(&cfg, &self.params);
-        let params = self.params;
+            .check_server(cpu, new, Some(entry), &params)?;
+        self.cpus[ci]
+            .load
+            .check_server(cpu, cover, Some(entry), &params)?;
+        self.cpus[ci].load.remove_server(entry);
+        self.cpus[ci].load.add_server(cover);
         let v = self.vcpu_mut(id)?;
         v.cfg = cfg;
         v.derive();
-        v.u_ppm = server_ppm(&cfg, &params);
+        v.load_entry = cover;
+        v.u_ppm = new.ppm;
         v.budget = v.budget.min(Self::fluid_limit(v, now, &params));
         self.reposition(id, now)
     }
@@ -613,7 +633,20 @@ impl Scheduler {
         v.budget = to_i64(v.cfg.budget_ns).saturating_add(v.budget.min(0));
         v.acc = PeriodAccum::default();
         v.counters_at_start = v.ledger.counters();
+        let settled = Server {
+            ppm: v.u_ppm,
+            period_ns: v.cfg.period_ns,
+        };
+        let unsettled = (v.load_entry != settled).then_some(v.load_entry);
+        v.load_entry = settled;
         let (cpu, next, balance) = (v.cpu, v.next_release, v.ledger.balance());
+        if let Some(old) = unsettled {
+            // The job started under the old server is over: account the new server alone.
+            if let Ok(ci) = self.cpu_index(cpu) {
+                self.cpus[ci].load.remove_server(old);
+                self.cpus[ci].load.add_server(settled);
+            }
+        }
         if let Some((credits, mean)) = request {
             let request_id = self.next_request_id;
             self.next_request_id += 1;
