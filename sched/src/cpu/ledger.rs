@@ -237,3 +237,68 @@ impl Ledger {
             - self.balance()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spends_oldest_first_and_overdraws_the_rest() {
+        let mut l = Ledger::new(5);
+        l.accrue(1, 10, 100);
+        l.accrue(2, 10, 100);
+        let s = l.spend(12);
+        assert_eq!((s.from_lots, s.overdrawn, s.newest_tag), (12, 0, Some(1)));
+        assert_eq!(
+            l.lots().copied().collect::<alloc::vec::Vec<_>>(),
+            [
+                Lot {
+                    period: 1,
+                    amount: 3
+                },
+                Lot {
+                    period: 2,
+                    amount: 10
+                }
+            ]
+        );
+        let s = l.spend(20);
+        assert_eq!((s.from_lots, s.overdrawn), (13, 7));
+        assert_eq!(l.balance(), -7);
+        // Accrual repays the overdraft before it forms a lot.
+        assert_eq!(l.accrue(3, 10, 100), (10, 0));
+        assert_eq!((l.balance(), l.lots_total()), (3, 3));
+        assert_eq!(l.conservation_error(), 0);
+    }
+
+    #[test]
+    fn coalescing_bounds_lots_and_never_expires_early() {
+        let mut l = Ledger::new(0);
+        for p in 1..=1_000u64 {
+            l.accrue(p, 1, u64::MAX);
+            assert!(l.lots().count() <= MAX_LOTS);
+        }
+        assert_eq!(l.lots_total(), 1_000);
+        // Newest lots keep exact tags.
+        let tags: alloc::vec::Vec<u64> = l.lots().map(|x| x.period).collect();
+        assert_eq!(tags.last(), Some(&1_000));
+        assert!(tags.windows(2).all(|w| w[0] < w[1]));
+        // Expiring everything earned before period 900 removes at most those 899 credits (late, never early).
+        let gone = l.expire_before(900);
+        assert!(gone <= 899);
+        assert!(l.lots_total() >= 101);
+        assert_eq!(l.conservation_error(), 0);
+    }
+
+    #[test]
+    fn cap_discards_and_grants_bypass_it() {
+        let mut l = Ledger::new(0);
+        assert_eq!(l.accrue(1, 10, 4), (4, 6));
+        l.grant(1, 10);
+        assert_eq!(l.balance(), 14);
+        assert_eq!(l.accrue(2, 10, 4), (0, 10));
+        let c = l.counters();
+        assert_eq!((c.earned, c.discarded, c.granted), (20, 16, 10));
+        assert_eq!(l.conservation_error(), 0);
+    }
+}
