@@ -29,6 +29,9 @@ bitflags! {
         const PANIC = 1 << 6;
         /// Destructive: forced page fault.
         const PAGEFAULT = 1 << 7;
+        /// NVMe bring-up, pattern write/read-back and QD1/QD32 calibration. Overwrites the first 64 KiB of the
+        /// first namespace, so only on request (not part of `all`).
+        const NVME = 1 << 16;
         /// VMX backend bring-up: a tiny EPT guest, every exit kind decoded, the exit round trip measured.
         const VMX = 1 << 9;
         /// SVM backend bring-up: a tiny NPT guest, every exit kind decoded, preemption, the exit round trip measured.
@@ -49,7 +52,7 @@ impl SelfTests {
         .union(Self::SVM);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 11] = [
+    pub const NAMES: [(&'static str, Self); 12] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
@@ -59,6 +62,7 @@ impl SelfTests {
         ("bootinfo", Self::BOOTINFO),
         ("vmx", Self::VMX),
         ("svm", Self::SVM),
+        ("nvme", Self::NVME),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

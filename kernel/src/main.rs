@@ -18,6 +18,7 @@ mod arch;
 mod boot;
 mod cmdline;
 mod console;
+mod io;
 mod mm;
 mod selftest;
 mod virt;

@@ -59,6 +59,7 @@ pub fn run(tests: SelfTests) -> bool {
             SelfTests::BOOTINFO => crate::boot::selftest::run()
                 .map(|n| detail!("{n} garbled/valid Multiboot 1 and 2 structures judged correctly"))
                 .map_err(|e| detail!("{e}")),
+            SelfTests::NVME => crate::io::selftest::run(),
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
             SelfTests::VMX => crate::virt::vmx::selftest::run(),
