@@ -11,7 +11,9 @@
 //! 0x501B  mov rax,[0x100000]                      ; EPT violation (GPA not mapped), mapped by the host, retried
 //! 0x5023  ud2                                     ; #UD intercepted through the exception bitmap
 //! 0x5025  hlt                                     ; HLT exit
-//! 0x5026  jmp $                                   ; spins until the preemption timer ends the slice
+//! 0x5026  jmp $
+//! 0x5030  sti; jmp $                              ; a host LAPIC timer interrupt exits (and reaches the host),
+//!                                                 ; then the preemption timer ends the slice
 //! ```
 //!
 //! then injects #GP into the guest, which has no IDT, and expects the triple-fault exit. Fresh vCPUs on the same EPT
@@ -67,6 +69,9 @@ const TIMED_GUEST: [u8; 33] = [
     0x0F, 0x01, 0xC1, // vmcall
     0xEB, 0xDF, // jmp 0x6000
 ];
+
+/// At 0x5030: `sti; jmp $` — spin with interrupts enabled (see [`host_interrupt`]).
+const SPIN_CODE: u64 = 0x5030;
 
 /// At 0x7100: MSR and port checks, on a fresh vCPU.
 const MSR_CODE: u64 = 0x7100;
@@ -221,6 +226,7 @@ fn build_guest(mem: &mut GuestMem, map: &mut GuestPhysMap) -> Result<(), Detail>
     mem.write(CODE, &GUEST_CODE)?;
     mem.write(TIMED_CODE, &TIMED_GUEST)?;
     mem.write(MSR_CODE, &MSR_GUEST)?;
+    mem.write(SPIN_CODE, &[0xFB, 0xEB, 0xFE])?;
     // Real-mode vCPU: HLT at 0x7000.
     mem.write(0x7000, &[0xF4])?;
     for (i, &f) in mem.frames.iter().enumerate() {
@@ -389,6 +395,8 @@ fn drive(
     v.skip_instruction();
     exits += 1;
 
+    exits += host_interrupt(v)?;
+
     let slice = 200_000;
     let deadline = tsc::rdtsc() + slice;
     let e = run_once(v, deadline)?;
@@ -398,7 +406,11 @@ fn drive(
         "expected the preemption timer, got {e:?} at rip {:#x}",
         v.rip()
     );
-    ensure!(v.rip() == 0x5026, "slice ended at rip {:#x}", v.rip());
+    ensure!(
+        v.rip() == SPIN_CODE + 1,
+        "slice ended at rip {:#x}",
+        v.rip()
+    );
     // The timer counts in units of 2^rate ticks, so it may fire up to one unit before the deadline.
     let grain = 1u64 << v.timer_rate();
     ensure!(
@@ -550,6 +562,52 @@ fn entry_failures(map: &GuestPhysMap) -> Result<(), Detail> {
         "bad guest RFLAGS gave {r:?}, not exit reason 33"
     );
     Ok(())
+}
+
+/// While the guest spins at 0x5031 (after its own STI), a host LAPIC timer interrupt must end the run as
+/// `ExternalInterrupt` and then reach the host's own handler (the per-CPU tick count moves) once `run` re-enables
+/// interrupts. Returns the exits checked.
+///
+/// The guest enables its interrupts first because Bochs 2.7 does not take external-interrupt exits from a guest
+/// with RFLAGS.IF=0 entered from a host with IF=0 (it re-evaluates its interrupt mask only when IF changes, and the
+/// entry loads the guest's IF before it marks the CPU as being in non-root operation). The SDM says the exit happens
+/// regardless of the guest's IF (Vol. 3C §26.7.1, "Event Blocking"); on Bochs a guest with IF=0 is stopped by the
+/// preemption timer, which is what ends every slice anyway.
+fn host_interrupt(v: &mut VmxVcpu) -> Result<u64, Detail> {
+    use crate::arch::x86_64::{lapic, percpu};
+    use core::sync::atomic::Ordering;
+    use x86_64::instructions::interrupts;
+    let Some(me) = percpu::try_current() else {
+        return Err(detail!("no per-CPU area"));
+    };
+    if !lapic::is_initialised() {
+        return Err(detail!("LAPIC not initialised"));
+    }
+    let was_enabled = interrupts::are_enabled();
+    let before = me.timer_ticks.load(Ordering::Relaxed);
+    interrupts::enable();
+    v.set_rip(SPIN_CODE);
+    lapic::arm_oneshot_us(200);
+    let e = v.run(far_deadline());
+    let delivered = tsc::wait_until(100_000, || me.timer_ticks.load(Ordering::Relaxed) != before);
+    lapic::disarm();
+    if !was_enabled {
+        interrupts::disable();
+    }
+    ensure!(
+        e == Ok(VmExit::ExternalInterrupt),
+        "host timer during the guest gave {e:?}"
+    );
+    ensure!(
+        delivered,
+        "the host timer interrupt never reached the host handler after the exit"
+    );
+    ensure!(
+        v.rip() == SPIN_CODE + 1,
+        "interrupted at rip {:#x}",
+        v.rip()
+    );
+    Ok(1)
 }
 
 /// Enters a second vCPU in real mode at 0700:0000 (HLT) through unrestricted guest.
