@@ -691,6 +691,8 @@ fn window_reports_add_up() {
         s.dispatched
     );
     assert_eq!(s.wait.count(), s.dispatched);
+    assert_eq!(s.service.count(), s.completed);
+    assert_eq!(s.service.quantile_bound(500), Some(100_000));
     assert!(s.throttled > 0);
     assert_eq!(r.completed_iops, s.completed);
 }

@@ -485,12 +485,12 @@ impl Partitioner {
         service_ns: u64,
         now: u64,
     ) -> Result<(), IopsError> {
-        let _ = service_ns;
         self.advance(now);
         let cost = self.config.cost.cost(request.op, request.bytes);
         self.window_cost = self.window_cost.saturating_add(cost);
         let vol = slot_volume(&mut self.slots, id)?;
         vol.stats.completed += 1;
+        vol.stats.service.record(service_ns);
         vol.stats.completed_cost = vol.stats.completed_cost.saturating_add(cost);
         Ok(())
     }

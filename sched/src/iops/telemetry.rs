@@ -7,8 +7,8 @@
 //! one at a time, so a report exists for every window. When the queue is full the oldest report is
 //! dropped and counted, so a stalled consumer costs bounded memory.
 //!
-//! Queue-wait latency (enqueue to dispatch) goes into a histogram with fixed bucket bounds
-//! ([`LATENCY_BOUNDS_NS`]); the last bucket is open-ended.
+//! Queue-wait latency (enqueue to dispatch) and device service time (reported at completion) go
+//! into histograms with fixed bucket bounds ([`LATENCY_BOUNDS_NS`]); the last bucket is open-ended.
 //!
 //! Invariants: `completed <= dispatched + in flight at window start`; per-class counters sum to
 //! `dispatched`.
@@ -100,8 +100,10 @@ pub struct WindowStats {
     pub from_boost: u64,
     /// Times the volume's head request was held back by its limit.
     pub throttled: u64,
-    /// Queue-wait latency.
+    /// Queue-wait latency (enqueue to dispatch).
     pub wait: LatencyHistogram,
+    /// Device service time reported at completion.
+    pub service: LatencyHistogram,
 }
 
 impl WindowStats {
