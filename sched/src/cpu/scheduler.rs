@@ -521,10 +521,21 @@ impl Scheduler {
     /// [`SchedError::NoSuchVcpu`].
     pub fn wake(&mut self, id: VcpuId, now: u64) -> Result<Wake, SchedError> {
         let params = self.params;
-        let v = self.vcpu_mut(id)?;
-        if v.runnable {
+        if self.vcpu(id)?.runnable {
             return Ok(Wake { preempt: None });
         }
+        // Close the vCPU's periods that ended by `now`, so the wake counts in (and its budget is clamped
+        // against) the period it happens in.
+        loop {
+            let v = self.vcpu(id)?;
+            let (r, ci) = (v.next_release, self.cpu_index(v.cpu)?);
+            if r > now {
+                break;
+            }
+            self.cpus[ci].releases.remove(&(r, id));
+            self.rollover(id, r)?;
+        }
+        let v = self.vcpu_mut(id)?;
         v.runnable = true;
         v.runnable_since = Some(now);
         v.woke_at = Some(now);
