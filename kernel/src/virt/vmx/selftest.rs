@@ -73,6 +73,9 @@ const TIMED_GUEST: [u8; 33] = [
 /// At 0x5030: `sti; jmp $` — spin with interrupts enabled (see [`host_interrupt`]).
 const SPIN_CODE: u64 = 0x5030;
 
+/// TSC offset of the guest-timed vCPU: its RDTSC must read the host TSC plus this.
+const TSC_OFFSET: u64 = 1 << 50;
+
 /// At 0x7100: MSR and port checks, on a fresh vCPU.
 const MSR_CODE: u64 = 0x7100;
 const MSR_GUEST: [u8; 38] = [
@@ -499,18 +502,27 @@ fn msrs_and_ports(map: &GuestPhysMap) -> Result<u64, Detail> {
 }
 
 /// Runs the guest-timed loop on a fresh vCPU: ROUNDS pairs of CPUID (timed by the guest) and VMCALL (reporting
-/// the time); returns the median CPUID round trip in guest TSC ticks.
+/// the time), with a TSC offset the guest's RDTSC must show; returns the median CPUID round trip in guest TSC
+/// ticks.
 fn guest_timed(map: &GuestPhysMap) -> Result<u64, Detail> {
     let config = VcpuConfig {
         eptp: map.eptp(),
         entry: EntryState::long_mode(TIMED_CODE, 0, GUEST_PAGES * 4096),
         exception_bitmap: 0,
-        tsc_offset: 0,
+        tsc_offset: TSC_OFFSET,
     };
     let mut v = VmxVcpu::new(&config).map_err(|e| detail!("timed vCPU: {e:?}"))?;
     let mut ticks = Vec::with_capacity(usize::try_from(ROUNDS).unwrap_or(0));
     for i in 0..ROUNDS {
+        let before = tsc::rdtsc();
         let e = run_once(&mut v, far_deadline())?;
+        // R8 holds the guest's first RDTSC of this round: the host TSC plus the offset, taken during this run.
+        let seen = v.gpr(Gpr::R8);
+        let (lo, hi) = (v.guest_tsc(before), v.guest_tsc(tsc::rdtsc()));
+        ensure!(
+            (lo..=hi).contains(&seen),
+            "guest TSC {seen:#x} outside [{lo:#x}, {hi:#x}]"
+        );
         ensure!(
             e == VmExit::Cpuid && v.rip() == TIMED_CODE + 0xE,
             "timed round {i}: {e:?} at {:#x}",
