@@ -78,8 +78,8 @@ impl core::fmt::Display for BackendError {
 #[derive(Debug)]
 pub enum VmBackend {
     Svm {
-        /// Kept alive for the VM's lifetime: the VMCBs point at it.
-        npt: NptMap,
+        /// Kept alive for the VM's lifetime: the VMCBs point at it (never read after set-up, hence `_`).
+        _npt: NptMap,
         vm: Arc<SvmVm>,
     },
     Vmx {
@@ -106,7 +106,7 @@ impl VmBackend {
                 // vCPU exists).
                 let vm = unsafe { SvmVm::new(npt.ncr3(), &svm::backend_msr_allow_list()) }
                     .map_err(BackendError::Svm)?;
-                Ok(Self::Svm { npt, vm })
+                Ok(Self::Svm { _npt: npt, vm })
             }
             Kind::Vmx => {
                 let mut ept = GuestPhysMap::new(false).map_err(BackendError::Map)?;
@@ -152,6 +152,7 @@ impl VmBackend {
 
 /// One vCPU on whichever backend runs.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per vCPU, stored in place; boxing would only add an indirection
 pub enum BackendVcpu {
     Svm(SvmVcpu),
     Vmx(VmxVcpu),

@@ -113,6 +113,8 @@ pub struct CpuStats {
     pub exits: AtomicU64,
     /// Largest `ran - slice` seen, ns.
     pub max_overrun_ns: AtomicU64,
+    /// Slices that ran longer than `slice + OVERRUN_BOUND_NS`.
+    pub overruns: AtomicU64,
     /// The CPU left its run loop.
     pub finished: AtomicBool,
 }

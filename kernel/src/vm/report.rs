@@ -17,7 +17,6 @@ use crate::marker;
 /// The BSP's report clock.
 #[derive(Debug)]
 pub struct Reporter {
-    start: u64,
     next: u64,
     end: u64,
 }
@@ -27,7 +26,6 @@ impl Reporter {
     pub fn new(rt: &Runtime) -> Self {
         let start = tsc::rdtsc();
         Self {
-            start,
             next: rt.after(start, REPORT_INTERVAL_NS),
             end: rt
                 .run_ms
@@ -52,11 +50,6 @@ impl Reporter {
                 self.next = rt.after(self.next, REPORT_INTERVAL_NS);
             }
         }
-    }
-
-    /// TSC at which the run started.
-    pub fn start(&self) -> u64 {
-        self.start
     }
 }
 
@@ -134,7 +127,7 @@ pub fn vm_lines(rt: &Runtime) {
                 };
             }
         }
-        marker!("VM {}", line.0);
+        crate::console::write_line_deferred(format_args!("CV:VM {}", line.0));
     }
 }
 
@@ -143,19 +136,21 @@ pub fn summary(rt: &Runtime, start: u64) {
     let now = tsc::rdtsc();
     let elapsed = ticks_to_ns(now.saturating_sub(start), rt.tsc_hz);
     let (mut guest, mut idle, mut exits, mut slices, mut overrun) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut overruns = 0u64;
     for c in &rt.cpu_stats {
         guest += ticks_to_ns(c.guest_ticks.load(Ordering::Relaxed), rt.tsc_hz);
         idle += ticks_to_ns(c.idle_ticks.load(Ordering::Relaxed), rt.tsc_hz);
         exits += c.exits.load(Ordering::Relaxed);
         slices += c.slices.load(Ordering::Relaxed);
         overrun = overrun.max(c.max_overrun_ns.load(Ordering::Relaxed));
+        overruns += c.overruns.load(Ordering::Relaxed);
     }
     let total = elapsed.saturating_mul(rt.cpus as u64).max(1);
     let overhead = total.saturating_sub(guest).saturating_sub(idle);
     let stopped = rt.vms.iter().filter(|v| v.stopped()).count();
     marker!(
         "VMSUM backend={} cpus={} vms={} stopped={} run_ms={} exits={} slices={} guest_ms={} idle_ms={} \
-         overhead_ppm={} overhead_per_exit_ns={} max_overrun_us={}",
+         overhead_ppm={} overhead_per_exit_ns={} max_overrun_us={} overruns={}",
         rt.kind.name(),
         rt.cpus,
         rt.vms.len(),
@@ -167,6 +162,7 @@ pub fn summary(rt: &Runtime, start: u64) {
         idle / 1_000_000,
         u128::from(overhead) * 1_000_000 / u128::from(total),
         overhead / exits.max(1),
-        overrun / 1000
+        overrun / 1000,
+        overruns
     );
 }

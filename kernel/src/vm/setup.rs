@@ -18,7 +18,7 @@ use spin::Mutex;
 use virt::config::{Burst, VmConfig};
 use virt::cpuid::CpuidPolicy;
 use virt::loader::{self, BootParams};
-use virt::{GuestMemory, VmContext, NO_WAKE};
+use virt::{VmContext, NO_WAKE};
 
 use super::backend::{self, Kind, VmBackend};
 use super::ram::GuestRam;
@@ -324,16 +324,13 @@ fn build_vm(
     Ok(Vm {
         name: cfg.name.to_string(),
         ctx: Mutex::new(VmContext::new(&cfg.name, cfg.vcpus, policy)),
-        tsc_offset: 0u64.wrapping_sub(tsc::rdtsc()),
+        // Guest TSC 0 is the start of the vCPUs' first baseline period (docs/guest-abi.md), so a real-time guest
+        // can align its job releases with the periods in which its baseline is guaranteed.
+        tsc_offset: 0u64.wrapping_sub(epoch.saturating_add(super::ns_to_ticks(now_ns, tsc_hz))),
         ram,
         backend,
         entry,
         state: Mutex::new(VmState::Running),
         slots: first..first + count,
     })
-}
-
-/// Bytes of guest RAM of a VM (for reports).
-pub fn ram_bytes(vm: &Vm) -> u64 {
-    vm.ram.size()
 }
