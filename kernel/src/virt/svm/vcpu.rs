@@ -470,6 +470,8 @@ impl Vcpu for SvmVcpu {
         self.vmcb.set_ctl64(Ctl64::InterruptShadow, 0);
     }
 
+    /// Queues the exception for the next entry (EVENTINJ, APM §15.20). It replaces an event the last exit
+    /// interrupted (EXITINTINFO), which the layer above asks for only after exits that are not event deliveries.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         let ec = error_code.map_or(0, |ec| event::EV | (u64::from(ec) << 32));
         self.pending_event = Some(event::V | event::TYPE_EXCEPTION | u64::from(vector) | ec);
