@@ -13,7 +13,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -77,11 +77,11 @@ impl Report {
     #[must_use]
     pub fn details(&self) -> String {
         let mut s = format!(
-            "{}: {} after {:.1} s ({:?})\n",
+            "{}: run ended after {:.1} s ({:?}): {}\n",
             self.name,
-            self.verdict,
             self.elapsed.as_secs_f64(),
-            self.end
+            self.end,
+            self.verdict
         );
         if self.verdict.is_pass() {
             return s;
@@ -189,9 +189,7 @@ pub fn run(
         source: e,
     })?;
     let result = supervise(&mut child, &serial_log, opts, started);
-    // Whatever happened, the emulator does not outlive the run.
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_emulator(&mut child);
     let (judge, end) = result?;
     let verdict = judge.finish(&end, expect);
     Ok(Report {
@@ -204,6 +202,20 @@ pub fn run(
         bochs_log,
         markers: judge.markers().to_vec(),
     })
+}
+
+/// Whatever happened, the emulator does not outlive the run. It leads its own process group, so the
+/// group is signalled too (a wrapper script's children go with it) — but only while the child is
+/// still unreaped, so its id cannot have been reused.
+fn stop_emulator(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+    }
+    let _ = child.wait();
 }
 
 fn supervise(

@@ -72,7 +72,8 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
     let artefacts = artefacts?;
     let stage = Stage::start("emulator tests");
     let mut c = cargo();
-    c.args(["test", "-p", "qemu-tests"]);
+    // --no-fail-fast: every boot runs and reports even when an earlier test binary failed.
+    c.args(["test", "-p", "qemu-tests", "--no-fail-fast"]);
     let mut binaries: Vec<&str> = Vec::new();
     if emu != Some(Emu::Bochs) {
         binaries.extend(QEMU_TESTS);
