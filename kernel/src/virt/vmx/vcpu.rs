@@ -23,6 +23,8 @@
 //!
 //! Slices: `run(deadline)` programs the preemption timer with `(deadline - now) >> rate` (IA32_VMX_MISC[4:0]), so
 //! the exit comes at the deadline rounded down to the timer's granularity, even if the guest disabled interrupts.
+//! A deadline beyond the 32-bit timer's reach is served by re-entering when the timer expires early; the value the
+//! CPU saves on exit is kept for reports ([`VmxVcpu::timer_remaining`]).
 //!
 //! Invariants: the vCPU is used only on the CPU that created it ([`VmxVcpu::new`] records it; `run` refuses other
 //! CPUs with `EntryFailure::VmxInstructionError(0)` — 0 is not an SDM error number, it means "wrong CPU"). Its frames
@@ -746,6 +748,38 @@ impl VmxVcpu {
         Ok(())
     }
 
+    /// Prepares, enters and decodes one exit; interrupts are disabled and the VMCS is current.
+    fn enter_once(&mut self, deadline_tsc: u64) -> Result<VmExit, EntryFailure> {
+        let fail = |e: VmFail| EntryFailure::VmxInstructionError(vmfail_number(e));
+        match self.prepare_entry(deadline_tsc).map(|()| self.enter()) {
+            Err(e) => Err(fail(e)),
+            Ok(FAIL_INVALID) => Err(EntryFailure::VmxInstructionError(0)),
+            Ok(FAIL_VALID) => {
+                let n = instr::read32(ReadOnly32::InstructionError).unwrap_or(0);
+                Err(EntryFailure::VmxInstructionError(n))
+            }
+            Ok(status) if status != EXITED => Err(EntryFailure::VmxInstructionError(0)),
+            Ok(_) => {
+                self.read_exit().map_err(fail)?;
+                if self.last.reason & ENTRY_FAILURE != 0 {
+                    return Err(EntryFailure::VmxInvalidGuestState {
+                        reason: self.last.reason & 0xFFFF,
+                        qualification: self.last.qualification,
+                    });
+                }
+                self.launched = true;
+                if self.last.basic() == reason::EXCEPTION_OR_NMI
+                    && exit::delivered(&self.last) == Delivered::Nmi
+                {
+                    // SAFETY: NMI exiting took a host NMI; vector 2 is the kernel's NMI handler, which runs on its
+                    // IST stack and returns with IRET.
+                    unsafe { asm!("int 2", options(nomem, nostack)) };
+                }
+                Ok(exit::decode(&self.last))
+            }
+        }
+    }
+
     /// One entry and exit with interrupts disabled; returns the stub's status.
     fn enter(&mut self) -> u64 {
         // SAFETY: FXRSTOR/FXSAVE use our own 16-byte aligned 512-byte area (CR4.OSFXSR was set by `cpu::enable`);
@@ -769,35 +803,16 @@ impl Vcpu for VmxVcpu {
         self.make_current().map_err(fail)?;
         let interrupts = x86_64::instructions::interrupts::are_enabled();
         x86_64::instructions::interrupts::disable();
-        let entered = self.prepare_entry(deadline_tsc).map(|()| self.enter());
-        let result = match entered {
-            Err(e) => Err(fail(e)),
-            Ok(FAIL_INVALID) => Err(EntryFailure::VmxInstructionError(0)),
-            Ok(FAIL_VALID) => {
-                let n = instr::read32(ReadOnly32::InstructionError).unwrap_or(0);
-                Err(EntryFailure::VmxInstructionError(n))
+        // The timer field is 32 bits: a deadline further away than 2^32 timer units expires early, and the guest is
+        // simply entered again (host interrupts still end the run).
+        let grain = 1u64 << self.timer_rate;
+        let result = loop {
+            match self.enter_once(deadline_tsc) {
+                Ok(VmExit::SliceExpired) if tsc::rdtsc().saturating_add(grain) < deadline_tsc => {
+                    continue
+                }
+                other => break other,
             }
-            Ok(status) if status != EXITED => Err(EntryFailure::VmxInstructionError(0)),
-            Ok(_) => match self.read_exit() {
-                Err(e) => Err(fail(e)),
-                Ok(()) if self.last.reason & ENTRY_FAILURE != 0 => {
-                    Err(EntryFailure::VmxInvalidGuestState {
-                        reason: self.last.reason & 0xFFFF,
-                        qualification: self.last.qualification,
-                    })
-                }
-                Ok(()) => {
-                    self.launched = true;
-                    if self.last.basic() == reason::EXCEPTION_OR_NMI
-                        && exit::delivered(&self.last) == Delivered::Nmi
-                    {
-                        // SAFETY: NMI exiting took a host NMI; vector 2 is the kernel's NMI handler, which runs on
-                        // its IST stack and returns with IRET.
-                        unsafe { asm!("int 2", options(nomem, nostack)) };
-                    }
-                    Ok(exit::decode(&self.last))
-                }
-            },
         };
         if interrupts {
             // A host interrupt that caused an external-interrupt exit is still pending and is taken here.
