@@ -227,7 +227,7 @@ pub fn build(name: &str, seed: u64) -> Result<Scenario, String> {
             for i in 0..n {
                 let period =
                     [MS, 2 * MS, 5 * MS, 10 * MS][usize::try_from(rng.range(0, 3)).unwrap_or(0)];
-                let budget = period * rng.range(3, 25) / 100;
+                let budget = period * rng.range(5, 40) / 100;
                 let mut c = cfg(
                     budget,
                     period,
