@@ -36,6 +36,7 @@ pub mod sink;
 pub mod stats;
 pub mod uart;
 pub mod vcpu;
+pub mod virtio;
 
 #[cfg(test)]
 mod fake;
