@@ -2,7 +2,7 @@
 //! burst tier, pool requests and grants. See [`crate::cpu`] for the model and the guarantee proof.
 //!
 //! Design: a slab of vCPUs indexed by [`VcpuId`] (ids are never reused, so a stale id from the management
-//! channel cannot hit a new vCPU) and one [`CpuQueue`] per physical CPU. Period releases are processed lazily by
+//! channel cannot hit a new vCPU) and one `CpuQueue` per physical CPU. Period releases are processed lazily by
 //! `pick` on the vCPU's CPU (at the release instant, not at `now`), so no timer other than the one the kernel
 //! arms for the returned slice is needed. The kernel contract is: `pick`, run the vCPU for at most
 //! `slice_ns + overrun_bound_ns`, `charge` the time since the decision (exactly, overrun included), repeat; call
