@@ -203,6 +203,7 @@ pub struct VmxVcpu {
     skipped: bool,
     pending: Option<Injection>,
     timer_left: Option<u32>,
+    timer_armed: u32,
     fx: FxArea,
 }
 
@@ -261,6 +262,7 @@ impl VmxVcpu {
             skipped: false,
             pending: None,
             timer_left: None,
+            timer_armed: 0,
             fx: FxArea([0; 512]),
         };
         // Drop frees whatever was allocated if a later step fails.
@@ -653,6 +655,12 @@ impl VmxVcpu {
         self.timer_left
     }
 
+    /// Preemption-timer value programmed at the last entry: 0 means the deadline had already passed when `run` was
+    /// called (a late slice is then the caller's delay, not the timer's).
+    pub fn timer_at_entry(&self) -> u32 {
+        self.timer_armed
+    }
+
     /// The preemption timer counts once per 2^rate TSC ticks.
     pub fn timer_rate(&self) -> u32 {
         self.timer_rate
@@ -692,6 +700,7 @@ impl VmxVcpu {
         let ticks = deadline_tsc.saturating_sub(tsc::rdtsc());
         let timer = u32::try_from(ticks >> self.timer_rate).unwrap_or(u32::MAX);
         w(instr::write32(Guest32::PreemptionTimerValue, timer))?;
+        self.timer_armed = timer;
         if self.skipped {
             // Skipping an instruction ends blocking by STI / MOV SS (SDM Table 25-3, bits 0-1).
             let s = instr::read32(Guest32::InterruptibilityState)?;
