@@ -7,8 +7,10 @@
 //!    vCPU on this CPU (and, on the BSP, the next report) and halt;
 //! 4. vCPU decision: enter it with a deadline of `now + slice`, cut short by the next wake-up of another vCPU on
 //!    this CPU (so a waking real-time vCPU is re-picked within the overrun bound), handle each exit through
-//!    `VmContext::handle_exit` and act on the `ExitAction`, then charge the whole time since the decision
-//!    (guest time, world switches and exit handling: the scheduler's contract 2) and block the vCPU if it halted.
+//!    `VmContext::handle_exit` and act on the `ExitAction`, then charge the time
+//!    from entry to the end of the last exit's handling (guest time, world switches and exit handling; the
+//!    decision itself and the wake/report work between slices are overhead, kept within `RESERVE_PPM`) and
+//!    block the vCPU if it halted.
 //!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
@@ -88,7 +90,8 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                     log::error!("vm: scheduler picked {id:?}, which is not pinned to cpu{cpu}; stopping this loop");
                     break;
                 };
-                run_slice(rt, s, &mine, now, decision.slice_ns, stats);
+                // The slice starts after the decision: the scheduler's own cost is overhead, not the vCPU's time.
+                run_slice(rt, s, &mine, tsc::rdtsc(), decision.slice_ns, stats);
             }
         }
     }
@@ -217,7 +220,8 @@ fn run_slice(
     stats.guest_ticks.fetch_add(guest_ticks, Ordering::Relaxed);
     stats.exits.fetch_add(exits, Ordering::Relaxed);
     stats.slices.fetch_add(1, Ordering::Relaxed);
-    let overrun = ran_ns.saturating_sub(slice_ns);
+    // Past the deadline actually armed (the slice, or earlier for another vCPU's wake-up).
+    let overrun = super::ticks_to_ns(t1.saturating_sub(deadline), rt.tsc_hz);
     let new_max = overrun > stats.max_overrun_ns.fetch_max(overrun, Ordering::Relaxed);
     if overrun > OVERRUN_BOUND_NS {
         stats.overruns.fetch_add(1, Ordering::Relaxed);
