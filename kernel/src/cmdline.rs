@@ -32,6 +32,9 @@ bitflags! {
         /// NVMe bring-up, pattern write/read-back and QD1/QD32 calibration. Overwrites the first 64 KiB of the
         /// first namespace, so only on request (not part of `all`).
         const NVME = 1 << 16;
+        /// NVMe under the IOPS partitioner: calibration, three committed volumes, a run-time commitment change
+        /// (about 7 s of read traffic; not part of `all`).
+        const NVME_IOPS = 1 << 17;
         /// VMX backend bring-up: a tiny EPT guest, every exit kind decoded, the exit round trip measured.
         const VMX = 1 << 9;
         /// SVM backend bring-up: a tiny NPT guest, every exit kind decoded, preemption, the exit round trip measured.
@@ -52,7 +55,7 @@ impl SelfTests {
         .union(Self::SVM);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 12] = [
+    pub const NAMES: [(&'static str, Self); 13] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
@@ -63,6 +66,7 @@ impl SelfTests {
         ("vmx", Self::VMX),
         ("svm", Self::SVM),
         ("nvme", Self::NVME),
+        ("nvme-iops", Self::NVME_IOPS),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

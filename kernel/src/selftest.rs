@@ -60,6 +60,7 @@ pub fn run(tests: SelfTests) -> bool {
                 .map(|n| detail!("{n} garbled/valid Multiboot 1 and 2 structures judged correctly"))
                 .map_err(|e| detail!("{e}")),
             SelfTests::NVME => crate::io::selftest::run(),
+            SelfTests::NVME_IOPS => crate::io::iops_test::run(),
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
             SelfTests::VMX => crate::virt::vmx::selftest::run(),

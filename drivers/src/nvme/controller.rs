@@ -54,6 +54,8 @@ struct Ring {
     phase: bool,
     /// The tail doorbell holds `tail` (no staged entries).
     rung: bool,
+    /// Completion entries consumed since the head doorbell was last written.
+    unacked: u16,
     sq_db: usize,
     cq_db: usize,
 }
@@ -69,6 +71,7 @@ impl Ring {
             head: 0,
             phase: true,
             rung: true,
+            unacked: 0,
             sq_db: sq_tail_doorbell(qid, stride),
             cq_db: cq_head_doorbell(qid, stride),
         }
@@ -90,6 +93,7 @@ impl Ring {
         self.head = 0;
         self.phase = true;
         self.rung = true;
+        self.unacked = 0;
     }
 
     /// Writes `sqe` at the tail without telling the controller (see [`Ring::ring`]).
@@ -122,6 +126,7 @@ impl Ring {
             return None;
         }
         self.head += 1;
+        self.unacked += 1;
         if self.head == self.entries {
             self.head = 0;
             self.phase = !self.phase;
@@ -130,8 +135,9 @@ impl Ring {
     }
 
     /// Tells the controller which completion entries are consumed.
-    fn ack<H: Hal>(&self, hal: &mut H) {
+    fn ack<H: Hal>(&mut self, hal: &mut H) {
         hal.write32(self.cq_db, u32::from(self.head));
+        self.unacked = 0;
     }
 }
 
@@ -601,6 +607,11 @@ impl<H: Hal> Controller<H> {
             });
             return;
         };
+        // CQ space as the controller sees it: entries - 1 minus completions it posted that we have not acknowledged.
+        // Every outstanding command, this one included, must find a slot (spec 2.0 section 4.1, queue full).
+        if q.outstanding() + usize::from(q.ring.unacked) + 1 > usize::from(q.ring.entries - 1) {
+            q.ring.ack(&mut self.hal);
+        }
         let list_page = q.prp_lists + u64::from(cid) * PAGE_SIZE;
         let opcode = match req.op {
             IoOp::Read => io::READ,
@@ -707,8 +718,12 @@ impl<H: Hal> Controller<H> {
                 retries: done.retries,
             });
         }
-        if n > 0 {
-            self.queues[qi].ring.ack(&mut self.hal);
+        // The head doorbell is written in batches (each write is an exit under emulation): once a quarter of the
+        // ring is consumed. `issue` writes it early whenever the controller's view of free CQ space could fall
+        // below what the outstanding commands need.
+        let ring = &mut self.queues[qi].ring;
+        if ring.unacked > 0 && ring.unacked >= (ring.entries / 4).max(1) {
+            ring.ack(&mut self.hal);
         }
         n
     }

@@ -35,6 +35,8 @@ struct Cq {
     entries: u16,
     tail: u16,
     phase: bool,
+    /// Host's head as last written to the doorbell.
+    head: u16,
 }
 
 pub struct FakeNvme {
@@ -196,6 +198,11 @@ impl FakeNvme {
         let Some(cq) = self.cqs.get_mut(&cqid) else {
             return;
         };
+        assert_ne!(
+            (cq.tail + 1) % cq.entries,
+            cq.head,
+            "completion queue {cqid} overflow: host head not advanced"
+        );
         let addr = cq.base + u64::from(cq.tail) * 16;
         let cqe = Cqe::new(dw0, sq_head, sqid, cid, status, cq.phase);
         cq.tail += 1;
@@ -305,6 +312,7 @@ impl FakeNvme {
                         entries,
                         tail: 0,
                         phase: true,
+                        head: 0,
                     },
                 );
                 (Status::SUCCESS, 0)
@@ -430,6 +438,7 @@ impl FakeNvme {
                     entries: aqa.cq_entries() as u16,
                     tail: 0,
                     phase: true,
+                    head: 0,
                 },
             );
             if !self.refuse_enable {
@@ -481,6 +490,8 @@ impl Mmio for FakeNvme {
                 let qid = (idx / 2) as u16;
                 if idx.is_multiple_of(2) && Cc(self.cc).enabled() && self.csts & Csts::RDY != 0 {
                     self.ring(qid, v as u16);
+                } else if let Some(cq) = self.cqs.get_mut(&qid) {
+                    cq.head = v as u16;
                 }
             }
             _ => {}

@@ -72,7 +72,7 @@ pub fn run() -> Result<Detail, Detail> {
 }
 
 /// This CPU's queue: CPU n owns queue n + 1 (wrapping when the controller granted fewer).
-fn own_queue(ctrl: &Controller<KernelHal>) -> u16 {
+pub(super) fn own_queue(ctrl: &Controller<KernelHal>) -> u16 {
     let cpu = percpu::current_id();
     let n = u32::from(ctrl.io_queues().max(1));
     u16::try_from(cpu % n + 1).unwrap_or(1)
@@ -218,7 +218,7 @@ fn exercise(
 
 /// `total` random aligned reads of `per_io` blocks kept `depth` deep; returns (IOPS, driver ns per request).
 #[allow(clippy::too_many_arguments)] // a measurement loop; bundling its knobs would only rename them
-fn random_reads(
+pub(super) fn random_reads(
     ctrl: &mut Controller<KernelHal>,
     qid: u16,
     ns: &Namespace,

@@ -1,0 +1,293 @@
+//! Volumes on an NVMe namespace, scheduled by the IOPS partitioner (`sched::iops`).
+//!
+//! A volume is an LBA range of a namespace with a commitment, limit, weight, burst bucket and overage policy
+//! (`sched::iops::VolumeConfig`); adding one goes through the partitioner's admission control. Requests arrive
+//! with [`Engine::enqueue`] (range-checked against the volume, translated to namespace LBAs) and wait in the
+//! partitioner; [`Engine::pump`] reaps NVMe completions (charging them back to the partitioner with their device
+//! time) and then submits whatever the partitioner dispatches while the device queue has room. The engine never
+//! decides order itself: that is the partitioner's job (DESIGN.md, "IOPS partitioning model").
+//!
+//! Invariants: every request accepted by `enqueue` produces exactly one [`Done`] (success, device or driver
+//! error status); a request the driver refuses after dispatch completes with an error status, it is not lost.
+//! Time is nanoseconds from the caller's clock, passed in.
+
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+
+use drivers::nvme::{Completion, Controller, Hal, IoOp, IoRequest, Namespace, NvmeError, Status};
+use sched::iops::{self, DeviceConfig, IopsError, Partitioner, Request, VolumeConfig, VolumeId};
+
+/// Where a volume lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Namespace.
+    pub nsid: u32,
+    /// First namespace LBA of the volume.
+    pub first_lba: u64,
+    /// Length in logical blocks.
+    pub blocks: u64,
+}
+
+/// Why the engine refused something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineError {
+    /// The partitioner refused (admission numbers, queue full, unknown volume...).
+    Iops(IopsError),
+    /// The extent does not fit its namespace, or the namespace does not exist.
+    BadExtent(Extent),
+    /// The request leaves the volume.
+    OutOfVolume {
+        /// First block (volume-relative).
+        lba: u64,
+        /// Blocks.
+        blocks: u32,
+        /// Volume size.
+        size: u64,
+    },
+    /// No such volume.
+    UnknownVolume(VolumeId),
+}
+
+/// A finished request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// Caller's token from `enqueue`.
+    pub token: u64,
+    /// Volume.
+    pub volume: VolumeId,
+    /// Outcome.
+    pub status: Status,
+}
+
+struct Waiting {
+    volume: VolumeId,
+    token: u64,
+    io: IoRequest,
+    request: Request,
+}
+
+struct Issued {
+    volume: VolumeId,
+    token: u64,
+    request: Request,
+    submitted_ns: u64,
+}
+
+/// The partitioned I/O path of one controller queue.
+pub struct Engine {
+    part: Partitioner,
+    extents: BTreeMap<VolumeId, Extent>,
+    namespaces: Vec<Namespace>,
+    waiting: BTreeMap<u64, Waiting>,
+    issued: BTreeMap<u64, Issued>,
+    /// Dispatched by the partitioner but refused by a full device queue: first in line next time.
+    overflow: VecDeque<u64>,
+    next_id: u64,
+    qid: u16,
+    max_inflight: usize,
+}
+
+fn to_sched_op(op: IoOp) -> iops::IoOp {
+    match op {
+        IoOp::Read => iops::IoOp::Read,
+        IoOp::Write | IoOp::Flush => iops::IoOp::Write,
+    }
+}
+
+impl Engine {
+    /// An engine on queue `qid` of a controller whose namespaces are `namespaces`, keeping at most `max_inflight`
+    /// commands on the device; `device` carries the calibrated capacity.
+    pub fn new(
+        device: DeviceConfig,
+        namespaces: &[Namespace],
+        qid: u16,
+        max_inflight: usize,
+        now: u64,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            part: Partitioner::new(device, now).map_err(EngineError::Iops)?,
+            extents: BTreeMap::new(),
+            namespaces: namespaces.to_vec(),
+            waiting: BTreeMap::new(),
+            issued: BTreeMap::new(),
+            overflow: VecDeque::new(),
+            next_id: 1,
+            qid,
+            max_inflight: max_inflight.max(1),
+        })
+    }
+
+    /// Adds a volume after checking its extent and the partitioner's admission control.
+    pub fn add_volume(
+        &mut self,
+        extent: Extent,
+        cfg: VolumeConfig,
+        now: u64,
+    ) -> Result<VolumeId, EngineError> {
+        let fits = self.namespaces.iter().any(|n| {
+            n.nsid == extent.nsid
+                && extent.blocks > 0
+                && extent
+                    .first_lba
+                    .checked_add(extent.blocks)
+                    .is_some_and(|e| e <= n.blocks)
+        });
+        if !fits {
+            return Err(EngineError::BadExtent(extent));
+        }
+        let id = self.part.add_volume(cfg, now).map_err(EngineError::Iops)?;
+        self.extents.insert(id, extent);
+        Ok(id)
+    }
+
+    /// Changes a volume's commitment, limit, weight or policy at run time (admission checked; takes effect at
+    /// once in the partitioner).
+    pub fn reconfigure(
+        &mut self,
+        id: VolumeId,
+        cfg: VolumeConfig,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        self.part
+            .reconfigure(id, cfg, now)
+            .map_err(EngineError::Iops)
+    }
+
+    /// Requests waiting in the partitioner or on the device.
+    pub fn outstanding(&self) -> usize {
+        self.waiting.len() + self.issued.len()
+    }
+
+    /// Queues a read or write of `blocks` blocks at volume-relative `lba` into/from `pages` (page-aligned host
+    /// physical buffer pages, as `drivers::nvme::IoRequest` wants them).
+    #[allow(clippy::too_many_arguments)] // one request's fields; a struct would only rename them
+    pub fn enqueue(
+        &mut self,
+        volume: VolumeId,
+        op: IoOp,
+        lba: u64,
+        blocks: u32,
+        pages: Vec<u64>,
+        token: u64,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let ext = *self
+            .extents
+            .get(&volume)
+            .ok_or(EngineError::UnknownVolume(volume))?;
+        let inside = lba
+            .checked_add(u64::from(blocks))
+            .is_some_and(|e| e <= ext.blocks);
+        if op != IoOp::Flush && (blocks == 0 || !inside) {
+            return Err(EngineError::OutOfVolume {
+                lba,
+                blocks,
+                size: ext.blocks,
+            });
+        }
+        let lba_size = self
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == ext.nsid)
+            .map_or(512, |n| u64::from(n.lba_size));
+        let bytes = u32::try_from(u64::from(blocks) * lba_size).unwrap_or(u32::MAX);
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = Request {
+            id,
+            bytes,
+            op: to_sched_op(op),
+        };
+        self.part
+            .enqueue(volume, request, now)
+            .map_err(EngineError::Iops)?;
+        let io = IoRequest {
+            tag: id,
+            nsid: ext.nsid,
+            op,
+            lba: ext.first_lba + lba,
+            blocks,
+            pages,
+        };
+        self.waiting.insert(
+            id,
+            Waiting {
+                volume,
+                token,
+                io,
+                request,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reaps completions, then feeds the device from the partitioner. `now` is read before each step by the
+    /// caller's clock function so that waits and service times are charged accurately.
+    pub fn pump<H: Hal>(
+        &mut self,
+        ctrl: &mut Controller<H>,
+        clock: &mut dyn FnMut() -> u64,
+        out: &mut dyn FnMut(Done),
+    ) {
+        let mut reaped: Vec<Completion> = Vec::new();
+        ctrl.poll(self.qid, &mut |c| reaped.push(c));
+        let now = clock();
+        for c in reaped {
+            let Some(done) = self.issued.remove(&c.tag) else {
+                continue;
+            };
+            let service = now.saturating_sub(done.submitted_ns);
+            // The volume may have been removed meanwhile; the device-wide accounting still counts it.
+            let _ = self.part.complete(done.volume, &done.request, service, now);
+            out(Done {
+                token: done.token,
+                volume: done.volume,
+                status: c.status,
+            });
+        }
+        while self.issued.len() < self.max_inflight {
+            let id = match self.overflow.pop_front() {
+                Some(id) => id,
+                None => match self.part.dispatch(clock()) {
+                    Some(d) => d.request.id,
+                    None => break,
+                },
+            };
+            let Some(w) = self.waiting.remove(&id) else {
+                continue;
+            };
+            let submitted_ns = clock();
+            match ctrl.submit(self.qid, w.io) {
+                Ok(()) => {
+                    self.issued.insert(
+                        id,
+                        Issued {
+                            volume: w.volume,
+                            token: w.token,
+                            request: w.request,
+                            submitted_ns,
+                        },
+                    );
+                }
+                Err(r) if r.error == NvmeError::QueueFull => {
+                    self.waiting.insert(id, Waiting { io: r.request, ..w });
+                    self.overflow.push_front(id);
+                    break;
+                }
+                Err(r) => {
+                    let status = if r.error == NvmeError::Failed {
+                        Status::CONTROLLER_FAILED
+                    } else {
+                        Status::INVALID_FIELD
+                    };
+                    out(Done {
+                        token: w.token,
+                        volume: w.volume,
+                        status,
+                    });
+                }
+            }
+        }
+        ctrl.flush(self.qid);
+    }
+}
