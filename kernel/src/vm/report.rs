@@ -81,8 +81,9 @@ pub fn vm_lines(rt: &Runtime) {
         let mut line = Line(heapless::String::new());
         let _ = write!(
             line,
-            "name={} cpu_ms={} baseline_ms={} burst_ms={} balance={}",
+            "name={} t_ms={} cpu_ms={} baseline_ms={} burst_ms={} balance={}",
             vm.name,
+            rt.ns(tsc::rdtsc()) / 1_000_000,
             (baseline + burst) / 1_000_000,
             baseline / 1_000_000,
             burst / 1_000_000,
