@@ -3,9 +3,10 @@
 //! `pci` chooses ECAM (ACPI MCFG) or port I/O and hands the generic enumeration code in `drivers::pci` a
 //! `ConfigSpace`; `nvme` implements the NVMe driver's hardware traits and brings the first controller up on
 //! first use; `volumes` puts volumes (LBA ranges with IOPS commitments) on a controller queue through the
-//! `sched::iops` partitioner, which alone decides the order; `selftest` is `selftest=nvme` and `iops_test` is
-//! `selftest=nvme-iops`.
+//! `sched::iops` partitioner, which alone decides the order; `selftest` is `selftest=nvme`, `iops_test` is
+//! `selftest=nvme-iops` and `faults_test` is `selftest=nvme-faults`.
 
+pub mod faults_test;
 pub mod iops_test;
 pub mod nvme;
 pub mod pci;
