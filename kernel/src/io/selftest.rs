@@ -148,7 +148,51 @@ fn exercise(
     let per_io = u32::try_from(io_bytes / lba_size).unwrap_or(1);
     let seed = tsc::rdtsc();
     let mut verified = 0;
-    // Write-then-read transfers of 1, 2 and 16 pages (the last needs a PRP list), at distinct LBAs.
+    // Every other namespace gets the same pattern check (the calibration below uses the first only).
+    let others: Vec<Namespace> = ctrl
+        .namespaces()
+        .iter()
+        .copied()
+        .filter(|n| n.nsid != ns.nsid)
+        .collect();
+    for other in &others {
+        verified += verify(ctrl, qid, other, bufs, seed)?;
+    }
+    verified += verify(ctrl, qid, ns, bufs, seed)?;
+    let past_end = IoRequest::contiguous(
+        3,
+        ns.nsid,
+        IoOp::Read,
+        ns.blocks,
+        per_io,
+        bufs.dst,
+        io_bytes,
+    );
+    match ctrl.submit(qid, past_end) {
+        Err(r) if matches!(r.error, NvmeError::OutOfRange { .. }) => {}
+        other => {
+            return Err(detail!(
+                "read past the end not refused: {:?}",
+                other.map_err(|r| r.error)
+            ))
+        }
+    }
+    let (qd1, _) = random_reads(ctrl, qid, ns, bufs.reads, 1, QD1_IOS, per_io, seed)?;
+    let (qd32, drv) = random_reads(ctrl, qid, ns, bufs.reads, 32, QD32_IOS, per_io, seed)?;
+    Ok((verified, qd1, qd32, drv))
+}
+
+/// Write-then-read transfers of 1, 2 and 16 pages (the last needs a PRP list) at distinct LBAs of `ns`;
+/// returns how many were verified.
+fn verify(
+    ctrl: &mut Controller<KernelHal>,
+    qid: u16,
+    ns: &Namespace,
+    bufs: &mut Buffers,
+    seed: u64,
+) -> Result<u32, Detail> {
+    let lba_size = u64::from(ns.lba_size);
+    let mut verified = 0;
     for (i, pages) in [1u64, 2, PATTERN_PAGES as u64].into_iter().enumerate() {
         let bytes = pages * 4096;
         if bytes < lba_size || bytes > ctrl.max_transfer_bytes() {
@@ -193,27 +237,7 @@ fn exercise(
         }
         verified += 1;
     }
-    let past_end = IoRequest::contiguous(
-        3,
-        ns.nsid,
-        IoOp::Read,
-        ns.blocks,
-        per_io,
-        bufs.dst,
-        io_bytes,
-    );
-    match ctrl.submit(qid, past_end) {
-        Err(r) if matches!(r.error, NvmeError::OutOfRange { .. }) => {}
-        other => {
-            return Err(detail!(
-                "read past the end not refused: {:?}",
-                other.map_err(|r| r.error)
-            ))
-        }
-    }
-    let (qd1, _) = random_reads(ctrl, qid, ns, bufs.reads, 1, QD1_IOS, per_io, seed)?;
-    let (qd32, drv) = random_reads(ctrl, qid, ns, bufs.reads, 32, QD32_IOS, per_io, seed)?;
-    Ok((verified, qd1, qd32, drv))
+    Ok(verified)
 }
 
 /// `total` random aligned reads of `per_io` blocks kept `depth` deep; returns (IOPS, driver ns per request).
