@@ -4,11 +4,16 @@
 //! [`connect`] / [`Listener`] turn it into a boxed async byte stream, so the channel code above is transport-free.
 //! Serial devices are put in raw mode (no echo, no line discipline) so COBS bytes pass untouched.
 //!
-//! Invariant: the stream carries bytes only; framing and integrity are the job of `proto`.
+//! Invariant: the stream carries bytes only; framing and integrity are the job of `proto`. The one `unsafe`
+//! block registers a device descriptor owned by a `File` with the reactor (see its SAFETY note).
 
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A bidirectional byte stream.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -71,10 +76,93 @@ pub async fn connect(addr: &Address) -> std::io::Result<BoxStream> {
             Ok(Box::pin(s))
         }
         Address::Serial(p) => {
-            let file = std::fs::OpenOptions::new().read(true).write(true).open(p)?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(noctty_flag())
+                .open(p)?;
             make_raw(&file)?;
-            Ok(Box::pin(tokio::fs::File::from_std(file)))
+            Ok(Box::pin(SerialStream::new(file)?))
         }
+    }
+}
+
+fn noctty_flag() -> i32 {
+    i32::try_from(rustix::fs::OFlags::NOCTTY.bits()).unwrap_or(0)
+}
+
+/// A character device (serial port, pseudo-terminal) driven by the reactor: the descriptor is non-blocking and
+/// registered with epoll, so reads and writes proceed independently (a pending read never holds up a write,
+/// unlike `tokio::fs::File`, which runs one blocking operation at a time).
+#[derive(Debug)]
+pub struct SerialStream {
+    fd: AsyncFd<std::fs::File>,
+}
+
+impl SerialStream {
+    /// Wraps an open device; sets it non-blocking.
+    ///
+    /// # Errors
+    /// If the descriptor cannot be made non-blocking or registered (e.g. a regular file).
+    pub fn new(file: std::fs::File) -> std::io::Result<Self> {
+        let flags = rustix::fs::fcntl_getfl(&file)?;
+        rustix::fs::fcntl_setfl(&file, flags | rustix::fs::OFlags::NONBLOCK)?;
+        // SAFETY: `File` owns its descriptor, which stays open and refers to the same open file description
+        // until the `File` is dropped together with the `AsyncFd`; `as_raw_fd` on it always returns that same
+        // descriptor, and this type never hands the `File` out (no `into_inner`, no `&mut` access).
+        let fd = unsafe { AsyncFd::register(file) }.map_err(std::io::Error::from)?;
+        Ok(Self { fd })
+    }
+}
+
+impl AsyncRead for SerialStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|inner| {
+                let mut f: &std::fs::File = inner.get_ref();
+                f.read(unfilled)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SerialStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|inner| {
+                let mut f: &std::fs::File = inner.get_ref();
+                f.write(data)
+            }) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

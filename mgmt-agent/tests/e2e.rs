@@ -682,3 +682,53 @@ fn grants_unacknowledged_at_a_crash_are_settled_once_after_restart() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The serial transport: the agent opens the slave side of a pseudo-terminal (puts it in raw mode) and the test
+/// bridges the master side to the simulated host. COBS frames carry CR, XON/XOFF and other bytes a cooked
+/// terminal would mangle, so this also proves the raw-mode setup.
+#[test]
+fn serial_transport_over_a_pty() {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("serial");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let slave = ptsname(&master, Vec::new()).unwrap().into_string().unwrap();
+    // Hold the slave open so the master never sees a hang-up between agent lives.
+    let _hold = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&slave)
+        .unwrap();
+    let target = sim.address.clone();
+    rt.spawn(async move {
+        let mut m = mgmt_agent::link::SerialStream::new(std::fs::File::from(master)).unwrap();
+        let mut host = mgmt_agent::link::connect(&target).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut m, &mut host).await;
+    });
+    let agent = Agent::start(&dir, &Address::Serial(slave));
+    let c = &agent.client;
+    c.post("/v1/vms/sim0/2/pause", &json!({})).unwrap();
+    let vms = wait_for("VM list resynchronised", || {
+        let v = c.get("/v1/vms").ok()?;
+        (v["vms"].as_array()?.len() == 2 && v["vms"][1]["state"] == "Paused").then_some(v)
+    });
+    assert_eq!(vms["vms"][0]["name"], "bursty");
+    let r = sim.report();
+    assert_eq!(
+        r.executed
+            .iter()
+            .filter(|(_, c)| c == "PauseVm { vm: 2 }")
+            .count(),
+        1
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
