@@ -17,7 +17,9 @@
 //!    LAPIC-timer deadline (INTR intercept + V_INTR_MASKING) can stop them (`SliceExpired`, never before the
 //!    deadline); the test then sets the flag. Bochs 2.7 cannot preempt the CLI spin (see `guest_run`): there the
 //!    bounded spin ends with `VMMCALL(4)` and the detail says `cli_preempt=no(bochs)`;
-//! 8. `HLT`; the test then loads an IDT and injects #GP with an error code: the guest's handler reports the error
+//! 8. a single step (RFLAGS.TF): the #DB is intercepted (a CVE-2015-8104 guard) and must reach the guest's own
+//!    handler, which reports the RIP after the stepped instruction by `VMMCALL(7)`;
+//! 9. `HLT`; the test then injects #GP with an error code: the guest's handler reports the error
 //!    code and the pushed RIP by `VMMCALL(6)`, drops its IDT and executes `UD2`: a triple fault, `SHUTDOWN`
 //!    (skipped on Bochs, which stops the emulator on a guest triple fault under the harness's settings).
 //!
@@ -151,11 +153,24 @@ svm_test_guest_start:
     mov eax, 4
     vmmcall
 6:
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    nop
+    .global svm_test_guest_after_step
+svm_test_guest_after_step:
     hlt
     mov eax, 5
     vmmcall
 4:
     jmp 4b
+    .global svm_test_guest_db
+svm_test_guest_db:
+    and qword ptr [rsp + 16], -0x101
+    mov eax, 7
+    mov rdi, [rsp]
+    vmmcall
+    iretq
     .global svm_test_guest_gp
 svm_test_guest_gp:
     mov eax, 6
@@ -179,20 +194,43 @@ svm_test_guest_end:
 extern "C" {
     static svm_test_guest_start: u8;
     static svm_test_guest_gp: u8;
+    static svm_test_guest_db: u8;
+    static svm_test_guest_after_step: u8;
     static svm_test_guest_flag: u8;
     static svm_test_guest_end: u8;
 }
 
-/// The guest code bytes and the offsets of the #GP handler and of the flag bytes in them.
-fn guest_code() -> (&'static [u8], usize, usize) {
-    // SAFETY: the symbols delimit one contiguous blob in .rodata, start <= gp, flag < end.
+/// Offsets of labels inside the guest code blob.
+struct Labels {
+    gp: u64,
+    db: u64,
+    after_step: u64,
+    flag: u64,
+}
+
+/// The guest code bytes and the offsets of its labels.
+fn guest_code() -> (&'static [u8], Labels) {
+    // SAFETY: the symbols delimit one contiguous blob in .rodata; every label lies between start and end.
     unsafe {
         let start = core::ptr::addr_of!(svm_test_guest_start);
-        let gp = core::ptr::addr_of!(svm_test_guest_gp) as usize - start as usize;
-        let flag = core::ptr::addr_of!(svm_test_guest_flag) as usize - start as usize;
+        let off = |p: *const u8| u64::try_from(p as usize - start as usize).unwrap_or(0);
+        let labels = Labels {
+            gp: off(core::ptr::addr_of!(svm_test_guest_gp)),
+            db: off(core::ptr::addr_of!(svm_test_guest_db)),
+            after_step: off(core::ptr::addr_of!(svm_test_guest_after_step)),
+            flag: off(core::ptr::addr_of!(svm_test_guest_flag)),
+        };
         let len = core::ptr::addr_of!(svm_test_guest_end) as usize - start as usize;
-        (core::slice::from_raw_parts(start, len), gp, flag)
+        (core::slice::from_raw_parts(start, len), labels)
     }
+}
+
+/// A 64-bit interrupt gate (Intel SDM Vol. 3A 6.14.1) to guest code at `handler`, as two quadwords.
+fn gate(handler: u64) -> (u64, u64) {
+    (
+        (handler & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | (((handler >> 16) & 0xFFFF) << 48),
+        handler >> 32,
+    )
 }
 
 /// Host frames backing guest memory, freed on drop.
@@ -242,7 +280,7 @@ impl Drop for GuestRam {
 }
 
 /// Builds guest RAM and its NPT mappings; writes the GDT, the guest page tables and the code.
-fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
+fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, Labels), Detail> {
     let mut ram = GuestRam { pages: Vec::new() };
     for i in 0..LOW_PAGES {
         let gpa = i * PAGE_SIZE;
@@ -275,16 +313,16 @@ fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, u64), Detail> {
     for i in 0..512u64 {
         w(PD_GPA + i * 8, (i << 21) | 0x83)?;
     }
-    let (code, gp, flag) = guest_code();
+    let (code, labels) = guest_code();
     ram.write(CODE_GPA, code)
         .ok_or_else(|| detail!("guest code ({} bytes) does not fit a page", code.len()))?;
-    // IDT gate 13 (#GP): 64-bit interrupt gate to the handler (Intel SDM Vol. 3A 6.14.1). The guest starts with
-    // no IDT; the test loads IDTR only before it injects #GP.
-    let handler = CODE_GPA + u64::try_from(gp).unwrap_or(0);
-    let low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((handler >> 16 & 0xFFFF) << 48);
-    w(IDT_GPA + 13 * 16, low)?;
-    w(IDT_GPA + 13 * 16 + 8, handler >> 32)?;
-    Ok((ram, u64::try_from(flag).unwrap_or(u64::MAX)))
+    // IDT gates 1 (#DB) and 13 (#GP) to the handlers in the blob.
+    for (vector, handler) in [(1u64, labels.db), (13, labels.gp)] {
+        let (low, high) = gate(CODE_GPA + handler);
+        w(IDT_GPA + vector * 16, low)?;
+        w(IDT_GPA + vector * 16 + 8, high)?;
+    }
+    Ok((ram, labels))
 }
 
 /// Runs once with the standard bound.
@@ -362,7 +400,7 @@ fn guest_run(
     vcpu: &mut SvmVcpu,
     ram: &GuestRam,
     npt: &mut NptMap,
-    flag: u64,
+    labels: &Labels,
 ) -> Result<Detail, Detail> {
     let mut exits = 0u32;
     let e = next(vcpu, &mut exits)?;
@@ -497,7 +535,7 @@ fn guest_run(
         e == VmExit::SliceExpired,
         "STI spin ended with {e:?}, expected SliceExpired"
     );
-    ram.write(CODE_GPA + flag, &[1])
+    ram.write(CODE_GPA + labels.flag, &[1])
         .ok_or_else(|| detail!("cannot set the flag"))?;
 
     // CLI spin, bounded by R12 iterations so an emulator that never preempts it cannot hang the test.
@@ -517,7 +555,7 @@ fn guest_run(
                 rflags & (1 << 9) == 0,
                 "guest IF set in the CLI spin (rflags {rflags:#x})"
             );
-            ram.write(CODE_GPA + flag + 1, &[1])
+            ram.write(CODE_GPA + labels.flag + 1, &[1])
                 .ok_or_else(|| detail!("cannot set the flag"))?;
             detail!("cli_late_us={cli_late_us}")
         }
@@ -535,6 +573,18 @@ fn guest_run(
             ))
         }
     };
+
+    // Single step (RFLAGS.TF): the intercepted #DB must reach the guest's handler without surfacing as an exit.
+    let e = next(vcpu, &mut exits)?;
+    let step_rip = vcpu.gpr(Gpr::Rdi);
+    ensure!(
+        e == VmExit::Hypercall
+            && vcpu.gpr(Gpr::Rax) == 7
+            && step_rip == CODE_GPA + labels.after_step,
+        "single step: got {e:?} rax {} rip {step_rip:#x}",
+        vcpu.gpr(Gpr::Rax)
+    );
+    vcpu.skip_instruction();
 
     let e = next(vcpu, &mut exits)?;
     ensure!(
@@ -580,8 +630,9 @@ fn guest_run(
     };
 
     Ok(detail!(
-        "exits={exits} roundtrip_ticks={median} roundtrip_ns={} sti_late_us={sti_late_us} {cli} {shutdown} asid={} cpu={}",
+        "exits={exits} roundtrip_ticks={median} roundtrip_ns={} sti_late_us={sti_late_us} {cli} {shutdown} db={} asid={} cpu={}",
         tsc::ticks_to_us(median * 1000),
+        vcpu.reinjected_exceptions(),
         vcpu.asid(),
         crate::arch::x86_64::percpu::current_id()
     ))
@@ -600,7 +651,7 @@ fn invalid_state(vm: &alloc::sync::Arc<SvmVm>, entry: &EntryState) -> Result<(),
 
 fn run_test() -> Result<Detail, Detail> {
     let mut npt = NptMap::new().map_err(|e| detail!("NPT root: {e:?}"))?;
-    let (ram, flag) = build_guest(&mut npt)?;
+    let (ram, labels) = build_guest(&mut npt)?;
     // SAFETY: the NPT maps only this test's frames and outlives both vCPUs (dropped in reverse order below).
     let vm = unsafe { SvmVm::new(npt.ncr3(), &backend_msr_allow_list()) }
         .map_err(|e| detail!("VM: {e:?}"))?;
@@ -619,7 +670,17 @@ fn run_test() -> Result<Detail, Detail> {
     let entry = EntryState::long_mode(CODE_GPA, 0, CODE_GPA + CODE_PAGES * PAGE_SIZE);
     let mut vcpu = SvmVcpu::new(&vm, &entry).map_err(|e| detail!("vCPU: {e:?}"))?;
     vcpu.set_tsc_offset(0u64.wrapping_sub(tsc::rdtsc()));
-    let result = guest_run(&mut vcpu, &ram, &mut npt, flag);
+    // The guest has an IDT (gates for #DB and #GP) from the start.
+    vcpu.vmcb_mut().set_segment(
+        Seg::Idtr,
+        Segment {
+            selector: 0,
+            attrib: 0,
+            limit: 0xFFF,
+            base: IDT_GPA,
+        },
+    );
+    let result = guest_run(&mut vcpu, &ram, &mut npt, &labels);
     let invalid = invalid_state(&vm, &entry);
     drop(vcpu);
     drop(vm);

@@ -43,9 +43,11 @@ const DR7_RESET: u64 = 0x400;
 /// Power-on PAT: WB, WT, UC-, UC, WB, WT, UC-, UC.
 const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 /// Exceptions intercepted: #DB (1) and #AC (17), which a guest can otherwise make recur forever inside the CPU's
-/// event delivery with no interrupt window (the CVE-2015-5307 / CVE-2015-8104 class). The layer above re-injects
-/// them (`inject_exception`).
-const EXCEPTION_INTERCEPTS: u32 = (1 << 1) | (1 << 17);
+/// event delivery with no interrupt window (the CVE-2015-5307 / CVE-2015-8104 class). `run` re-injects them itself
+/// and re-enters (each VMRUN is an interrupt window), so the layer above never sees them, as on VMX.
+const EXCEPTION_INTERCEPTS: u32 = (1 << VEC_DB) | (1 << VEC_AC);
+const VEC_DB: u8 = 1;
+const VEC_AC: u8 = 17;
 /// Exception vectors that push an error code (EXITINFO1 holds it).
 const ERROR_CODE_VECTORS: [u8; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 30];
 
@@ -136,6 +138,8 @@ pub struct SvmVcpu {
     last: LastExit,
     /// Event to inject at the next entry (a requested exception, or one whose delivery an exit interrupted).
     pending_event: Option<u64>,
+    /// Intercepted #DB/#AC delivered back to the guest.
+    reinjected: u64,
 }
 
 fn segment(s: &EntrySegment) -> Segment {
@@ -250,6 +254,7 @@ impl SvmVcpu {
             flush_tlb: false,
             last: LastExit::default(),
             pending_event: None,
+            reinjected: 0,
         })
     }
 
@@ -485,6 +490,30 @@ impl Vcpu for SvmVcpu {
 impl SvmVcpu {
     /// The run path with interrupts already disabled.
     fn run_masked(&mut self, deadline: u64) -> Result<VmExit, EntryFailure> {
+        loop {
+            match self.enter_once(deadline)? {
+                VmExit::Exception { vector, error_code }
+                    if vector == VEC_DB || vector == VEC_AC =>
+                {
+                    // Deliver it to the guest as if it had not been intercepted; an event the exit interrupted
+                    // (EXITINTINFO, already queued) goes first and the exception recurs if it still applies.
+                    let ec = error_code.map_or(0, |ec| event::EV | (u64::from(ec) << 32));
+                    self.pending_event
+                        .get_or_insert(event::V | event::TYPE_EXCEPTION | u64::from(vector) | ec);
+                    self.reinjected += 1;
+                }
+                exit => return Ok(exit),
+            }
+        }
+    }
+
+    /// Intercepted #DB/#AC exceptions `run` delivered back to the guest.
+    pub fn reinjected_exceptions(&self) -> u64 {
+        self.reinjected
+    }
+
+    /// One VMRUN (or none, if the deadline has passed).
+    fn enter_once(&mut self, deadline: u64) -> Result<VmExit, EntryFailure> {
         let now = tsc::rdtsc();
         if now >= deadline {
             return Ok(VmExit::SliceExpired);
