@@ -37,6 +37,8 @@ bitflags! {
         const NVME_IOPS = 1 << 17;
         /// NVMe media errors injected by QEMU blkdebug at sector 4096 reach the requester; needs that setup.
         const NVME_FAULTS = 1 << 18;
+        /// virtio-blk devices routed through the IOPS partitioner to NVMe, with a malicious chain (opt-in).
+        const VIRTIO_BLK = 1 << 19;
         /// VMX backend bring-up: a tiny EPT guest, every exit kind decoded, the exit round trip measured.
         const VMX = 1 << 9;
         /// SVM backend bring-up: a tiny NPT guest, every exit kind decoded, preemption, the exit round trip measured.
@@ -57,7 +59,7 @@ impl SelfTests {
         .union(Self::SVM);
 
     /// Test names in run order, as used on the command line and in `CV:TEST name=`.
-    pub const NAMES: [(&'static str, Self); 14] = [
+    pub const NAMES: [(&'static str, Self); 15] = [
         ("frames", Self::FRAMES),
         ("heap", Self::HEAP),
         ("paging", Self::PAGING),
@@ -70,6 +72,7 @@ impl SelfTests {
         ("nvme", Self::NVME),
         ("nvme-iops", Self::NVME_IOPS),
         ("nvme-faults", Self::NVME_FAULTS),
+        ("virtio-blk", Self::VIRTIO_BLK),
         ("panic", Self::PANIC),
         ("pagefault", Self::PAGEFAULT),
     ];

@@ -62,6 +62,7 @@ pub fn run(tests: SelfTests) -> bool {
             SelfTests::NVME => crate::io::selftest::run(),
             SelfTests::NVME_IOPS => crate::io::iops_test::run(),
             SelfTests::NVME_FAULTS => crate::io::faults_test::run(),
+            SelfTests::VIRTIO_BLK => crate::io::virtio_test::run(),
             SelfTests::PANIC => panic!("forced panic (selftest=panic)"),
             SelfTests::PAGEFAULT => pagefault(),
             SelfTests::VMX => crate::virt::vmx::selftest::run(),

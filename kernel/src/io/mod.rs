@@ -4,11 +4,14 @@
 //! `ConfigSpace`; `nvme` implements the NVMe driver's hardware traits and brings the first controller up on
 //! first use; `volumes` puts volumes (LBA ranges with IOPS commitments) on a controller queue through the
 //! `sched::iops` partitioner, which alone decides the order; `selftest` is `selftest=nvme`, `iops_test` is
-//! `selftest=nvme-iops` and `faults_test` is `selftest=nvme-faults`.
+//! `selftest=nvme-iops` and `faults_test` is `selftest=nvme-faults`; `virtio_blk` connects `virt`'s virtio-blk device
+//! model to the engine (bounce buffers, completion back into the guest) and `virtio_test` is `selftest=virtio-blk`.
 
 pub mod faults_test;
 pub mod iops_test;
 pub mod nvme;
 pub mod pci;
 pub mod selftest;
+pub mod virtio_blk;
+pub mod virtio_test;
 pub mod volumes;
