@@ -24,7 +24,8 @@
 //!
 //! Known limits: without NRIPS (QEMU TCG) the RIP advance uses the unprefixed instruction lengths; debug registers
 //! DR0-3 and the guest's XSAVE state beyond SSE are not switched (XSETBV is intercepted, so a guest cannot enable
-//! AVX state).
+//! AVX state). Emulators: Bochs 2.7 cannot preempt a guest that runs with IF = 0 from entry on (see [`vcpu`]) and
+//! stops itself on a guest triple fault instead of taking the SHUTDOWN intercept; QEMU TCG has neither problem.
 
 pub mod check;
 pub mod entry;

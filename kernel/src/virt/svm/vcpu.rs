@@ -13,6 +13,12 @@
 //! own handler (the kernel's timer handler counts it and signals EOI) in a short interrupt window before `run`
 //! returns. The exit is [`VmExit::SliceExpired`] when the TSC has reached the deadline, else
 //! [`VmExit::ExternalInterrupt`]. A deadline already in the past returns `SliceExpired` without entering.
+//! Bochs 2.7 does not honour V_INTR_MASKING for a guest entered with IF = 0 (it recomputes the interrupt mask while
+//! loading the guest's RFLAGS, before it counts the CPU as in the guest), so there a guest that never executes STI
+//! cannot be preempted; QEMU and the APM behave as described.
+//!
+//! #DB and #AC are intercepted only to guarantee an interrupt window (each re-entry is one); `run` delivers them
+//! back to the guest itself, so the layer above never sees them.
 //!
 //! Invariants: the VMCB always has the VMRUN intercept, a non-zero ASID, EFER.SVME, NP_ENABLE with this VM's nCR3,
 //! and the shared IOPM and the VM's MSRPM; `run` restores the caller's interrupt flag and leaves the LAPIC timer
