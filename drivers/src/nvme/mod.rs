@@ -9,9 +9,12 @@
 //! frame allocator plus the direct map, and the TSC.
 //!
 //! [`Controller`] owns the admin queue (used synchronously: one admin command in flight at a time, which is all
-//! bring-up, abort and recovery need) and the I/O queue pairs. I/O is asynchronous: [`Controller::submit`] places
-//! a command in a queue's SQ and rings its doorbell; [`Controller::poll`] reaps completions by phase tag
-//! (spec 2.0 section 4.2.4, "Phase Tag") and hands each to the caller as a [`Completion`] carrying the caller's tag.
+//! bring-up, abort and recovery need) and the I/O queue pairs. I/O is asynchronous: [`Controller::submit`] stages
+//! a command in a queue's SQ; [`Controller::poll`] (or [`Controller::flush`]) rings the tail doorbell once for
+//! everything staged, reaps completions by phase tag (spec 2.0 section 4.2.4, "Phase Tag") and hands each to the
+//! caller as a [`Completion`] carrying the caller's tag. Doorbells are batched because each one is an MMIO write
+//! (an exit under emulation); the CQ head doorbell is written once a quarter of the ring is consumed, or earlier
+//! when the controller's view of free CQ space could fall short of the outstanding commands.
 //!
 //! # Polling rather than MSI-X
 //! Completions are polled. The hypervisor's I/O path already runs from the per-CPU loop that asks the IOPS
