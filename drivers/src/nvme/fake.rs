@@ -74,6 +74,8 @@ pub struct FakeNvme {
     pub resets: u32,
     /// Post a CQE with an unknown CID before the next I/O completion.
     pub inject_spurious: bool,
+    /// Admin commands are swallowed (a wedged controller).
+    pub hang_admin: bool,
 }
 
 impl FakeNvme {
@@ -106,6 +108,7 @@ impl FakeNvme {
             io_log: Vec::new(),
             resets: 0,
             inject_spurious: false,
+            hang_admin: false,
         }
     }
 
@@ -227,7 +230,9 @@ impl FakeNvme {
             let mut b = [0u8; 64];
             self.mem_read(addr, &mut b);
             let sqe = Sqe::from_bytes(&b);
-            if sqid == 0 {
+            if sqid == 0 && self.hang_admin {
+                self.admin_log.push(sqe.opcode());
+            } else if sqid == 0 {
                 let (status, dw0) = self.admin(&sqe);
                 self.post(0, 0, sqe.cid(), status, dw0);
             } else if self.hang_io {

@@ -120,6 +120,23 @@ fn enable_timeout_fails_cleanly_and_frees_memory() {
 }
 
 #[test]
+fn wedged_admin_queue_times_out_and_frees_memory() {
+    let mut f = fake();
+    f.hang_admin = true;
+    let Err((e, f)) = Controller::new(f, config(1)) else {
+        panic!("must fail")
+    };
+    assert_eq!(
+        e,
+        NvmeError::AdminTimeout {
+            opcode: admin::IDENTIFY
+        }
+    );
+    assert_eq!(f.live_pages, 0);
+    assert!(!f.enabled());
+}
+
+#[test]
 fn unsupported_page_size_is_refused() {
     let mut f = fake();
     f.cap |= 0x1 << 48; // MPSMIN = 8 KiB
