@@ -197,6 +197,15 @@ fn range(line: usize, field: &str, why: String) -> ConfigError {
     err(line, field, ErrorKind::OutOfRange(why))
 }
 
+/// The name of a boot module from its command line: the last word, without directories and without a trailing
+/// `.elf` (GRUB `module2 /boot/burn.elf burn` and `module2 /boot/burn.elf`, and QEMU `-initrd "/x/burn.elf"`,
+/// all name the module `burn`; docs/console.md).
+pub fn module_name(cmdline: &str) -> &str {
+    let word = cmdline.split_whitespace().last().unwrap_or("");
+    let base = word.rsplit('/').next().unwrap_or(word);
+    base.strip_suffix(".elf").unwrap_or(base)
+}
+
 /// Parses a whole configuration file.
 ///
 /// # Errors

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sched::cpu::{BurstMode, SchedParams, Scheduler, VcpuConfig, VcpuId};
 use spin::Mutex;
-use virt::config::{Burst, VmConfig};
+use virt::config::{module_name, Burst, VmConfig};
 use virt::cpuid::CpuidPolicy;
 use virt::loader::{self, BootParams};
 use virt::{VmContext, NO_WAKE};
@@ -32,13 +32,6 @@ use crate::marker;
 
 /// Name of the configuration module.
 pub const CONFIG_MODULE: &str = "vms.conf";
-
-/// A boot module's name (see the module header).
-pub fn module_name(cmdline: &str) -> &str {
-    let word = cmdline.split_whitespace().last().unwrap_or("");
-    let base = word.rsplit('/').next().unwrap_or(word);
-    base.strip_suffix(".elf").unwrap_or(base)
-}
 
 fn module_bytes(m: &Module) -> &'static [u8] {
     let len = usize::try_from(m.end.saturating_sub(m.start)).unwrap_or(0);

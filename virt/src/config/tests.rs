@@ -344,6 +344,17 @@ fn errors_name_the_line_and_the_field() {
 }
 
 #[test]
+fn module_names() {
+    assert_eq!(module_name("burn"), "burn");
+    assert_eq!(module_name("/boot/burn.elf burn"), "burn");
+    assert_eq!(module_name("/boot/burn.elf"), "burn");
+    assert_eq!(module_name("/tmp/x/vms.conf"), "vms.conf");
+    assert_eq!(module_name("/tmp/x/vms.conf vms.conf"), "vms.conf");
+    assert_eq!(module_name(""), "");
+    assert_eq!(module_name("dir/"), "");
+}
+
+#[test]
 fn messages_are_readable() {
     let e = error("[vm a]\nimage=b\nmemory=lots\n");
     assert_eq!(alloc::format!("{e}"), "line 3, field `memory`: expected a size like 16M (units K, M, G, optionally KiB, MiB, GiB), found `lots`");
