@@ -506,7 +506,7 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
     }
     let _ = writeln!(
         out,
-        "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter"
+        "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter\n# TYPE cv_telemetry_gaps_total counter"
     );
     if let Ok(hosts) = s.hosts.lock() {
         for h in hosts.values() {
@@ -539,7 +539,7 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
     }
     let _ = writeln!(
         out,
-        "# TYPE cv_vcpu_balance_ns gauge\n# TYPE cv_volume_iops gauge"
+        "# TYPE cv_vcpu_balance_ns gauge\n# TYPE cv_volume_iops gauge\n# TYPE cv_volume_committed_iops gauge"
     );
     if let Ok(t) = s.telemetry.lock() {
         for ((host, vm), e) in t.iter() {
@@ -567,7 +567,8 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
     let l = s.with_store(|st| st.ledger_check())?;
     let _ = writeln!(
         out,
-        "# TYPE cv_ledger_debited_ns counter\ncv_ledger_debited_ns {}\ncv_ledger_applied_ns {}\ncv_ledger_in_flight_ns {}",
+        "# TYPE cv_ledger_debited_ns counter\ncv_ledger_debited_ns {}\n# TYPE cv_ledger_applied_ns counter\n\
+         cv_ledger_applied_ns {}\n# TYPE cv_ledger_in_flight_ns gauge\ncv_ledger_in_flight_ns {}",
         l.debited_ns, l.applied_ns, l.in_flight_ns
     );
     Ok(out)

@@ -1178,6 +1178,48 @@ impl Store {
         Ok(())
     }
 
+    /// Resynchronises the commitments in force on a host's VM (from a describe answer): a volume whose
+    /// commitment differs from the record, and is not waiting for an answer, is recorded as accepted at the host's
+    /// value, closing and opening billing periods; the auto-tier flag is kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn sync_commitments(
+        &mut self,
+        host: &str,
+        vm: u32,
+        volumes: &[proto::VolumeInfo],
+        now: i64,
+    ) -> Result<usize> {
+        let known = self.commitments()?;
+        let mut changed = 0;
+        for v in volumes {
+            let row = known
+                .iter()
+                .find(|c| c.host_id == host && c.vm == vm && c.volume == v.volume);
+            if row.is_some_and(|c| {
+                c.status == "pending"
+                    || (c.status == "accepted" && c.committed_iops == v.committed_iops)
+            }) {
+                continue;
+            }
+            let c = CommitmentView {
+                host_id: host.into(),
+                vm,
+                volume: v.volume,
+                committed_iops: v.committed_iops,
+                limit_iops: v.limit_iops,
+                auto_tier: row.is_some_and(|c| c.auto_tier),
+                status: "pending".into(),
+                reason: String::new(),
+            };
+            self.commitment_asked(&c, now)?;
+            self.commitment_answer(&c, true, "", now)?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     /// All commitments.
     ///
     /// # Errors
@@ -1603,6 +1645,11 @@ mod tests {
         );
         assert_eq!(b[0].overage_iops_seconds, 500);
         assert_eq!(s.commitments().unwrap()[0].status, "refused");
+        // Resync from the host: the refused change is replaced by what the host enforces; unchanged rows stay.
+        let host_view = [proto::VolumeInfo { volume: 0, committed_iops: 100, limit_iops: 0 }];
+        assert_eq!(s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(), 1);
+        assert_eq!(s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(), 0);
+        assert_eq!(s.commitments().unwrap()[0].status, "accepted");
         let _ = std::fs::remove_file(&path);
     }
 }

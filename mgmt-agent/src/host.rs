@@ -65,6 +65,7 @@ enum Origin {
     Api(oneshot::Sender<CallResult>),
     Grant(u64),
     Resync,
+    Describe,
     Commitment(CommitmentView, Option<oneshot::Sender<CallResult>>),
     Fire,
 }
@@ -229,7 +230,10 @@ impl Session<'_> {
                 continue;
             }
             if p.attempts >= max
-                && matches!(p.origin, Origin::Api(_) | Origin::Fire | Origin::Resync)
+                && matches!(
+                    p.origin,
+                    Origin::Api(_) | Origin::Fire | Origin::Resync | Origin::Describe
+                )
             {
                 expired.push(*id);
                 continue;
@@ -436,7 +440,11 @@ impl Session<'_> {
                 .stale
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match p.origin {
-                Origin::Grant(_) | Origin::Commitment(..) | Origin::Resync | Origin::Fire => {
+                Origin::Grant(_)
+                | Origin::Commitment(..)
+                | Origin::Resync
+                | Origin::Describe
+                | Origin::Fire => {
                     self.send(p.command, p.origin);
                     return;
                 }
@@ -498,6 +506,24 @@ impl Session<'_> {
                 if let (Ok(Reply::VmList(vms)), Some((host, _))) = (&r.result, &self.host) {
                     if let Err(e) = self.shared.with_store(|st| st.replace_vms(host, vms, now)) {
                         tracing::error!("recording VM list: {e}");
+                    }
+                    for v in vms {
+                        self.send(Command::DescribeVm { vm: v.vm }, Origin::Describe);
+                    }
+                }
+            }
+            Origin::Describe => {
+                if let (Ok(Reply::VmInfo(info)), Some((host, _))) = (&r.result, &self.host) {
+                    let vm = info.summary.vm;
+                    match self
+                        .shared
+                        .with_store(|st| st.sync_commitments(host, vm, &info.volumes, now))
+                    {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(host, vm, "{n} commitments resynchronised from the host")
+                        }
+                        Err(e) => tracing::error!("recording commitments of VM {vm}: {e}"),
                     }
                 }
             }

@@ -115,6 +115,13 @@ enum Cmd {
     Ledger,
     /// Prometheus metrics text.
     Metrics,
+    /// Set a host's telemetry period.
+    TelemetryPeriod {
+        /// Host id.
+        host: String,
+        /// Milliseconds between snapshots (0 = off).
+        period_ms: u32,
+    },
     /// Live view.
     Top {
         /// Refresh interval in milliseconds.
@@ -769,8 +776,15 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Cmd::Metrics => print!("{}", c.get_text("/metrics")?),
         Cmd::Top { interval_ms, once } => top::run(&c, Duration::from_millis(*interval_ms), *once)?,
+        Cmd::TelemetryPeriod { host, period_ms } => {
+            let v = c.post(
+                &format!("/v1/hosts/{host}/telemetry"),
+                &json!({ "period_ms": period_ms }),
+            )?;
+            out(&v, format!("{v}\n"));
+        }
         Cmd::Agent { .. } | Cmd::Simhost { .. } | Cmd::Proxy { .. } => {
-            unreachable!("handled in main")
+            return Err("daemon subcommands are not client commands".into());
         }
     }
     Ok(())
@@ -870,7 +884,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 tokio::signal::ctrl_c().await
             })?;
         }
-        _ => unreachable!("client commands handled elsewhere"),
+        _ => return Err("client subcommands are not daemons".into()),
     }
     Ok(())
 }

@@ -180,6 +180,7 @@ struct Window {
     discarded_ns: u64,
     granted_ns: u64,
     throttled_ns: u64,
+    wake_max_ns: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -510,6 +511,10 @@ impl SimState {
                 c.window.burst_ns += burst;
                 c.window.spent_ns += burst;
                 c.window.throttled_ns += want - burst;
+                if want > burst {
+                    // Runnable but held back: it waits for the next period to run again.
+                    c.window.wake_max_ns = c.window.wake_max_ns.max(tick_ns - base - burst);
+                }
                 if c.params.burst != BurstMode::Unlimited {
                     continue;
                 }
@@ -605,10 +610,12 @@ impl SimState {
             .map(|v| u64::from(v.last_iops))
             .sum();
         let cap = u64::from(self.cfg.device_iops.max(1));
-        // Queue-wait model of a single server with 1/cap s service time: wait = s * rho / (1 - rho).
+        // M/M/1 model of the device (service rate = capacity): the sojourn time is exponential with mean
+        // T = s / (1 - rho), so its p-quantile is -ln(1 - p) T: p50 = 0.693 T, p99 = 4.605 T.
         let service_ns = 1_000_000_000 / cap;
         let rho_pct = (util * 100 / cap).min(99);
-        let p50 = service_ns * rho_pct / (100 - rho_pct) + service_ns;
+        let mean = service_ns * 100 / (100 - rho_pct);
+        let (p50, p99) = (mean * 693 / 1000, mean * 4605 / 1000);
         let mut msgs = Vec::new();
         for vm in &mut self.vms {
             self.tel_seq += 1;
@@ -628,11 +635,7 @@ impl SimState {
                         granted_ns: w.granted_ns,
                         balance_ns: c.balance_ns,
                         throttled_ns: w.throttled_ns,
-                        wake_latency_max_ns: if w.throttled_ns > 0 {
-                            self.cfg.tick_ms * 1_000_000
-                        } else {
-                            50_000
-                        },
+                        wake_latency_max_ns: w.wake_max_ns,
                         unlimited: c.params.burst == BurstMode::Unlimited,
                     }
                 })
@@ -648,7 +651,7 @@ impl SimState {
                     committed_iops: v.committed_iops,
                     limit_iops: v.limit_iops,
                     latency_p50_ns: p50,
-                    latency_p99_ns: p50 * 46 / 10,
+                    latency_p99_ns: p99,
                     throttled: std::mem::take(&mut v.throttled),
                 })
                 .take(proto::MAX_VOLUMES)
