@@ -1646,9 +1646,19 @@ mod tests {
         assert_eq!(b[0].overage_iops_seconds, 500);
         assert_eq!(s.commitments().unwrap()[0].status, "refused");
         // Resync from the host: the refused change is replaced by what the host enforces; unchanged rows stay.
-        let host_view = [proto::VolumeInfo { volume: 0, committed_iops: 100, limit_iops: 0 }];
-        assert_eq!(s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(), 1);
-        assert_eq!(s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(), 0);
+        let host_view = [proto::VolumeInfo {
+            volume: 0,
+            committed_iops: 100,
+            limit_iops: 0,
+        }];
+        assert_eq!(
+            s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(),
+            1
+        );
+        assert_eq!(
+            s.sync_commitments("h", 1, &host_view, 3_000_000).unwrap(),
+            0
+        );
         assert_eq!(s.commitments().unwrap()[0].status, "accepted");
         let _ = std::fs::remove_file(&path);
     }
