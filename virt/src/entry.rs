@@ -17,8 +17,10 @@ pub const CR0: u64 = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 31);
 pub const CR4: u64 = (1 << 5) | (1 << 9) | (1 << 10);
 /// EFER: LME, LMA, NXE.
 pub const EFER: u64 = (1 << 8) | (1 << 10) | (1 << 11);
-/// RFLAGS: only the reserved bit 1 (interrupts disabled).
-pub const RFLAGS: u64 = 0x2;
+/// RFLAGS: the reserved bit 1 and IF. ABI v1 never delivers an interrupt to a guest (the hypervisor preempts
+/// through its own exits, whatever the guest's IF), so IF = 1 changes nothing a guest sees but lets CPUs that
+/// hold physical interrupts for a guest with IF = 0 (Bochs 2.7 SVM) still preempt it.
+pub const RFLAGS: u64 = 0x202;
 /// Code selector (GDT entry 1).
 pub const CODE_SELECTOR: u16 = 0x08;
 /// Data selector (GDT entry 2).
@@ -185,5 +187,6 @@ mod tests {
         assert_eq!(s0.rip, 0x20_0000);
         assert_eq!(s0.cr0 & 0x8000_0001, 0x8000_0001);
         assert_eq!(s0.efer & (1 << 10), 1 << 10);
+        assert_eq!(s0.rflags, 0x202, "reserved bit 1 and IF");
     }
 }
