@@ -46,22 +46,28 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, host: &Address) -> Self {
+        Self::start_many(dir, std::slice::from_ref(host))
+    }
+
+    fn start_many(dir: &Path, hosts: &[Address]) -> Self {
         let ready = dir.join("ready");
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(env!("CARGO_BIN_EXE_cvctl"))
-            .args([
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--retry-ms",
-                "100",
-                "--max-attempts",
-                "40",
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvctl"));
+        cmd.args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--retry-ms",
+            "100",
+            "--max-attempts",
+            "40",
+        ]);
+        for h in hosts {
+            cmd.arg("--host").arg(h.to_string());
+        }
+        let child = cmd
             .arg("--db")
             .arg(dir.join("cv.db"))
-            .arg("--host")
-            .arg(host.to_string())
             .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())
@@ -70,9 +76,11 @@ impl Agent {
             .unwrap();
         let api = wait_for("agent API", || std::fs::read_to_string(&ready).ok());
         let client = Client::new(&api);
-        wait_for("host connected", || {
+        wait_for("hosts connected", || {
             let h = client.get("/v1/hosts").ok()?;
-            h["links"][0]["host_id"].as_str().is_some().then_some(())
+            let links = h["links"].as_array()?;
+            (links.len() == hosts.len() && links.iter().all(|l| l["host_id"].is_string()))
+                .then_some(())
         });
         Self { child, client }
     }
@@ -729,6 +737,61 @@ fn serial_transport_over_a_pty() {
             .count(),
         1
     );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One agent, two hosts: commands are routed by host id and each host's pool grants settle exactly.
+#[test]
+fn one_agent_serves_two_hosts() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("twohosts");
+    let mut sims = Vec::new();
+    for name in ["sim0", "sim1"] {
+        let mut cfg = config();
+        cfg.host_id = name.into();
+        let sock = Address::Unix(
+            dir.join(format!("{name}.sock"))
+                .to_string_lossy()
+                .into_owned(),
+        );
+        sims.push(rt.block_on(simhost::spawn(cfg, &sock)).unwrap());
+    }
+    let agent = Agent::start_many(&dir, &[sims[0].address.clone(), sims[1].address.clone()]);
+    let c = &agent.client;
+    setup_pool(c, 1_000_000_000);
+    c.post(
+        "/v1/pools/p1/authorize",
+        &json!({ "host": "sim1", "vm": 1 }),
+    )
+    .unwrap();
+    c.post("/v1/vms/sim1/2/pause", &json!({})).unwrap();
+    let ran = |i: usize| {
+        sims[i]
+            .report()
+            .executed
+            .iter()
+            .filter(|(_, c)| c == "PauseVm { vm: 2 }")
+            .count()
+    };
+    assert_eq!((ran(0), ran(1)), (0, 1), "routed to sim1 only");
+    let l = wait_for("pool shared by both hosts drained and settled", || {
+        let pool = c.get("/v1/pools/p1").ok()?;
+        let l = c.get("/v1/ledger").ok()?;
+        let pending: u64 = sims.iter().map(|s| s.report().totals.pending_ns).sum();
+        (u(&pool, "balance_ns") == 0 && u(&l, "in_flight_ns") == 0 && pending == 0).then_some(l)
+    });
+    let applied: Vec<u64> = sims.iter().map(|s| s.report().totals.applied_ns).collect();
+    assert!(
+        applied.iter().all(|&a| a > 0),
+        "both hosts were granted credits: {applied:?}"
+    );
+    assert_eq!(applied.iter().sum::<u64>(), u(&l, "debited_ns"));
+    assert_eq!(u(&l, "debited_ns"), 1_000_000_000);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
