@@ -10,6 +10,22 @@
 //!
 //! Invariant: a byte stream that was corrupted, truncated or replayed never yields a message that the sender did
 //! not send in that order; rejected frames are counted in [`DecodeStats`].
+//!
+//! # Kernel endpoint contract (what the hypervisor side must do; `cvctl simhost` does the same)
+//! - On link-up and in answer to [`Command::Attach`], send [`ToAgent::Hello`] with a `boot_id` that changes on
+//!   every boot; use a [`FrameEncoder`] whose session id differs per boot (e.g. the low bits of `boot_id`).
+//! - Keep one [`FrameDecoder`] per link; execute each [`Request`] whose command
+//!   [`is_state_changing`](Command::is_state_changing) only when a [`DedupWindow`] says [`Seen::New`]; answer
+//!   `Duplicate` with the cached [`Response`] and `Stale` with [`ErrorCode::Stale`] (never execute it).
+//! - Apply a [`Grant`] at most once per `grant_id` (the sched grant logic), answering [`Reply::GrantApplied`]
+//!   with `duplicate: true` for a known id; refuse grants for unknown VMs/vCPUs with [`ErrorCode::NotFound`] (the
+//!   agent refunds the pool).
+//! - Send [`CreditRequest`]s with ids unique per boot; re-send the same id until a grant naming it
+//!   (`credit_request_id`) or a [`Command::DenyCredit`] arrives.
+//! - Number [`VmTelemetry`] snapshots with `seq` +1 per snapshot across the host; answer admission failures
+//!   with [`ErrorCode::Admission`] and the numbers in the reason.
+//! - Buffers: one [`MAX_WIRE`]-byte encode buffer; the encoder also uses [`MAX_RAW`] bytes of stack and the decoder
+//!   holds [`MAX_ENCODED`] bytes.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -22,6 +38,7 @@ pub mod msg;
 
 pub use dedup::{DedupWindow, Seen};
 pub use frame::{
-    DecodeStats, EncodeError, Frame, FrameDecoder, FrameEncoder, MAX_ENCODED, MAX_PAYLOAD, MAX_WIRE,
+    DecodeStats, EncodeError, Frame, FrameDecoder, FrameEncoder, MAX_ENCODED, MAX_PAYLOAD, MAX_RAW,
+    MAX_WIRE,
 };
 pub use msg::*;
