@@ -74,15 +74,20 @@ impl Agent {
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()
             .unwrap();
+        // Owned by the guard from here on, so a failed wait below still kills the child.
+        let mut agent = Self {
+            child,
+            client: Client::new("127.0.0.1:0"),
+        };
         let api = wait_for("agent API", || std::fs::read_to_string(&ready).ok());
-        let client = Client::new(&api);
+        agent.client = Client::new(&api);
         wait_for("hosts connected", || {
-            let h = client.get("/v1/hosts").ok()?;
+            let h = agent.client.get("/v1/hosts").ok()?;
             let links = h["links"].as_array()?;
             (links.len() == hosts.len() && links.iter().all(|l| l["host_id"].is_string()))
                 .then_some(())
         });
-        Self { child, client }
+        agent
     }
 
     fn kill(mut self) {
@@ -474,7 +479,7 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
     // No host listens here: the agent keeps trying to connect and still serves its API.
     let nowhere = Address::Unix(dir.join("nobody.sock").to_string_lossy().into_owned());
     let ready = dir.join("ready");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cvctl"))
+    let child = Command::new(env!("CARGO_BIN_EXE_cvctl"))
         .args(["agent", "--listen", "127.0.0.1:0"])
         .arg("--db")
         .arg(dir.join("cv.db"))
@@ -485,6 +490,11 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // The guard kills the agent however the test ends.
+    let _guard = Agent {
+        child,
+        client: Client::new("127.0.0.1:0"),
+    };
     let api = wait_for("agent API", || std::fs::read_to_string(&ready).ok());
     let c = Client::new(&api);
     let status = |r: Result<Value, mgmt_agent::client::ClientError>| match r {
@@ -584,8 +594,6 @@ fn bad_input_gets_4xx_with_a_message_and_writes_nothing() {
             "{args:?}"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
