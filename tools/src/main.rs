@@ -140,3 +140,53 @@ pub fn status(c: &mut Command) -> Result<bool> {
         .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", c.get_program().to_string_lossy()))?;
     Ok(s.success())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_and_test_options_parse() {
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "run",
+            "--emu",
+            "bochs",
+            "--cpu",
+            "ryzen",
+            "--smp",
+            "2",
+            "--append",
+            "log=debug selftest=all",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Cmd::Run(_)));
+        let cli = Cli::try_parse_from(["cargo xtask", "test", "--emu", "qemu", "--host-only"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Cmd::Test {
+                emu: Some(Emu::Qemu),
+                host_only: true
+            }
+        ));
+        assert!(Cli::try_parse_from(["cargo xtask", "run", "--emu", "kvm"]).is_err());
+    }
+
+    #[test]
+    fn sim_forwards_every_argument() {
+        let cli =
+            Cli::try_parse_from(["cargo xtask", "sim", "io", "noisy-neighbour", "--seed", "7"])
+                .expect("parses");
+        let Cmd::Sim { args } = cli.command else {
+            panic!("not sim")
+        };
+        assert_eq!(args, ["io", "noisy-neighbour", "--seed", "7"]);
+    }
+}
