@@ -19,7 +19,10 @@ fn failing_boot(name: &str, cmdline: &str) -> Option<Vec<String>> {
     match &report.verdict {
         Verdict::Pass => panic!("{name}: a broken kernel passed\n{}", report.details()),
         Verdict::Fail(reasons) => {
-            println!("{}", report.details());
+            println!(
+                "[cv-test] {name}: failure expected and detected:\n{}",
+                report.details()
+            );
             Some(reasons.clone())
         }
     }

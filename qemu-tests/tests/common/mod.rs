@@ -91,11 +91,11 @@ pub fn boot(
     match run(&emulator, expect, &opts) {
         Ok(report) => {
             println!(
-                "[cv-test] {name}: {} in {:.1} s",
+                "[cv-test] {name}: verdict {} in {:.1} s",
                 if report.verdict.is_pass() {
                     "pass"
                 } else {
-                    "FAIL"
+                    "fail"
                 },
                 report.elapsed.as_secs_f64()
             );
