@@ -87,6 +87,8 @@ pub enum End {
     Exited(Option<i32>),
     /// The hard timeout expired.
     Timeout(Duration),
+    /// The caller stopped the run (Ctrl-C in `cargo xtask run`).
+    Stopped,
 }
 
 /// The decision about one run.
@@ -181,6 +183,7 @@ impl Judge {
                 "emulator exited (status {}) before a terminal CV: marker",
                 status.map_or_else(|| "by signal".to_string(), |s| s.to_string())
             )),
+            End::Stopped => why.push("run stopped before a terminal CV: marker".to_string()),
             End::Timeout(t) => why.push(format!(
                 "no terminal CV: marker within the hard timeout of {} s (last marker: {})",
                 t.as_secs(),

@@ -266,7 +266,7 @@ fn supervise(
             return Ok((judge, End::Exited(status.code())));
         }
         if opts.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-            return Ok((judge, End::Exited(None)));
+            return Ok((judge, End::Stopped));
         }
         if started.elapsed() >= opts.timeout {
             return Ok((judge, End::Timeout(opts.timeout)));

@@ -180,7 +180,7 @@ fn run_bochs(b: Bochs, workdir: &std::path::Path) -> Result<ExitCode> {
             println!("xtask: kernel reported failure: {m}");
             Ok(ExitCode::FAILURE)
         }
-        (End::Exited(None), _) if stop.load(Ordering::Relaxed) => {
+        (End::Stopped, _) => {
             println!("xtask: stopped");
             Ok(ExitCode::SUCCESS)
         }
