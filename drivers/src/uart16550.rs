@@ -30,6 +30,8 @@ pub mod reg {
 pub const LSR_DATA_READY: u8 = 1 << 0;
 /// Line status bit: transmitter holding register empty.
 pub const LSR_THR_EMPTY: u8 = 1 << 5;
+/// Line status bit: transmitter empty (holding register and shift register both drained).
+pub const LSR_TX_EMPTY: u8 = 1 << 6;
 /// Line control: divisor latch access bit.
 const LCR_DLAB: u8 = 1 << 7;
 /// Line control: 8 data bits, no parity, one stop bit.
@@ -111,6 +113,19 @@ impl<P: PortIo> Uart16550<P> {
         false
     }
 
+    /// Waits (bounded by [`TX_SPIN_LIMIT`] polls) until every byte written has left the shift register; returns
+    /// false if the transmitter never drained. Call before anything that ends the machine (an emulator's exit port,
+    /// a reset), which would otherwise cut the last characters of the final line.
+    pub fn flush(&mut self) -> bool {
+        for _ in 0..TX_SPIN_LIMIT {
+            if self.io.read(reg::LSR) & LSR_TX_EMPTY != 0 {
+                return true;
+            }
+            core::hint::spin_loop();
+        }
+        false
+    }
+
     /// Sends a string, translating `\n` to `\r\n`.
     pub fn send_str(&mut self, s: &str) {
         for b in s.bytes() {
@@ -181,6 +196,15 @@ mod tests {
             scratch: 0,
             rx: None,
         }
+    }
+
+    #[test]
+    fn flush_waits_for_the_shift_register_not_just_the_holding_register() {
+        let mut f = fake();
+        f.lsr = LSR_THR_EMPTY;
+        assert!(!Uart16550::new(&mut f).flush(), "THRE alone must not count as drained");
+        f.lsr = LSR_THR_EMPTY | LSR_TX_EMPTY;
+        assert!(Uart16550::new(&mut f).flush());
     }
 
     #[test]

@@ -85,6 +85,20 @@ pub fn write_line_fatal(args: fmt::Arguments<'_>) {
     uart.send_str("\n");
 }
 
+/// Sends everything queued and waits (bounded) until the UART has transmitted the last bit, so a following
+/// emulator exit or reset does not cut the final line. For the stop path: takes the lock regardless after a bounded
+/// wait, like [`write_line_fatal`].
+pub fn flush() {
+    for _ in 0..FATAL_LOCK_ATTEMPTS {
+        if let Some(mut uart) = UART.try_lock() {
+            drain_queue(&mut uart);
+            uart.flush();
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Prints a `CV:` marker line: `marker!("BOOT loader={} ...", ...)`.
 #[macro_export]
 macro_rules! marker {
