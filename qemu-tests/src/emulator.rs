@@ -91,6 +91,8 @@ pub struct Qemu {
     pub firmware: Firmware,
     /// Boot path.
     pub boot: Boot,
+    /// Further arguments appended to the command (e.g. `-initrd` modules, `-icount`).
+    pub extra_args: Vec<String>,
 }
 
 impl Qemu {
@@ -104,6 +106,7 @@ impl Qemu {
             memory_mib: 512,
             firmware: Firmware::Bios,
             boot,
+            extra_args: Vec::new(),
         }
     }
 
@@ -154,6 +157,7 @@ impl Qemu {
                 c.args(["-drive", &drive]).args(["-boot", "c"]);
             }
         }
+        c.args(&self.extra_args);
         Ok(c)
     }
 }

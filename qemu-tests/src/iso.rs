@@ -25,14 +25,37 @@ pub const GRUB_MODULES: &str =
 /// # Errors
 /// `cmdline` contains characters that GRUB would interpret.
 pub fn grub_cfg(cmdline: &str) -> Result<String, HarnessError> {
-    if let Some(bad) = cmdline
-        .chars()
-        .find(|c| c.is_control() || matches!(c, '"' | '\'' | ';' | '$' | '\\' | '{' | '}'))
+    grub_cfg_with_modules(cmdline, &[])
+}
+
+/// The `grub.cfg` booting `/boot/creditvisor` with `cmdline` and loading `/boot/modules/<name>` as the boot
+/// module named `<name>` for each of `modules` (docs/console.md, "Boot modules").
+///
+/// # Errors
+/// `cmdline` or a module name contains characters that GRUB would interpret.
+pub fn grub_cfg_with_modules(cmdline: &str, modules: &[String]) -> Result<String, HarnessError> {
+    for text in core::iter::once(cmdline).chain(modules.iter().map(String::as_str)) {
+        if let Some(bad) = text
+            .chars()
+            .find(|c| c.is_control() || matches!(c, '"' | '\'' | ';' | '$' | '\\' | '{' | '}'))
+        {
+            return Err(HarnessError::Config(format!(
+                "{text:?} contains {bad:?}, which GRUB would interpret"
+            )));
+        }
+    }
+    if let Some(bad) = modules
+        .iter()
+        .find(|m| m.is_empty() || m.contains(char::is_whitespace))
     {
         return Err(HarnessError::Config(format!(
-            "kernel command line {cmdline:?} contains {bad:?}, which GRUB would interpret"
+            "module name {bad:?} must be one word"
         )));
     }
+    let module_lines: String = modules
+        .iter()
+        .map(|m| format!("    module2 /boot/modules/{m} {m}\n"))
+        .collect();
     Ok(format!(
         "serial --unit=0 --speed=115200\n\
          terminal_input serial console\n\
@@ -41,6 +64,7 @@ pub fn grub_cfg(cmdline: &str) -> Result<String, HarnessError> {
          set default=0\n\
          menuentry \"Creditvisor\" {{\n\
          \x20   multiboot2 /boot/creditvisor {cmdline}\n\
+         {module_lines}\
          \x20   boot\n\
          }}\n"
     ))
@@ -56,13 +80,29 @@ pub fn build_iso(
     stage: &Path,
     out: &Path,
 ) -> Result<(), HarnessError> {
+    build_iso_with_modules(kernel, cmdline, &[], stage, out)
+}
+
+/// As [`build_iso`], with boot modules: each `(file, name)` is copied to `/boot/modules/<name>` and loaded
+/// as the module named `name`.
+///
+/// # Errors
+/// As [`build_iso`], or a missing module file.
+pub fn build_iso_with_modules(
+    kernel: &Path,
+    cmdline: &str,
+    modules: &[(std::path::PathBuf, String)],
+    stage: &Path,
+    out: &Path,
+) -> Result<(), HarnessError> {
     if !kernel.exists() {
         return Err(HarnessError::MissingFile {
             path: kernel.to_path_buf(),
             hint: "build the kernel with `cargo xtask build`",
         });
     }
-    let cfg = grub_cfg(cmdline)?;
+    let names: Vec<String> = modules.iter().map(|(_, n)| n.clone()).collect();
+    let cfg = grub_cfg_with_modules(cmdline, &names)?;
     if stage.exists() {
         fs::remove_dir_all(stage).map_err(|e| HarnessError::io(stage, e))?;
     }
@@ -70,6 +110,18 @@ pub fn build_iso(
     fs::create_dir_all(&grub_dir).map_err(|e| HarnessError::io(&grub_dir, e))?;
     let staged_kernel = stage.join("boot/creditvisor");
     fs::copy(kernel, &staged_kernel).map_err(|e| HarnessError::io(&staged_kernel, e))?;
+    let module_dir = stage.join("boot/modules");
+    fs::create_dir_all(&module_dir).map_err(|e| HarnessError::io(&module_dir, e))?;
+    for (file, name) in modules {
+        if !file.exists() {
+            return Err(HarnessError::MissingFile {
+                path: file.clone(),
+                hint: "build the guests with `cargo xtask build`",
+            });
+        }
+        let to = module_dir.join(name);
+        fs::copy(file, &to).map_err(|e| HarnessError::io(&to, e))?;
+    }
     let cfg_path = grub_dir.join("grub.cfg");
     fs::write(&cfg_path, cfg).map_err(|e| HarnessError::io(&cfg_path, e))?;
     if let Some(parent) = out.parent() {
@@ -97,6 +149,14 @@ pub fn build_iso(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_become_module2_lines() {
+        let cfg = grub_cfg_with_modules("run_ms=100", &["burn".into(), "vms.conf".into()]).unwrap();
+        assert!(cfg.contains("    multiboot2 /boot/creditvisor run_ms=100\n    module2 /boot/modules/burn burn\n    module2 /boot/modules/vms.conf vms.conf\n    boot\n"), "{cfg}");
+        assert!(grub_cfg_with_modules("", &["two words".into()]).is_err());
+        assert!(grub_cfg_with_modules("", &["a;b".into()]).is_err());
+    }
 
     #[test]
     fn cfg_boots_multiboot2_at_once_on_serial() {

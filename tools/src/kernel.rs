@@ -19,6 +19,26 @@ pub struct Artefacts {
     pub kernel: PathBuf,
     /// Multiboot 1 elf32 copy (`build/creditvisor.elf32`).
     pub kernel32: PathBuf,
+    /// Directory of the test guests (`target/x86_64-unknown-none/release`, one ELF per guest name).
+    pub guests: PathBuf,
+}
+
+/// The test guests, by binary (and boot module) name.
+pub const GUESTS: [&str; 5] = ["burn", "sleeper", "bursty", "periodic", "hostile"];
+
+/// The demo VM configuration `cargo xtask run` boots.
+pub fn demo_config() -> PathBuf {
+    root().join("guests/demo.conf")
+}
+
+/// Boot modules for a run: every test guest, then `config` as `vms.conf` (docs/console.md).
+pub fn modules(a: &Artefacts, config: &Path) -> Vec<(PathBuf, String)> {
+    let mut m: Vec<(PathBuf, String)> = GUESTS
+        .iter()
+        .map(|g| (a.guests.join(g), (*g).to_string()))
+        .collect();
+    m.push((config.to_path_buf(), "vms.conf".to_string()));
+    m
 }
 
 /// The `build/` directory.
@@ -38,6 +58,8 @@ pub fn build() -> Result<Artefacts> {
             "build",
             "-p",
             "kernel",
+            "-p",
+            "guests",
             "--release",
             "--target",
             "x86_64-unknown-none",
@@ -59,7 +81,12 @@ pub fn build() -> Result<Artefacts> {
     let kernel32 = build_dir().join("creditvisor.elf32");
     std::fs::create_dir_all(build_dir()).context("cannot create build/")?;
     objcopy_elf32(&kernel, &kernel32)?;
-    Ok(Artefacts { kernel, kernel32 })
+    let guests = target_dir.join("x86_64-unknown-none/release");
+    Ok(Artefacts {
+        kernel,
+        kernel32,
+        guests,
+    })
 }
 
 fn objcopy_elf32(input: &Path, output: &Path) -> Result<()> {
@@ -78,15 +105,17 @@ fn objcopy_elf32(input: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the kernel and the GRUB ISO `out` booting it with `cmdline`.
+/// Builds the kernel and the GRUB ISO `out` booting it with `cmdline` (and, with `vms`, the test guests and
+/// that VM configuration as boot modules).
 ///
 /// # Errors
 /// Missing GRUB packages, or a failing build.
-pub fn image(cmdline: &str, out: &Path) -> Result<Artefacts> {
+pub fn image(cmdline: &str, vms: Option<&Path>, out: &Path) -> Result<Artefacts> {
     packages::ensure(&[packages::BUILD, packages::IMAGE])?;
     let a = build()?;
     let stage = out.with_extension("stage");
-    qemu_tests::iso::build_iso(&a.kernel, cmdline, &stage, out)?;
+    let mods = vms.map(|c| modules(&a, c)).unwrap_or_default();
+    qemu_tests::iso::build_iso_with_modules(&a.kernel, cmdline, &mods, &stage, out)?;
     std::fs::remove_dir_all(&stage)
         .with_context(|| format!("cannot remove {}", stage.display()))?;
     Ok(a)

@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Image { append } => {
             let out = kernel::build_dir().join("creditvisor.iso");
-            kernel::image(&append, &out).map(|_| {
+            kernel::image(&append, None, &out).map(|_| {
                 println!("xtask: image {} (cmdline {append:?})", out.display());
                 ExitCode::SUCCESS
             })

@@ -46,6 +46,12 @@ pub struct RunArgs {
     /// Kernel command line, e.g. "log=debug selftest=all exit=emu".
     #[arg(long, default_value = "")]
     append: String,
+    /// VM configuration to boot with the test guests (docs/vm-config.md); default: guests/demo.conf.
+    #[arg(long)]
+    vms: Option<std::path::PathBuf>,
+    /// Boot without VMs (no boot modules).
+    #[arg(long)]
+    no_vms: bool,
 }
 
 /// Runs `cargo xtask run`.
@@ -64,8 +70,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     packages::ensure(&[packages::BUILD, packages::IMAGE, emu_packages])?;
     let run_dir = kernel::build_dir().join("run");
     let iso = run_dir.join("creditvisor.iso");
+    let vms = (!args.no_vms).then(|| args.vms.clone().unwrap_or_else(kernel::demo_config));
+    if let Some(conf) = &vms {
+        println!("xtask: VMs from {} (--no-vms boots none)", conf.display());
+    }
     let artefacts = if uses_iso {
-        kernel::image(&args.append, &iso)?
+        kernel::image(&args.append, vms.as_deref(), &iso)?
     } else {
         kernel::build()?
     };
@@ -78,11 +88,21 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
                 Boot::Cdrom(iso)
             } else {
                 Boot::Kernel {
-                    elf32: artefacts.kernel32,
+                    elf32: artefacts.kernel32.clone(),
                     cmdline: args.append.clone(),
                 }
             };
             let q = Qemu {
+                extra_args: match (&vms, uses_iso) {
+                    (Some(conf), false) => {
+                        let initrd: Vec<String> = kernel::modules(&artefacts, conf)
+                            .iter()
+                            .map(|(f, n)| format!("{} {n}", f.display()))
+                            .collect();
+                        vec!["-initrd".into(), initrd.join(",")]
+                    }
+                    _ => Vec::new(),
+                },
                 machine: match args.machine {
                     MachineArg::Pc => Machine::Pc,
                     MachineArg::Q35 => Machine::Q35,

@@ -18,8 +18,8 @@ use crate::{cargo, kernel, packages, status, Emu};
 const TEST_THREADS: &str = "2";
 
 /// Integration test binaries of `qemu-tests` per emulator.
-const QEMU_TESTS: &[&str] = &["qemu", "negative"];
-const BOCHS_TESTS: &[&str] = &["bochs"];
+const QEMU_TESTS: &[&str] = &["qemu", "negative", "vms"];
+const BOCHS_TESTS: &[&str] = &["bochs", "vms"];
 
 struct Stage {
     name: &'static str,
@@ -81,6 +81,8 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
     if emu != Some(Emu::Qemu) {
         binaries.extend(BOCHS_TESTS);
     }
+    binaries.sort_unstable();
+    binaries.dedup();
     for b in binaries {
         c.args(["--test", b]);
     }
@@ -94,7 +96,8 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
             }),
         )
         .env(ENV_KERNEL, &artefacts.kernel)
-        .env(ENV_KERNEL32, &artefacts.kernel32);
+        .env(ENV_KERNEL32, &artefacts.kernel32)
+        .env("CV_GUEST_DIR", &artefacts.guests);
     let ok = status(&mut c)?;
     stage.done(ok)
 }
