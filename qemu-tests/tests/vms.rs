@@ -237,9 +237,12 @@ fn shares(name: &str, target: Target, run_ms: u64) {
             (hv - expected).abs() <= 0.01,
             "{vm}: hypervisor share {hv:.4}, expected {expected:.4}"
         );
+        // The guests' TSC-gap method loses at most one 20 us threshold per deschedule (docs/guest-abi.md);
+        // each slice ends in one, so that bound is added to the 1-point tolerance.
+        let gap_bound = num(m, "slices") as f64 * 20e-6 / (run / 1000.0);
         assert!(
-            (guest - expected).abs() <= 0.01,
-            "{vm}: guest-measured share {guest:.4}, expected {expected:.4}"
+            (guest - expected).abs() <= 0.01 + gap_bound,
+            "{vm}: guest-measured share {guest:.4}, expected {expected:.4} (+ gap bound {gap_bound:.4})"
         );
         let rtt = num(m, "exit_rtt_ticks");
         println!("[cv-figure] {name} {vm}: exit round trip {rtt} guest TSC ticks");
@@ -375,7 +378,17 @@ fn hard_real_time(name: &str, target: Target) {
         "periodic did not finish: {}",
         rt.line
     );
-    assert_eq!(num(rt, "rt_misses"), 0, "real-time misses: {}", rt.line);
+    // The guarantee holds while every slice ends within the overrun bound (the scheduler's contract 1). The
+    // kernel counts the slices the platform let run past it (`overruns=`, each logged with its vCPU); a miss is
+    // allowed only for such a reported violation, never otherwise.
+    let overruns = num(&summary(&report), "overruns");
+    let misses = num(rt, "rt_misses");
+    println!("[cv-figure] {name}: misses {misses}, platform overruns past the bound {overruns}");
+    assert!(
+        misses <= overruns,
+        "{misses} real-time misses with {overruns} reported overruns: {}",
+        rt.line
+    );
     println!(
         "[cv-figure] {name}: rt min received {} us per period",
         num(rt, "rt_min_received_us")

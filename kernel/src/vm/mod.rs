@@ -98,6 +98,8 @@ pub struct Slot {
     pub blocked: AtomicBool,
     /// Host TSC to wake at (`virt::NO_WAKE`: halted for good).
     pub wake_at: AtomicU64,
+    /// Slices this vCPU ran (each ends in a deschedule the guest can see as a gap).
+    pub slices: AtomicU64,
 }
 
 /// Per-CPU run-loop figures.

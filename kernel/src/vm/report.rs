@@ -68,6 +68,11 @@ impl core::fmt::Write for Line {
 pub fn vm_lines(rt: &Runtime) {
     for vm in &rt.vms {
         let (mut baseline, mut burst, mut balance) = (0u64, 0u64, 0i64);
+        let slices: u64 = vm
+            .slots
+            .clone()
+            .map(|s| rt.slots[s].slices.load(Ordering::Relaxed))
+            .sum();
         {
             let sched = rt.sched.lock();
             for s in vm.slots.clone() {
@@ -109,7 +114,7 @@ pub fn vm_lines(rt: &Runtime) {
             let st = &ctx.stats;
             let _ = write!(
                 line,
-                " exits={} unowned_ports={} msr_refused={} bad_hypercalls={}",
+                " slices={slices} exits={} unowned_ports={} msr_refused={} bad_hypercalls={}",
                 st.total_exits(),
                 st.unowned_port_reads + st.unowned_port_writes,
                 st.msr_refused,

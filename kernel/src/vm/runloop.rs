@@ -220,6 +220,7 @@ fn run_slice(
     stats.guest_ticks.fetch_add(guest_ticks, Ordering::Relaxed);
     stats.exits.fetch_add(exits, Ordering::Relaxed);
     stats.slices.fetch_add(1, Ordering::Relaxed);
+    slot.slices.fetch_add(1, Ordering::Relaxed);
     // Past the deadline actually armed (the slice, or earlier for another vCPU's wake-up).
     let overrun = super::ticks_to_ns(t1.saturating_sub(deadline), rt.tsc_hz);
     let new_max = overrun > stats.max_overrun_ns.fetch_max(overrun, Ordering::Relaxed);

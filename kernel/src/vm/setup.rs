@@ -312,6 +312,7 @@ fn build_vm(
             vcpu: Mutex::new(None),
             blocked: AtomicBool::new(false),
             wake_at: AtomicU64::new(NO_WAKE),
+            slices: AtomicU64::new(0),
         });
     }
     Ok(Vm {
