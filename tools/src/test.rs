@@ -18,7 +18,7 @@ use crate::{cargo, kernel, packages, status, Emu};
 const TEST_THREADS: &str = "2";
 
 /// Integration test binaries of `qemu-tests` per emulator.
-const QEMU_TESTS: &[&str] = &["qemu", "negative", "vms"];
+const QEMU_TESTS: &[&str] = &["qemu", "negative", "vms", "nvme"];
 const BOCHS_TESTS: &[&str] = &["bochs", "vms"];
 
 struct Stage {
