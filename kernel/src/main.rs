@@ -29,7 +29,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use spin::Once;
 
-use arch::x86_64::{cpu, gdt, idt, ioapic, lapic, paging, percpu, pic, smp, stop, tsc};
+use arch::x86_64::{cpu, entry, gdt, idt, ioapic, lapic, paging, percpu, pic, smp, stop, tsc};
 use boot::{BootInfo, Firmware, Loader, RegionKind};
 use cmdline::{Config, ExitMode, Warning};
 use console::Quoted;
@@ -330,6 +330,16 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let mut passed = selftest::run(config.selftests);
     if let Some(vms_ok) = vm::start(bi, &virt, result.online, config.run_ms) {
         passed &= vms_ok;
+    }
+    let stack_used = entry::boot_stack_used();
+    if stack_used > entry::BOOT_STACK_HEALTHY {
+        log::error!(
+            "kernel: boot stack used {stack_used} of {} bytes: too close to overflowing into the statics below it",
+            entry::BOOT_STACK_SIZE
+        );
+        passed = false;
+    } else {
+        log::info!("kernel: boot stack used {} of {} KiB", stack_used / 1024, entry::BOOT_STACK_SIZE / 1024);
     }
     marker!("DONE status={}", if passed { "pass" } else { "fail" });
     match config.exit {

@@ -22,8 +22,11 @@ pub const MB2_HEADER_MAGIC: u32 = 0xE852_50D6;
 /// Multiboot 2 magic passed in `eax`.
 pub const MB2_BOOT_MAGIC: u32 = 0x36D7_6289;
 
-/// Size of the bootstrap processor's boot stack.
-pub const BOOT_STACK_SIZE: usize = 64 * 1024;
+/// Size of the bootstrap processor's boot stack. `kernel_main` and the self-tests run on it with large frames
+/// (a `BootInfo` alone is ~12 KiB); 64 KiB overflowed into the statics below it (the frame allocator).
+pub const BOOT_STACK_SIZE: usize = 256 * 1024;
+/// Deepest use of the boot stack still judged healthy; deeper means it came within 32 KiB of overflowing.
+pub const BOOT_STACK_HEALTHY: usize = BOOT_STACK_SIZE - 32 * 1024;
 
 global_asm!(
     r#"
@@ -201,3 +204,18 @@ static mut BOOT_PD: PageAligned<{ 4 * 4096 }> = PageAligned([0; 4 * 4096]);
 pub struct BootStack(pub [u8; BOOT_STACK_SIZE]);
 
 static mut BOOT_STACK: BootStack = BootStack([0; BOOT_STACK_SIZE]);
+
+/// How many bytes of the boot stack have ever been written (a lower bound of the deepest use: the stub zeroes
+/// .bss, and a frame that reserved space without writing it is not seen). There is no guard page below the stack
+/// yet, so this is how an overflow towards the statics below it is caught.
+pub fn boot_stack_used() -> usize {
+    let base = core::ptr::addr_of!(BOOT_STACK).cast::<u8>();
+    for offset in 0..BOOT_STACK_SIZE {
+        // SAFETY: `offset` is inside the static; the bytes below the stack pointer are unused, those above belong
+        // to this CPU's own active frames, and a volatile byte read of either has no effect.
+        if unsafe { core::ptr::read_volatile(base.add(offset)) } != 0 {
+            return BOOT_STACK_SIZE - offset;
+        }
+    }
+    0
+}
