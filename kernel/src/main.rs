@@ -334,12 +334,16 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     let stack_used = entry::boot_stack_used();
     if stack_used > entry::BOOT_STACK_HEALTHY {
         log::error!(
-            "kernel: boot stack used {stack_used} of {} bytes: too close to overflowing into the statics below it",
+            "boot stack: used {stack_used} of {} bytes, too close to overflowing into the statics below it",
             entry::BOOT_STACK_SIZE
         );
         passed = false;
     } else {
-        log::info!("kernel: boot stack used {} of {} KiB", stack_used / 1024, entry::BOOT_STACK_SIZE / 1024);
+        log::info!(
+            "boot stack: used {} of {} KiB",
+            stack_used / 1024,
+            entry::BOOT_STACK_SIZE / 1024
+        );
     }
     marker!("DONE status={}", if passed { "pass" } else { "fail" });
     match config.exit {
