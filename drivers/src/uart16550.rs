@@ -202,7 +202,10 @@ mod tests {
     fn flush_waits_for_the_shift_register_not_just_the_holding_register() {
         let mut f = fake();
         f.lsr = LSR_THR_EMPTY;
-        assert!(!Uart16550::new(&mut f).flush(), "THRE alone must not count as drained");
+        assert!(
+            !Uart16550::new(&mut f).flush(),
+            "THRE alone must not count as drained"
+        );
         f.lsr = LSR_THR_EMPTY | LSR_TX_EMPTY;
         assert!(Uart16550::new(&mut f).flush());
     }
