@@ -1,7 +1,8 @@
-//! Hardware virtualisation. Today: detecting what the CPU offers ([`detect`]). The VMX and SVM backends (one
-//! trait, chosen by this detection at boot, never by build feature) arrive in later issues as `virt/vmx` and
-//! `virt/svm`.
+//! Hardware virtualisation: detecting what the CPU offers ([`detect`]), and the two backends of the `virt::Vcpu`
+//! trait, [`vmx`] (Intel VT-x with EPT) and [`svm`] (AMD-V with NPT), chosen by that detection at boot, never by
+//! build feature. Both build their nested page tables with `virt::paging` over [`tables::KernelTables`].
 
 pub mod detect;
 pub mod svm;
+pub mod tables;
 pub mod vmx;

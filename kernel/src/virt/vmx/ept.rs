@@ -1,59 +1,14 @@
 //! Guest-physical memory for VMX: the shared nested page-table builder (`virt::paging`) with the EPT format, its
 //! table frames taken from the kernel frame allocator and reached through the direct map.
 //!
-//! Design: [`KernelTables`] is the kernel's `TableMemory` (it does not depend on EPT, so the SVM backend can use it
-//! for NPT as well). [`GuestPhysMap`] owns one EPT hierarchy and frees its table frames when dropped; the host
+//! Design: table frames come from [`KernelTables`] (shared with the SVM backend). [`GuestPhysMap`] owns one EPT
+//! hierarchy and frees its table frames when dropped; the host
 //! frames it maps belong to the caller (the VM's memory), which must outlive every vCPU using the map.
 
 use virt::paging::ept::{eptp, Ept};
-use virt::paging::{Attrs, MapError, NestedPageTable, PageSize, TableMemory, Translation, ENTRIES};
+use virt::paging::{Attrs, MapError, NestedPageTable, PageSize, Translation};
 
-use crate::arch::x86_64::paging;
-use crate::mm::frame;
-
-/// Table frames from the frame allocator, accessed through the direct map with volatile accesses (the CPU walks
-/// them concurrently once a guest runs).
-#[derive(Debug, Default)]
-pub struct KernelTables;
-
-impl TableMemory for KernelTables {
-    fn alloc_zeroed(&mut self) -> Option<u64> {
-        frame::alloc_zeroed_below(u64::MAX)
-    }
-
-    fn free(&mut self, table: u64) {
-        // SAFETY: the builder frees only frames it obtained from `alloc_zeroed`, once each, after unlinking them.
-        unsafe { frame::free(table) };
-    }
-
-    fn read(&self, table: u64, index: usize) -> u64 {
-        if index >= ENTRIES {
-            return 0;
-        }
-        // SAFETY: `table` is a table frame allocated above and mapped by the direct map; index < 512 keeps the
-        // access inside it.
-        unsafe {
-            paging::phys_to_virt(table)
-                .cast::<u64>()
-                .add(index)
-                .read_volatile()
-        }
-    }
-
-    fn write(&mut self, table: u64, index: usize, value: u64) {
-        if index >= ENTRIES {
-            return;
-        }
-        // SAFETY: as in `read`; the frame is owned by the page-table builder, which serialises writes through
-        // `&mut self`.
-        unsafe {
-            paging::phys_to_virt(table)
-                .cast::<u64>()
-                .add(index)
-                .write_volatile(value)
-        };
-    }
-}
+use crate::virt::tables::KernelTables;
 
 /// One VM's EPT hierarchy.
 #[derive(Debug)]
