@@ -1,8 +1,11 @@
 //! The kernel's memory for nested page tables (EPT and NPT alike): table frames from the frame allocator, reached
 //! through the direct map. The page-table builder itself is vendor-neutral and unsafe-free (`virt::paging`); this is
-//! the one place where its `TableMemory` trait touches physical memory.
+//! the one place where its `TableMemory` trait touches physical memory. [`KernelNestedMap`] owns one VM's
+//! hierarchy; the backends add only their root-pointer encoding (EPT pointer, nCR3).
 
-use virt::paging::{TableMemory, ENTRIES};
+use virt::paging::{
+    Attrs, MapError, NestedPageTable, PageSize, PteFormat, TableMemory, Translation, ENTRIES,
+};
 
 use crate::arch::x86_64::paging;
 use crate::mm::frame;
@@ -48,5 +51,86 @@ impl TableMemory for KernelTables {
                 .add(index)
                 .write_volatile(value)
         };
+    }
+}
+
+/// One VM's nested page tables (EPT or NPT, by `F`) in kernel table memory. The host frames it maps belong to the
+/// caller (the VM's memory), which must outlive every vCPU using the map; the table frames are freed on drop.
+#[derive(Debug)]
+pub struct KernelNestedMap<F: PteFormat> {
+    /// Always `Some` until `drop`, which takes it to destroy the hierarchy.
+    table: Option<NestedPageTable<F>>,
+}
+
+impl<F: PteFormat> KernelNestedMap<F> {
+    /// An empty map.
+    ///
+    /// # Errors
+    /// No frame for the root table.
+    pub fn new() -> Result<Self, MapError> {
+        Ok(Self {
+            table: Some(NestedPageTable::new(&mut KernelTables)?),
+        })
+    }
+
+    fn table(&self) -> &NestedPageTable<F> {
+        self.table
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("nested map used after drop"))
+    }
+
+    fn table_mut(&mut self) -> &mut NestedPageTable<F> {
+        self.table
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("nested map used after drop"))
+    }
+
+    /// Physical address of the root table (for the EPT pointer or nCR3).
+    pub fn root(&self) -> u64 {
+        self.table().root()
+    }
+
+    /// Maps `len` bytes at `gpa` to host-physical `hpa`, 2 MiB pages where both are aligned.
+    ///
+    /// # Errors
+    /// As `NestedPageTable::map_range`.
+    pub fn map_range(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
+        self.table_mut()
+            .map_range(&mut KernelTables, gpa, hpa, len, attrs)
+    }
+
+    /// Maps with one page size.
+    ///
+    /// # Errors
+    /// As `NestedPageTable::map`.
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        size: PageSize,
+        attrs: Attrs,
+    ) -> Result<(), MapError> {
+        self.table_mut()
+            .map(&mut KernelTables, gpa, hpa, len, size, attrs)
+    }
+
+    /// Looks up a guest-physical address.
+    pub fn translate(&self, gpa: u64) -> Option<Translation> {
+        self.table().translate(&KernelTables, gpa)
+    }
+}
+
+impl<F: PteFormat> Drop for KernelNestedMap<F> {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.take() {
+            t.destroy(&mut KernelTables);
+        }
     }
 }

@@ -109,7 +109,7 @@ impl VmBackend {
                 Ok(Self::Svm { _npt: npt, vm })
             }
             Kind::Vmx => {
-                let mut ept = GuestPhysMap::new(false).map_err(BackendError::Map)?;
+                let mut ept = GuestPhysMap::new().map_err(BackendError::Map)?;
                 for (gpa, hpa, len) in ram.ranges() {
                     ept.map_range(gpa, hpa, len, Attrs::RAM)
                         .map_err(BackendError::Map)?;

@@ -6,7 +6,7 @@
 //! [`exit`] (exit reasons, Appendix C) and [`selftest`] (a tiny guest proving the path end to end).
 //!
 //! How the runtime uses it, on the CPU that will run the vCPU:
-//! 1. guest memory: `ept::GuestPhysMap::new(false)`, then `map_range(gpa, hpa, len, Attrs::RAM)` per RAM chunk;
+//! 1. guest memory: `ept::GuestPhysMap::new()`, then `map_range(gpa, hpa, len, Attrs::RAM)` per RAM chunk;
 //! 2. `vcpu::VmxVcpu::new(&VcpuConfig { eptp: map.eptp(), entry, exception_bitmap: 0, tsc_offset })` with
 //!    `entry` a `virt::entry::EntryState` (`EntryState::long_mode(..)`, or `vcpu::real_mode_entry(cs, ip, sp)`);
 //!    the first vCPU built on a CPU executes VMXON there (`cpu::enable`, idempotent, may also be called early);

@@ -199,7 +199,7 @@ pub fn run() -> Result<Detail, Detail> {
     }
     let mut mem = GuestMem::new(GUEST_PAGES)?;
     // Declared after `mem`: dropped before it, so the EPT and the vCPU release the guest frames first.
-    let mut map = GuestPhysMap::new(false).map_err(|e| detail!("EPT root: {e:?}"))?;
+    let mut map = GuestPhysMap::new().map_err(|e| detail!("EPT root: {e:?}"))?;
     build_guest(&mut mem, &mut map)?;
     let config = VcpuConfig {
         eptp: map.eptp(),
