@@ -722,24 +722,32 @@ impl Store {
                 },
             ),
         };
+        // Every answered request is recorded once, with either its denial reason or its grant.
+        let amount_ns = i64_of(req.amount_ns)?;
+        let record_request = |tx: &rusqlite::Transaction<'_>,
+                              deny_reason: Option<&str>,
+                              grant_id: Option<i64>| {
+            tx.execute(
+                "INSERT INTO credit_requests(host_id, boot_id, request_id, at, resource, vm, unit, amount_ns,
+                    balance_ns, deny_reason, grant_id) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+                params![
+                    host,
+                    boot,
+                    rid,
+                    now,
+                    resource_str(req.resource),
+                    req.vm,
+                    req.unit,
+                    amount_ns,
+                    req.balance_ns,
+                    deny_reason,
+                    grant_id
+                ],
+            )
+        };
         let outcome = match (decision, pool) {
             (GrantDecision::Deny(reason), pool) => {
-                tx.execute(
-                    "INSERT INTO credit_requests(host_id, boot_id, request_id, at, resource, vm, unit, amount_ns,
-                        balance_ns, deny_reason) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
-                    params![
-                        host,
-                        boot,
-                        rid,
-                        now,
-                        resource_str(req.resource),
-                        req.vm,
-                        req.unit,
-                        i64_of(req.amount_ns)?,
-                        req.balance_ns,
-                        reason
-                    ],
-                )?;
+                record_request(&tx, Some(&reason), None)?;
                 if let Some((name, ..)) = pool {
                     tx.execute(
                         "INSERT INTO ledger(pool, at, kind, amount_ns, cost_micros, host_id, vm) VALUES(?1,?2,'deny',0,0,?3,?4)",
@@ -794,22 +802,7 @@ impl Store {
                         grant_id
                     ],
                 )?;
-                tx.execute(
-                    "INSERT INTO credit_requests(host_id, boot_id, request_id, at, resource, vm, unit, amount_ns,
-                        balance_ns, grant_id) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
-                    params![
-                        host,
-                        boot,
-                        rid,
-                        now,
-                        resource_str(req.resource),
-                        req.vm,
-                        req.unit,
-                        i64_of(req.amount_ns)?,
-                        req.balance_ns,
-                        grant_id
-                    ],
-                )?;
+                record_request(&tx, None, Some(grant_id))?;
                 let mut new_balance = u64_of(balance).saturating_sub(total);
                 let replenish: Replenish = serde_json::from_str(&replenish)?;
                 if let Replenish::Auto { threshold_ns, .. } = replenish {
