@@ -311,6 +311,19 @@ impl Judge {
                 why.push(format!("self-test {name} did not report"));
             }
         }
+        // The `vmx` and `svm` self-tests pass with a "skipped: ..." detail on the other vendor's machines; on the
+        // vendor this boot expects, a skip would prove nothing, so it counts as a failure.
+        let own = expect.virt.vendor;
+        for t in &tests {
+            if t.get("name") == Some(own)
+                && t.get("detail").is_some_and(|d| d.starts_with("skipped"))
+            {
+                why.push(format!(
+                    "self-test {own} skipped on a {own} machine: {}",
+                    t.line
+                ));
+            }
+        }
     }
 }
 
@@ -436,6 +449,21 @@ CV:DONE status=pass
         let (j, _) = judge(&log);
         let r = reasons(j.finish(&End::Terminal, &expect2()));
         assert_eq!(r, vec!["self-test acpi did not report".to_string()]);
+    }
+
+    #[test]
+    fn own_vendor_backend_test_may_not_skip() {
+        let with = |line: &str| HEALTHY_SVM_2.replace("CV:DONE", &format!("{line}\nCV:DONE"));
+        let other = with("CV:TEST name=vmx result=pass detail=\"skipped: no vmx\"");
+        let (j, _) = judge(&other);
+        assert_eq!(j.finish(&End::Terminal, &expect2()), Verdict::Pass);
+        let own = with("CV:TEST name=svm result=pass detail=\"skipped: not an SVM machine\"");
+        let (j, _) = judge(&own);
+        let r = reasons(j.finish(&End::Terminal, &expect2()));
+        assert!(
+            r.iter().any(|x| x.contains("svm skipped on a svm machine")),
+            "{r:?}"
+        );
     }
 
     #[test]
