@@ -324,7 +324,7 @@ fn hypercall_version_yield_and_unknown() {
     let mut rig = Rig::new();
     assert_eq!(
         rig.hypercall(hc::VERSION, 0, 0),
-        (ExitAction::Continue, 0, 1)
+        (ExitAction::Continue, 0, hc::ABI_VERSION)
     );
     assert_eq!(rig.hypercall(hc::YIELD, 0, 0).0, ExitAction::Yield);
     assert_eq!(rig.vcpu.gpr(Gpr::Rax), 0);
