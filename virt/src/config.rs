@@ -7,6 +7,7 @@
 //! memory   = 16M
 //! baseline = 50%           # or 5ms/10ms
 //! weight   = 256
+//! volume   = size=16M offset=8M iops=40%   # a virtio-blk volume on NVMe ([`volume`])
 //! ```
 //!
 //! Design: a line-oriented parser with no allocation beyond the result. Every error carries the 1-based line
@@ -95,6 +96,8 @@ pub struct VmConfig {
     pub sched: SchedSpec,
     /// Physical CPU to pin the vCPUs to.
     pub cpu: Option<u32>,
+    /// virtio-blk volumes, in the order of their lines (= the guest's device table order).
+    pub volumes: Vec<VolumeSpec>,
 }
 
 /// What is wrong with a line.
@@ -178,6 +181,7 @@ pub const FIELDS: &[&str] = &[
     "weight",
     "cap",
     "cpu",
+    "volume",
 ];
 
 fn err(line: usize, field: &str, kind: ErrorKind) -> ConfigError {
@@ -264,6 +268,7 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
     if let Some(section) = current.take() {
         vms.push(section.finish()?);
     }
+    volume::check_extents(vms.iter().flat_map(|vm| vm.volumes.iter()))?;
     Ok(vms)
 }
 
@@ -318,6 +323,7 @@ struct Section {
     weight: Option<(usize, u32)>,
     cap: Option<(usize, u64)>,
     cpu: Option<(usize, u32)>,
+    volumes: Vec<VolumeSpec>,
 }
 
 #[derive(Clone, Copy)]
@@ -357,6 +363,7 @@ impl Section {
             weight: None,
             cap: None,
             cpu: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -468,6 +475,10 @@ impl Section {
                     .map_err(|_| range(line, key, alloc::format!("CPU {n} does not exist")))?;
                 put(&mut self.cpu, line, key, cpu)
             }
+            "volume" => {
+                self.volumes.push(volume::parse_volume(line, value)?);
+                Ok(())
+            }
             _ => Err(err(line, key, ErrorKind::UnknownField)),
         }
     }
@@ -574,6 +585,7 @@ impl Section {
             }
             sched.cap_ppm = Some(u32::try_from(cap).unwrap_or(u32::MAX));
         }
+        volume::check_vm(&self.volumes, memory_bytes)?;
         Ok(VmConfig {
             name: self.name,
             line: self.line,
@@ -583,6 +595,7 @@ impl Section {
             args: self.args.map(|(_, a)| a).unwrap_or_default(),
             sched,
             cpu: self.cpu.map(|(_, c)| c),
+            volumes: self.volumes,
         })
     }
 }
@@ -734,3 +747,11 @@ fn parse_burst(line: usize, field: &str, value: &str) -> Result<Burst, ConfigErr
 
 #[cfg(test)]
 mod tests;
+pub mod volume;
+#[cfg(test)]
+mod volume_tests;
+
+pub use volume::{
+    BurstSpec, Overage, Rate, VolumeSpec, DEFAULT_VOLUME_WEIGHT, DEFAULT_WINDOW_BASE, MAX_VOLUMES,
+    WINDOW_BYTES,
+};
