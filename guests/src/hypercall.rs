@@ -27,6 +27,12 @@ pub enum Counter {
     RtMisses = 5,
     RtMinReceivedNs = 6,
     ExitRttTicks = 7,
+    IoIops = 8,
+    IoOk = 9,
+    IoErr = 10,
+    IoVerifyFail = 11,
+    IoSeconds = 12,
+    IoLatAvgNs = 13,
 }
 
 /// A hypercall's error status.

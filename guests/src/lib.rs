@@ -22,7 +22,23 @@ pub use hypercall::{exit, log, report, sleep_until, yield_now, Counter, Hypercal
 /// `BootInfo::magic`: `b"CGUEST01"` read as a little-endian u64.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"CGUEST01");
 
-/// The boot information the hypervisor writes at guest-physical `0x8000` (docs/guest-abi.md).
+/// Most entries in the `BootInfo` device table (ABI version 2).
+pub const MAX_DEVICES: usize = 8;
+
+/// One entry of the `BootInfo` device table (ABI version 2): a virtio-mmio register window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct MmioDeviceInfo {
+    /// Guest-physical base of the window (4 KiB aligned, above RAM, below 4 GiB: on the identity map).
+    pub base: u64,
+    /// Bytes of the window.
+    pub size: u32,
+    /// Virtio device ID (2 = block).
+    pub device_id: u32,
+}
+
+/// The boot information the hypervisor writes at guest-physical `0x8000` (docs/guest-abi.md). The device table
+/// fields exist from ABI version 2; under version 1 they read as zero (an empty table).
 #[repr(C)]
 pub struct BootInfo {
     pub magic: u64,
@@ -34,7 +50,15 @@ pub struct BootInfo {
     pub tsc_hz: u64,
     pub name: [u8; 32],
     pub cmdline: [u8; 256],
+    pub device_count: u32,
+    pub reserved2: u32,
+    pub devices: [MmioDeviceInfo; MAX_DEVICES],
 }
+
+// The layout is the ABI: fail the build rather than boot a guest that reads the wrong bytes.
+const _: () = assert!(core::mem::offset_of!(BootInfo, device_count) == 328);
+const _: () = assert!(core::mem::offset_of!(BootInfo, devices) == 336);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 464);
 
 impl BootInfo {
     /// The VM's arguments (`args` in its configuration), up to the first NUL.
@@ -45,6 +69,16 @@ impl BootInfo {
     /// The VM's name, up to the first NUL.
     pub fn name(&self) -> &str {
         nul_terminated(&self.name)
+    }
+
+    /// The announced MMIO devices: empty under ABI version 1, and never more than [`MAX_DEVICES`] (a larger count
+    /// is clamped).
+    pub fn devices(&self) -> &[MmioDeviceInfo] {
+        if self.abi_version < 2 {
+            return &[];
+        }
+        let count = usize::try_from(self.device_count).map_or(MAX_DEVICES, |n| n.min(MAX_DEVICES));
+        &self.devices[..count]
     }
 }
 

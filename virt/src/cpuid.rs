@@ -21,7 +21,7 @@ pub struct CpuidResult {
 }
 
 /// Guest ABI version announced in leaf `0x4000_0001` (docs/guest-abi.md).
-pub const GUEST_ABI_VERSION: u32 = 1;
+pub const GUEST_ABI_VERSION: u32 = 2;
 /// First hypervisor leaf.
 pub const HV_LEAF: u32 = 0x4000_0000;
 /// Last hypervisor leaf.
@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(
             p.query(HV_MAX_LEAF, 0, 0, 1),
             CpuidResult {
-                eax: 1,
+                eax: GUEST_ABI_VERSION,
                 ebx: 2_500_000,
                 ecx: 0,
                 edx: 0

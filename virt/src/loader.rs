@@ -7,15 +7,22 @@
 //! size is checked with overflow-safe arithmetic against the file, so any byte string gives a [`LoadError`],
 //! never a panic. (The `elf` crate would parse the same fields but leave every one of these checks to us.)
 //!
-//! Guest-physical layout (ABI v1): GDT at `0x1000`, PML4 at `0x2000`, PDPT at `0x3000`, four page directories at
+//! Guest-physical layout (ABI v2): GDT at `0x1000`, PML4 at `0x2000`, PDPT at `0x3000`, four page directories at
 //! `0x4000`-`0x7fff` (2 MiB pages), `BootInfo` of vCPU i at `0x8000 + i * 0x200`, the image at or above 1 MiB,
 //! and the stack of vCPU i ending at `mem - i * 64 KiB`, so the top `vcpus * 64 KiB` are not for the image.
 //!
+//! ABI v2 adds the MMIO device table to every `BootInfo` (offset 328: count, offset 336: up to
+//! [`MAX_DEVICES`] [`MmioDeviceInfo`] entries of 16 bytes, ending at 464). The loader only announces the windows
+//! it is given ([`load_with_devices`]); registering them with the VM and emulating them is the caller's job.
+//!
 //! Invariants: segments lie in `[IMAGE_MIN, mem - vcpus * STACK_PER_VCPU)`, do not overlap, have `p_vaddr ==
-//! p_paddr` (the guest runs on the identity map), and the entry point lies in an executable segment.
+//! p_paddr` (the guest runs on the identity map), and the entry point lies in an executable segment. Announced
+//! device windows are 4 KiB aligned, non-empty, above guest RAM, below 4 GiB (inside the identity map) and
+//! pairwise disjoint; at most [`MAX_DEVICES`] of them.
 
 use core::fmt;
 
+use crate::cpuid::GUEST_ABI_VERSION;
 use crate::entry::{CODE_DESCRIPTOR, DATA_DESCRIPTOR};
 use crate::memory::{GuestMemory, OutOfRange};
 
@@ -49,6 +56,21 @@ pub const NAME_BYTES: usize = 32;
 pub const CMDLINE_BYTES: usize = 256;
 /// Most program headers accepted.
 pub const MAX_PHDRS: u16 = 64;
+/// Most MMIO devices in the `BootInfo` device table (ABI v2).
+pub const MAX_DEVICES: usize = 8;
+/// Offset of `BootInfo::device_count` (right after `cmdline`).
+pub const DEVICE_COUNT_OFFSET: usize = 40 + NAME_BYTES + CMDLINE_BYTES;
+/// Offset of `BootInfo::devices` (after `device_count` and `reserved2`).
+pub const DEVICES_OFFSET: usize = DEVICE_COUNT_OFFSET + 8;
+/// Bytes of one [`MmioDeviceInfo`] in guest memory.
+pub const DEVICE_INFO_BYTES: usize = 16;
+/// Alignment (and granularity of the nested page tables) of an MMIO window's base.
+pub const DEVICE_ALIGN: u64 = 0x1000;
+/// Where the kernel places device i's window when the configuration gives no base: `DEFAULT_MMIO_BASE + i *
+/// DEVICE_ALIGN` (mmio-contract.md; a VM whose RAM reaches this address must place its windows explicitly).
+pub const DEFAULT_MMIO_BASE: u64 = 0xD000_0000;
+/// Identity-mapped guest-physical space: every device window must end at or below this.
+pub const IDENTITY_MAP_END: u64 = 4 << 30;
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -103,6 +125,19 @@ pub enum LoadError {
     NameTooLong { len: usize },
     /// The arguments do not fit `BootInfo::cmdline`.
     ArgsTooLong { len: usize },
+    /// More MMIO devices than the `BootInfo` table holds ([`MAX_DEVICES`]).
+    TooManyDevices { count: usize },
+    /// Device `index`'s window base is not [`DEVICE_ALIGN`] aligned, or its size is 0.
+    BadDeviceWindow { index: usize, base: u64, size: u32 },
+    /// Device `index`'s window overlaps guest RAM `[0, mem)` or reaches past the 4 GiB identity map.
+    DeviceOutsideMmioSpace {
+        index: usize,
+        base: u64,
+        size: u32,
+        mem: u64,
+    },
+    /// The windows of devices `a` and `b` overlap.
+    DevicesOverlap { a: usize, b: usize },
     /// A write fell outside guest RAM (cannot happen after validation; reported rather than trusted).
     Memory(OutOfRange),
 }
@@ -134,6 +169,17 @@ impl fmt::Display for LoadError {
             Self::BadVcpuCount { count } => write!(f, "{count} vCPUs (1 to {MAX_VCPUS})"),
             Self::NameTooLong { len } => write!(f, "VM name of {len} bytes (at most {})", NAME_BYTES - 1),
             Self::ArgsTooLong { len } => write!(f, "arguments of {len} bytes (at most {})", CMDLINE_BYTES - 1),
+            Self::TooManyDevices { count } => write!(f, "{count} MMIO devices (at most {MAX_DEVICES})"),
+            Self::BadDeviceWindow { index, base, size } => write!(
+                f,
+                "device {index}: window of {size} bytes at {base:#x} (base must be {DEVICE_ALIGN:#x} aligned, size > 0)"
+            ),
+            Self::DeviceOutsideMmioSpace { index, base, size, mem } => write!(
+                f,
+                "device {index}: window of {size} bytes at {base:#x} is not in [{mem:#x}, {IDENTITY_MAP_END:#x}) \
+                 (above RAM, inside the identity map)"
+            ),
+            Self::DevicesOverlap { a, b } => write!(f, "the windows of devices {a} and {b} overlap"),
             Self::Memory(OutOfRange { gpa, len }) => write!(f, "write of {len} bytes at {gpa:#x} outside RAM"),
         }
     }
@@ -153,6 +199,64 @@ pub struct BootParams<'a> {
     pub vcpu_count: u32,
     /// Guest TSC frequency.
     pub tsc_hz: u64,
+}
+
+/// One entry of the `BootInfo` device table (ABI v2, docs/guest-abi.md): a virtio-mmio register window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct MmioDeviceInfo {
+    /// Guest-physical base of the window, [`DEVICE_ALIGN`] aligned, above guest RAM and below 4 GiB.
+    pub base: u64,
+    /// Bytes of the window.
+    pub size: u32,
+    /// Virtio device ID (2 = block).
+    pub device_id: u32,
+}
+
+impl MmioDeviceInfo {
+    /// The entry's 16 bytes as the guest sees them (little-endian, `repr(C)` layout).
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; DEVICE_INFO_BYTES] {
+        let mut b = [0u8; DEVICE_INFO_BYTES];
+        b[0..8].copy_from_slice(&self.base.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size.to_le_bytes());
+        b[12..16].copy_from_slice(&self.device_id.to_le_bytes());
+        b
+    }
+}
+
+/// Checks a device table against a VM with `mem_bytes` of RAM: at most [`MAX_DEVICES`] entries, each window
+/// aligned, non-empty, in `[mem_bytes, 4 GiB)`, and no two overlapping.
+///
+/// # Errors
+/// The first problem found.
+pub fn check_devices(devices: &[MmioDeviceInfo], mem_bytes: u64) -> Result<(), LoadError> {
+    if devices.len() > MAX_DEVICES {
+        return Err(LoadError::TooManyDevices {
+            count: devices.len(),
+        });
+    }
+    for (index, dev) in devices.iter().enumerate() {
+        let (base, size) = (dev.base, dev.size);
+        if base % DEVICE_ALIGN != 0 || size == 0 {
+            return Err(LoadError::BadDeviceWindow { index, base, size });
+        }
+        let end = base.saturating_add(u64::from(size));
+        if base < mem_bytes || end > IDENTITY_MAP_END {
+            return Err(LoadError::DeviceOutsideMmioSpace {
+                index,
+                base,
+                size,
+                mem: mem_bytes,
+            });
+        }
+        for (a, other) in devices[..index].iter().enumerate() {
+            if base < other.base.saturating_add(u64::from(other.size)) && other.base < end {
+                return Err(LoadError::DevicesOverlap { a, b: index });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A validated `PT_LOAD` segment.
@@ -314,7 +418,8 @@ fn check_vm_shape(mem_bytes: u64, vcpu_count: u32) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Loads `elf` into `mem` (which must be zeroed) and writes the boot structures; returns the entry point.
+/// Loads `elf` into `mem` (which must be zeroed) and writes the boot structures with an empty device table;
+/// returns the entry point. Same as [`load_with_devices`] with no devices.
 ///
 /// # Errors
 /// Any [`LoadError`]; the image is validated completely before guest memory is written.
@@ -323,8 +428,24 @@ pub fn load(
     mem: &mut dyn GuestMemory,
     params: &BootParams<'_>,
 ) -> Result<u64, LoadError> {
+    load_with_devices(elf, mem, params, &[])
+}
+
+/// Loads `elf` into `mem` (which must be zeroed) and writes the boot structures, announcing `devices` (in this
+/// order) in every vCPU's `BootInfo` device table; returns the entry point.
+///
+/// # Errors
+/// Any [`LoadError`]; the image, the parameters and the device table are validated completely before guest
+/// memory is written.
+pub fn load_with_devices(
+    elf: &[u8],
+    mem: &mut dyn GuestMemory,
+    params: &BootParams<'_>,
+    devices: &[MmioDeviceInfo],
+) -> Result<u64, LoadError> {
     let image = parse(elf, mem.size(), params.vcpu_count)?;
     check_params(params)?;
+    check_devices(devices, mem.size())?;
     for seg in image.segments() {
         // Validated: the file range is inside `elf`, so these conversions and slices are in bounds.
         let start = usize::try_from(seg.file_offset)
@@ -334,7 +455,7 @@ pub fn load(
         mem.write(seg.paddr, &elf[start..start + len])?;
         mem.zero(seg.paddr + seg.file_size, seg.mem_size - seg.file_size)?;
     }
-    write_boot_structures(mem, params)?;
+    write_boot_structures(mem, params, devices)?;
     Ok(image.entry)
 }
 
@@ -352,16 +473,18 @@ fn check_params(params: &BootParams<'_>) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Writes the GDT, the identity page tables and the per-vCPU `BootInfo`s.
+/// Writes the GDT, the identity page tables and the per-vCPU `BootInfo`s (with `devices` as the device table).
 ///
 /// # Errors
-/// A bad VM shape or parameter, or a write outside RAM.
+/// A bad VM shape, parameter or device table, or a write outside RAM.
 pub fn write_boot_structures(
     mem: &mut dyn GuestMemory,
     params: &BootParams<'_>,
+    devices: &[MmioDeviceInfo],
 ) -> Result<(), LoadError> {
     check_vm_shape(mem.size(), params.vcpu_count)?;
     check_params(params)?;
+    check_devices(devices, mem.size())?;
     let mut gdt = [0u8; 24];
     gdt[8..16].copy_from_slice(&CODE_DESCRIPTOR.to_le_bytes());
     gdt[16..24].copy_from_slice(&DATA_DESCRIPTOR.to_le_bytes());
@@ -388,19 +511,25 @@ pub fn write_boot_structures(
     }
 
     for vcpu in 0..params.vcpu_count {
-        let info = boot_info(params, vcpu, mem.size());
+        let info = boot_info(params, devices, vcpu, mem.size());
         mem.write(BOOT_INFO_GPA + u64::from(vcpu) * BOOT_INFO_STRIDE, &info)?;
     }
     Ok(())
 }
 
-/// Size of `BootInfo` (docs/guest-abi.md).
-pub const BOOT_INFO_SIZE: usize = 8 + 4 * 4 + 8 + 8 + NAME_BYTES + CMDLINE_BYTES;
+/// Size of `BootInfo` in ABI v2 (docs/guest-abi.md): the v1 fields, then the device table.
+pub const BOOT_INFO_SIZE: usize = DEVICES_OFFSET + MAX_DEVICES * DEVICE_INFO_BYTES;
 
-fn boot_info(params: &BootParams<'_>, vcpu_id: u32, mem_bytes: u64) -> [u8; BOOT_INFO_SIZE] {
+/// The `BootInfo` of `vcpu_id`; `params` and `devices` must have passed [`check_params`] and [`check_devices`].
+fn boot_info(
+    params: &BootParams<'_>,
+    devices: &[MmioDeviceInfo],
+    vcpu_id: u32,
+    mem_bytes: u64,
+) -> [u8; BOOT_INFO_SIZE] {
     let mut b = [0u8; BOOT_INFO_SIZE];
     b[0..8].copy_from_slice(&BOOT_MAGIC.to_le_bytes());
-    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[8..12].copy_from_slice(&GUEST_ABI_VERSION.to_le_bytes());
     b[12..16].copy_from_slice(&vcpu_id.to_le_bytes());
     b[16..20].copy_from_slice(&params.vcpu_count.to_le_bytes());
     // 20..24: reserved, 0.
@@ -409,6 +538,16 @@ fn boot_info(params: &BootParams<'_>, vcpu_id: u32, mem_bytes: u64) -> [u8; BOOT
     b[40..40 + params.name.len()].copy_from_slice(params.name.as_bytes());
     let cmd = 40 + NAME_BYTES;
     b[cmd..cmd + params.args.len()].copy_from_slice(params.args.as_bytes());
+    // Checked: at most MAX_DEVICES entries, so the count fits and every entry lies inside `b`.
+    let count = u32::try_from(devices.len()).unwrap_or(0);
+    b[DEVICE_COUNT_OFFSET..DEVICE_COUNT_OFFSET + 4].copy_from_slice(&count.to_le_bytes());
+    // DEVICE_COUNT_OFFSET + 4..DEVICES_OFFSET: reserved2, 0.
+    for (chunk, dev) in b[DEVICES_OFFSET..]
+        .chunks_exact_mut(DEVICE_INFO_BYTES)
+        .zip(devices)
+    {
+        chunk.copy_from_slice(&dev.to_bytes());
+    }
     b
 }
 

@@ -102,7 +102,7 @@ fn loads_segments_and_zero_fills_their_tails() {
 #[test]
 fn boot_structures_follow_the_abi() {
     let mut mem = VecMemory::new(MEM as usize);
-    write_boot_structures(&mut mem, &params()).unwrap();
+    write_boot_structures(&mut mem, &params(), &[]).unwrap();
     assert_eq!(read_u64(&mem, GDT_GPA), 0);
     assert_eq!(read_u64(&mem, GDT_GPA + 8), CODE_DESCRIPTOR);
     assert_eq!(read_u64(&mem, GDT_GPA + 16), DATA_DESCRIPTOR);
@@ -124,7 +124,7 @@ fn boot_structures_follow_the_abi() {
         assert_eq!(read_u64(&mem, at), u64::from_le_bytes(*b"CGUEST01"));
         assert_eq!(
             read_u64(&mem, at + 8),
-            1 | (vcpu << 32),
+            2 | (vcpu << 32),
             "abi_version, vcpu_id"
         );
         assert_eq!(read_u64(&mem, at + 16), 2, "vcpu_count, reserved");
@@ -133,9 +133,169 @@ fn boot_structures_follow_the_abi() {
         let at = usize::try_from(at).unwrap();
         assert_eq!(&mem.bytes()[at + 40..at + 47], b"burn-a\0");
         assert_eq!(&mem.bytes()[at + 72..at + 86], b"report_ms=100\0");
+        assert!(
+            mem.bytes()[at + 328..at + 464].iter().all(|&b| b == 0),
+            "no devices: count 0, empty table"
+        );
     }
+    assert_eq!(BOOT_INFO_SIZE, 464);
     assert!(BOOT_INFO_SIZE as u64 <= BOOT_INFO_STRIDE);
     assert!(BOOT_INFO_GPA + u64::from(MAX_VCPUS) * BOOT_INFO_STRIDE <= 0xa000);
+}
+
+fn blk(i: u64) -> MmioDeviceInfo {
+    MmioDeviceInfo {
+        base: DEFAULT_MMIO_BASE + i * 0x1000,
+        size: 0x200,
+        device_id: 2,
+    }
+}
+
+#[test]
+fn abi_version_is_the_same_everywhere() {
+    assert_eq!(u64::from(GUEST_ABI_VERSION), crate::hypercall::ABI_VERSION);
+    assert_eq!(GUEST_ABI_VERSION, 2);
+}
+
+#[test]
+fn device_table_follows_the_abi_byte_for_byte() {
+    let devices = [
+        blk(0),
+        MmioDeviceInfo {
+            base: 0xfeb0_0000,
+            size: 0x1000,
+            device_id: 0x1234_5678,
+        },
+    ];
+    let mut mem = VecMemory::new(MEM as usize);
+    let elf = build(0x20_0000, &[code(0x20_0000, &[0x90; 16], 16)]);
+    assert_eq!(
+        load_with_devices(&elf, &mut mem, &params(), &devices),
+        Ok(0x20_0000)
+    );
+    assert_eq!((DEVICE_COUNT_OFFSET, DEVICES_OFFSET), (328, 336));
+    let mut expected = [0u8; 464 - 328];
+    expected[0] = 2; // device_count = 2, reserved2 = 0
+    expected[8..16].copy_from_slice(&0xd000_0000u64.to_le_bytes());
+    expected[16..20].copy_from_slice(&0x200u32.to_le_bytes());
+    expected[20..24].copy_from_slice(&2u32.to_le_bytes());
+    expected[24..32].copy_from_slice(&0xfeb0_0000u64.to_le_bytes());
+    expected[32..36].copy_from_slice(&0x1000u32.to_le_bytes());
+    expected[36..40].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    for vcpu in 0..2 {
+        let at = usize::try_from(BOOT_INFO_GPA + vcpu * BOOT_INFO_STRIDE).unwrap();
+        assert_eq!(&mem.bytes()[at + 328..at + 464], &expected[..]);
+        // The v1 fields are unchanged by the table, and nothing is written past the table.
+        assert_eq!(read_u64(&mem, at as u64 + 24), MEM);
+        assert_eq!(&mem.bytes()[at + 72..at + 86], b"report_ms=100\0");
+        assert!(mem.bytes()[at + 464..at + 0x200].iter().all(|&b| b == 0));
+    }
+    // Eight devices fill the table exactly: the last entry ends at offset 464.
+    let eight: Vec<_> = (0..8).map(blk).collect();
+    let mut mem = VecMemory::new(MEM as usize);
+    write_boot_structures(&mut mem, &params(), &eight).unwrap();
+    let at = usize::try_from(BOOT_INFO_GPA).unwrap();
+    assert_eq!(mem.bytes()[at + 328], 8);
+    assert_eq!(
+        &mem.bytes()[at + 448..at + 464],
+        &blk(7).to_bytes(),
+        "device 7 at offset 448"
+    );
+    assert_eq!(read_u64(&mem, at as u64 + 448), 0xd000_7000);
+}
+
+#[test]
+fn bad_device_tables_are_refused_before_anything_is_written() {
+    let elf = build(0x20_0000, &[code(0x20_0000, &[0x90; 16], 16)]);
+    let nine: Vec<_> = (0..9).map(blk).collect();
+    let cases: [(&[MmioDeviceInfo], LoadError); 6] = [
+        (&nine, LoadError::TooManyDevices { count: 9 }),
+        (
+            &[MmioDeviceInfo {
+                base: DEFAULT_MMIO_BASE + 0x200,
+                ..blk(0)
+            }],
+            LoadError::BadDeviceWindow {
+                index: 0,
+                base: DEFAULT_MMIO_BASE + 0x200,
+                size: 0x200,
+            },
+        ),
+        (
+            &[blk(0), MmioDeviceInfo { size: 0, ..blk(1) }],
+            LoadError::BadDeviceWindow {
+                index: 1,
+                base: DEFAULT_MMIO_BASE + 0x1000,
+                size: 0,
+            },
+        ),
+        (
+            &[MmioDeviceInfo {
+                base: MEM - 0x1000,
+                ..blk(0)
+            }],
+            LoadError::DeviceOutsideMmioSpace {
+                index: 0,
+                base: MEM - 0x1000,
+                size: 0x200,
+                mem: MEM,
+            },
+        ),
+        (
+            &[MmioDeviceInfo {
+                base: 0xffff_f000,
+                size: 0x2000,
+                device_id: 2,
+            }],
+            LoadError::DeviceOutsideMmioSpace {
+                index: 0,
+                base: 0xffff_f000,
+                size: 0x2000,
+                mem: MEM,
+            },
+        ),
+        (
+            &[
+                blk(0),
+                blk(3),
+                MmioDeviceInfo {
+                    size: 0x4000,
+                    ..blk(1)
+                },
+            ],
+            LoadError::DevicesOverlap { a: 1, b: 2 },
+        ),
+    ];
+    for (devices, want) in cases {
+        let mut mem = VecMemory::new(MEM as usize);
+        assert_eq!(
+            load_with_devices(&elf, &mut mem, &params(), devices),
+            Err(want)
+        );
+        assert!(
+            mem.bytes().iter().all(|&b| b == 0),
+            "a refused device table writes nothing ({want})"
+        );
+        assert_eq!(
+            write_boot_structures(&mut mem, &params(), devices),
+            Err(want)
+        );
+        assert_eq!(check_devices(devices, MEM), Err(want));
+    }
+    // Adjacent windows and a window ending exactly at 4 GiB are fine.
+    let edge = [
+        MmioDeviceInfo {
+            size: 0x1000,
+            ..blk(0)
+        },
+        blk(1),
+        MmioDeviceInfo {
+            base: 0xffff_f000,
+            size: 0x1000,
+            device_id: 2,
+        },
+    ];
+    assert_eq!(check_devices(&edge, MEM), Ok(()));
 }
 
 #[test]
