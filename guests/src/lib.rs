@@ -7,13 +7,24 @@
 //!
 //! Invariants: the runtime never touches memory outside its own image, its stack and the boot information page,
 //! so a guest's behaviour is exactly what its `guest_main` asks for (the `hostile` guest relies on that).
-#![no_std]
+//!
+//! The library also builds for the host under `cargo test -p guests --lib`, without the entry point and the panic
+//! handler, so that the virtio driver ([`virtio`], [`virtio_blk`]) is tested against the hypervisor's own device
+//! model (`virtio_tests`).
+#![cfg_attr(not(test), no_std)]
+// Host tests build the library without its entry point, which is what uses the trap and hypercall set-up.
+#![cfg_attr(test, allow(dead_code))]
 
 pub mod args;
 pub mod console;
 pub mod hypercall;
 pub mod meter;
 pub mod trap;
+pub mod virtio;
+pub mod virtio_blk;
+pub mod virtio_pattern;
+#[cfg(test)]
+mod virtio_tests;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -119,12 +130,14 @@ pub fn ns_to_ticks(ns: u64) -> u64 {
     u64::try_from(u128::from(ns) * u128::from(hz) / 1_000_000_000).unwrap_or(u64::MAX)
 }
 
+#[cfg(not(test))]
 extern "Rust" {
     /// Provided by each guest binary with `#[no_mangle]`.
     fn guest_main(boot: &'static BootInfo) -> !;
 }
 
 /// Rust entry, called by `_start` with RDI = address of the boot information.
+#[cfg(not(test))]
 #[no_mangle]
 extern "C" fn guest_rust_entry(boot: *const BootInfo) -> ! {
     // SAFETY: the ABI places a `BootInfo` at the address passed in RDI and never changes it while the guest runs;
@@ -143,6 +156,7 @@ extern "C" fn guest_rust_entry(boot: *const BootInfo) -> ! {
     unsafe { guest_main(boot) }
 }
 
+#[cfg(not(test))]
 core::arch::global_asm!(
     r#"
     .section .text.entry, "ax"
@@ -162,6 +176,7 @@ _start:
 "#
 );
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
