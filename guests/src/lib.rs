@@ -25,6 +25,7 @@ pub mod virtio_blk;
 pub mod virtio_pattern;
 #[cfg(test)]
 mod virtio_tests;
+pub mod virtio_workload;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 

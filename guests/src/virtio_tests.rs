@@ -20,6 +20,7 @@ use virt::virtio::blk::{
 use crate::virtio::{self, status, Dma, InitError, QueueError, Regs, F_VERSION_1};
 use crate::virtio_blk::{BlkDriver, BlkError, Op, F_FLUSH, S_IOERR, S_OK};
 use crate::virtio_pattern::{self as pattern, Rng};
+use crate::virtio_workload::{Config, Event, Workload, BUSY, UNKNOWN};
 
 const ARENA: usize = 4 << 20;
 /// Where the driver's DMA arena starts in guest-physical space (page 0 is left unused).
@@ -104,13 +105,19 @@ impl GuestMemory for ArenaMem {
     }
 }
 
-/// A RAM disk: completes at once, or holds requests for `Rig::complete_pending`.
-#[derive(Debug)]
+/// A RAM disk: completes at once, or holds requests for `complete_pending`. Faults: `bad_sectors` fail with
+/// IOERR; a write starting at a sector in `lost_writes` reports OK but is dropped (the block stays stale); a write
+/// starting at `misdirect.0` lands at `misdirect.1`.
+#[derive(Debug, Default)]
 struct RamDisk {
     bytes: Vec<u8>,
     deferred: bool,
     pending: Vec<BlockRequest>,
     bad_sectors: Vec<u64>,
+    lost_writes: Vec<u64>,
+    misdirect: Option<(u64, u64)>,
+    reads: u64,
+    writes: u64,
 }
 
 impl RamDisk {
@@ -123,7 +130,21 @@ impl RamDisk {
         {
             return BlkStatus::IoErr;
         }
-        let mut at = usize::try_from(req.sector * 512).unwrap();
+        match req.op {
+            BlkOp::Read => self.reads += 1,
+            BlkOp::Write => self.writes += 1,
+            BlkOp::Flush => {}
+        }
+        if req.op == BlkOp::Write && self.lost_writes.contains(&req.sector) {
+            return BlkStatus::Ok;
+        }
+        let mut sector = req.sector;
+        if let Some((from, to)) = self.misdirect {
+            if req.op == BlkOp::Write && sector == from {
+                sector = to;
+            }
+        }
+        let mut at = usize::try_from(sector * 512).unwrap();
         for seg in &req.data {
             let len = usize::try_from(seg.len).unwrap();
             let disk = &mut self.bytes[at..at + len];
@@ -172,8 +193,7 @@ impl Rig {
             disk: RamDisk {
                 bytes: vec![0; usize::try_from(SECTORS * 512).unwrap()],
                 deferred,
-                pending: Vec::new(),
-                bad_sectors: Vec::new(),
+                ..RamDisk::default()
             },
         }))
     }
@@ -591,4 +611,165 @@ fn patterns_name_what_they_found() {
     let mut rng = Rng::new(0);
     assert!((0..1000).all(|_| rng.below(7) < 7));
     assert_eq!(rng.below(0), 0);
+}
+
+/// Runs `w` until `n` requests completed, the device completing them in a random order between polls.
+fn run_workload(w: &mut Workload<'_, DevRegs>, rig: &Shared, n: u64, events: &mut Vec<Event>) {
+    let mut rng = Rng::new(11);
+    let mut now = 0u64;
+    let mut done = 0u64;
+    while done < n {
+        while w.issue(now).unwrap() {}
+        w.kick();
+        // Complete a random part of what is pending, in a random order: the queue stays partly full.
+        {
+            let r = &mut *rig.borrow_mut();
+            let k = 1 + rng.below(r.disk.pending.len() as u64) as usize;
+            for _ in 0..k {
+                let i = rng.below(r.disk.pending.len() as u64) as usize;
+                let req = r.disk.pending.swap_remove(i);
+                let status = r.disk.run(&mut r.mem, &req);
+                assert!(r.dev.complete(&mut r.mem, req.id, status));
+            }
+        }
+        now += 10;
+        done += w.reap(now, &mut |e| events.push(e)).unwrap() as u64;
+    }
+}
+
+fn workload_cfg(read_pct: u64) -> Config {
+    Config {
+        bytes: 2048,
+        read_pct,
+        lba_start: 64,
+        seed: 77,
+        verify: true,
+    }
+}
+
+#[test]
+fn workload_verifies_everything_it_writes() {
+    let arena = Arena::new(ARENA);
+    let rig = Rig::new(&arena, true, false);
+    let drv = driver(&rig, &arena, 16, 2048);
+    let mut units = vec![0xdead_beef_u32; 48];
+    let mut w = Workload::new(drv, &mut units, workload_cfg(50)).unwrap();
+    let mut events = Vec::new();
+    run_workload(&mut w, &rig, 6000, &mut events);
+    let s = w.stats();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!((s.err, s.verify_fail), (0, 0));
+    assert!(s.ok >= 6000);
+    assert_eq!(s.window_done, s.ok, "one window so far");
+    assert!(s.window_lat_ticks > 0);
+    let (reads, writes) = (rig.borrow().disk.reads, rig.borrow().disk.writes);
+    assert!(
+        reads > 2000 && writes > 2000,
+        "reads {reads}, writes {writes}"
+    );
+    // Drain, then every unit's content on the disk is the pattern of the pass the workload remembers.
+    while w.in_flight() > 0 {
+        complete_pending(&rig, |_| 0);
+        w.reap(0, &mut |e| events.push(e)).unwrap();
+    }
+    drop(w);
+    let r = rig.borrow();
+    for (unit, &pass) in units.iter().enumerate() {
+        assert_eq!(pass & BUSY, 0);
+        let sector = 64 + 4 * unit as u64;
+        let at = usize::try_from(sector * 512).unwrap();
+        if pass != UNKNOWN {
+            pattern::check(&r.disk.bytes[at..at + 2048], sector, 77, pass).unwrap();
+        }
+    }
+    assert!(
+        units.iter().all(|&p| p != UNKNOWN),
+        "6000 requests write all 48 units"
+    );
+    // Nothing outside the range was touched.
+    assert!(r.disk.bytes[..64 * 512].iter().all(|&b| b == 0));
+    assert!(r.disk.bytes[(64 + 48 * 4) * 512..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn lost_and_misdirected_writes_are_verification_failures() {
+    let arena = Arena::new(ARENA);
+    let rig = Rig::new(&arena, true, false);
+    // Unit 5 (sector 84) loses its writes after the first; unit 9's writes (sector 100) land on unit 10 (104).
+    rig.borrow_mut().disk.misdirect = Some((100, 104));
+    let drv = driver(&rig, &arena, 8, 2048);
+    let mut units = vec![0u32; 16];
+    let mut w = Workload::new(drv, &mut units, workload_cfg(50)).unwrap();
+    let mut events = Vec::new();
+    run_workload(&mut w, &rig, 300, &mut events);
+    rig.borrow_mut().disk.lost_writes.push(84);
+    run_workload(&mut w, &rig, 3000, &mut events);
+    assert_eq!(w.stats().err, 0);
+    assert_eq!(w.stats().verify_fail, events.len() as u64);
+    let stale = events.iter().any(|e| {
+        matches!(e, Event::VerifyFailed { found, expected_pass }
+            if found.sector == 84 && found.claims_sector == 84 && found.claims_pass < u64::from(*expected_pass))
+    });
+    let misplaced = events.iter().any(|e| {
+        matches!(e, Event::VerifyFailed { found, .. } if found.sector == 104 && found.claims_sector == 100)
+    });
+    let missing = events
+        .iter()
+        .any(|e| matches!(e, Event::VerifyFailed { found, .. } if found.sector == 100));
+    assert!(stale && misplaced && missing, "{events:?}");
+}
+
+#[test]
+fn io_errors_are_counted_and_a_failed_write_is_not_trusted() {
+    let arena = Arena::new(ARENA);
+    let rig = Rig::new(&arena, true, false);
+    rig.borrow_mut().disk.bad_sectors.push(66); // in unit 0 (sectors 64..68)
+    let drv = driver(&rig, &arena, 8, 2048);
+    let mut units = vec![0u32; 16];
+    let mut w = Workload::new(drv, &mut units, workload_cfg(70)).unwrap();
+    let mut events = Vec::new();
+    run_workload(&mut w, &rig, 2000, &mut events);
+    let s = w.stats();
+    assert!(s.err > 0 && s.ok > 1500);
+    assert_eq!(s.verify_fail, 0);
+    assert_eq!(events.len() as u64, s.err);
+    assert!(events
+        .iter()
+        .all(|e| matches!(e, Event::Failed(c) if c.sector == 64 && c.status == S_IOERR)));
+    drop(w);
+    assert_eq!(
+        units[0] & !BUSY,
+        UNKNOWN,
+        "unit 0 was never written successfully"
+    );
+}
+
+#[test]
+fn read_only_volumes_get_unverified_reads_and_bad_ranges_are_refused() {
+    let arena = Arena::new(ARENA);
+    let rig = Rig::new(&arena, true, true);
+    let drv = driver(&rig, &arena, 8, 2048);
+    let mut units = vec![0u32; 16];
+    let mut w = Workload::new(drv, &mut units, workload_cfg(0)).unwrap();
+    assert!(!w.config().verify);
+    assert_eq!(w.config().read_pct, 100);
+    let mut events = Vec::new();
+    run_workload(&mut w, &rig, 500, &mut events);
+    assert_eq!(rig.borrow().disk.writes, 0);
+    assert!(w.stats().ok >= 500 && events.is_empty());
+
+    let arena = Arena::new(ARENA);
+    let rig = Rig::new(&arena, true, false);
+    let mut units = vec![0u32; 2048]; // 2048 units of 4 sectors from sector 64: beyond 4096 sectors
+    let err =
+        Workload::new(driver(&rig, &arena, 8, 2048), &mut units, workload_cfg(50)).unwrap_err();
+    assert!(matches!(err, BlkError::OutOfRange { sector: 64, .. }));
+    let mut none: [u32; 0] = [];
+    assert!(Workload::new(driver(&rig, &arena, 8, 2048), &mut none, workload_cfg(50)).is_err());
+    let big = Config {
+        bytes: 4096,
+        ..workload_cfg(50)
+    };
+    let err = Workload::new(driver(&rig, &arena, 8, 2048), &mut units[..4], big).unwrap_err();
+    assert_eq!(err, BlkError::BadLength(4096));
 }

@@ -8,13 +8,13 @@
 //! exits; `verify` (1) check read data; `poll_us` (100) sleep between polls while waiting; `stall_s` (10) give up
 //! when requests are in flight and none completes for that long.
 //!
-//! Design: the range is cut into units of `bytes`; each unit remembers the pass of its last completed write (0 =
-//! never written, or unknown after a failed write) and whether a request on it is in flight, so no two requests
-//! ever overlap and every read knows exactly which pattern to expect (block number + seed + pass: a misplaced,
-//! stale or foreign block is detected; `guest::virtio_pattern`). With `verify=1` a read chosen on a unit of
-//! unknown content becomes a write, so a fresh volume gets written as the run goes. The loop reaps completions,
-//! issues new requests up to the depth and the rate (one notify per batch), and otherwise sleeps `poll_us` with
-//! `SLEEP_UNTIL` (the ABI has no interrupts). Only vCPU 0 does I/O; other vCPUs idle.
+//! Design: the workload (`guest::virtio_workload`, host-tested) cuts the range into units of `bytes` and tracks
+//! the pass last written to each, so requests never overlap and every read knows which pattern to expect (block
+//! number + seed + pass: a misplaced, stale or foreign block is detected); with `verify=1` a read chosen on a unit
+//! of unknown content becomes a write. A read-only volume gets reads only, unverified. This file is the loop
+//! around it: reap completions, issue up to the depth and the rate (one notify per batch), report each second,
+//! and otherwise sleep `poll_us` with `SLEEP_UNTIL` (the ABI has no interrupts); while requests are in flight it
+//! reads the device status every 100 ms to catch DEVICE_NEEDS_RESET. Only vCPU 0 does I/O; other vCPUs idle.
 //!
 //! Every second of guest TSC it reports `IO_IOPS`, `IO_OK`, `IO_ERR`, `IO_VERIFY_FAIL`, `IO_LAT_AVG_NS`,
 //! `PROGRESS` (= `IO_OK`) and last `IO_SECONDS`, and logs one line `io: t=<s> iops=.. ok=.. err=.. verify_fail=..
@@ -32,8 +32,8 @@
 use core::fmt::Write as _;
 
 use guest::virtio::{self, Dma, InitError, MmioRegs};
-use guest::virtio_blk::{BlkDriver, Completion, Op, MAX_SLOTS, S_OK};
-use guest::virtio_pattern::{self as pattern, Rng};
+use guest::virtio_blk::{BlkDriver, MAX_SLOTS};
+use guest::virtio_workload::{Config, Event, Workload};
 use guest::{
     args, console::LineBuf, exit, log, ns_to_ticks, rdtsc, report, sleep_until, BootInfo, Counter,
 };
@@ -54,10 +54,6 @@ const BAD_ARGS: u64 = 0x3c;
 const VERIFY_FAILED: u64 = 0x20;
 
 const MAX_BYTES: u64 = 128 * 1024;
-/// Unit state: a request on the unit is in flight.
-const BUSY: u32 = 1 << 31;
-/// Unit state: content unknown (never written, or a write failed); otherwise the pass of the last write.
-const UNKNOWN: u32 = 0;
 /// Per-kind log lines before going quiet.
 const LOG_FIRST: u64 = 8;
 /// Stack the ABI gives each vCPU at the top of RAM.
@@ -143,105 +139,34 @@ fn init_error_code(e: InitError) -> u64 {
     }
 }
 
-/// What a slot's request is about.
-#[derive(Clone, Copy)]
-struct Pending {
-    unit: usize,
-    /// For a write: the pass being written; for a read: the pass expected (UNKNOWN: do not verify).
-    pass: u32,
-    issued: u64,
+fn report_second(w: &mut Workload<'_, MmioRegs>, seconds: u64, window_s: u64) {
+    let (done, lat_ticks) = w.take_window();
+    let s = w.stats();
+    let iops = done / window_s.max(1);
+    let lat_ns = lat_ticks.checked_div(done).map_or(0, guest::ticks_to_ns);
+    report(Counter::IoIops, iops);
+    report(Counter::IoOk, s.ok);
+    report(Counter::IoErr, s.err);
+    report(Counter::IoVerifyFail, s.verify_fail);
+    report(Counter::IoLatAvgNs, lat_ns);
+    report(Counter::Progress, s.ok);
+    report(Counter::IoSeconds, seconds);
+    logf!(
+        "io: t={seconds} iops={iops} ok={} err={} verify_fail={} lat_avg_us={} inflight={}",
+        s.ok,
+        s.err,
+        s.verify_fail,
+        lat_ns / 1000,
+        w.in_flight()
+    );
 }
 
-/// Counters since start, and for the current one-second window.
-#[derive(Default)]
-struct Stats {
-    ok: u64,
-    err: u64,
-    verify_fail: u64,
-    window_done: u64,
-    window_lat_ticks: u64,
-}
-
-struct Run<'a> {
-    a: Args,
-    drv: BlkDriver<MmioRegs>,
-    units: &'a mut [u32],
-    unit_sectors: u64,
-    slots: [Option<Pending>; MAX_SLOTS],
-    free: [usize; MAX_SLOTS],
-    nfree: usize,
-    rng: Rng,
-    stats: Stats,
-    hz: u64,
-}
-
-impl Run<'_> {
-    /// Chooses a unit and an operation, or `None` when every unit probed is busy.
-    fn pick(&mut self) -> Option<(usize, Op, u32)> {
-        let n = self.units.len() as u64;
-        let start = self.rng.below(n);
-        let want_read = self.rng.below(100) < self.a.read_pct;
-        for probe in 0..n.min(64) {
-            let unit = usize::try_from((start + probe) % n).unwrap_or(0);
-            let state = self.units[unit];
-            if state & BUSY != 0 {
-                continue;
-            }
-            let read = self.drv.read_only() || (want_read && (!self.a.verify || state != UNKNOWN));
-            if read {
-                let expect = if self.a.verify { state } else { UNKNOWN };
-                return Some((unit, Op::Read, expect));
-            }
-            // Passes stay below BUSY; wrapping back to 1 would take 2^31 writes of one unit.
-            let pass = if state + 1 >= BUSY { 1 } else { state + 1 };
-            return Some((unit, Op::Write, pass));
-        }
-        None
-    }
-
-    /// Submits one request on a free slot; false if none could be chosen.
-    fn issue(&mut self, now: u64) -> bool {
-        if self.nfree == 0 {
-            return false;
-        }
-        let Some((unit, op, pass)) = self.pick() else {
-            return false;
-        };
-        let slot = self.free[self.nfree - 1];
-        let sector = self.a.lba_start + unit as u64 * self.unit_sectors;
-        if op == Op::Write {
-            let Some(buf) = self.drv.data_mut(slot) else {
-                return false;
-            };
-            pattern::fill(&mut buf[..self.a.bytes as usize], sector, self.a.seed, pass);
-        }
-        if let Err(e) = self.drv.submit(slot, op, sector, self.a.bytes) {
-            // The range was checked against the capacity, so this is an argument/driver mismatch.
-            logf!("io: request refused by the driver: {e}");
-            exit(BAD_ARGS)
-        }
-        self.nfree -= 1;
-        self.units[unit] |= BUSY;
-        self.slots[slot] = Some(Pending {
-            unit,
-            pass,
-            issued: now,
-        });
-        true
-    }
-
-    fn complete(&mut self, c: Completion, now: u64) {
-        let Some(p) = self.slots[c.slot].take() else {
-            die(PROTOCOL, "completion for a slot with no request");
-        };
-        self.free[self.nfree] = c.slot;
-        self.nfree += 1;
-        self.stats.window_done += 1;
-        self.stats.window_lat_ticks += now.saturating_sub(p.issued);
-        let state = self.units[p.unit] & !BUSY;
-        if c.status != S_OK {
-            self.stats.err += 1;
-            if self.stats.err <= LOG_FIRST {
+/// Logs the first few failures of each kind.
+fn log_event(e: Event, seed: u64, logged: &mut (u64, u64)) {
+    match e {
+        Event::Failed(c) => {
+            logged.0 += 1;
+            if logged.0 <= LOG_FIRST {
                 logf!(
                     "io: request failed: status={} op={:?} sector={} bytes={}",
                     c.status,
@@ -250,31 +175,16 @@ impl Run<'_> {
                     c.bytes
                 );
             }
-            // A failed write leaves the unit's content unknown; a failed read changes nothing.
-            self.units[p.unit] = if c.op == Op::Write { UNKNOWN } else { state };
-            return;
         }
-        self.stats.ok += 1;
-        if c.op == Op::Write {
-            self.units[p.unit] = p.pass;
-            return;
-        }
-        self.units[p.unit] = state;
-        if p.pass == UNKNOWN {
-            return;
-        }
-        let bytes = c.bytes as usize;
-        let Some(buf) = self.drv.data_mut(c.slot) else {
-            die(PROTOCOL, "completed slot still busy");
-        };
-        if let Err(f) = pattern::check(&buf[..bytes], c.sector, self.a.seed, p.pass) {
-            self.stats.verify_fail += 1;
-            if self.stats.verify_fail <= LOG_FIRST {
+        Event::VerifyFailed {
+            found: f,
+            expected_pass,
+        } => {
+            logged.1 += 1;
+            if logged.1 <= LOG_FIRST {
                 logf!(
-                    "io: verify failed: sector={} expected seed={} pass={}; found sector={} seed={} pass={} at byte {}",
+                    "io: verify failed: sector={} expected seed={seed} pass={expected_pass}; found sector={} seed={} pass={} at byte {}",
                     f.sector,
-                    self.a.seed,
-                    p.pass,
                     f.claims_sector,
                     f.claims_seed,
                     f.claims_pass,
@@ -282,32 +192,6 @@ impl Run<'_> {
                 );
             }
         }
-    }
-
-    fn report(&mut self, seconds: u64, window_s: u64) {
-        let s = &mut self.stats;
-        let iops = s.window_done / window_s.max(1);
-        let lat_ns = s
-            .window_lat_ticks
-            .checked_div(s.window_done)
-            .map_or(0, guest::ticks_to_ns);
-        report(Counter::IoIops, iops);
-        report(Counter::IoOk, s.ok);
-        report(Counter::IoErr, s.err);
-        report(Counter::IoVerifyFail, s.verify_fail);
-        report(Counter::IoLatAvgNs, lat_ns);
-        report(Counter::Progress, s.ok);
-        report(Counter::IoSeconds, seconds);
-        logf!(
-            "io: t={seconds} iops={iops} ok={} err={} verify_fail={} lat_avg_us={} inflight={}",
-            s.ok,
-            s.err,
-            s.verify_fail,
-            lat_ns / 1000,
-            self.drv.in_flight()
-        );
-        s.window_done = 0;
-        s.window_lat_ticks = 0;
     }
 }
 
@@ -404,93 +288,89 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
     // SAFETY: the region was just allocated for this table alone (zeroed: every unit UNKNOWN, not busy), 8-byte
     // aligned and `nunits * 4` bytes long; no device is ever given its address.
     let units = unsafe { core::slice::from_raw_parts_mut(table.ptr.cast::<u32>(), nunits) };
-    let mut a = a;
-    if drv.read_only() && a.verify {
+    if drv.read_only() && (a.verify || a.read_pct != 100) {
         log("io: the volume is read-only: reads only, verification off");
-        a.verify = false;
     }
-    let hz = ns_to_ticks(1_000_000_000);
+    let (queue, depth) = (drv.queue_size(), drv.depth());
+    let cfg = Config {
+        bytes: a.bytes,
+        read_pct: a.read_pct,
+        lba_start: a.lba_start,
+        seed: a.seed,
+        verify: a.verify,
+    };
+    let mut w = match Workload::new(drv, units, cfg) {
+        Ok(w) => w,
+        Err(e) => {
+            logf!("io: {e}");
+            exit(BAD_ARGS)
+        }
+    };
+    let cfg = w.config();
     logf!(
-        "io: start device={} base={:#x} capacity={capacity} sectors queue={} depth={} bytes={} read_pct={} iops={} lba=[{}, +{lba_count}) seed={} duration_s={} verify={}",
+        "io: start device={} base={:#x} capacity={capacity} sectors queue={queue} depth={depth} bytes={} read_pct={} iops={} lba=[{}, +{lba_count}) seed={} duration_s={} verify={}",
         a.device,
         info.base,
-        drv.queue_size(),
-        drv.depth(),
-        a.bytes,
-        a.read_pct,
+        cfg.bytes,
+        cfg.read_pct,
         a.iops,
-        a.lba_start,
-        a.seed,
+        cfg.lba_start,
+        cfg.seed,
         a.duration_s,
-        u8::from(a.verify)
+        u8::from(cfg.verify)
     );
-    let depth = drv.depth();
-    let mut free = [0usize; MAX_SLOTS];
-    for (i, f) in free.iter_mut().enumerate().take(depth) {
-        *f = depth - 1 - i;
-    }
-    let rng = Rng::new(a.seed ^ 0x696f);
-    let mut run = Run {
-        a,
-        drv,
-        units,
-        unit_sectors,
-        slots: [None; MAX_SLOTS],
-        free,
-        nfree: depth,
-        rng,
-        stats: Stats::default(),
-        hz,
-    };
-    main_loop(&mut run)
+    main_loop(&mut w, &a)
 }
 
-fn main_loop(run: &mut Run<'_>) -> ! {
-    let hz = run.hz;
+fn main_loop(w: &mut Workload<'_, MmioRegs>, a: &Args) -> ! {
+    let hz = ns_to_ticks(1_000_000_000);
+    let seed = a.seed;
     let start = rdtsc();
-    let end = match run.a.duration_s {
+    let end = match a.duration_s {
         0 => u64::MAX,
         s => start.saturating_add(s.saturating_mul(hz)),
     };
-    // Ticks between issues; 0 = unpaced.
-    let interval = hz.checked_div(run.a.iops).map_or(0, |t| t.max(1));
+    // Ticks between issues; 0 = unpaced. A paced run that fell behind catches up by at most 10 ms of requests.
+    let interval = hz.checked_div(a.iops).map_or(0, |t| t.max(1));
     let max_lag = hz / 100;
-    let poll = ns_to_ticks(run.a.poll_us * 1000).max(1);
-    let stall = run.a.stall_s.saturating_mul(hz);
+    let poll = ns_to_ticks(a.poll_us * 1000).max(1);
+    let stall = a.stall_s.saturating_mul(hz);
     let mut next_issue = start;
     let mut next_report = start + hz;
     let mut last_report = start;
     let mut last_progress = start;
     let mut last_status_check = start;
+    let mut logged = (0u64, 0u64);
     loop {
         let mut now = rdtsc();
-        let mut progressed = false;
-        loop {
-            match run.drv.poll() {
-                Ok(Some(c)) => {
-                    run.complete(c, now);
-                    progressed = true;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    logf!("io: device protocol violation: {e}");
-                    exit(PROTOCOL)
-                }
+        let reaped = match w.reap(now, &mut |e| log_event(e, seed, &mut logged)) {
+            Ok(n) => n,
+            Err(e) => {
+                logf!("io: device protocol violation: {e}");
+                exit(PROTOCOL)
             }
-        }
-        if progressed {
+        };
+        if reaped > 0 {
             last_progress = now;
         }
         let mut issued = 0;
-        while now < end && (interval == 0 || now >= next_issue) && run.issue(now) {
+        while now < end && (interval == 0 || now >= next_issue) {
+            match w.issue(now) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    logf!("io: request refused by the driver: {e}");
+                    exit(BAD_ARGS)
+                }
+            }
             issued += 1;
             if interval != 0 {
                 next_issue = next_issue.max(now.saturating_sub(max_lag)) + interval;
             }
         }
         if issued > 0 {
-            run.drv.kick();
-            if run.drv.in_flight() == issued {
+            w.kick();
+            if w.in_flight() == issued {
                 // The queue was idle: the stall clock starts now.
                 last_progress = now;
             }
@@ -498,16 +378,14 @@ fn main_loop(run: &mut Run<'_>) -> ! {
         now = rdtsc();
         if now >= next_report {
             let seconds = (now - start) / hz;
-            let window = (now - last_report) / hz;
-            run.report(seconds, window);
+            report_second(w, seconds, (now - last_report) / hz);
             last_report = start + seconds * hz;
             next_report = last_report + hz;
         }
-        let in_flight = run.drv.in_flight();
+        let in_flight = w.in_flight();
         if now >= end && in_flight == 0 {
-            let seconds = (now - start) / hz;
-            run.report(seconds, 1);
-            let s = &run.stats;
+            report_second(w, (now - start) / hz, 1);
+            let s = w.stats();
             logf!(
                 "io: done ok={} err={} verify_fail={}",
                 s.ok,
@@ -516,7 +394,7 @@ fn main_loop(run: &mut Run<'_>) -> ! {
             );
             exit(if s.verify_fail == 0 { 0 } else { VERIFY_FAILED })
         }
-        if progressed || issued > 0 {
+        if reaped > 0 || issued > 0 {
             continue;
         }
         // Nothing to do right now: check on the device now and then, and sleep until the next event.
@@ -524,13 +402,13 @@ fn main_loop(run: &mut Run<'_>) -> ! {
             if now - last_progress > stall {
                 logf!(
                     "io: no completion for {} s with {in_flight} requests in flight",
-                    run.a.stall_s
+                    a.stall_s
                 );
                 exit(STALL)
             }
             if now - last_status_check > hz / 10 {
                 last_status_check = now;
-                let st = run.drv.device_status();
+                let st = w.driver().device_status();
                 if st & virtio::status::DEVICE_NEEDS_RESET != 0 {
                     logf!("io: device status {st:#x}: DEVICE_NEEDS_RESET");
                     exit(NEEDS_RESET)
@@ -539,7 +417,7 @@ fn main_loop(run: &mut Run<'_>) -> ! {
         }
         // With requests in flight, poll again soon; a paced run also wakes for its next issue time.
         let mut wake = if in_flight > 0 { now + poll } else { end };
-        if interval != 0 && run.nfree > 0 {
+        if interval != 0 && w.has_free_slot() {
             wake = wake.min(next_issue);
         }
         sleep_until(wake.min(next_report));
