@@ -8,6 +8,7 @@
 use core::fmt;
 
 use crate::exit::{EntryFailure, MemAccess};
+use crate::mmio::MmioAccess;
 
 /// Host TSC value meaning "no timed wake-up" in [`ExitAction::Block`] (a halted vCPU with no wake event).
 pub const NO_WAKE: u64 = u64::MAX;
@@ -24,6 +25,9 @@ pub enum ExitAction {
     Yield,
     /// The whole VM stops; the report says why.
     Stop(StopReport),
+    /// A decoded access to a device window: the run loop hands it to the window's device model, then calls
+    /// [`crate::VmContext::complete_mmio`] with the value read (0 for a write), which finishes the instruction.
+    Mmio(MmioAccess),
 }
 
 /// Why a VM was stopped.
@@ -47,6 +51,14 @@ pub enum StopCause {
     EntryFailed(EntryFailure),
     /// The hypervisor could not provide what the vCPU needs (e.g. no memory for its control structures).
     HostFailure { detail: &'static str },
+    /// An access to a device window by an instruction the MMIO emulator does not decode (the first `len`
+    /// bytes fetched at RIP; `len` may be short of the instruction if the fetch stopped at an unmapped page).
+    MmioUnsupported { bytes: [u8; 15], len: u8 },
+    /// An access to a device window whose instruction could not be fetched: the guest's page tables do not map
+    /// RIP (`linear`) to RAM.
+    MmioFetchFault { linear: u64 },
+    /// A decoded access to a device window that no device model serves.
+    NoDeviceModel,
 }
 
 impl StopCause {
@@ -62,6 +74,9 @@ impl StopCause {
             Self::Unhandled { .. } => "unhandled-exit",
             Self::EntryFailed(_) => "entry-failed",
             Self::HostFailure { .. } => "host-failure",
+            Self::MmioUnsupported { .. } => "mmio-unsupported",
+            Self::MmioFetchFault { .. } => "mmio-fetch-fault",
+            Self::NoDeviceModel => "no-device-model",
         }
     }
 }
@@ -146,6 +161,17 @@ impl fmt::Display for ReportLine<'_> {
                 write!(f, "VMRUN failed: invalid VMCB ({detail})")?
             }
             StopCause::HostFailure { detail } => write!(f, "hypervisor failure: {detail}")?,
+            StopCause::MmioUnsupported { bytes, len } => {
+                f.write_str("unsupported MMIO instruction")?;
+                for b in bytes.iter().take(usize::from(len)) {
+                    write!(f, " {b:02x}")?;
+                }
+            }
+            StopCause::MmioFetchFault { linear } => write!(
+                f,
+                "MMIO instruction fetch at linear {linear:#x} faulted in the guest page tables"
+            )?,
+            StopCause::NoDeviceModel => f.write_str("MMIO access with no device model")?,
         }
         f.write_str("\"")
     }

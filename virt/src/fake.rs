@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 
 use crate::exit::{EntryFailure, VmExit};
 use crate::sink::{ConsoleSink, Event};
-use crate::vcpu::{Gpr, Vcpu};
+use crate::vcpu::{ControlState, Gpr, Vcpu};
 
 /// A scripted vCPU.
 #[derive(Debug, Default)]
@@ -24,6 +24,10 @@ pub struct FakeVcpu {
     pub tsc_offset: u64,
     pub script: VecDeque<Result<VmExit, EntryFailure>>,
     pub deadlines: Vec<u64>,
+    /// Paging and mode state; `None` makes `control_state` report it unavailable.
+    pub control: Option<ControlState>,
+    /// RIP values written through `set_rip`.
+    pub rip_writes: u32,
 }
 
 impl FakeVcpu {
@@ -51,6 +55,15 @@ impl Vcpu for FakeVcpu {
 
     fn rip(&self) -> u64 {
         self.rip
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.rip_writes += 1;
+        self.rip = rip;
+    }
+
+    fn control_state(&self) -> Option<ControlState> {
+        self.control
     }
 
     fn skip_instruction(&mut self) {

@@ -21,6 +21,7 @@ use crate::cpuid::CpuidPolicy;
 use crate::exit::{EntryFailure, IoAccess, IoDirection, VmExit};
 use crate::hypercall::{self as hc, Counters};
 use crate::memory::GuestMemory;
+use crate::mmio::{MmioAccess, MmioWindowError, MmioWindows};
 use crate::msr::{self, MsrAccess, MsrOutcome};
 use crate::sink::{self, ConsoleSink, Event};
 use crate::stats::{count_and_should_report, ExitKind, VmStats};
@@ -39,6 +40,9 @@ pub struct VmContext {
     uart: Uart16550,
     counters: Counters,
     exit_code: Option<u64>,
+    /// Guest RAM size, once the VM layer gave it (MMIO windows must lie above it).
+    ram_size: Option<u64>,
+    windows: MmioWindows,
     /// Exit and misbehaviour counts.
     pub stats: VmStats,
 }
@@ -53,6 +57,8 @@ impl VmContext {
             uart: Uart16550::new(),
             counters: Counters::default(),
             exit_code: None,
+            ram_size: None,
+            windows: MmioWindows::default(),
             stats: VmStats::default(),
         }
     }
@@ -75,6 +81,38 @@ impl VmContext {
     /// Bytes the guest transmitted on COM1.
     pub fn console_bytes(&self) -> u64 {
         self.uart.tx_bytes
+    }
+
+    /// Records the VM's RAM size (guest-physical `[0, bytes)`), against which MMIO windows are checked.
+    pub fn set_ram_size(&mut self, bytes: u64) {
+        self.ram_size = Some(bytes);
+    }
+
+    /// Registers a device window `[base, base + len)`: page aligned, above RAM, disjoint from the other windows.
+    /// Nested-paging faults inside it are decoded into [`ExitAction::Mmio`].
+    ///
+    /// # Errors
+    /// [`MmioWindowError`] naming the rule broken (also if [`VmContext::set_ram_size`] was not called).
+    pub fn add_mmio_window(&mut self, base: u64, len: u64) -> Result<(), MmioWindowError> {
+        let ram = self.ram_size.ok_or(MmioWindowError::RamSizeUnknown)?;
+        self.windows.add(base, len, ram)
+    }
+
+    /// Finishes the instruction behind `access` after the device model handled it: a read's value (its low
+    /// `access.size` bytes) goes to the destination register with x86 semantics (8/16-bit destinations merge,
+    /// 32-bit zero-extends into the 64-bit register, `MOVZX`/`MOVSX` widen), then RIP moves past the instruction.
+    /// `read_value` is ignored for writes.
+    pub fn complete_mmio<V: Vcpu + ?Sized>(
+        &mut self,
+        vcpu: &mut V,
+        access: &MmioAccess,
+        read_value: u64,
+    ) {
+        if let Some(dest) = access.dest {
+            let old = vcpu.gpr(dest.reg);
+            vcpu.set_gpr(dest.reg, dest.merge(old, access.size, read_value));
+        }
+        vcpu.set_rip(vcpu.rip().wrapping_add(u64::from(access.len)));
     }
 
     /// Handles one exit of vCPU `vcpu_id`; `now_tsc` is the host TSC at the exit.

@@ -13,8 +13,9 @@
 //!
 //! Modules: [`exit`] and [`vcpu`] (the backend contract), [`handler`] (exit handling, returning an
 //! [`ExitAction`]), [`cpuid`], [`msr`], [`uart`] (COM1), [`hypercall`] (ABI vocabulary), [`sink`], [`stats`],
-//! [`memory`], [`config`] (the VM configuration format of docs/vm-config.md), [`loader`] (ELF images and the
-//! guest ABI's entry state), [`entry`] (the initial register state backends load).
+//! [`memory`], [`mmio`] (device windows, guest page walk, instruction decode), [`config`] (the VM configuration
+//! format of docs/vm-config.md), [`loader`] (ELF images and the guest ABI's entry state), [`entry`] (the initial
+//! register state backends load).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod handler;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
+pub mod mmio;
 pub mod msr;
 pub mod paging;
 pub mod sink;
@@ -47,5 +49,6 @@ pub use action::{ExitAction, StopCause, StopReport, NO_WAKE};
 pub use exit::{AccessSize, EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
 pub use handler::VmContext;
 pub use memory::GuestMemory;
+pub use mmio::{MmioAccess, MmioKind, MmioWindowError};
 pub use sink::{ConsoleSink, Event};
-pub use vcpu::{Gpr, Vcpu};
+pub use vcpu::{ControlState, Gpr, Vcpu};

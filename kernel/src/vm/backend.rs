@@ -15,7 +15,7 @@ use alloc::sync::Arc;
 
 use virt::entry::EntryState;
 use virt::paging::{Attrs, MapError};
-use virt::{EntryFailure, Gpr, Vcpu, VmExit};
+use virt::{ControlState, EntryFailure, Gpr, Vcpu, VmExit};
 
 use super::ram::GuestRam;
 use crate::virt::detect::VirtSupport;
@@ -189,6 +189,14 @@ impl Vcpu for BackendVcpu {
 
     fn rip(&self) -> u64 {
         self.inner().rip()
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.inner_mut().set_rip(rip);
+    }
+
+    fn control_state(&self) -> Option<ControlState> {
+        self.inner().control_state()
     }
 
     fn skip_instruction(&mut self) {

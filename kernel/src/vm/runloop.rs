@@ -207,6 +207,15 @@ fn run_slice(
                         stop = Some(report);
                         break;
                     }
+                    // No device model is wired to MMIO windows yet: the access is reported, not dropped.
+                    ExitAction::Mmio(access) => {
+                        stop = Some(StopReport {
+                            cause: virt::StopCause::NoDeviceModel,
+                            rip: vcpu.rip(),
+                            addr: Some(access.gpa),
+                        });
+                        break;
+                    }
                 }
             }
         }

@@ -28,7 +28,9 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 
 use virt::entry::{EntryState, Segment as EntrySegment};
-use virt::{AccessSize, EntryFailure, Gpr, IoAccess, IoDirection, MemAccess, Vcpu, VmExit};
+use virt::{
+    AccessSize, ControlState, EntryFailure, Gpr, IoAccess, IoDirection, MemAccess, Vcpu, VmExit,
+};
 use x86_64::instructions::interrupts;
 
 use super::check;
@@ -36,8 +38,8 @@ use super::entry::{svm_enter, FxArea, GuestGprs};
 use super::host::{self, AsidRecord};
 use super::permission::{self, MsrAllow, MsrPermissionMap, PermissionError};
 use super::vmcb::{
-    event, exit_code, int_ctl, misc1, misc2, Ctl32, Ctl64, Ctl8, OutOfFrames, Save64, Save8, Seg,
-    Segment, Vmcb, NP_ENABLE,
+    attrib, event, exit_code, int_ctl, misc1, misc2, Ctl32, Ctl64, Ctl8, OutOfFrames, Save64,
+    Save8, Seg, Segment, Vmcb, NP_ENABLE,
 };
 use crate::arch::x86_64::{lapic, tsc};
 
@@ -479,6 +481,29 @@ impl Vcpu for SvmVcpu {
         self.vmcb.set_save64(Save64::Rip, next);
         // The instruction completed: no interrupt shadow remains from it.
         self.vmcb.set_ctl64(Ctl64::InterruptShadow, 0);
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.vmcb.set_save64(Save64::Rip, rip);
+        // The emulated instruction completed: no interrupt shadow remains from it.
+        self.vmcb.set_ctl64(Ctl64::InterruptShadow, 0);
+    }
+
+    fn control_state(&self) -> Option<ControlState> {
+        let cs = self.vmcb.segment(Seg::Cs);
+        Some(ControlState {
+            cr0: self.vmcb.save64(Save64::Cr0),
+            cr3: self.vmcb.save64(Save64::Cr3),
+            cr4: self.vmcb.save64(Save64::Cr4),
+            efer: self.vmcb.save64(Save64::Efer),
+            rflags: self.vmcb.save64(Save64::Rflags),
+            cs_l: cs.attrib & attrib::L != 0,
+            cs_db: cs.attrib & attrib::DB != 0,
+            cpl: self.vmcb.save8(Save8::Cpl) & 3,
+            cs_base: cs.base,
+            ds_base: self.vmcb.segment(Seg::Ds).base,
+            es_base: self.vmcb.segment(Seg::Es).base,
+        })
     }
 
     /// Queues the exception for the next entry (EVENTINJ, APM §15.20). It replaces an event the last exit

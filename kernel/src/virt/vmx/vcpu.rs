@@ -35,7 +35,7 @@ use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use virt::entry::{DescriptorTable, EntryState, Segment};
-use virt::{EntryFailure, Gpr, Vcpu, VmExit};
+use virt::{ControlState, EntryFailure, Gpr, Vcpu, VmExit};
 
 use super::caps::{Caps, ControlKind};
 use super::entry::{cv_vmx_exit, cv_vmx_run, GuestRegs, EXITED, FAIL_INVALID, FAIL_VALID};
@@ -882,6 +882,36 @@ impl Vcpu for VmxVcpu {
     fn skip_instruction(&mut self) {
         self.rip = self.rip.wrapping_add(u64::from(self.last.instruction_len));
         self.skipped = true;
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.rip = rip;
+        // Written at the next entry; like a skip, it ends STI / MOV SS blocking there.
+        self.skipped = true;
+    }
+
+    fn control_state(&self) -> Option<ControlState> {
+        if cpu::cpu_index() != self.cpu {
+            return None;
+        }
+        self.make_current().ok()?;
+        let nat = |f: GuestNat| instr::read_nat(f).ok();
+        // Access-rights format (SDM Vol. 3C Table 25-2): DPL 6:5, L 13, D/B 14.
+        let cs = instr::read32(Guest32::CsAccessRights).ok()?;
+        let ss = instr::read32(Guest32::SsAccessRights).ok()?;
+        Some(ControlState {
+            cr0: nat(GuestNat::Cr0)?,
+            cr3: nat(GuestNat::Cr3)?,
+            cr4: nat(GuestNat::Cr4)?,
+            efer: instr::read64(Guest64::Efer).ok()?,
+            rflags: nat(GuestNat::Rflags)?,
+            cs_l: cs & (1 << 13) != 0,
+            cs_db: cs & (1 << 14) != 0,
+            cpl: u8::try_from((ss >> 5) & 3).ok()?,
+            cs_base: nat(GuestNat::CsBase)?,
+            ds_base: nat(GuestNat::DsBase)?,
+            es_base: nat(GuestNat::EsBase)?,
+        })
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
