@@ -5,13 +5,16 @@
 //! first use; `volumes` puts volumes (LBA ranges with IOPS commitments) on a controller queue through the
 //! `sched::iops` partitioner, which alone decides the order; `selftest` is `selftest=nvme`, `iops_test` is
 //! `selftest=nvme-iops` and `faults_test` is `selftest=nvme-faults`; `virtio_blk` connects `virt`'s virtio-blk device
-//! model to the engine (bounce buffers, completion back into the guest) and `virtio_test` is `selftest=virtio-blk`.
+//! model to the engine (bounce buffers, completion back into the guest) and `virtio_test` is `selftest=virtio-blk`;
+//! `service` is the VM runtime's I/O path: one engine for the controller, the VMs' volumes and devices, completion
+//! pumping, and the management API (`set_commitment`, `volume_stats`).
 
 pub mod faults_test;
 pub mod iops_test;
 pub mod nvme;
 pub mod pci;
 pub mod selftest;
+pub mod service;
 pub mod virtio_blk;
 pub mod virtio_test;
 pub mod volumes;

@@ -193,6 +193,18 @@ impl Router {
         }
     }
 
+    /// Retires one engine result whose device is gone (its VM stopped): frees the bounce buffer and touches no
+    /// guest memory. Returns false if the token was not pending.
+    pub fn discard(&mut self, done: Done, ctrl: &mut Controller<KernelHal>) -> bool {
+        let Some(p) = self.pending.remove(&done.token) else {
+            return false;
+        };
+        if p.pages > 0 {
+            ctrl.hal_mut().free_pages(p.bounce, p.pages);
+        }
+        true
+    }
+
     /// Requests between a device and its completion.
     pub fn in_flight(&self) -> usize {
         self.pending.len()

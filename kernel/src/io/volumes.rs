@@ -15,7 +15,10 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 
 use drivers::nvme::{Completion, Controller, Hal, IoOp, IoRequest, Namespace, NvmeError, Status};
-use sched::iops::{self, DeviceConfig, IopsError, Partitioner, Request, VolumeConfig, VolumeId};
+use sched::iops::{
+    self, AdmissionLimits, DeviceConfig, IopsError, Partitioner, Request, VolumeConfig, VolumeId,
+    WindowReport,
+};
 
 /// Where a volume lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +88,8 @@ pub struct Engine {
     next_id: u64,
     qid: u16,
     max_inflight: usize,
+    /// Requests of removed volumes, answered at the next pump.
+    orphans: Vec<Done>,
 }
 
 fn to_sched_op(op: IoOp) -> iops::IoOp {
@@ -114,6 +119,7 @@ impl Engine {
             next_id: 1,
             qid,
             max_inflight: max_inflight.max(1),
+            orphans: Vec::new(),
         })
     }
 
@@ -153,9 +159,46 @@ impl Engine {
             .map_err(EngineError::Iops)
     }
 
+    /// Removes a volume (its owner is gone). Requests still queued in the partitioner complete at the next
+    /// [`Engine::pump`] with [`Status::INVALID_FIELD`]; requests already on the device complete normally. Either way every accepted request still produces its one [`Done`].
+    pub fn remove_volume(&mut self, id: VolumeId, now: u64) -> Result<(), EngineError> {
+        let dropped = self
+            .part
+            .remove_volume(id, now)
+            .map_err(EngineError::Iops)?;
+        self.extents.remove(&id);
+        for r in dropped {
+            if let Some(w) = self.waiting.remove(&r.id) {
+                self.orphans.push(Done {
+                    token: w.token,
+                    volume: w.volume,
+                    status: Status::INVALID_FIELD,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A volume's configuration.
+    pub fn volume_config(&self, id: VolumeId) -> Result<VolumeConfig, EngineError> {
+        self.part.volume_config(id).map_err(EngineError::Iops)
+    }
+
+    /// The admission numbers for a further commitment of `requested` IOPS (capacity, committable, committed).
+    pub fn admission_limits(&self, requested: u64) -> AdmissionLimits {
+        self.part.admission_limits(requested)
+    }
+
+    /// Hands every closed telemetry window (per volume) to `f`, oldest first.
+    pub fn drain_reports(&mut self, f: &mut dyn FnMut(WindowReport)) {
+        for r in self.part.drain_reports() {
+            f(r);
+        }
+    }
+
     /// Requests waiting in the partitioner or on the device.
     pub fn outstanding(&self) -> usize {
-        self.waiting.len() + self.issued.len()
+        self.waiting.len() + self.issued.len() + self.orphans.len()
     }
 
     /// Queues a read or write of `blocks` blocks at volume-relative `lba` into/from `pages` (page-aligned host
@@ -229,6 +272,9 @@ impl Engine {
         clock: &mut dyn FnMut() -> u64,
         out: &mut dyn FnMut(Done),
     ) {
+        for d in self.orphans.drain(..) {
+            out(d);
+        }
         let mut reaped: Vec<Completion> = Vec::new();
         ctrl.poll(self.qid, &mut |c| reaped.push(c));
         let now = clock();

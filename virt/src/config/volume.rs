@@ -41,7 +41,7 @@ pub const DEFAULT_VOLUME_WEIGHT: u32 = 100;
 pub const MAX_IOPS: u64 = 1 << 40;
 /// Every key a volume line accepts.
 pub const VOLUME_KEYS: &str =
-    "ns, offset, size, iops, limit, weight, burst, overage, readonly, base";
+    "ns, offset, size, iops, limit, weight, burst, overage, readonly, base, iops_change";
 
 /// An I/O rate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +115,9 @@ pub struct VolumeSpec {
     pub read_only: bool,
     /// Guest-physical base of the register window; `None`: the default placement.
     pub base: Option<u64>,
+    /// Test hook `iops_change=<after>:<rate>`: this long after the VMs start, the commitment becomes `rate`,
+    /// through the same kernel call the management channel uses (`io::set_commitment`).
+    pub change: Option<(u64, Rate)>,
 }
 
 impl VolumeSpec {
@@ -284,6 +287,7 @@ pub(super) fn parse_volume(line: usize, value: &str) -> Result<VolumeSpec, Confi
         overage: Overage::BestEffort,
         read_only: false,
         base: None,
+        change: None,
     };
     for word in value.split_whitespace() {
         let (key, v) = match word.split_once('=') {
@@ -293,7 +297,7 @@ pub(super) fn parse_volume(line: usize, value: &str) -> Result<VolumeSpec, Confi
                 return Err(invalid(
                     line,
                     "volume",
-                    "`key=value` words (keys: ns, offset, size, iops, limit, weight, burst, overage, base) or `readonly`",
+                    "`key=value` words (keys: ns, offset, size, iops, limit, weight, burst, overage, base, iops_change) or `readonly`",
                     word,
                 ))
             }
@@ -332,6 +336,15 @@ pub(super) fn parse_volume(line: usize, value: &str) -> Result<VolumeSpec, Confi
                 spec.weight = u32::try_from(w).unwrap_or(DEFAULT_VOLUME_WEIGHT);
             }
             "burst" => spec.burst = Some(parse_burst(line, v)?),
+            "iops_change" => {
+                const EXPECTED: &str = "<after>:<rate> like 4s:25% or 2500ms:4000iops";
+                let f = field(key);
+                let (after, rate) = v
+                    .split_once(':')
+                    .ok_or_else(|| invalid(line, &f, EXPECTED, v))?;
+                let after = parse_duration(line, &f, after).map_err(|_| invalid(line, &f, EXPECTED, v))?;
+                spec.change = Some((after, parse_rate(line, key, rate)?));
+            }
             "overage" => spec.overage = parse_overage(line, v)?,
             "readonly" => spec.read_only = true,
             "base" => {
@@ -355,7 +368,7 @@ pub(super) fn parse_volume(line: usize, value: &str) -> Result<VolumeSpec, Confi
                 return Err(invalid(
                     line,
                     &field(key),
-                    "a volume key (ns, offset, size, iops, limit, weight, burst, overage, readonly, base)",
+                    "a volume key (ns, offset, size, iops, limit, weight, burst, overage, readonly, base, iops_change)",
                     key,
                 ))
             }
@@ -383,6 +396,17 @@ pub(super) fn parse_volume(line: usize, value: &str) -> Result<VolumeSpec, Confi
                 line,
                 &field("limit"),
                 "the limit is below the commitment (`iops`)".to_string(),
+            ));
+        }
+    }
+    if let (Some(limit), Some((_, to))) = (spec.limit, spec.change) {
+        if matches!((limit, to), (Rate::Iops(l), Rate::Iops(c)) if l < c)
+            || matches!((limit, to), (Rate::Share { ppm: l }, Rate::Share { ppm: c }) if l < c)
+        {
+            return Err(range(
+                line,
+                &field("iops_change"),
+                "the new commitment is above the limit".to_string(),
             ));
         }
     }

@@ -28,7 +28,7 @@ fn error(lines: &[&str]) -> ConfigError {
 #[test]
 fn every_field_parses_one_word_each() {
     let v = volumes(&[
-        "ns=2 offset=8M size=16M iops=4000iops limit=6000iops weight=300 burst=500iops/2000 overage=borrow readonly base=0xE0000000",
+        "ns=2 offset=8M size=16M iops=4000iops limit=6000iops weight=300 burst=500iops/2000 overage=borrow readonly base=0xE0000000 iops_change=4s:25%",
     ]);
     assert_eq!(
         v,
@@ -47,6 +47,7 @@ fn every_field_parses_one_word_each() {
             overage: Overage::Borrow,
             read_only: true,
             base: Some(0xE000_0000),
+            change: Some((4_000_000_000, Rate::Share { ppm: 250_000 })),
         }]
     );
 }
@@ -186,6 +187,30 @@ fn errors_name_line_and_field() {
         5,
         "volume.base",
         "overlaps the VM's RAM",
+    );
+    expect(
+        &["size=4K iops_change=4s"],
+        5,
+        "volume.iops_change",
+        "<after>:<rate>",
+    );
+    expect(
+        &["size=4K iops_change=soon:5%"],
+        5,
+        "volume.iops_change",
+        "<after>:<rate>",
+    );
+    expect(
+        &["size=4K iops_change=1s:fast"],
+        5,
+        "volume.iops_change",
+        "a rate like",
+    );
+    expect(
+        &["size=4K limit=10% iops_change=1s:20%"],
+        5,
+        "volume.iops_change",
+        "above the limit",
     );
     expect(&["size=4K colour=red"], 5, "volume.colour", "a volume key");
     expect(&["size=4K fast"], 5, "volume", "key=value");

@@ -1,0 +1,749 @@
+//! The I/O service of the VM runtime: one partitioned NVMe engine shared by every VM's virtio-blk volumes, and the
+//! small kernel API the management channel calls ([`set_commitment`], [`volume_stats`]).
+//!
+//! Life cycle: at boot, when a VM configuration has volumes, [`init`] brings the NVMe controller up, calibrates its
+//! capacity C with the driver alone (4 KiB random reads at QD32, best of three, `CV:IOCAL`) and builds one
+//! [`Engine`] on I/O queue 1 with C as the partitioner's capacity. [`add_volume`] then resolves each configured
+//! volume's rates against C, checks its extent against the namespace and puts it through admission control (the
+//! refusal names the partitioner's numbers); each volume becomes one `VirtioBlk` device. [`attach`] gives a VM's
+//! devices its guest memory once the RAM exists; [`remove_vm`] undoes a VM whose build failed later.
+//!
+//! At run time guest accesses to a device window arrive through [`mmio`] (a queue notification parses the
+//! virtqueue and enqueues the requests with the partitioner, then pumps at once so they reach the device without
+//! waiting for the next loop), and every CPU's run loop calls [`pump`]: reap NVMe completions (scatter read data
+//! into the guest, write the status, push the used ring) and feed the device in the partitioner's order. An idle
+//! CPU with requests outstanding ([`outstanding`]) wakes every [`IDLE_POLL_NS`] to pump. Closed telemetry windows
+//! are printed as `CV:IOWIN` lines and kept for [`volume_stats`].
+//!
+//! Stopping: [`detach_vm`] (called by `vm::runloop::stop_vm`, before any reclaim of the VM's memory) drops the
+//! VM's guest-memory views and removes its volumes from the partitioner, releasing their commitments. Requests of
+//! that VM still queued or on the device complete later into nothing: their bounce buffers are freed
+//! ([`Router::discard`]) and no guest memory is touched. Because every access to guest memory from here happens
+//! under the service lock, once `detach_vm` returns no CPU can touch that VM's RAM through this module.
+//!
+//! Locking: one spin lock for the whole service (engine, router, devices, memory views), then the controller's
+//! lock inside it: order *service -> controller*. Neither is held while a guest runs; the run loop takes the
+//! service lock after releasing its VM context lock, and `pump` only try-locks (a CPU that finds another pumping
+//! goes on with its own work instead of spinning). [`OUTSTANDING`] mirrors the engine's count for lock-free
+//! checks.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use drivers::nvme::{Dma, Namespace};
+use sched::iops::{
+    BurstConfig, CostModel, DeviceConfig, OveragePolicy, VolumeConfig, VolumeId, WindowReport,
+};
+use spin::{Mutex, Once};
+use virt::config::{Overage, Rate, VolumeSpec, WINDOW_BYTES};
+use virt::virtio::blk::{BlkConfig, VirtioBlk, SECTOR};
+use virt::GuestMemory;
+
+use super::nvme::{controller, Device, Probe};
+use super::virtio_blk::{Router, VolumeBackend};
+use super::volumes::{Done, Engine, EngineError, Extent};
+use crate::arch::x86_64::tsc;
+use crate::console::Quoted;
+use crate::marker;
+
+/// How often an idle CPU with I/O outstanding wakes to reap completions.
+pub const IDLE_POLL_NS: u64 = 30_000;
+/// Commands the engine keeps on the device at once.
+const MAX_INFLIGHT: usize = 32;
+/// Calibration: reads per round (QD32), and rounds (best of).
+const CALIBRATION_IOS: u64 = 10_000;
+const CALIBRATION_ROUNDS: usize = 3;
+/// Scratch pages for the calibration reads (random_reads uses 32).
+const SCRATCH_PAGES: usize = 32;
+/// The I/O queue the engine uses (queue n + 1 belongs to CPU n for the self-tests; the service runs after them).
+const QID: u16 = 1;
+/// Partitioner window (telemetry, capacity accounting, commitments averaged over it).
+pub const WINDOW_NS: u64 = 1_000_000_000;
+
+/// Why an I/O API call was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoError {
+    /// No VM has volumes, or the NVMe controller is not up.
+    NoService,
+    /// No volume `index` in VM `vm`.
+    UnknownVolume { vm: String, index: usize },
+    /// The volume's VM stopped.
+    Detached,
+    /// The partitioner refused (admission numbers inside).
+    Refused(EngineError),
+}
+
+impl core::fmt::Display for IoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoService => {
+                f.write_str("no I/O service (no volumes configured or no NVMe controller)")
+            }
+            Self::UnknownVolume { vm, index } => write!(f, "VM {vm} has no volume {index}"),
+            Self::Detached => f.write_str("the volume's VM has stopped"),
+            Self::Refused(EngineError::Iops(e)) => write!(f, "{e}"),
+            Self::Refused(e) => write!(f, "{e:?}"),
+        }
+    }
+}
+
+/// A volume's figures for telemetry ([`volume_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub vm: String,
+    /// Index of the volume in its VM (= device table index).
+    pub index: usize,
+    /// Commitment and limit in force, IOPS.
+    pub committed_iops: u64,
+    pub limit_iops: Option<u64>,
+    /// The last closed window: its index, completed IOPS, and queue-wait / device-service latency quantile
+    /// bounds in ns (p50, p99; `u64::MAX` = above the largest bucket; 0 = no sample).
+    pub window: Option<u64>,
+    pub completed_iops: u64,
+    pub wait_p50_ns: u64,
+    pub wait_p99_ns: u64,
+    pub service_p50_ns: u64,
+    pub service_p99_ns: u64,
+    /// Requests completed to the guest (any status) and those failed, since boot.
+    pub completed: u64,
+    pub failed: u64,
+    /// False once the VM stopped.
+    pub attached: bool,
+}
+
+/// A scripted commitment change (the `iops_change=` test hook of docs/vm-config.md).
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    at_ns: u64,
+    rate: Rate,
+    done: bool,
+}
+
+struct Volume {
+    vm: usize,
+    vm_name: String,
+    index: usize,
+    base: u64,
+    id: VolumeId,
+    lba_size: u64,
+    spec: VolumeSpec,
+    dev: VirtioBlk,
+    /// The VM's RAM; `None` before [`attach`] and after [`detach_vm`].
+    mem: Option<Box<dyn GuestMemory + Send>>,
+    detached: bool,
+    last: Option<WindowReport>,
+    change: Option<Change>,
+}
+
+/// Per-request overhead figures of the run (for `CV:IOSUM`).
+#[derive(Default)]
+struct Overhead {
+    mmio_exits: u64,
+    notifies: u64,
+    /// TSC ticks spent in device dispatch and in pumps that completed something.
+    ticks: u64,
+    completed: u64,
+    discarded: u64,
+}
+
+struct Service {
+    engine: Engine,
+    router: Router,
+    volumes: Vec<Volume>,
+    capacity: u64,
+    namespaces: Vec<Namespace>,
+    ctrl: &'static Mutex<Device>,
+    ovh: Overhead,
+    /// When the first pump ran (scripted changes count from here).
+    started_ns: Option<u64>,
+}
+
+static SERVICE: Once<Option<Mutex<Service>>> = Once::new();
+/// Requests accepted by the engine and not yet completed (mirrors `Engine::outstanding`).
+static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
+/// Pumps skipped because another CPU held the lock (contention figure).
+static CONTENDED: AtomicU64 = AtomicU64::new(0);
+
+fn now_ns() -> u64 {
+    let hz = u128::from(tsc::hz().max(1));
+    u64::try_from(u128::from(tsc::rdtsc()) * 1_000_000_000 / hz).unwrap_or(u64::MAX)
+}
+
+fn service() -> Option<&'static Mutex<Service>> {
+    SERVICE.get().and_then(Option::as_ref)
+}
+
+/// Brings the controller up and calibrates it (once). Returns the capacity C in 4 KiB IOPS.
+///
+/// # Errors
+/// Why there is no I/O service: no controller, bring-up failure, no namespace, calibration failure.
+pub fn init() -> Result<u64, String> {
+    let s = SERVICE.call_once(|| match build() {
+        Ok(s) => Some(Mutex::new(s)),
+        Err(why) => {
+            log::error!("io: no I/O service: {why}");
+            marker!("IOCAL capacity=0 reason={}", Quoted(&why));
+            None
+        }
+    });
+    match s {
+        Some(s) => Ok(s.lock().capacity),
+        None => Err("no I/O service (NVMe controller missing or failed; see CV:IOCAL)".to_string()),
+    }
+}
+
+fn build() -> Result<Service, String> {
+    let dev = match controller() {
+        Probe::Absent => return Err("no NVMe controller".to_string()),
+        Probe::Failed(why) => return Err(format!("NVMe bring-up: {why}")),
+        Probe::Up(dev) => &**dev,
+    };
+    let mut guard = dev.lock();
+    let ctrl = &mut guard.ctrl;
+    let namespaces = ctrl.namespaces().to_vec();
+    let ns = *namespaces
+        .first()
+        .ok_or("the controller has no usable namespace")?;
+    let scratch = ctrl
+        .hal_mut()
+        .alloc_pages(SCRATCH_PAGES)
+        .ok_or("no memory for calibration buffers")?;
+    let per_io = u32::try_from((4096 / u64::from(ns.lba_size)).max(1)).unwrap_or(1);
+    let mut rounds = [0u64; CALIBRATION_ROUNDS];
+    let mut result = Ok(());
+    for (i, r) in (0u64..).zip(rounds.iter_mut()) {
+        match super::selftest::random_reads(
+            ctrl,
+            QID,
+            &ns,
+            scratch,
+            32,
+            CALIBRATION_IOS,
+            per_io,
+            tsc::rdtsc() ^ i,
+        ) {
+            Ok((iops, _)) => *r = iops,
+            Err(e) => {
+                result = Err(format!("calibration: {e}"));
+                break;
+            }
+        }
+    }
+    ctrl.hal_mut().free_pages(scratch, SCRATCH_PAGES);
+    result?;
+    // Under emulation single runs vary by 2-4x; the best round is what the device can deliver.
+    let capacity = rounds.iter().copied().max().unwrap_or(0).max(1);
+    marker!(
+        "IOCAL capacity={capacity} rounds={},{},{} qd=32 size=4096 ns={} blocks={} lba_size={}",
+        rounds[0],
+        rounds[1],
+        rounds[2],
+        ns.nsid,
+        ns.blocks,
+        ns.lba_size
+    );
+    let device = DeviceConfig {
+        capacity_iops: capacity,
+        cost: CostModel {
+            unit_bytes: 4096,
+            read_cost: 1024,
+            write_cost: 1024,
+        },
+        window_ns: WINDOW_NS,
+        // C is measured once, with the driver alone; a refined estimate would drift with the guests' load.
+        refine_capacity: false,
+        ..DeviceConfig::default()
+    };
+    let engine = Engine::new(device, &namespaces, QID, MAX_INFLIGHT, now_ns())
+        .map_err(|e| format!("engine: {e:?}"))?;
+    drop(guard);
+    Ok(Service {
+        engine,
+        router: Router::default(),
+        volumes: Vec::new(),
+        capacity,
+        namespaces,
+        ctrl: dev,
+        ovh: Overhead::default(),
+        started_ns: None,
+    })
+}
+
+fn policy(o: Overage) -> OveragePolicy {
+    match o {
+        Overage::BestEffort => OveragePolicy::BestEffort,
+        Overage::Borrow => OveragePolicy::Borrow,
+        Overage::Boosted {
+            boost_permille,
+            horizon_ns,
+        } => OveragePolicy::Boosted {
+            boost_permille,
+            horizon_ns,
+        },
+    }
+}
+
+/// The partitioner's configuration for `spec` on a device of `capacity` IOPS, with the commitment `committed`.
+fn volume_config(spec: &VolumeSpec, committed: Rate, capacity: u64) -> VolumeConfig {
+    VolumeConfig {
+        committed_iops: committed.resolve(capacity),
+        limit_iops: spec.limit.map(|l| l.resolve(capacity).max(1)),
+        weight: spec.weight,
+        burst: spec.burst.map(|b| BurstConfig {
+            fill_iops: b.fill.resolve(capacity).max(1),
+            size_ios: b.size_ios,
+        }),
+        policy: policy(spec.overage),
+    }
+}
+
+/// A device's window for the guest's device table: (base, bytes, virtio device id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub base: u64,
+    pub size: u64,
+    pub device_id: u32,
+}
+
+/// Adds volume `index` of VM `vm` (index into the runtime's VMs) named `vm_name`: extent and admission checked.
+///
+/// # Errors
+/// A sentence for `CV:VMREFUSED` naming the volume's line and, for an admission refusal, the partitioner's
+/// numbers.
+pub fn add_volume(
+    vm: usize,
+    vm_name: &str,
+    index: usize,
+    spec: &VolumeSpec,
+) -> Result<Window, String> {
+    let Some(s) = service() else {
+        return Err(format!(
+            "volume on line {}: no I/O service (NVMe controller missing or failed; see CV:IOCAL)",
+            spec.line
+        ));
+    };
+    let mut s = s.lock();
+    let s = &mut *s;
+    let ns = s
+        .namespaces
+        .iter()
+        .find(|n| n.nsid == spec.nsid)
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "volume on line {}: namespace {} does not exist",
+                spec.line, spec.nsid
+            )
+        })?;
+    let lba = u64::from(ns.lba_size).max(1);
+    if !spec.offset_bytes.is_multiple_of(lba) || !spec.size_bytes.is_multiple_of(lba) {
+        return Err(format!(
+            "volume on line {}: offset and size must be multiples of namespace {}'s {lba}-byte blocks",
+            spec.line, spec.nsid
+        ));
+    }
+    let extent = Extent {
+        nsid: spec.nsid,
+        first_lba: spec.offset_bytes / lba,
+        blocks: spec.size_bytes / lba,
+    };
+    let cfg = volume_config(spec, spec.committed, s.capacity);
+    let now = now_ns();
+    let id = match s.engine.add_volume(extent, cfg, now) {
+        Ok(id) => id,
+        Err(EngineError::BadExtent(_)) => {
+            return Err(format!(
+            "volume on line {}: bytes {:#x}..{:#x} do not fit namespace {} ({} blocks of {lba} B)",
+            spec.line,
+            spec.offset_bytes,
+            spec.offset_bytes.saturating_add(spec.size_bytes),
+            spec.nsid,
+            ns.blocks
+        ))
+        }
+        Err(EngineError::Iops(e)) => {
+            return Err(format!("volume on line {}: {e}", spec.line));
+        }
+        Err(e) => return Err(format!("volume on line {}: {e:?}", spec.line)),
+    };
+    let limits = s.engine.admission_limits(0);
+    log::info!(
+        "io: vm {vm_name} volume {index} (line {}): ns {} blocks {}..{}, committed {} IOPS, limit {:?}, weight {}; device: capacity {} committable {} committed now {}",
+        spec.line,
+        spec.nsid,
+        extent.first_lba,
+        extent.first_lba + extent.blocks,
+        cfg.committed_iops,
+        cfg.limit_iops,
+        cfg.weight,
+        limits.capacity_iops,
+        limits.committable_iops(),
+        limits.committed_sum
+    );
+    let mut serial = [0u8; 20];
+    let label = format!("cv-{vm_name}-{index}");
+    let n = label.len().min(serial.len());
+    serial[..n].copy_from_slice(&label.as_bytes()[..n]);
+    let base = spec.window_base(index);
+    s.volumes.push(Volume {
+        vm,
+        vm_name: vm_name.to_string(),
+        index,
+        base,
+        id,
+        lba_size: lba,
+        spec: *spec,
+        dev: VirtioBlk::new(BlkConfig {
+            sectors: spec.size_bytes / SECTOR,
+            read_only: spec.read_only,
+            block_size: ns.lba_size,
+            serial,
+        }),
+        mem: None,
+        detached: false,
+        last: None,
+        change: spec.change.map(|(at_ns, rate)| Change {
+            at_ns,
+            rate,
+            done: false,
+        }),
+    });
+    Ok(Window {
+        base,
+        size: WINDOW_BYTES,
+        device_id: virt::virtio::blk::DEVICE_ID,
+    })
+}
+
+/// Gives VM `vm`'s devices its guest memory (one view per device).
+pub fn attach(vm: usize, mut view: impl FnMut() -> Box<dyn GuestMemory + Send>) {
+    let Some(s) = service() else { return };
+    for v in s
+        .lock()
+        .volumes
+        .iter_mut()
+        .filter(|v| v.vm == vm && !v.detached)
+    {
+        v.mem = Some(view());
+    }
+}
+
+/// Undoes [`add_volume`] for a VM whose build failed before it ran (no request can exist yet).
+pub fn remove_vm(vm: usize) {
+    let Some(s) = service() else { return };
+    let mut s = s.lock();
+    let now = now_ns();
+    let ids: Vec<VolumeId> = s
+        .volumes
+        .iter()
+        .filter(|v| v.vm == vm)
+        .map(|v| v.id)
+        .collect();
+    for id in ids {
+        // The id came from add_volume; a refusal here only means it is gone already.
+        let _ = s.engine.remove_volume(id, now);
+    }
+    s.volumes.retain(|v| v.vm != vm);
+}
+
+/// VM `vm` stopped: drop its memory views and its volumes' commitments. After this returns, this module never
+/// touches the VM's memory again; its requests in flight complete into nothing.
+pub fn detach_vm(vm: usize) {
+    let Some(s) = service() else { return };
+    let mut s = s.lock();
+    let s = &mut *s;
+    let now = now_ns();
+    for v in s.volumes.iter_mut().filter(|v| v.vm == vm && !v.detached) {
+        v.mem = None;
+        v.detached = true;
+        if let Err(e) = s.engine.remove_volume(v.id, now) {
+            log::warn!(
+                "io: vm {} volume {}: removal refused: {e:?}",
+                v.vm_name,
+                v.index
+            );
+        }
+        log::info!(
+            "io: vm {} volume {} detached ({} requests of all VMs in flight)",
+            v.vm_name,
+            v.index,
+            s.router.in_flight()
+        );
+    }
+    OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
+}
+
+/// Requests accepted and not yet completed (a hint for idle CPUs; exact under the lock).
+pub fn outstanding() -> usize {
+    OUTSTANDING.load(Ordering::Acquire)
+}
+
+/// A guest access to VM `vm`'s device windows: `write` is `Some(value)` for a store. Returns the value read
+/// (0 for a store), or `None` when no device of this VM covers `gpa`.
+pub fn mmio(vm: usize, gpa: u64, size: u8, write: Option<u64>) -> Option<u64> {
+    let s = service()?;
+    let t0 = tsc::rdtsc();
+    let mut guard = s.lock();
+    let s = &mut *guard;
+    let i = s.volumes.iter().position(|v| {
+        v.vm == vm && !v.detached && (v.base..v.base + WINDOW_BYTES).contains(&gpa)
+    })?;
+    s.ovh.mmio_exits += 1;
+    let v = &mut s.volumes[i];
+    let offset = gpa - v.base;
+    let Some(value) = write else {
+        let r = u64::from(v.dev.mmio_read(offset, size));
+        s.ovh.ticks += tsc::rdtsc().saturating_sub(t0);
+        return Some(r);
+    };
+    let Some(mem) = v.mem.as_mut() else {
+        // Not attached yet: the VM cannot run before attach, so this is unreachable in practice; ignore.
+        return Some(0);
+    };
+    let notify = offset == virt::virtio::mmio::reg::QUEUE_NOTIFY;
+    {
+        let mut ctrl = s.ctrl.lock();
+        let mut backend = VolumeBackend {
+            engine: &mut s.engine,
+            ctrl: &mut ctrl.ctrl,
+            router: &mut s.router,
+            device: i,
+            volume: v.id,
+            lba_size: v.lba_size,
+            now: now_ns(),
+        };
+        // Registers are 32 bits wide (virtio 1.2 section 4.2.2); the device ignores other sizes.
+        let value = u32::try_from(value & 0xFFFF_FFFF).unwrap_or(0);
+        v.dev
+            .mmio_write(&mut **mem, &mut backend, offset, size, value);
+    }
+    if notify {
+        s.ovh.notifies += 1;
+        // Put the new requests on the device now rather than at the next loop iteration.
+        pump_locked(s);
+    }
+    s.ovh.ticks += tsc::rdtsc().saturating_sub(t0);
+    Some(0)
+}
+
+/// Reaps completions and feeds the device; called by every run loop iteration. Returns at once when another
+/// CPU is pumping.
+pub fn pump() {
+    let Some(s) = service() else { return };
+    let Some(mut guard) = s.try_lock() else {
+        CONTENDED.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let s = &mut *guard;
+    let t0 = tsc::rdtsc();
+    let n = pump_locked(s);
+    if n > 0 {
+        // Pumps that found nothing are polling, not per-request work.
+        s.ovh.ticks += tsc::rdtsc().saturating_sub(t0);
+    }
+    let now = now_ns();
+    let elapsed = now.saturating_sub(*s.started_ns.get_or_insert(now));
+    let due = due_changes(s, elapsed);
+    drop(guard);
+    if !due.is_empty() {
+        apply_changes(due, elapsed);
+    }
+}
+
+/// One pump under the service lock; returns the completions handled.
+fn pump_locked(s: &mut Service) -> usize {
+    s.started_ns.get_or_insert_with(now_ns);
+    let mut finished: Vec<Done> = Vec::new();
+    let mut ctrl = s.ctrl.lock();
+    s.engine
+        .pump(&mut ctrl.ctrl, &mut now_ns, &mut |d| finished.push(d));
+    let n = finished.len();
+    for d in finished {
+        let Some(i) = s.router.device_of(d.token) else {
+            continue;
+        };
+        let v = &mut s.volumes[i];
+        match v.mem.as_mut() {
+            Some(mem) => {
+                if !d.status.is_success() {
+                    log::warn!(
+                        "io: vm {} volume {}: NVMe request failed with status {:#x}; the guest gets IOERR",
+                        v.vm_name,
+                        v.index,
+                        d.status.raw()
+                    );
+                }
+                s.router.finish(d, &mut ctrl.ctrl, &mut v.dev, &mut **mem);
+                s.ovh.completed += 1;
+            }
+            None => {
+                s.router.discard(d, &mut ctrl.ctrl);
+                s.ovh.discarded += 1;
+            }
+        }
+    }
+    drop(ctrl);
+    let volumes = &mut s.volumes;
+    s.engine.drain_reports(&mut |r| {
+        if let Some(v) = volumes.iter_mut().find(|v| v.id == r.volume && !v.detached) {
+            crate::console::write_line_deferred(format_args!(
+                "CV:IOWIN vm={} vol={} window={} committed={} completed={} arrived={} wait_p99_us={} service_p99_us={}",
+                v.vm_name,
+                v.index,
+                r.window,
+                r.committed_iops,
+                r.completed_iops,
+                r.stats.arrived,
+                r.stats.wait.quantile_bound(990).map_or(0, |b| b / 1000),
+                r.stats.service.quantile_bound(990).map_or(0, |b| b / 1000)
+            ));
+            v.last = Some(r);
+        }
+    });
+    OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
+    n
+}
+
+/// The scripted commitment changes that are due (`elapsed` ns after the first pump), marked done:
+/// `(vm, volume, configuration)`.
+fn due_changes(s: &mut Service, elapsed: u64) -> Vec<(String, usize, VolumeConfig)> {
+    let capacity = s.capacity;
+    let mut due = Vec::new();
+    for v in s.volumes.iter_mut().filter(|v| !v.detached) {
+        let Some(c) = v.change.as_mut().filter(|c| !c.done && elapsed >= c.at_ns) else {
+            continue;
+        };
+        c.done = true;
+        due.push((
+            v.vm_name.clone(),
+            v.index,
+            volume_config(&v.spec, c.rate, capacity),
+        ));
+    }
+    due
+}
+
+/// Applies scripted changes through [`set_commitment`], the management channel's own entry point.
+fn apply_changes(due: Vec<(String, usize, VolumeConfig)>, elapsed: u64) {
+    for (vm, index, cfg) in due {
+        match set_commitment(&vm, index, cfg) {
+            Ok(()) => marker!(
+                "IOCHANGE vm={vm} vol={index} committed={} at_ms={}",
+                cfg.committed_iops,
+                elapsed / 1_000_000
+            ),
+            Err(e) => marker!(
+                "IOCHANGE vm={vm} vol={index} at_ms={} refused={}",
+                elapsed / 1_000_000,
+                Quoted(format_args!("{e}"))
+            ),
+        }
+    }
+}
+
+fn reconfigure(s: &mut Service, i: usize, cfg: VolumeConfig, now: u64) -> Result<(), IoError> {
+    let v = &s.volumes[i];
+    if v.detached {
+        return Err(IoError::Detached);
+    }
+    s.engine
+        .reconfigure(v.id, cfg, now)
+        .map_err(IoError::Refused)
+}
+
+/// Changes the commitment (and limit, weight, burst, policy) of volume `index` of VM `vm`, through admission
+/// control. The partitioner applies it at once, so it is in force for the whole next window.
+///
+/// # Errors
+/// [`IoError`]: no service, no such volume, VM stopped, or refused (with the admission numbers).
+pub fn set_commitment(vm: &str, index: usize, cfg: VolumeConfig) -> Result<(), IoError> {
+    let s = service().ok_or(IoError::NoService)?;
+    let mut s = s.lock();
+    let i = s
+        .volumes
+        .iter()
+        .position(|v| v.vm_name == vm && v.index == index)
+        .ok_or_else(|| IoError::UnknownVolume {
+            vm: vm.to_string(),
+            index,
+        })?;
+    let r = reconfigure(&mut s, i, cfg, now_ns());
+    log::info!(
+        "io: vm {vm} volume {index}: commitment {} IOPS, limit {:?}: {}",
+        cfg.committed_iops,
+        cfg.limit_iops,
+        if r.is_ok() { "in force" } else { "refused" }
+    );
+    r
+}
+
+/// Every volume's figures: configuration in force and its last closed window.
+pub fn volume_stats() -> Vec<VolumeStats> {
+    let Some(s) = service() else {
+        return Vec::new();
+    };
+    let s = s.lock();
+    s.volumes
+        .iter()
+        .map(|v| {
+            let cfg = s.engine.volume_config(v.id).ok();
+            let q = |h: &sched::iops::LatencyHistogram, p| h.quantile_bound(p).unwrap_or(0);
+            let st = v.dev.stats();
+            VolumeStats {
+                vm: v.vm_name.clone(),
+                index: v.index,
+                committed_iops: cfg.map_or(0, |c| c.committed_iops),
+                limit_iops: cfg.and_then(|c| c.limit_iops),
+                window: v.last.map(|r| r.window),
+                completed_iops: v.last.map_or(0, |r| r.completed_iops),
+                wait_p50_ns: v.last.map_or(0, |r| q(&r.stats.wait, 500)),
+                wait_p99_ns: v.last.map_or(0, |r| q(&r.stats.wait, 990)),
+                service_p50_ns: v.last.map_or(0, |r| q(&r.stats.service, 500)),
+                service_p99_ns: v.last.map_or(0, |r| q(&r.stats.service, 990)),
+                completed: st.completed,
+                failed: st.failed,
+                attached: !v.detached,
+            }
+        })
+        .collect()
+}
+
+/// Prints `CV:IOSUM` (end of a run): requests, MMIO exits per request and the hypervisor's CPU time per request
+/// in device emulation, partitioner, driver and copies.
+pub fn summary() {
+    for v in volume_stats() {
+        marker!(
+            "IOVOL vm={} vol={} committed={} completed={} failed={} last_window={} last_iops={} wait_p99_us={} service_p99_us={} attached={}",
+            v.vm,
+            v.index,
+            v.committed_iops,
+            v.completed,
+            v.failed,
+            v.window.unwrap_or(0),
+            v.completed_iops,
+            v.wait_p99_ns / 1000,
+            v.service_p99_ns / 1000,
+            u8::from(v.attached)
+        );
+    }
+    let Some(s) = service() else { return };
+    let s = s.lock();
+    let o = &s.ovh;
+    let done = o.completed.max(1);
+    let ns_per_req = tsc::ticks_to_us(o.ticks.saturating_mul(1000)) / done;
+    marker!(
+        "IOSUM capacity={} completed={} discarded={} mmio_exits={} notifies={} exits_per_req_x100={} ovh_ns_per_req={} refused={} contended_pumps={}",
+        s.capacity,
+        o.completed,
+        o.discarded,
+        o.mmio_exits,
+        o.notifies,
+        o.mmio_exits * 100 / done,
+        ns_per_req,
+        s.router.refused,
+        CONTENDED.load(Ordering::Relaxed)
+    );
+}
