@@ -16,6 +16,8 @@
 //! real instruction length (1..=15) and a read always names its destination; `gpa..gpa + size` lies inside one
 //! window.
 
+pub mod walk;
+
 use alloc::vec::Vec;
 
 use crate::exit::AccessSize;
