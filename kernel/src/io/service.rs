@@ -157,7 +157,7 @@ struct Service {
     namespaces: Vec<Namespace>,
     ctrl: &'static Mutex<Device>,
     ovh: Overhead,
-    /// When the first pump ran (scripted changes count from here).
+    /// When the first request arrived (scripted changes count from here).
     started_ns: Option<u64>,
 }
 
@@ -607,7 +607,7 @@ fn pump_locked(s: &mut Service) -> usize {
     n
 }
 
-/// The scripted commitment changes that are due (`elapsed` ns after the first pump), marked done:
+/// The scripted commitment changes that are due (`elapsed` ns after the first request), marked done:
 /// `(vm, volume, configuration)`.
 fn due_changes(s: &mut Service, elapsed: u64) -> Vec<(String, usize, VolumeConfig)> {
     let capacity = s.capacity;

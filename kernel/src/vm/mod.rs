@@ -16,9 +16,15 @@
 //!
 //! Locking: the scheduler lock is never held while a guest runs or while a VM's lock is held. Lock order:
 //! a slot's vCPU lock, then its VM's context lock (exit handling); the scheduler lock alone; the VM state lock
-//! alone. The console lock is innermost (taken by logging anywhere).
+//! alone. The console lock is innermost (taken by logging anywhere). The I/O service lock (`io::service`: engine,
+//! virtio-blk devices, their guest-memory views), then the NVMe controller lock inside it: taken by the run loop
+//! holding at most the slot's vCPU lock (an MMIO exit's device dispatch; the context lock is taken for
+//! `complete_mmio` only after the service lock is released), or no lock at all (completion pumps, the detach in
+//! `stop_vm` after the VM state lock is released); never while a guest runs, never together with the scheduler
+//! lock. [`devices`] is the glue between the run loop and that service.
 
 pub mod backend;
+pub mod devices;
 pub mod ram;
 pub mod report;
 pub mod runloop;

@@ -24,6 +24,7 @@ use super::sink::LogSink;
 use super::{Runtime, VmState, IDLE_CHECK_NS, OVERRUN_BOUND_NS};
 use crate::arch::x86_64::{lapic, tsc};
 use crate::console;
+use crate::io::service as io;
 
 /// Most console bytes moved per loop iteration (bounds the time the run loop spends on output).
 const CONSOLE_PUMP_BYTES: usize = 256;
@@ -53,6 +54,10 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     while !rt.done.load(Ordering::Acquire) {
         // Guest output and reports leave through the console ring, a FIFO load at a time, never waiting.
         let console_pending = console::pump(CONSOLE_PUMP_BYTES);
+        // NVMe completions into the guests, and the next requests onto the device (io::service).
+        if io::outstanding() > 0 {
+            io::pump();
+        }
         let now = tsc::rdtsc();
         wake_due(rt, &mine, now);
         if let Some(r) = reporter.as_mut() {
@@ -79,6 +84,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 }
                 if console_pending {
                     until = until.min(rt.after(now, CONSOLE_IDLE_NS));
+                }
+                if io::outstanding() > 0 {
+                    until = until.min(rt.after(now, io::IDLE_POLL_NS));
                 }
                 idle_until(until);
                 stats
@@ -207,14 +215,24 @@ fn run_slice(
                         stop = Some(report);
                         break;
                     }
-                    // No device model is wired to MMIO windows yet: the access is reported, not dropped.
+                    // A device register: the VM's virtio-blk device answers (I/O service lock, taken with no
+                    // other lock held), then the instruction completes under the context lock.
                     ExitAction::Mmio(access) => {
-                        stop = Some(StopReport {
-                            cause: virt::StopCause::NoDeviceModel,
-                            rip: vcpu.rip(),
-                            addr: Some(access.gpa),
-                        });
-                        break;
+                        let Some(value) = super::devices::dispatch(slot.vm, &access) else {
+                            stop = Some(StopReport {
+                                cause: virt::StopCause::NoDeviceModel,
+                                rip: vcpu.rip(),
+                                addr: Some(access.gpa),
+                            });
+                            break;
+                        };
+                        vm.ctx.lock().complete_mmio(vcpu, &access, value);
+                        if tsc::rdtsc() >= deadline
+                            || rt.done.load(Ordering::Relaxed)
+                            || vm.stopped()
+                        {
+                            break;
+                        }
                     }
                 }
             }
@@ -286,6 +304,9 @@ pub fn stop_vm(rt: &Runtime, vm: usize, report: StopReport, now: u64) {
         }
         *state = VmState::Stopped(report);
     }
+    // Its devices let go of its memory first: from here on no completion touches the VM's RAM, whatever
+    // reclaims it later.
+    crate::io::service::detach_vm(vm);
     crate::console::write_line_deferred(format_args!("CV:VMSTOP {}", report.line(&v.name)));
     let mut sched = rt.sched.lock();
     for s in v.slots.clone() {

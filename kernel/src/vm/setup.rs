@@ -95,6 +95,11 @@ pub fn start(
         configs.len(),
         OVERRUN_BOUND_NS / 1000
     );
+    if configs.iter().any(|c| !c.volumes.is_empty()) {
+        // Bring NVMe up and calibrate it (a few seconds of reads) before the runtime's clock starts; a failure is
+        // reported here and again for each VM with a volume.
+        let _ = crate::io::service::init();
+    }
     let epoch = tsc::rdtsc();
     let tsc_khz = u32::try_from(tsc_hz / 1000).unwrap_or(u32::MAX);
     let mut vms = Vec::new();
@@ -171,6 +176,7 @@ pub fn start(
     }
     report::vm_lines(rt);
     report::summary(rt, reporter_start);
+    crate::io::service::summary();
     Some(all_started && finished)
 }
 
@@ -251,10 +257,21 @@ fn build_vm(
             }
         }
     }
+    // Volumes next: admission control of their IOPS commitments (a refused volume refuses the VM).
+    let devices = match super::devices::build(vm_index, cfg) {
+        Ok(d) => d,
+        Err(why) => {
+            for id in ids {
+                let _ = sched.remove_vcpu(id);
+            }
+            return Err(why);
+        }
+    };
     let unadmit = |sched: &mut Scheduler, ids: &[VcpuId]| {
         for &id in ids {
             let _ = sched.remove_vcpu(id);
         }
+        crate::io::service::remove_vm(vm_index);
     };
 
     let mut ram = match GuestRam::new(cfg.memory_bytes) {
@@ -274,7 +291,7 @@ fn build_vm(
         vcpu_count: cfg.vcpus,
         tsc_hz,
     };
-    let entry = match loader::load(module_bytes(image), &mut ram, &params) {
+    let entry = match loader::load_with_devices(module_bytes(image), &mut ram, &params, &devices) {
         Ok(e) => e,
         Err(e) => {
             unadmit(sched, &ids);
@@ -302,6 +319,16 @@ fn build_vm(
         }
     };
     let policy = CpuidPolicy::from_host(&mut host_cpuid, tsc_khz);
+    let mut ctx = VmContext::new(&cfg.name, cfg.vcpus, policy);
+    ctx.set_ram_size(cfg.memory_bytes);
+    for d in &devices {
+        if let Err(e) = ctx.add_mmio_window(d.base, u64::from(d.size)) {
+            unadmit(sched, &ids);
+            // The backend's nested table maps this RAM; keep the frames out of the allocator (as above).
+            return Err(format!("device window: {e}"));
+        }
+    }
+    super::devices::attach(vm_index, &ram);
     let first = slots.len();
     for (index, (&id, &cpu)) in (0u32..).zip(ids.iter().zip(&placement)) {
         slots.push(Slot {
@@ -317,7 +344,7 @@ fn build_vm(
     }
     Ok(Vm {
         name: cfg.name.to_string(),
-        ctx: Mutex::new(VmContext::new(&cfg.name, cfg.vcpus, policy)),
+        ctx: Mutex::new(ctx),
         // Guest TSC 0 is the start of the vCPUs' first baseline period (docs/guest-abi.md), so a real-time guest
         // can align its job releases with the periods in which its baseline is guaranteed.
         tsc_offset: 0u64.wrapping_sub(epoch.saturating_add(super::ns_to_ticks(now_ns, tsc_hz))),

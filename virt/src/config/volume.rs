@@ -115,7 +115,8 @@ pub struct VolumeSpec {
     pub read_only: bool,
     /// Guest-physical base of the register window; `None`: the default placement.
     pub base: Option<u64>,
-    /// Test hook `iops_change=<after>:<rate>`: this long after the VMs start, the commitment becomes `rate`,
+    /// Test hook `iops_change=<after>:<rate>`: this long after the first request of any volume reached the
+    /// hypervisor, the commitment becomes `rate`,
     /// through the same kernel call the management channel uses (`io::set_commitment`).
     pub change: Option<(u64, Rate)>,
 }
