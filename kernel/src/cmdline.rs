@@ -98,6 +98,10 @@ pub struct Config {
     pub exit: ExitMode,
     /// Run the VMs for this many milliseconds, then report and stop (`run_ms=`); `None` = run forever.
     pub run_ms: Option<u64>,
+    /// Management channel on COM2 (`mgmt=com2`; docs/console.md).
+    pub mgmt: bool,
+    /// Telemetry period of the management channel in ms (`mgmt_telemetry_ms=`, 0 = off until the agent sets it).
+    pub mgmt_telemetry_ms: u32,
 }
 
 impl Default for Config {
@@ -107,9 +111,16 @@ impl Default for Config {
             selftests: SelfTests::empty(),
             exit: ExitMode::Halt,
             run_ms: None,
+            mgmt: false,
+            mgmt_telemetry_ms: DEFAULT_MGMT_TELEMETRY_MS,
         }
     }
 }
+
+/// Default telemetry period of the management channel, ms.
+pub const DEFAULT_MGMT_TELEMETRY_MS: u32 = 1000;
+/// Accepted range of `mgmt_telemetry_ms=` besides 0 (off).
+pub const MGMT_TELEMETRY_MS_RANGE: core::ops::RangeInclusive<u32> = 50..=60_000;
 
 /// Something on the command line that was ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +180,23 @@ pub fn parse(cmdline: &str) -> Parsed<'_> {
                 .ok()
                 .filter(|&ms| ms > 0)
                 .map(|ms| parsed.config.run_ms = Some(ms))
+                .is_some(),
+            "mgmt" => match value {
+                "com2" => {
+                    parsed.config.mgmt = true;
+                    true
+                }
+                "off" => {
+                    parsed.config.mgmt = false;
+                    true
+                }
+                _ => false,
+            },
+            "mgmt_telemetry_ms" => value
+                .parse::<u32>()
+                .ok()
+                .filter(|ms| *ms == 0 || MGMT_TELEMETRY_MS_RANGE.contains(ms))
+                .map(|ms| parsed.config.mgmt_telemetry_ms = ms)
                 .is_some(),
             _ => {
                 parsed.warn(Warning::UnknownKey(key));

@@ -19,6 +19,7 @@ mod boot;
 mod cmdline;
 mod console;
 mod io;
+mod mgmt;
 mod mm;
 mod selftest;
 mod virt;

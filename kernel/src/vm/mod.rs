@@ -79,12 +79,22 @@ pub struct Vm {
     pub state: Mutex<VmState>,
     /// This VM's vCPUs in [`Runtime::slots`].
     pub slots: Range<usize>,
+    /// Boot module its image came from (reported by the management channel).
+    pub image: String,
+    /// Paused by the management channel: the run loops do not enter its vCPUs (each is blocked in the scheduler
+    /// at its next decision and stays blocked until resumed; see `runloop`).
+    pub paused: AtomicBool,
 }
 
 impl Vm {
     /// True once the VM has stopped.
     pub fn stopped(&self) -> bool {
         matches!(*self.state.lock(), VmState::Stopped(_))
+    }
+
+    /// True while the management channel holds the VM paused.
+    pub fn paused(&self) -> bool {
+        self.paused.load(core::sync::atomic::Ordering::Acquire)
     }
 }
 

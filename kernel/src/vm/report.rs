@@ -102,7 +102,14 @@ pub fn vm_lines(rt: &Runtime) {
                     slot.blocked.load(Ordering::Relaxed)
                         && slot.wake_at.load(Ordering::Relaxed) == NO_WAKE
                 });
-                write!(line, " state={}", if halted { "halted" } else { "running" })
+                let state = if vm.paused() {
+                    "paused"
+                } else if halted {
+                    "halted"
+                } else {
+                    "running"
+                };
+                write!(line, " state={state}")
             }
             VmState::Stopped(r) => match r.cause {
                 StopCause::GuestExit { code } => write!(line, " state=exited exit_code={code}"),

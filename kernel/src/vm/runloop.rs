@@ -14,6 +14,8 @@
 //!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
+//! A VM paused by the management channel (`Vm::paused`) is never entered: its vCPUs are blocked in the scheduler at
+//! their next decision and are not woken until the resume (the BSP also polls the channel, `crate::mgmt`).
 
 use core::sync::atomic::Ordering;
 
@@ -40,6 +42,12 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         .filter(|&s| rt.slots[s].cpu == cpu)
         .collect();
     let mut reporter = (cpu == 0).then(|| report::Reporter::new(rt));
+    // The management channel lives on the BSP's loop, beside the reports (`mgmt=com2`).
+    let mut mgmt = if cpu == 0 {
+        crate::mgmt::Endpoint::start(rt)
+    } else {
+        None
+    };
     log::info!(
         "vm: cpu{cpu} runs {} vCPU(s); TSC {} (epoch {})",
         mine.len(),
@@ -66,6 +74,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 break;
             }
         }
+        if let Some(m) = mgmt.as_mut() {
+            m.poll(rt, now);
+        }
         let decision = match rt.sched.lock().pick(cpu, rt.ns(now)) {
             Ok(d) => d,
             Err(e) => {
@@ -81,6 +92,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 until = until.min(next_wake(rt, &mine, None));
                 if let Some(r) = reporter.as_ref() {
                     until = until.min(r.next_due());
+                }
+                if let Some(m) = mgmt.as_ref() {
+                    until = until.min(m.next_due(rt, now));
                 }
                 if console_pending {
                     until = until.min(rt.after(now, CONSOLE_IDLE_NS));
@@ -103,6 +117,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
             }
         }
     }
+    if let Some(m) = mgmt.as_mut() {
+        m.finish(rt);
+    }
     lapic::disarm();
     stats.finished.store(true, Ordering::Release);
     x86_64::instructions::interrupts::enable();
@@ -112,7 +129,10 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
 fn wake_due(rt: &Runtime, mine: &[usize], now: u64) {
     for &s in mine {
         let slot = &rt.slots[s];
-        if slot.blocked.load(Ordering::Relaxed) && slot.wake_at.load(Ordering::Relaxed) <= now {
+        if slot.blocked.load(Ordering::Relaxed)
+            && slot.wake_at.load(Ordering::Relaxed) <= now
+            && !rt.vms[slot.vm].paused()
+        {
             slot.blocked.store(false, Ordering::Relaxed);
             if rt.vms[slot.vm].stopped() {
                 continue;
@@ -125,10 +145,15 @@ fn wake_due(rt: &Runtime, mine: &[usize], now: u64) {
     }
 }
 
-/// Earliest timed wake-up among this CPU's blocked vCPUs other than `except` (`NO_WAKE` if none).
+/// Earliest timed wake-up among this CPU's blocked vCPUs other than `except` (`NO_WAKE` if none); a paused
+/// VM's vCPUs wake only after its resume, so they do not count.
 fn next_wake(rt: &Runtime, mine: &[usize], except: Option<usize>) -> u64 {
     mine.iter()
-        .filter(|&&s| Some(s) != except && rt.slots[s].blocked.load(Ordering::Relaxed))
+        .filter(|&&s| {
+            Some(s) != except
+                && rt.slots[s].blocked.load(Ordering::Relaxed)
+                && !rt.vms[rt.slots[s].vm].paused()
+        })
         .map(|&s| rt.slots[s].wake_at.load(Ordering::Relaxed))
         .min()
         .unwrap_or(NO_WAKE)
@@ -165,7 +190,7 @@ fn run_slice(
     let mut guest_ticks = 0u64;
     let mut exits = 0u64;
     let mut last: Option<virt::VmExit> = None;
-    if !vm.stopped() {
+    if !vm.stopped() && !vm.paused() {
         let mut guard = slot.vcpu.lock();
         if guard.is_none() {
             stop = Some(StopReport {
@@ -200,6 +225,7 @@ fn run_slice(
                         if tsc::rdtsc() >= deadline
                             || rt.done.load(Ordering::Relaxed)
                             || vm.stopped()
+                            || vm.paused()
                         {
                             break;
                         }
@@ -230,6 +256,7 @@ fn run_slice(
                         if tsc::rdtsc() >= deadline
                             || rt.done.load(Ordering::Relaxed)
                             || vm.stopped()
+                            || vm.paused()
                         {
                             break;
                         }
@@ -238,8 +265,10 @@ fn run_slice(
             }
         }
     } else {
+        // Stopped: parked for good. Paused: blocked until the resume (wake time 0 = at once after it).
         blocked = true;
-        slot.wake_at.store(NO_WAKE, Ordering::Relaxed);
+        let wake = if vm.stopped() { NO_WAKE } else { 0 };
+        slot.wake_at.store(wake, Ordering::Relaxed);
         slot.blocked.store(true, Ordering::Relaxed);
     }
     let t1 = tsc::rdtsc();

@@ -353,5 +353,7 @@ fn build_vm(
         entry,
         state: Mutex::new(VmState::Running),
         slots: first..first + count,
+        image: cfg.image.to_string(),
+        paused: AtomicBool::new(false),
     })
 }
