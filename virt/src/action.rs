@@ -57,6 +57,13 @@ pub enum StopCause {
     /// An access to a device window whose instruction could not be fetched: the guest's page tables do not map
     /// RIP (`linear`) to RAM.
     MmioFetchFault { linear: u64 },
+    /// The decoded instruction does not match the fault: a store where the hardware reported a read (or the
+    /// reverse; the code changed under the exit), or an access that runs past the end of the window.
+    MmioMismatch {
+        bytes: [u8; 15],
+        len: u8,
+        write: bool,
+    },
     /// A decoded access to a device window that no device model serves.
     NoDeviceModel,
 }
@@ -76,6 +83,7 @@ impl StopCause {
             Self::HostFailure { .. } => "host-failure",
             Self::MmioUnsupported { .. } => "mmio-unsupported",
             Self::MmioFetchFault { .. } => "mmio-fetch-fault",
+            Self::MmioMismatch { .. } => "mmio-mismatch",
             Self::NoDeviceModel => "no-device-model",
         }
     }
@@ -171,6 +179,17 @@ impl fmt::Display for ReportLine<'_> {
                 f,
                 "MMIO instruction fetch at linear {linear:#x} faulted in the guest page tables"
             )?,
+            StopCause::MmioMismatch { bytes, len, write } => {
+                f.write_str("MMIO instruction")?;
+                for b in bytes.iter().take(usize::from(len)) {
+                    write!(f, " {b:02x}")?;
+                }
+                write!(
+                    f,
+                    " ({}) does not match the fault or leaves the device window",
+                    if write { "store" } else { "load" }
+                )?;
+            }
             StopCause::NoDeviceModel => f.write_str("MMIO access with no device model")?,
         }
         f.write_str("\"")

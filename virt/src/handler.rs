@@ -18,10 +18,11 @@ use alloc::string::String;
 
 use crate::action::{ExitAction, StopCause, StopReport, NO_WAKE};
 use crate::cpuid::CpuidPolicy;
-use crate::exit::{EntryFailure, IoAccess, IoDirection, VmExit};
+use crate::exit::{EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
 use crate::hypercall::{self as hc, Counters};
 use crate::memory::GuestMemory;
-use crate::mmio::{MmioAccess, MmioWindowError, MmioWindows};
+use crate::mmio::decode::{self, DecodeError, Source};
+use crate::mmio::{self, walk, MmioAccess, MmioKind, MmioWindowError, MmioWindows};
 use crate::msr::{self, MsrAccess, MsrOutcome};
 use crate::sink::{self, ConsoleSink, Event};
 use crate::stats::{count_and_should_report, ExitKind, VmStats};
@@ -144,7 +145,13 @@ impl VmContext {
             }
             VmExit::NestedPageFault { gpa, access } => {
                 self.stats.count_exit(ExitKind::NestedPageFault);
-                // ABI v1 has no MMIO devices: a fault is either outside RAM (the guest's doing) or inside it (ours).
+                // A fault inside RAM is the hypervisor's mapping bug; outside RAM it is a device window or the
+                // guest's wild access.
+                if gpa >= mem.size() {
+                    if let Some(window) = self.windows.find(gpa) {
+                        return self.mmio(vcpu, mem, gpa, access, window);
+                    }
+                }
                 let cause = if gpa < mem.size() {
                     StopCause::FaultInRam { access }
                 } else {
@@ -186,6 +193,79 @@ impl VmContext {
             self.uart.flush(&self.name, sink);
         }
         action
+    }
+
+    /// Decodes the instruction that faulted on device window `window` at `gpa` into [`ExitAction::Mmio`], or
+    /// stops the VM naming why it cannot.
+    fn mmio<V: Vcpu + ?Sized>(
+        &mut self,
+        vcpu: &mut V,
+        mem: &dyn GuestMemory,
+        gpa: u64,
+        access: MemAccess,
+        window: (u64, u64),
+    ) -> ExitAction {
+        let rip = vcpu.rip();
+        let stop = |cause| {
+            ExitAction::Stop(StopReport {
+                cause,
+                rip,
+                addr: Some(gpa),
+            })
+        };
+        if access.execute {
+            // Code fetched from a device window: there is no instruction to decode.
+            return stop(StopCause::MmioFetchFault { linear: rip });
+        }
+        let Some(cs) = vcpu.control_state() else {
+            return stop(StopCause::HostFailure {
+                detail: "the vCPU's paging state could not be read for MMIO decode",
+            });
+        };
+        let (mode, linear) = mmio::code_mode(&cs, rip);
+        let mut bytes = [0u8; decode::MAX_LEN];
+        let fetched = match walk::fetch(mem, &cs, linear, &mut bytes) {
+            Ok(n) => n,
+            Err(e) => return stop(StopCause::MmioFetchFault { linear: e.linear() }),
+        };
+        // `fetched` <= 15.
+        let len = u8::try_from(fetched).unwrap_or(0);
+        let decoded = match decode::decode(&bytes[..fetched], mode) {
+            Ok(d) => d,
+            Err(DecodeError::Truncated) if fetched < decode::MAX_LEN => {
+                return stop(StopCause::MmioFetchFault {
+                    linear: linear.wrapping_add(u64::from(len)),
+                })
+            }
+            Err(_) => return stop(StopCause::MmioUnsupported { bytes, len }),
+        };
+        let write = matches!(decoded.op, decode::Op::Store(_));
+        let (base, size) = window;
+        let in_window = gpa
+            .checked_add(u64::from(decoded.size.bytes()))
+            .is_some_and(|end| end <= base + size);
+        if write != access.write || !in_window {
+            return stop(StopCause::MmioMismatch {
+                bytes,
+                len: decoded.len,
+                write,
+            });
+        }
+        let (kind, dest) = match decoded.op {
+            decode::Op::Load(dest) => (MmioKind::Read, Some(dest)),
+            decode::Op::Store(Source::Imm(v)) => (MmioKind::Write(v & decoded.size.mask()), None),
+            decode::Op::Store(Source::Reg { reg, high_byte }) => {
+                let v = vcpu.gpr(reg) >> if high_byte { 8 } else { 0 };
+                (MmioKind::Write(v & decoded.size.mask()), None)
+            }
+        };
+        ExitAction::Mmio(MmioAccess {
+            gpa,
+            size: decoded.size,
+            kind,
+            dest,
+            len: decoded.len,
+        })
     }
 
     /// The action for a failed VM entry at guest `rip`.

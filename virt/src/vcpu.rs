@@ -28,6 +28,28 @@ pub enum Gpr {
     R15,
 }
 
+impl Gpr {
+    /// Every register in encoding order (ModRM/REX register number 0..=15).
+    pub const ALL: [Self; 16] = [
+        Self::Rax,
+        Self::Rcx,
+        Self::Rdx,
+        Self::Rbx,
+        Self::Rsp,
+        Self::Rbp,
+        Self::Rsi,
+        Self::Rdi,
+        Self::R8,
+        Self::R9,
+        Self::R10,
+        Self::R11,
+        Self::R12,
+        Self::R13,
+        Self::R14,
+        Self::R15,
+    ];
+}
+
 /// CR0.PE.
 pub const CR0_PE: u64 = 1 << 0;
 /// CR0.WP: supervisor writes honour read-only pages.

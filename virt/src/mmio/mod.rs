@@ -16,12 +16,14 @@
 //! real instruction length (1..=15) and a read always names its destination; `gpa..gpa + size` lies inside one
 //! window.
 
+pub mod decode;
 pub mod walk;
 
 use alloc::vec::Vec;
 
 use crate::exit::AccessSize;
-use crate::vcpu::Gpr;
+use crate::vcpu::{ControlState, Gpr, CR0_PE};
+use decode::CpuMode;
 
 /// Page size MMIO windows are aligned to.
 pub const PAGE_SIZE: u64 = 4096;
@@ -37,7 +39,6 @@ pub enum MmioKind {
 
 /// How a read value is widened before it reaches the destination register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(dead_code)] // built by the decoder, which lands in the next commit
 pub(crate) enum Extend {
     /// `MOV`: the destination has the access size.
     None,
@@ -72,6 +73,27 @@ impl Dest {
             AccessSize::Byte | AccessSize::Word => (old & !self.width.mask()) | value,
             AccessSize::Dword | AccessSize::Qword => value,
         }
+    }
+}
+
+/// The code segment's mode and the linear address of the instruction at `rip`: in 64-bit mode RIP itself (the CS
+/// base is ignored); otherwise CS.base + EIP, wrapped to 32 bits. CS.D/B picks 32 or 16 bits outside 64-bit mode
+/// (0 in real mode).
+pub fn code_mode(cs: &ControlState, rip: u64) -> (CpuMode, u64) {
+    if cs.long_mode() {
+        (CpuMode::Bits64, rip)
+    } else {
+        let mode = if cs.cs_db && cs.cr0 & CR0_PE != 0 {
+            CpuMode::Bits32
+        } else {
+            CpuMode::Bits16
+        };
+        let ip = if mode == CpuMode::Bits16 {
+            rip & 0xFFFF
+        } else {
+            rip & 0xFFFF_FFFF
+        };
+        (mode, cs.cs_base.wrapping_add(ip) & 0xFFFF_FFFF)
     }
 }
 
@@ -187,5 +209,7 @@ impl MmioWindows {
     }
 }
 
+#[cfg(test)]
+mod exit_tests;
 #[cfg(test)]
 mod tests;
