@@ -1,5 +1,5 @@
 //! Test 5 of issue 3: admission refuses over-subscription with an error naming the CPU and the utilisation;
-//! reconfiguration goes through admission; first-fit-decreasing placement.
+//! reconfiguration goes through admission; worst-fit-decreasing placement (first fit as its fallback).
 
 use sched::cpu::{AdmissionError, SchedError, SchedParams, Scheduler, VcpuConfig, PPM};
 
@@ -109,20 +109,34 @@ fn invalid_configurations_are_refused() {
 }
 
 #[test]
-fn first_fit_decreasing_packs_and_reports() {
+fn worst_fit_decreasing_spreads_and_reports() {
     let mut s = Scheduler::new(3, SchedParams::default()).expect("params");
     let batch = [pct(30), pct(60), pct(30), pct(60), pct(30)];
     let placed = s.place(&batch).expect("fits");
-    // Decreasing: 60 -> cpu0, 60 -> cpu1, 30 -> cpu0, 30 -> cpu1, 30 -> cpu2.
-    assert_eq!(placed, vec![0, 0, 1, 1, 2]);
+    // Decreasing, each to the least-loaded CPU that admits it (ties: lowest number): 60 -> cpu0, 60 -> cpu1,
+    // 30 -> cpu2, 30 -> cpu2 (302 000 ppm < 602 000), 30 -> cpu0 (602 000 ppm, tied with cpu1).
+    assert_eq!(placed, vec![2, 0, 2, 1, 0]);
     for (cfg, cpu) in batch.iter().zip(&placed) {
         s.add_vcpu(*cpu, *cfg, 0).expect("placement is admissible");
     }
+    let used: Vec<u64> = s.utilisation().iter().map(|u| u.used_ppm).collect();
+    assert_eq!(used, vec![904_000, 602_000, 604_000]);
     let err = s.place(&[pct(70)]).expect_err("no room for 70% anywhere");
     match err {
-        SchedError::Placement(p) => assert_eq!(p.closest.map(|e| e.cpu), Some(2)),
+        SchedError::Placement(p) => assert_eq!(p.closest.map(|e| e.cpu), Some(1)),
         other => panic!("unexpected {other:?}"),
     }
-    let id = s.add_vcpu_placed(pct(40), 0).expect("cpu 2 has room");
-    assert_eq!(s.status(id).expect("vcpu").cpu, 2);
+    let id = s.add_vcpu_placed(pct(20), 0).expect("cpu 1 has room");
+    assert_eq!(s.status(id).expect("vcpu").cpu, 1);
+}
+
+#[test]
+fn worst_fit_falls_back_to_first_fit_when_spreading_strands_a_vcpu() {
+    // 79, 78, 17, 16, 5 % on two CPUs (u' = p * 10 000 + 2 000 ppm, bound 998 000): spreading ends with
+    // 954 000 ppm on each CPU and no room for the 52 000 of the 5 %; first fit ends with 964 000 and 944 000,
+    // and the 5 % fits on cpu1.
+    let s = Scheduler::new(2, SchedParams::default()).expect("params");
+    let batch = [pct(79), pct(78), pct(17), pct(16), pct(5)];
+    let placed = s.place(&batch).expect("first fit places it");
+    assert_eq!(placed, vec![0, 1, 0, 1, 1]);
 }

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use super::admission::{server_ppm, AdmissionError, Server};
 use super::config::{BurstMode, ConfigError, SchedParams, VcpuConfig, PPM};
 use super::ledger::{Ledger, LedgerCounters};
-use super::placement::{first_fit_decreasing, CpuUtilisation, PlacementError};
+use super::placement::{worst_fit_decreasing, CpuUtilisation, PlacementError};
 use super::pool::{
     CreditRequest, Grant, GrantError, GrantMemory, GrantOutcome, GrantSchedule, Outstanding,
     PoolState, Staged,
@@ -362,7 +362,7 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// Places a new vCPU on the first CPU (in index order) where admission holds, then adds it.
+    /// Places a new vCPU on the least-loaded CPU where admission holds ([`Self::place`]), then adds it.
     ///
     /// # Errors
     /// As [`Self::add_vcpu`], or [`SchedError::Placement`] when no CPU fits.
@@ -372,7 +372,9 @@ impl Scheduler {
         self.add_vcpu(cpu, cfg, now)
     }
 
-    /// First-fit-decreasing placement of a batch of new vCPUs (e.g. one VM), without adding them.
+    /// Worst-fit-decreasing placement of a batch of new vCPUs (e.g. one VM), without adding them: each goes to the
+    /// CPU with the least admitted utilisation that admits it, with first fit decreasing as the fallback when
+    /// spreading cannot place the whole batch ([`super::placement`]).
     ///
     /// # Errors
     /// An invalid configuration, or the first vCPU (in decreasing order) that fits nowhere.
@@ -381,7 +383,7 @@ impl Scheduler {
             c.validate()?;
         }
         let loads: Vec<_> = self.cpus.iter().map(|c| c.load.clone()).collect();
-        first_fit_decreasing(&loads, cfgs, &self.params).map_err(SchedError::Placement)
+        worst_fit_decreasing(&loads, cfgs, &self.params).map_err(SchedError::Placement)
     }
 
     /// Per-CPU admitted utilisation.

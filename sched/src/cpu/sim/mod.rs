@@ -117,8 +117,8 @@ pub struct RunReport {
     pub records: Vec<PeriodRecord>,
 }
 
-/// Places the members of a scenario first-fit decreasing where they have no fixed CPU (the `random` scenario);
-/// members that fit nowhere are dropped with a note.
+/// Places the members of a scenario worst-fit decreasing (`Scheduler::place`) where they have no fixed CPU (the
+/// `random` scenario); members that fit nowhere are dropped with a note.
 fn place(sc: &mut Scenario, params: SchedParams) -> Result<Vec<String>, String> {
     if sc.name != "random" {
         return Ok(Vec::new());

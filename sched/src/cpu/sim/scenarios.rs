@@ -63,7 +63,7 @@ pub const LIST: [(&str, &str); 7] = [
     ("weights", "3 busy vCPUs with 10% baselines and weights 1:2:4 share the spare 70% by weight"),
     ("caps", "a high-weight vCPU capped at 30% next to a low-weight burner that gets the rest"),
     ("pool", "an unlimited vCPU bursts past its balance, asks a finite pool for credits, is held once it runs dry"),
-    ("random", "random configurations and workloads on 2 CPUs, placed first-fit decreasing"),
+    ("random", "random configurations and workloads on 2 CPUs, placed worst-fit decreasing"),
 ];
 
 fn cfg(budget_ns: u64, period_ns: u64, weight: u32, launch_ns: u64) -> VcpuConfig {
@@ -261,7 +261,7 @@ pub fn build(name: &str, seed: u64) -> Result<Scenario, String> {
                 };
                 specs.push((format!("r{i}"), c, wl));
             }
-            // Placement happens in the runner (first fit decreasing); cpu 0 is a placeholder here.
+            // Placement happens in the runner (worst fit decreasing); cpu 0 is a placeholder here.
             for (l, c, wl) in specs {
                 sc.members.push(member(&l, 0, c, wl));
             }
