@@ -14,7 +14,7 @@ use core::sync::atomic::Ordering;
 use proto::{
     BurstMode as WireBurst, Command, CommandError, ErrorCode, Event, Grant, Instruction, Reply,
     SchedParams as WireParams, VcpuBalance, VmId, VmInfo, VmState as WireState, VmSummary,
-    MAX_STAGES,
+    VolumeInfo, MAX_STAGES,
 };
 use sched::cpu::pool::{Grant as SchedGrant, GrantOutcome, GrantSchedule};
 use sched::cpu::{BurstMode, SchedError, VcpuConfig};
@@ -154,6 +154,35 @@ fn event_id(vm: usize, event: Event) -> u64 {
     (u64::try_from(vm).unwrap_or(u64::MAX >> 9) + 1) << 8 | kind
 }
 
+/// Changes a volume's commitment through the I/O service's admission control. The channel carries only the
+/// commitment and the limit: the volume's weight and burst bucket return to the partitioner's defaults.
+fn set_commitment(
+    rt: &Runtime,
+    vm: VmId,
+    volume: u16,
+    committed_iops: u32,
+    limit_iops: u32,
+) -> Result<(), CommandError> {
+    let (_, v) = vm_of(rt, vm)?;
+    if v.stopped() {
+        return Err(err(ErrorCode::BadState, format_args!("VM {vm} is stopped")));
+    }
+    let cfg = sched::iops::VolumeConfig {
+        committed_iops: u64::from(committed_iops),
+        limit_iops: (limit_iops > 0).then_some(u64::from(limit_iops)),
+        ..sched::iops::VolumeConfig::default()
+    };
+    crate::io::service::set_commitment(&v.name, usize::from(volume), cfg).map_err(|e| {
+        use crate::io::service::IoError;
+        let code = match e {
+            IoError::NoService | IoError::UnknownVolume { .. } => ErrorCode::NotFound,
+            IoError::Detached => ErrorCode::BadState,
+            IoError::Refused(_) => ErrorCode::Admission,
+        };
+        err(code, format_args!("VM {vm} volume {volume}: {e}"))
+    })
+}
+
 /// Wakes the CPUs running `vm`'s vCPUs out of an idle halt, so a resume takes effect at once.
 fn kick(rt: &Runtime, vm: &Vm) {
     let me = percpu::current_id();
@@ -209,7 +238,18 @@ impl Endpoint {
                     },
                     module: proto::truncated(&v.image),
                     vcpus,
-                    volumes: heapless::Vec::new(),
+                    volumes: crate::io::service::volume_stats()
+                        .iter()
+                        .filter(|s| s.vm == v.name && s.attached)
+                        .take(proto::MAX_VOLUMES)
+                        .map(|s| VolumeInfo {
+                            volume: u16::try_from(s.index).unwrap_or(u16::MAX),
+                            committed_iops: u32::try_from(s.committed_iops).unwrap_or(u32::MAX),
+                            limit_iops: s
+                                .limit_iops
+                                .map_or(0, |l| u32::try_from(l).unwrap_or(u32::MAX)),
+                        })
+                        .collect(),
                 }))
             }
             Command::ReadBalances { vm } => {
@@ -274,14 +314,12 @@ impl Endpoint {
             Command::SetSchedParams { vm, vcpu, params } => {
                 self.set_params(rt, *vm, *vcpu, params, now)
             }
-            Command::SetVolumeCommitment { vm, volume, .. } => vm_of(rt, *vm).and_then(|_| {
-                Err(err(
-                    ErrorCode::Unsupported,
-                    format_args!(
-                        "VM {vm} volume {volume}: this host exports no volumes to the channel yet"
-                    ),
-                ))
-            }),
+            Command::SetVolumeCommitment {
+                vm,
+                volume,
+                committed_iops,
+                limit_iops,
+            } => set_commitment(rt, *vm, *volume, *committed_iops, *limit_iops),
             Command::ApplyGrant(g) => return self.apply_grant(rt, g, now),
             Command::DenyCredit {
                 credit_request_id,

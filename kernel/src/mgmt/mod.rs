@@ -5,10 +5,12 @@
 //! nothing here ever waits. Each poll moves at most [`RX_BYTES_PER_POLL`] received bytes from the 16550's FIFO
 //! into the `proto` [`FrameDecoder`] (an overrun reported by the line status is counted), executes the requests
 //! that decoded, drains the scheduler's per-period telemetry and credit requests, sends a telemetry snapshot per VM
-//! when one is due, re-sends unanswered credit requests, and moves queued output to the transmitter only while its
-//! holding register is empty (one FIFO load per poll). Output frames wait in a bounded ring; a frame that does not
-//! fit is dropped whole and counted. The endpoint is enabled with `mgmt=com2` on the command line (docs/console.md)
-//! and prints `CV:MGMT` when it comes up and `CV:MGMTSTAT` every second.
+//! (per vCPU from the scheduler, per volume from `io::service::volume_stats`) when one is due, re-sends unanswered
+//! credit requests, and moves queued output to the transmitter only while its holding register is empty (one FIFO
+//! load per poll). Output frames wait in a bounded ring; a frame that does not fit is dropped whole and counted.
+//! The endpoint is enabled with `mgmt=com2` on the command line (docs/console.md) and prints `CV:MGMT` when it
+//! comes up and `CV:MGMTSTAT` every second. While it is up an idle BSP halts at most [`IDLE_POLL_NS`] (the
+//! receiver is polled, not interrupt driven).
 //!
 //! The `proto` kernel-endpoint contract (see the `proto` crate docs) is kept as follows:
 //! - `Hello` on start-up and before the answer to every `Attach`; the frame session is the low half of a boot id
@@ -39,7 +41,7 @@ use drivers::uart16550::{reg, PortIo, Uart16550, LSR_DATA_READY, LSR_THR_EMPTY};
 use proto::{
     caps, CommandError, CreditRequest, DecodeStats, DedupWindow, ErrorCode, FrameDecoder,
     FrameEncoder, Hello, Request, Resource, Response, Seen, ToAgent, ToHost, VcpuTelemetry,
-    VmTelemetry, MAX_WIRE,
+    VmTelemetry, VolumeTelemetry, MAX_WIRE,
 };
 use x86_64::instructions::port::Port;
 
@@ -258,7 +260,7 @@ impl Endpoint {
             host_id: proto::truncated(HOST_ID),
             boot_id: self.boot_id,
             version: proto::PROTOCOL_VERSION,
-            capabilities: caps::TELEMETRY | caps::CREDIT_REQUESTS,
+            capabilities: caps::TELEMETRY | caps::CREDIT_REQUESTS | caps::IOPS,
             telemetry_period_ms: u32::try_from(self.telemetry_period_ns / 1_000_000)
                 .unwrap_or(u32::MAX),
         }
@@ -456,6 +458,7 @@ impl Endpoint {
         let time_ns = rt.ns(now);
         let window_ns = time_ns.saturating_sub(self.last_telemetry_ns);
         self.last_telemetry_ns = time_ns;
+        let io = crate::io::service::volume_stats();
         for (vm_index, vm) in rt.vms.iter().enumerate() {
             let mut vcpus: heapless::Vec<VcpuTelemetry, { proto::MAX_VCPUS }> =
                 heapless::Vec::new();
@@ -497,8 +500,7 @@ impl Endpoint {
                 window_ns,
                 vm: u32::try_from(vm_index).unwrap_or(u32::MAX),
                 vcpus,
-                // Volume figures join when the I/O runtime exports per-volume statistics.
-                volumes: heapless::Vec::new(),
+                volumes: volumes(&io, &vm.name),
             };
             self.counters.telemetry += 1;
             self.send(&ToAgent::Telemetry(snapshot));
@@ -564,4 +566,26 @@ impl Endpoint {
             .ok()
             .and_then(|k| self.slot_of.get(k).copied().flatten())
     }
+}
+
+/// The telemetry of VM `name`'s volumes from the I/O service's last closed windows (queue-wait latency).
+fn volumes(
+    io: &[crate::io::service::VolumeStats],
+    name: &str,
+) -> heapless::Vec<VolumeTelemetry, { proto::MAX_VOLUMES }> {
+    let sat = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    io.iter()
+        .filter(|v| v.vm == name && v.attached)
+        .take(proto::MAX_VOLUMES)
+        .map(|v| VolumeTelemetry {
+            volume: u16::try_from(v.index).unwrap_or(u16::MAX),
+            iops: sat(v.completed_iops),
+            committed_iops: sat(v.committed_iops),
+            limit_iops: v.limit_iops.map_or(0, sat),
+            latency_p50_ns: v.wait_p50_ns,
+            latency_p99_ns: v.wait_p99_ns,
+            // The I/O service does not count delayed requests per window.
+            throttled: 0,
+        })
+        .collect()
 }

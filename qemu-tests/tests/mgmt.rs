@@ -1,0 +1,436 @@
+//! The hypervisor and the management agent end to end (issue 8): QEMU TCG `-cpu EPYC` (SVM with NPT), two CPUs,
+//! the kernel's management channel on COM2 (`mgmt=com2`) behind a QEMU chardev unix socket, and `cvctl agent`
+//! attached to it.
+//!
+//! Scenario: VM 0 `burster` (`burn`, alone on CPU 1) has a 10 % baseline, almost no accrual and `burst = unlimited
+//! 200ms`, so everything it runs above 10 % is paid by credits it does not have: it bursts into its overdraft and
+//! the scheduler's credit-pool logic asks the agent for credits. The agent's pool `burst` (a fixed purchase, full
+//! grants) debits itself and sends grants; the VM keeps bursting while the pool lasts. Mid-run the agent is killed
+//! with SIGKILL and restarted on the same database: it resynchronises and grants go on. The pool runs dry, the
+//! agent denies, the VM spends its overdraft and is held to its baseline. `cvctl vms`, `pools`, `usage` and
+//! `ledger` (all `--json`) show it, and at the end the credits the agent debited from the pool equal the credits
+//! the kernel applied (`granted_ns` of `CV:MGMTSTAT`), exactly, and equal the purchase.
+//!
+//! Every judgement comes from markers (`CV:VM`, `CV:MGMTSTAT`) and the agent's state; the waits poll with a bound
+//! and never judge by elapsed time. The kernel runs with `run_ms` as a safety bound; the test stops QEMU itself
+//! once it has decided (about 40 s of wall time on an idle machine).
+//!
+//! Needs the `cvctl` binary: `CVCTL`, or `cvctl` in the same target directory as this test (`cargo xtask test`
+//! builds it).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::setup;
+use qemu_tests::emulator::{Boot, Machine, Qemu};
+use qemu_tests::judge::{Expect, VirtExpect};
+use qemu_tests::marker::{parse_line, Marker};
+use qemu_tests::run::{run, Emulator, RunOptions};
+use qemu_tests::suite::{workspace_root, Family};
+
+/// One user-visible credit in credit-ns.
+const CREDIT_NS: u64 = 60_000_000_000;
+/// Credits bought for the pool: 0.15 credits = 9 s of CPU time above the baseline.
+const POOL_CREDITS: &str = "0.15";
+const POOL_NS: u64 = 9_000_000_000;
+/// The burster's baseline share and overdraft (must match `CONF`).
+const BASELINE_PCT: u64 = 10;
+const OVERDRAFT_MS: i64 = 200;
+const CONF: &str = "\
+[vm burster]
+image = burn
+memory = 8M
+baseline = 10%
+accrual = 0.1ms
+burst = unlimited 200ms
+cpu = 1
+args = report_ms=1000
+
+[vm steady]
+image = burn
+memory = 8M
+baseline = 30%
+cpu = 0
+args = report_ms=1000
+";
+/// Safety bound of the kernel's run and of each wait.
+const RUN_MS: u64 = 150_000;
+const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
+const WAIT: Duration = Duration::from_secs(60);
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("CV_GUEST_DIR").map_or_else(
+        || workspace_root().join("target/x86_64-unknown-none/release"),
+        PathBuf::from,
+    )
+}
+
+fn cvctl_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("CVCTL") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/mgmt-<hash> -> target/<profile>/cvctl
+    let exe = std::env::current_exe().expect("test binary path");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("cvctl"))
+        .expect("target directory");
+    assert!(
+        p.exists(),
+        "{} missing: `cargo build -p mgmt-agent` (or set CVCTL)",
+        p.display()
+    );
+    p
+}
+
+/// The agent daemon; killed (SIGKILL) when dropped.
+struct Agent(Child);
+
+impl Agent {
+    fn start(cvctl: &Path, work: &Path, sock: &Path, log: &str) -> (Self, String) {
+        let ready = work.join("agent.ready");
+        let _ = std::fs::remove_file(&ready);
+        let out = std::fs::File::create(work.join(log)).expect("agent log");
+        let err = out.try_clone().expect("agent log");
+        let child = Command::new(cvctl)
+            .arg("agent")
+            .arg("--db")
+            .arg(work.join("cv.db"))
+            .arg("--host")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start cvctl agent");
+        let agent = Self(child);
+        let api = wait_for("the agent's API address", || {
+            std::fs::read_to_string(&ready)
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        (agent, api)
+    }
+
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cvctl --json ARGS` against `api` and returns its output; panics with stderr on failure.
+fn cvctl(bin: &Path, api: &str, args: &[&str]) -> String {
+    let out = Command::new(bin)
+        .args(["--api", api, "--json"])
+        .args(args)
+        .output()
+        .expect("run cvctl");
+    assert!(
+        out.status.success(),
+        "cvctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The first number after `"key":` in pretty JSON (the agent's outputs name each field once per object).
+fn json_i64(json: &str, key: &str) -> Option<i64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn json_u64(json: &str, key: &str) -> u64 {
+    json_i64(json, key)
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or_else(|| panic!("no unsigned \"{key}\" in {json}"))
+}
+
+/// Polls `f` every 100 ms until it yields, for at most [`WAIT`].
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Markers of the serial log so far (whole lines only).
+fn markers(serial: &Path) -> Vec<Marker> {
+    let text = std::fs::read(serial).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .filter_map(parse_line)
+        .filter_map(Result::ok)
+        .collect()
+}
+
+fn fatal(ms: &[Marker]) -> Option<&Marker> {
+    ms.iter()
+        .find(|m| matches!(m.kind.as_str(), "PANIC" | "EXCEPTION" | "FATAL"))
+}
+
+fn burster_lines(ms: &[Marker]) -> Vec<&Marker> {
+    ms.iter()
+        .filter(|m| m.kind == "VM" && m.get("name") == Some("burster"))
+        .collect()
+}
+
+fn last_stat(ms: &[Marker]) -> Option<&Marker> {
+    ms.iter().rev().find(|m| m.kind == "MGMTSTAT")
+}
+
+fn stat(ms: &[Marker], key: &str) -> u64 {
+    last_stat(ms).and_then(|m| m.get_u64(key)).unwrap_or(0)
+}
+
+fn signed(m: &Marker, key: &str) -> i64 {
+    m.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {m}"))
+}
+
+/// CPU share (percent) of the burster between two of its `CV:VM` lines.
+fn share_pct(a: &Marker, b: &Marker) -> u64 {
+    let dt = b.get_u64("t_ms").unwrap_or(0) - a.get_u64("t_ms").unwrap_or(0);
+    let dc = b.get_u64("cpu_ms").unwrap_or(0) - a.get_u64("cpu_ms").unwrap_or(0);
+    dc * 100 / dt.max(1)
+}
+
+#[test]
+fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
+    let Some(a) = setup(Family::Qemu) else {
+        return;
+    };
+    let cvctl_bin = cvctl_path();
+    let name = "mgmt-e2e";
+    let work = a.workdir.join(name);
+    std::fs::create_dir_all(&work).expect("work directory");
+    let work = std::fs::canonicalize(&work).expect("work directory");
+    for f in ["cv.db", "cv.db-wal", "cv.db-shm", "com2.sock"] {
+        let _ = std::fs::remove_file(work.join(f));
+    }
+    let conf = work.join("vms.conf");
+    std::fs::write(&conf, CONF).expect("write vms.conf");
+    let burn = guest_dir().join("burn");
+    assert!(
+        burn.exists(),
+        "{} missing: build the guests",
+        burn.display()
+    );
+    let sock = work.join("com2.sock");
+    let mut q = Qemu::epyc(
+        Machine::Pc,
+        2,
+        Boot::Kernel {
+            elf32: a.kernel32.clone(),
+            cmdline: format!("mgmt=com2 run_ms={RUN_MS} exit=emu"),
+        },
+    );
+    q.extra_args = vec![
+        "-chardev".into(),
+        format!("socket,id=mgmt,path={},server=on,wait=off", sock.display()),
+        "-serial".into(),
+        "chardev:mgmt".into(),
+        "-initrd".into(),
+        format!("{} burn,{} vms.conf", burn.display(), conf.display()),
+    ];
+    let expect = Expect {
+        cpus: 2,
+        virt: VirtExpect::svm_npt(),
+        selftests: Vec::new(),
+    };
+    let stop = AtomicBool::new(false);
+    let opts = RunOptions {
+        name: name.into(),
+        workdir: work.clone(),
+        timeout: QEMU_TIMEOUT,
+        echo: a.echo,
+        stop: Some(&stop),
+    };
+    let serial = work.join("serial.log");
+    std::thread::scope(|s| {
+        let qemu = s.spawn(|| run(&Emulator::Qemu(q), &expect, &opts));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            scenario(&cvctl_bin, &work, &sock, &serial);
+        }));
+        stop.store(true, Ordering::Relaxed);
+        let report = qemu.join().expect("QEMU runner thread");
+        if let Err(p) = outcome {
+            if let Ok(r) = &report {
+                eprintln!("{}", r.details());
+            }
+            std::panic::resume_unwind(p);
+        }
+        report.expect("the harness could not run QEMU");
+    });
+}
+
+fn scenario(bin: &Path, work: &Path, sock: &Path, serial: &Path) {
+    wait_for("CV:MGMT state=up", || {
+        let ms = markers(serial);
+        assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+        ms.iter()
+            .any(|m| m.kind == "MGMT" && m.get("state") == Some("up"))
+            .then_some(())
+    });
+    wait_for("the COM2 socket", || sock.exists().then_some(()));
+    let (agent, api) = Agent::start(bin, work, sock, "agent-1.log");
+    wait_for("the agent to list the host's VMs", || {
+        let vms = cvctl(bin, &api, &["vms"]);
+        (vms.contains("\"burster\"") && vms.contains("\"cv0\"")).then_some(())
+    });
+    // A pool with a fixed purchase and full grants; the burster (VM 0) is its member.
+    cvctl(bin, &api, &["pool", "create", "burst", "--resource", "cpu"]);
+    cvctl(bin, &api, &["pool", "purchase", "burst", POOL_CREDITS]);
+    cvctl(bin, &api, &["pool", "authorize", "burst", "cv0", "0"]);
+    let pools = cvctl(bin, &api, &["pools"]);
+    assert_eq!(json_u64(&pools, "balance_ns"), POOL_NS, "{pools}");
+
+    // Round trip of a host command (CLI -> agent -> COM2 -> kernel -> back), median of 5.
+    let mut rtt: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            cvctl(bin, &api, &["vm", "balances", "cv0"]);
+            t.elapsed()
+        })
+        .collect();
+    rtt.sort();
+    println!(
+        "[cv-figure] mgmt: command round trip (cvctl vm balances, incl. CLI start) median {:.1} ms, max {:.1} ms",
+        rtt[2].as_secs_f64() * 1e3,
+        rtt[4].as_secs_f64() * 1e3
+    );
+
+    // The burster bursts past its own balance on pool credits: grants arrive and the pool is debited.
+    let grants_before_kill = wait_for("three grants applied on the host", || {
+        let ms = markers(serial);
+        assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+        let g = stat(&ms, "grants");
+        (g >= 3).then_some(g)
+    });
+    let pools = cvctl(bin, &api, &["pools"]);
+    let pool_mid = json_u64(&pools, "balance_ns");
+    assert!(
+        pool_mid < POOL_NS && pool_mid > 0,
+        "pool should be partly spent: {pools}"
+    );
+
+    // SIGKILL the agent mid-run, restart it on the same database.
+    agent.kill();
+    let (agent, api) = Agent::start(bin, work, sock, "agent-2.log");
+    wait_for("the restarted agent to reconnect", || {
+        let hosts = cvctl(bin, &api, &["hosts"]);
+        hosts.contains("\"connected\": true").then_some(())
+    });
+    let grants_after = wait_for("more grants after the restart", || {
+        let g = stat(&markers(serial), "grants");
+        (g > grants_before_kill).then_some(g)
+    });
+
+    // The pool runs dry and nothing is left in flight.
+    let ledger = wait_for("the pool to run dry", || {
+        let pools = cvctl(bin, &api, &["pools"]);
+        let ledger = cvctl(bin, &api, &["ledger"]);
+        (json_u64(&pools, "balance_ns") == 0 && json_u64(&ledger, "in_flight_ns") == 0)
+            .then_some(ledger)
+    });
+    let debited = json_u64(&ledger, "debited_ns");
+    assert_eq!(debited, POOL_NS, "the whole purchase was granted: {ledger}");
+    assert_eq!(json_u64(&ledger, "refunded_ns"), 0, "{ledger}");
+    assert_eq!(json_u64(&ledger, "applied_ns"), debited, "{ledger}");
+
+    // Bursting share while the pool lasted, from the burster's lines with grants arriving.
+    let ms = markers(serial);
+    let lines = burster_lines(&ms);
+    let bursting = lines
+        .windows(2)
+        .map(|w| share_pct(w[0], w[1]))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        bursting >= 50,
+        "the burster should burst well above its {BASELINE_PCT}% baseline on pool credits; best second {bursting}%"
+    );
+
+    // Held to its baseline: once its overdraft is spent, three more seconds at about its baseline.
+    let at_limit = wait_for("the burster to reach its overdraft limit", || {
+        let ms = markers(serial);
+        burster_lines(&ms)
+            .last()
+            .filter(|m| signed(m, "balance") <= -(OVERDRAFT_MS * 3 / 4))
+            .map(|m| (*m).clone())
+    });
+    let held = wait_for("three seconds at the overdraft limit", || {
+        let ms = markers(serial);
+        let t0 = at_limit.get_u64("t_ms").unwrap_or(0);
+        burster_lines(&ms)
+            .into_iter()
+            .find(|m| m.get_u64("t_ms").unwrap_or(0) >= t0 + 3000)
+            .cloned()
+    });
+    let share = share_pct(&at_limit, &held);
+    println!(
+        "[cv-figure] mgmt: burster {bursting}% of a CPU on pool credits, {share}% once the pool ran dry (baseline {BASELINE_PCT}%)"
+    );
+    assert!(
+        share <= BASELINE_PCT + 3,
+        "held to its baseline after the pool ran dry: {share}% ({at_limit} .. {held})"
+    );
+
+    // cvctl shows it.
+    let vms = cvctl(bin, &api, &["vms"]);
+    assert!(vms.contains("\"pools\": \"burst\""), "{vms}");
+    let usage = cvctl(bin, &api, &["usage"]);
+    assert_eq!(json_u64(&usage, "pool_credits_ns"), POOL_NS, "{usage}");
+    assert!(json_u64(&usage, "burst_ns") > 0, "{usage}");
+
+    // Exactly once: the kernel's applied total equals the agent's debits.
+    let applied = wait_for("CV:MGMTSTAT with the final total", || {
+        let ms = markers(serial);
+        let g = stat(&ms, "granted_ns");
+        (g == debited).then_some(g)
+    });
+    let ms = markers(serial);
+    let st = last_stat(&ms).expect("CV:MGMTSTAT");
+    println!(
+        "[cv-figure] mgmt: {} grants ({} before the agent was killed, {grants_after}+ after), {} duplicates, \
+         {applied} credit-ns applied on the host = {debited} debited from the pool ({:.3} credits); \
+         frames ok {} rejected {}, {} telemetry snapshots in {} ms",
+        stat(&ms, "grants"),
+        grants_before_kill,
+        stat(&ms, "grant_duplicates"),
+        debited as f64 / CREDIT_NS as f64,
+        stat(&ms, "frames"),
+        stat(&ms, "rejected"),
+        stat(&ms, "telemetry"),
+        st.get_u64("t_ms").unwrap_or(0),
+    );
+    assert_eq!(stat(&ms, "applied_now_ns"), applied, "{st}");
+    assert_eq!(stat(&ms, "staged_ns"), 0, "{st}");
+    assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+    drop(agent);
+}
