@@ -43,8 +43,10 @@ pub enum StopCause {
     FaultInRam { access: MemAccess },
     /// An intercepted exception the layer does not expect.
     Exception { vector: u8, error_code: Option<u32> },
-    /// String port I/O (`INS`/`OUTS`), which ABI version 1 does not emulate.
-    StringIo { port: u16 },
+    /// String port I/O (`INS`/`OUTS`) in a form that is not emulated; `detail` says which.
+    StringIo { port: u16, detail: &'static str },
+    /// String port I/O whose memory operand (or the instruction fetch) faulted at `linear` in the guest's paging.
+    StringIoFault { port: u16, linear: u64 },
     /// An exit reason the layer does not handle.
     Unhandled { code: u64, info1: u64, info2: u64 },
     /// VM entry was refused by the hardware.
@@ -78,6 +80,7 @@ impl StopCause {
             Self::FaultInRam { .. } => "fault-in-ram",
             Self::Exception { .. } => "exception",
             Self::StringIo { .. } => "string-io",
+            Self::StringIoFault { .. } => "string-io-fault",
             Self::Unhandled { .. } => "unhandled-exit",
             Self::EntryFailed(_) => "entry-failed",
             Self::HostFailure { .. } => "host-failure",
@@ -148,9 +151,13 @@ impl fmt::Display for ReportLine<'_> {
                 vector,
                 error_code: None,
             } => write!(f, "exception {vector}")?,
-            StopCause::StringIo { port } => {
-                write!(f, "string port I/O at {port:#x} is not emulated")?
+            StopCause::StringIo { port, detail } => {
+                write!(f, "string port I/O at {port:#x}: {detail}")?
             }
+            StopCause::StringIoFault { port, linear } => write!(
+                f,
+                "string port I/O at {port:#x}: guest memory at linear {linear:#x} faulted"
+            )?,
             StopCause::Unhandled { code, info1, info2 } => write!(
                 f,
                 "unhandled exit code {code:#x} info1={info1:#x} info2={info2:#x}"

@@ -1,27 +1,34 @@
 //! Exit handling: one function that turns a [`VmExit`] into guest-visible effects and an [`ExitAction`].
 //!
-//! Design: [`VmContext`] is the per-VM state the handlers need (name, CPUID policy, COM1, counters, statistics);
-//! the kernel keeps one per VM behind its lock and calls [`VmContext::handle_exit`] after every exit of any of
-//! the VM's vCPUs, passing the vCPU, the VM's RAM, the log sink and the host TSC now (time is passed in; this
-//! layer reads no clock). Handlers only read and write registers through [`Vcpu`], guest memory through
-//! [`GuestMemory`] and report through [`ConsoleSink`].
+//! Design: [`VmContext`] is the per-VM state the handlers need (name, CPUID policy, COM1, MMIO windows, counters,
+//! statistics); the kernel keeps one per VM behind its lock and calls [`VmContext::handle_exit`] (or
+//! [`VmContext::handle_exit_rw`], with writable RAM for `INS`) after every exit of any of the VM's vCPUs, passing
+//! the vCPU, the VM's RAM, the log sink and the host TSC now (time is passed in; this layer reads no clock).
+//! Handlers only read and write registers through [`Vcpu`], guest memory through [`GuestMemory`] and report
+//! through [`ConsoleSink`]. A nested-paging fault on a registered MMIO window is decoded ([`crate::mmio`]) into
+//! [`ExitAction::Mmio`]; the run loop gives it to the device model and finishes it with
+//! [`VmContext::complete_mmio`]. String port I/O is emulated here too ([`crate::mmio::string_io`]).
 //!
 //! Invariants:
-//! - A handled instruction (CPUID, RDMSR/WRMSR that succeeded, IN/OUT, HLT, VMCALL/VMMCALL) is skipped exactly
-//!   once; a refused MSR access is not skipped and gets #GP(0), as on hardware.
+//! - A handled instruction (CPUID, RDMSR/WRMSR that succeeded, IN/OUT, a completed INS/OUTS, HLT,
+//!   VMCALL/VMMCALL) is skipped exactly once; a refused MSR access is not skipped and gets #GP(0), as on hardware;
+//!   an MMIO instruction moves RIP only in `complete_mmio`; a `REP INS/OUTS` batch with elements left is not
+//!   skipped (the guest re-executes it).
 //! - Nothing a guest does makes this code panic: every guest value is bounds-checked, every arithmetic on guest
 //!   values is checked or saturating.
 //! - A bad hypercall never stops the VM; only `EXIT`, a triple fault, an access to memory that is neither RAM nor
-//!   a device, string port I/O, an unexpected exception or exit, or an entry failure do, each with a report.
+//!   a device, an MMIO or string I/O instruction that cannot be fetched or emulated, an unexpected exception or
+//!   exit, or an entry failure do, each with a report.
 
 use alloc::string::String;
 
 use crate::action::{ExitAction, StopCause, StopReport, NO_WAKE};
 use crate::cpuid::CpuidPolicy;
-use crate::exit::{EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
+use crate::exit::{AccessSize, EntryFailure, IoAccess, IoDirection, MemAccess, VmExit};
 use crate::hypercall::{self as hc, Counters};
 use crate::memory::GuestMemory;
 use crate::mmio::decode::{self, DecodeError, Source};
+use crate::mmio::string_io::{self, Outcome, Ports, Ram};
 use crate::mmio::{self, walk, MmioAccess, MmioKind, MmioWindowError, MmioWindows};
 use crate::msr::{self, MsrAccess, MsrOutcome};
 use crate::sink::{self, ConsoleSink, Event};
@@ -116,7 +123,8 @@ impl VmContext {
         vcpu.set_rip(vcpu.rip().wrapping_add(u64::from(access.len)));
     }
 
-    /// Handles one exit of vCPU `vcpu_id`; `now_tsc` is the host TSC at the exit.
+    /// Handles one exit of vCPU `vcpu_id`; `now_tsc` is the host TSC at the exit. Guest RAM is read-only here, so
+    /// an `INS` (string input to memory) stops the VM; [`VmContext::handle_exit_rw`] handles it too.
     pub fn handle_exit<V: Vcpu + ?Sized>(
         &mut self,
         exit: VmExit,
@@ -126,6 +134,32 @@ impl VmContext {
         sink: &mut dyn ConsoleSink,
         now_tsc: u64,
     ) -> ExitAction {
+        self.dispatch(exit, vcpu, vcpu_id, Ram::ReadOnly(mem), sink, now_tsc)
+    }
+
+    /// [`VmContext::handle_exit`] with writable guest RAM, which `INS` needs.
+    pub fn handle_exit_rw<V: Vcpu + ?Sized>(
+        &mut self,
+        exit: VmExit,
+        vcpu: &mut V,
+        vcpu_id: u32,
+        mem: &mut dyn GuestMemory,
+        sink: &mut dyn ConsoleSink,
+        now_tsc: u64,
+    ) -> ExitAction {
+        self.dispatch(exit, vcpu, vcpu_id, Ram::Writable(mem), sink, now_tsc)
+    }
+
+    fn dispatch<V: Vcpu + ?Sized>(
+        &mut self,
+        exit: VmExit,
+        vcpu: &mut V,
+        vcpu_id: u32,
+        mut ram: Ram<'_>,
+        sink: &mut dyn ConsoleSink,
+        now_tsc: u64,
+    ) -> ExitAction {
+        let mem = ram.get();
         let action = match exit {
             VmExit::Cpuid => {
                 self.stats.count_exit(ExitKind::Cpuid);
@@ -141,7 +175,7 @@ impl VmContext {
             }
             VmExit::Io(access) => {
                 self.stats.count_exit(ExitKind::Io);
-                self.port_io(vcpu, access, sink)
+                self.port_io(vcpu, access, &mut ram, sink)
             }
             VmExit::NestedPageFault { gpa, access } => {
                 self.stats.count_exit(ExitKind::NestedPageFault);
@@ -342,75 +376,85 @@ impl VmContext {
         &mut self,
         vcpu: &mut V,
         access: IoAccess,
+        ram: &mut Ram<'_>,
         sink: &mut dyn ConsoleSink,
     ) -> ExitAction {
-        if access.string {
-            return ExitAction::Stop(StopReport {
-                cause: StopCause::StringIo { port: access.port },
-                rip: vcpu.rip(),
-                addr: None,
-            });
-        }
-        let size = u16::from(access.size.bytes());
-        let mut unowned = false;
-        match access.direction {
-            IoDirection::In => {
-                let mut value = 0u64;
-                for i in 0..size {
-                    let port = access.port.wrapping_add(i);
-                    let byte = if Uart16550::claims(port) {
-                        self.uart.read(port - COM1_BASE)
+        let rip = vcpu.rip();
+        let mut ports = VmPorts {
+            name: &self.name,
+            uart: &mut self.uart,
+            sink: &mut *sink,
+            unowned_in: false,
+            unowned_out: false,
+        };
+        let action = if access.string {
+            match string_io::emulate(vcpu, ram, access, &mut ports) {
+                Outcome::Done => {
+                    vcpu.skip_instruction();
+                    ExitAction::Continue
+                }
+                Outcome::Again => ExitAction::Continue,
+                Outcome::Refused(detail) => ExitAction::Stop(StopReport {
+                    cause: StopCause::StringIo {
+                        port: access.port,
+                        detail,
+                    },
+                    rip,
+                    addr: None,
+                }),
+                Outcome::Fault { linear } => ExitAction::Stop(StopReport {
+                    cause: StopCause::StringIoFault {
+                        port: access.port,
+                        linear,
+                    },
+                    rip,
+                    addr: None,
+                }),
+            }
+        } else {
+            match access.direction {
+                IoDirection::In => {
+                    let value = ports.input(access.port, access.size);
+                    let rax = vcpu.gpr(Gpr::Rax);
+                    // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (SDM Vol. 1 §3.4.1.1
+                    // rules for 32-bit destinations).
+                    let merged = if access.size.bytes() >= 4 {
+                        value
                     } else {
-                        unowned = true;
-                        0xff
+                        (rax & !access.size.mask()) | value
                     };
-                    value |= u64::from(byte) << (8 * i);
+                    vcpu.set_gpr(Gpr::Rax, merged);
                 }
-                let rax = vcpu.gpr(Gpr::Rax);
-                // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (SDM Vol. 3A §4.2.1.2 rules
-                // for 32-bit destinations).
-                let merged = if access.size.bytes() >= 4 {
-                    value
-                } else {
-                    (rax & !access.size.mask()) | value
-                };
-                vcpu.set_gpr(Gpr::Rax, merged);
-                if unowned && count_and_should_report(&mut self.stats.unowned_port_reads) {
-                    sink.event(
-                        &self.name,
-                        Event::UnownedPort {
-                            port: access.port,
-                            write: false,
-                            rip: vcpu.rip(),
-                        },
-                    );
+                IoDirection::Out => {
+                    let value = vcpu.gpr(Gpr::Rax) & access.size.mask();
+                    ports.output(access.port, access.size, value);
                 }
             }
-            IoDirection::Out => {
-                let value = vcpu.gpr(Gpr::Rax) & access.size.mask();
-                for i in 0..size {
-                    let port = access.port.wrapping_add(i);
-                    let byte = value.to_le_bytes()[usize::from(i)];
-                    if Uart16550::claims(port) {
-                        self.uart.write(port - COM1_BASE, byte, &self.name, sink);
-                    } else {
-                        unowned = true;
-                    }
-                }
-                if unowned && count_and_should_report(&mut self.stats.unowned_port_writes) {
-                    sink.event(
-                        &self.name,
-                        Event::UnownedPort {
-                            port: access.port,
-                            write: true,
-                            rip: vcpu.rip(),
-                        },
-                    );
-                }
-            }
+            vcpu.skip_instruction();
+            ExitAction::Continue
+        };
+        let (unowned_in, unowned_out) = (ports.unowned_in, ports.unowned_out);
+        if unowned_in && count_and_should_report(&mut self.stats.unowned_port_reads) {
+            sink.event(
+                &self.name,
+                Event::UnownedPort {
+                    port: access.port,
+                    write: false,
+                    rip,
+                },
+            );
         }
-        vcpu.skip_instruction();
-        ExitAction::Continue
+        if unowned_out && count_and_should_report(&mut self.stats.unowned_port_writes) {
+            sink.event(
+                &self.name,
+                Event::UnownedPort {
+                    port: access.port,
+                    write: true,
+                    rip,
+                },
+            );
+        }
+        action
     }
 
     fn hypercall<V: Vcpu + ?Sized>(
@@ -491,6 +535,49 @@ impl VmContext {
         }
         sink::send_text(sink, &self.name, text);
         hc::OK
+    }
+}
+
+/// The VM's ports during one exit: COM1 at 0x3F8, every other port unowned (reads all ones, writes dropped).
+struct VmPorts<'a> {
+    name: &'a str,
+    uart: &'a mut Uart16550,
+    sink: &'a mut dyn ConsoleSink,
+    unowned_in: bool,
+    unowned_out: bool,
+}
+
+impl Ports for VmPorts<'_> {
+    fn input(&mut self, port: u16, size: AccessSize) -> u64 {
+        let mut value = 0u64;
+        for i in 0..u16::from(size.bytes()) {
+            let port = port.wrapping_add(i);
+            let byte = if Uart16550::claims(port) {
+                self.uart.read(port - COM1_BASE)
+            } else {
+                self.unowned_in = true;
+                0xff
+            };
+            value |= u64::from(byte) << (8 * i);
+        }
+        value
+    }
+
+    fn output(&mut self, port: u16, size: AccessSize, value: u64) {
+        let bytes = value.to_le_bytes();
+        for i in 0..u16::from(size.bytes()) {
+            let port = port.wrapping_add(i);
+            if Uart16550::claims(port) {
+                self.uart.write(
+                    port - COM1_BASE,
+                    bytes[usize::from(i)],
+                    self.name,
+                    self.sink,
+                );
+            } else {
+                self.unowned_out = true;
+            }
+        }
     }
 }
 

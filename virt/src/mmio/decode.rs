@@ -166,31 +166,107 @@ fn modrm_memory(b: &mut Bytes<'_>, addr16: bool) -> Result<u8, DecodeError> {
     Ok(reg)
 }
 
+/// The legacy and REX prefixes of an instruction.
+#[derive(Clone, Copy, Debug, Default)]
+struct Prefixes {
+    opsize: bool,
+    addrsize: bool,
+    /// The last segment-override prefix byte.
+    seg: Option<u8>,
+    /// F2 or F3.
+    rep: bool,
+    lock: bool,
+    /// A REX prefix directly before the opcode (64-bit mode only).
+    rex: Option<u8>,
+}
+
+/// Reads the prefixes and returns them with the first opcode byte.
+fn prefixes(b: &mut Bytes<'_>, mode: CpuMode) -> Result<(Prefixes, u8), DecodeError> {
+    let mut p = Prefixes::default();
+    loop {
+        let byte = b.next()?;
+        match byte {
+            0x66 => p.opsize = true,
+            0x67 => p.addrsize = true,
+            0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 => p.seg = Some(byte),
+            0xF0 => p.lock = true,
+            0xF2 | 0xF3 => p.rep = true,
+            0x40..=0x4F if mode == CpuMode::Bits64 => {
+                p.rex = Some(byte);
+                // A REX prefix counts only if the opcode follows it directly (SDM Vol. 2 §2.2.1).
+                continue;
+            }
+            _ => return Ok((p, byte)),
+        }
+        p.rex = None;
+    }
+}
+
+/// The address size of an instruction with the given 67 prefix state.
+fn address_size(mode: CpuMode, addrsize_prefix: bool) -> AccessSize {
+    match (mode, addrsize_prefix) {
+        (CpuMode::Bits64, false) => AccessSize::Qword,
+        (CpuMode::Bits64, true) | (CpuMode::Bits32, false) | (CpuMode::Bits16, true) => {
+            AccessSize::Dword
+        }
+        (CpuMode::Bits32, true) | (CpuMode::Bits16, false) => AccessSize::Word,
+    }
+}
+
+/// A decoded `INS`/`OUTS` (opcodes 6C-6F, SDM Vol. 2 "INS", "OUTS").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StringIo {
+    pub(crate) len: u8,
+    /// `INS` (port to ES:rDI) rather than `OUTS` (seg:rSI to port).
+    pub(crate) input: bool,
+    /// Element size: 1, 2 or 4 bytes.
+    pub(crate) size: AccessSize,
+    /// Width of rSI/rDI/rCX as the instruction uses them.
+    pub(crate) addr: AccessSize,
+    /// Segment-override prefix byte (meaningful for `OUTS` only).
+    pub(crate) seg: Option<u8>,
+    /// REP (F3, or F2 which acts the same on these opcodes).
+    pub(crate) rep: bool,
+}
+
+/// Decodes the `INS`/`OUTS` at the start of `bytes`.
+///
+/// # Errors
+/// [`DecodeError::Unsupported`] for any other opcode or a LOCK prefix; truncation or length as in [`decode`].
+pub(crate) fn decode_string_io(bytes: &[u8], mode: CpuMode) -> Result<StringIo, DecodeError> {
+    let mut b = Bytes { bytes, at: 0 };
+    let (p, op) = prefixes(&mut b, mode)?;
+    if p.lock || !(0x6C..=0x6F).contains(&op) {
+        return Err(DecodeError::Unsupported);
+    }
+    // Word or doubleword forms: 16 bits with 66 in 32/64-bit mode (REX.W does not widen them to 64), or without
+    // it in 16-bit mode.
+    let wide = if (mode == CpuMode::Bits16) == p.opsize {
+        AccessSize::Dword
+    } else {
+        AccessSize::Word
+    };
+    Ok(StringIo {
+        len: u8::try_from(b.at).map_err(|_| DecodeError::TooLong)?,
+        input: op < 0x6E,
+        size: if op & 1 == 0 { AccessSize::Byte } else { wide },
+        addr: address_size(mode, p.addrsize),
+        seg: p.seg,
+        rep: p.rep,
+    })
+}
+
 /// Decodes the instruction at the start of `bytes` in `mode`.
 ///
 /// # Errors
 /// [`DecodeError`]: truncated, unsupported, a register operand, or longer than 15 bytes.
 pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Decoded, DecodeError> {
     let mut b = Bytes { bytes, at: 0 };
-    let mut opsize_prefix = false;
-    let mut addrsize_prefix = false;
-    let mut rex: Option<u8> = None;
-    let op = loop {
-        let byte = b.next()?;
-        match byte {
-            0x66 => opsize_prefix = true,
-            0x67 => addrsize_prefix = true,
-            0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65 => {}
-            0xF0 | 0xF2 | 0xF3 => return Err(DecodeError::Unsupported),
-            0x40..=0x4F if mode == CpuMode::Bits64 => {
-                rex = Some(byte);
-                // A REX prefix counts only if the opcode follows it directly (SDM Vol. 2 §2.2.1).
-                continue;
-            }
-            _ => break byte,
-        }
-        rex = None;
-    };
+    let (p, op) = prefixes(&mut b, mode)?;
+    if p.lock || p.rep {
+        return Err(DecodeError::Unsupported);
+    }
+    let (opsize_prefix, addrsize_prefix, rex) = (p.opsize, p.addrsize, p.rex);
     let rex_w = rex.is_some_and(|x| x & 0x8 != 0);
     let opsize = match mode {
         CpuMode::Bits64 if rex_w => AccessSize::Qword,
@@ -203,11 +279,7 @@ pub(crate) fn decode(bytes: &[u8], mode: CpuMode) -> Result<Decoded, DecodeError
         (mode, addrsize_prefix),
         (CpuMode::Bits16, false) | (CpuMode::Bits32, true)
     );
-    let moffs_len = match (mode, addrsize_prefix) {
-        (CpuMode::Bits64, false) => 8,
-        (CpuMode::Bits64, true) | (CpuMode::Bits32, false) | (CpuMode::Bits16, true) => 4,
-        (CpuMode::Bits32, true) | (CpuMode::Bits16, false) => 2,
-    };
+    let moffs_len = usize::from(address_size(mode, addrsize_prefix).bytes());
     let load = |reg: u8, width: AccessSize, extend: Extend| {
         let (reg, high_byte) = reg_operand(reg, rex, width);
         Op::Load(Dest {

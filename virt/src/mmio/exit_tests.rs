@@ -335,3 +335,215 @@ fn what_cannot_be_emulated_stops_the_vm_with_a_report() {
     ));
     assert_eq!(g.vcpu.rip_writes, 0, "no stop moved RIP");
 }
+
+// ---- string port I/O ----
+
+use crate::exit::{IoAccess, IoDirection};
+use crate::mmio::string_io::MAX_BYTES_PER_EXIT;
+use crate::vcpu::RFLAGS_DF;
+
+/// Data for string I/O lives at 0x10_0000 (identity-mapped); linear 0x40_0000 and up is unmapped.
+const DATA: u64 = 0x10_0000;
+
+impl Guest {
+    /// Puts `code` at RIP and delivers a string I/O exit on `port`; `rw` selects `handle_exit_rw`.
+    fn string_io(
+        &mut self,
+        code: &[u8],
+        port: u16,
+        size: AccessSize,
+        input: bool,
+        rep: bool,
+        rw: bool,
+    ) -> ExitAction {
+        self.mem.write(self.vcpu.rip, code).unwrap();
+        self.vcpu.insn_len = code.len() as u64;
+        let io = IoAccess {
+            port,
+            size,
+            direction: if input {
+                IoDirection::In
+            } else {
+                IoDirection::Out
+            },
+            string: true,
+            rep,
+        };
+        self.vcpu.script.push_back(Ok(VmExit::Io(io)));
+        let exit = self.vcpu.run(u64::MAX).unwrap();
+        if rw {
+            self.vm
+                .handle_exit_rw(exit, &mut self.vcpu, 0, &mut self.mem, &mut self.sink, 0)
+        } else {
+            self.vm
+                .handle_exit(exit, &mut self.vcpu, 0, &self.mem, &mut self.sink, 0)
+        }
+    }
+
+    fn set_df(&mut self, on: bool) {
+        let mut cs = self.vcpu.control.unwrap();
+        cs.rflags = if on { RFLAGS_DF } else { 0 };
+        self.vcpu.control = Some(cs);
+    }
+}
+
+const COM1: u16 = 0x3F8;
+
+#[test]
+fn outs_without_and_with_rep_reach_the_uart() {
+    let mut g = Guest::new();
+    g.mem.write(DATA, b"hello\nH\n").unwrap();
+    g.vcpu.set_gpr(Gpr::Rsi, DATA);
+    g.vcpu.set_gpr(Gpr::Rdx, u64::from(COM1));
+    g.vcpu.set_gpr(Gpr::Rcx, 6);
+    // rep outsb (F3 6E)
+    let a = g.string_io(&[0xF3, 0x6E], COM1, AccessSize::Byte, false, true, false);
+    assert_eq!(a, ExitAction::Continue);
+    assert_eq!(g.sink.lines, ["m1: hello"]);
+    assert_eq!((g.vcpu.gpr(Gpr::Rsi), g.vcpu.gpr(Gpr::Rcx)), (DATA + 6, 0));
+    assert_eq!(g.vcpu.rip, CODE + 2, "the completed instruction is skipped");
+    // outsb (6E) moves one byte whatever RCX says.
+    g.vcpu.set_gpr(Gpr::Rcx, 99);
+    let _ = g.string_io(&[0x6E], COM1, AccessSize::Byte, false, false, false);
+    let _ = g.string_io(&[0x6E], COM1, AccessSize::Byte, false, false, false);
+    assert_eq!(g.sink.lines, ["m1: hello", "m1: H"]);
+    assert_eq!(g.vcpu.gpr(Gpr::Rcx), 99);
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA + 8);
+    assert_eq!(g.vm.console_bytes(), 8);
+}
+
+#[test]
+fn df_counts_down_and_rep_with_zero_count_does_nothing() {
+    let mut g = Guest::new();
+    g.mem.write(DATA, b"\nolleh").unwrap();
+    g.set_df(true);
+    g.vcpu.set_gpr(Gpr::Rsi, DATA + 5);
+    g.vcpu.set_gpr(Gpr::Rcx, 6);
+    let _ = g.string_io(&[0xF3, 0x6E], COM1, AccessSize::Byte, false, true, false);
+    assert_eq!(g.sink.lines, ["m1: hello"]);
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA - 1);
+    let rip = g.vcpu.rip;
+    let _ = g.string_io(&[0xF3, 0x6E], COM1, AccessSize::Byte, false, true, false);
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA - 1, "RCX = 0 moves nothing");
+    assert_eq!(g.vcpu.rip, rip + 2);
+    assert_eq!(g.vm.console_bytes(), 6);
+}
+
+#[test]
+fn a_huge_rep_count_is_served_in_bounded_batches() {
+    let mut g = Guest::new();
+    let total = 10_000u64;
+    g.mem
+        .write(DATA, &alloc::vec![b'x'; total as usize])
+        .unwrap();
+    g.vcpu.set_gpr(Gpr::Rsi, DATA);
+    g.vcpu.set_gpr(Gpr::Rcx, total);
+    let mut exits = 0;
+    while g.vcpu.rip == CODE {
+        let a = g.string_io(&[0xF3, 0x6E], COM1, AccessSize::Byte, false, true, false);
+        assert_eq!(a, ExitAction::Continue);
+        exits += 1;
+        let left = total.saturating_sub(exits * MAX_BYTES_PER_EXIT);
+        assert_eq!(g.vcpu.gpr(Gpr::Rcx), left);
+        assert_eq!(g.vm.console_bytes(), total - left);
+    }
+    assert_eq!(exits, total.div_ceil(MAX_BYTES_PER_EXIT));
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA + total);
+}
+
+#[test]
+fn word_and_dword_elements_and_32_bit_addressing() {
+    let mut g = Guest::new();
+    g.mem.write(DATA, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    // rep outsw to an unowned port: 2 elements of 2 bytes.
+    g.vcpu.set_gpr(Gpr::Rsi, DATA);
+    g.vcpu.set_gpr(Gpr::Rcx, 2);
+    let _ = g.string_io(
+        &[0x66, 0xF3, 0x6F],
+        0x80,
+        AccessSize::Word,
+        false,
+        true,
+        false,
+    );
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA + 4);
+    assert_eq!(g.vm.stats.unowned_port_writes, 1, "one event per exit");
+    // addr32 rep outsd: ESI is used and RSI's upper half is cleared on update.
+    g.vcpu.set_gpr(Gpr::Rsi, 0xFFFF_FFFF_0000_0000 | DATA);
+    g.vcpu.set_gpr(Gpr::Rcx, 0xAAAA_AAAA_0000_0002);
+    let _ = g.string_io(
+        &[0x67, 0xF3, 0x6F],
+        0x80,
+        AccessSize::Dword,
+        false,
+        true,
+        false,
+    );
+    assert_eq!(g.vcpu.gpr(Gpr::Rsi), DATA + 8);
+    assert_eq!(g.vcpu.gpr(Gpr::Rcx), 0);
+}
+
+#[test]
+fn ins_writes_guest_memory_when_it_is_writable() {
+    let mut g = Guest::new();
+    g.vcpu.set_gpr(Gpr::Rdi, DATA + 0x10);
+    g.vcpu.set_gpr(Gpr::Rcx, 3);
+    // rep insb from LSR (0x3FD): THRE | TEMT = 0x60, three times.
+    let code = [0xF3, 0x6C];
+    let stop = g.string_io(&code, COM1 + 5, AccessSize::Byte, true, true, false);
+    assert!(matches!(
+        stop_cause(stop),
+        StopCause::StringIo { port: 0x3FD, .. }
+    ));
+    assert_eq!(
+        g.string_io(&code, COM1 + 5, AccessSize::Byte, true, true, true),
+        ExitAction::Continue
+    );
+    let mut got = [0u8; 4];
+    g.mem.read(DATA + 0x10, &mut got).unwrap();
+    assert_eq!(got, [0x60, 0x60, 0x60, 0]);
+    assert_eq!(
+        (g.vcpu.gpr(Gpr::Rdi), g.vcpu.gpr(Gpr::Rcx)),
+        (DATA + 0x13, 0)
+    );
+    // insd from an unowned port reads all ones.
+    let _ = g.string_io(&[0x6D], 0x80, AccessSize::Dword, true, false, true);
+    g.mem.read(DATA + 0x13, &mut got).unwrap();
+    assert_eq!(got, [0xFF; 4]);
+}
+
+#[test]
+fn string_io_faults_and_refusals_stop_the_vm() {
+    let mut g = Guest::new();
+    // The source runs off the end of the identity map at 4 MiB after two bytes.
+    g.mem.write(MEM - 2, b"ab").unwrap();
+    g.vcpu.set_gpr(Gpr::Rsi, MEM - 2);
+    g.vcpu.set_gpr(Gpr::Rcx, 5);
+    let stop = g.string_io(&[0xF3, 0x6E], COM1, AccessSize::Byte, false, true, false);
+    assert_eq!(
+        stop_cause(stop),
+        StopCause::StringIoFault {
+            port: COM1,
+            linear: MEM
+        }
+    );
+    assert_eq!(
+        (g.vcpu.gpr(Gpr::Rsi), g.vcpu.gpr(Gpr::Rcx)),
+        (MEM, 3),
+        "registers reflect the elements moved before the fault"
+    );
+    assert_eq!(g.vcpu.rip, CODE);
+    // FS override; an exit that does not match the instruction (REP reported, none decoded); not a string op.
+    for (code, rep) in [
+        (&[0x64, 0xF3, 0x6E][..], true),
+        (&[0x6E][..], true),
+        (&[0x90][..], false),
+    ] {
+        g.vcpu.set_gpr(Gpr::Rsi, DATA);
+        let cause = stop_cause(g.string_io(code, COM1, AccessSize::Byte, false, rep, false));
+        assert!(
+            matches!(cause, StopCause::StringIo { port: COM1, .. }),
+            "{code:02x?}: {cause:?}"
+        );
+    }
+}

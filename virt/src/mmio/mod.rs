@@ -17,13 +17,14 @@
 //! window.
 
 pub mod decode;
+pub mod string_io;
 pub mod walk;
 
 use alloc::vec::Vec;
 
 use crate::exit::AccessSize;
 use crate::vcpu::{ControlState, Gpr, CR0_PE};
-use decode::CpuMode;
+pub use decode::CpuMode;
 
 /// Page size MMIO windows are aligned to.
 pub const PAGE_SIZE: u64 = 4096;
