@@ -18,16 +18,36 @@
 //! ([`TagIndex`]), and only index entries whose key changed are touched: O(log n) per request in
 //! the number of active volumes.
 //!
-//! Tags (see [`super::tags`]): `R` and `B` are wall-clock tags anchored at the head request's
-//! arrival (`tag = max(clock.next, arrival)`); `L` is anchored at the dispatch time and a head is
-//! eligible only once `now >= L.ready_at()`, so two consecutive dispatches of a volume are at least
-//! exactly `cost / limit` apart (limits never allow catch-up bursts); `P` is virtual time
-//! anchored at the current virtual time `V` (the `P` of the last weight-ordered dispatch,
-//! start-time fair queueing). A volume back
-//! from idle therefore restarts at `now` / `V`: no credit for its idle time (no flood of old tags)
-//! and no debt (no starvation). Only reservation-phase service advances `R`; service above the
-//! commitment advances `P` — the mClock rule that spare capacity is shared independently of
-//! reservations. Every dispatch advances `L` (limits are hard caps for all classes) and, for
+//! Tags (see [`super::tags`]): `B` is a wall-clock tag anchored at the head request's arrival
+//! (`tag = max(clock.next, arrival)`); `L` is anchored at the dispatch time and a head is eligible
+//! only once `now >= L.ready_at()`, so two consecutive dispatches of a volume are at least exactly
+//! `cost / limit` apart (limits never allow catch-up bursts); `P` is virtual time anchored at the
+//! current virtual time `V` (the `P` of the last weight-ordered dispatch, start-time fair
+//! queueing). Only reservation-phase service advances `R`; service above the commitment advances
+//! `P` — the mClock rule that spare capacity is shared independently of reservations.
+//!
+//! `R` is anchored at `min(arrival, F)`, where the *reservation frontier* `F` is the smallest `R`
+//! still waiting in the reservation index, or `now` when that is smaller (or nothing waits):
+//! `tag = max(R.next, min(arrival, F))`. This matters when the device delivers less than the sum
+//! of the commitments (the capacity it was admitted at is a statement, not a guarantee). Then
+//! every backlogged volume's `R` falls behind real time, and the reservation phase serves the
+//! smallest `R` first: each request moves its volume's `R` by `cost / committed`, so the `R`s of
+//! all backlogged volumes advance together and each gets the same fraction of its commitment
+//! (proportional degradation). Textbook mClock anchors at the arrival alone; under overload that
+//! hands every request that finds its volume's queue empty — a volume whose requests are all on
+//! the device, or one back from idle — a tag of `now`, far behind the lagging tags of the
+//! backlogged volumes, and it starves. Anchored at `min(arrival, F)` it restarts level with the
+//! volumes still waiting, never behind them; a backlogged volume re-filed after its own dispatch
+//! still has its old `R` in the index (`F <= old R < R.next`), so it just continues its stream.
+//! Without overload nothing lags, `F = now`, and a volume back from idle restarts at its arrival:
+//! no credit for idle time (no flood of old tags) and no debt (no starvation). Debt accumulated
+//! under overload stays: once capacity returns, the lagging volumes are served ahead of best-effort
+//! traffic, in commitment proportion, until their `R` catches up with `now`. The dispatched `R` is
+//! the one the volume was filed under (the frontier may have moved since).
+//!
+//! A volume is *idle* only when it has no outstanding work: nothing queued and nothing in flight
+//! (dispatched, not yet completed). Only idle volumes lend their commitment (`lendable`, the
+//! borrow clock `G`); a volume whose requests are all on the device is using its commitment. Every dispatch advances `L` (limits are hard caps for all classes) and, for
 //! boosted volumes, the commitment meter `U` (charged at the committed rate; its lead over `now`,
 //! capped at the boost horizon, scales the boost down). The burst bucket fills while `R.next <=
 //! now`, i.e. exactly while the volume leaves part of its reservation unused.
@@ -40,7 +60,8 @@
 //!
 //! Invariants: a volume is indexed iff its queue is non-empty; `queued_total` is the sum of queue
 //! lengths; `committed_sum` is the sum of commitments; `lendable` is the sum of commitments of
-//! volumes with empty queues.
+//! idle volumes (empty queue and no request in flight: the caller must report every dispatched
+//! request to [`Partitioner::complete`], or its volume never lends again).
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -117,8 +138,17 @@ struct Volume {
     u: TagClock,
     bucket: Option<BurstBucket>,
     keys: Keys,
+    /// Requests dispatched and not yet completed (on the device).
+    in_flight: u64,
     stats: WindowStats,
     totals: VolumeTotals,
+}
+
+impl Volume {
+    /// No outstanding work at all: nothing queued here and nothing on the device.
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.in_flight == 0
+    }
 }
 
 #[derive(Debug)]
@@ -311,6 +341,7 @@ impl Partitioner {
             u: TagClock::starting_at(now),
             bucket: config.burst.map(|b| BurstBucket::new(b, now)),
             keys: Keys::default(),
+            in_flight: 0,
             stats: WindowStats::default(),
             totals: VolumeTotals::default(),
         });
@@ -363,8 +394,8 @@ impl Partitioner {
             (Some(c), None) => Some(BurstBucket::new(c, now)),
             (None, _) => None,
         };
-        let idle = vol.queue.is_empty();
-        if !idle {
+        let idle = vol.is_idle();
+        if !vol.queue.is_empty() {
             file_volume(ix, vol, now, vtime);
         }
         self.committed_sum = self.committed_sum - old.committed_iops + config.committed_iops;
@@ -388,7 +419,7 @@ impl Partitioner {
         self.live -= 1;
         unindex(&mut self.ix, &mut vol);
         self.committed_sum -= vol.config.committed_iops;
-        if vol.queue.is_empty() {
+        if vol.is_idle() {
             self.set_lendable(self.lendable - vol.config.committed_iops);
         }
         self.queued_total -= vol.queue.len();
@@ -415,9 +446,12 @@ impl Partitioner {
             arrival: now,
             cost,
         });
-        let was_idle = vol.queue.len() == 1;
+        // Filed when its queue becomes non-empty; it stops lending its commitment only when it
+        // had no outstanding work at all (a volume whose requests are all on the device is busy).
+        let was_empty = vol.queue.len() == 1;
+        let was_idle = was_empty && vol.in_flight == 0;
         let commit = vol.config.committed_iops;
-        if was_idle {
+        if was_empty {
             if let Some(bucket) = vol.bucket.as_mut() {
                 bucket.fill(vol.r.next, now);
             }
@@ -476,8 +510,10 @@ impl Partitioner {
     }
 
     /// Records the completion of a request of volume `id` (queue wait is already known; `service_ns`
-    /// is the device time). The device-wide accounting (capacity estimate) counts it even when the
-    /// volume was removed meanwhile, which is then reported as `UnknownVolume`.
+    /// is the device time). Call it exactly once per dispatched request: a volume with requests in
+    /// flight is busy, not idle, and does not lend its commitment. The device-wide accounting
+    /// (capacity estimate) counts it even when the volume was removed meanwhile, which is then
+    /// reported as `UnknownVolume`.
     pub fn complete(
         &mut self,
         id: VolumeId,
@@ -492,6 +528,13 @@ impl Partitioner {
         vol.stats.completed += 1;
         vol.stats.service.record(service_ns);
         vol.stats.completed_cost = vol.stats.completed_cost.saturating_add(cost);
+        // Saturating: a completion the caller reports twice (or for a request it never got from
+        // `dispatch`) must not make a busy volume look idle later.
+        vol.in_flight = vol.in_flight.saturating_sub(1);
+        if vol.is_idle() {
+            let commit = vol.config.committed_iops;
+            self.set_lendable(self.lendable + commit);
+        }
         Ok(())
     }
 
@@ -602,7 +645,8 @@ impl Partitioner {
         let mut borrow_charge = false;
         match class {
             ServiceClass::Reservation => {
-                let r = vol.r.tag_for(q.arrival);
+                // The tag the volume was filed under (its floor depended on the index then).
+                let r = keys.res.unwrap_or_else(|| vol.r.tag_for(q.arrival));
                 vol.r.charge(r, q.cost, Rate::Iops(cfg.committed_iops));
                 vol.totals.reservation_cost += q.cost;
             }
@@ -635,11 +679,10 @@ impl Partitioner {
             }
         }
         vol.totals.dispatched += 1;
+        vol.in_flight += 1;
         let wait_ns = now.saturating_sub(q.arrival);
         vol.stats.record_dispatch(class, wait_ns);
         let id = vol.id;
-        let now_idle = vol.queue.is_empty();
-        let commit = cfg.committed_iops;
         // Only the index entries whose key changed are touched (usually one or two).
         file_volume(ix, vol, now, new_vtime);
         self.vtime = new_vtime;
@@ -649,9 +692,6 @@ impl Partitioner {
         }
         self.queued_total -= 1;
         self.window_dispatches += 1;
-        if now_idle {
-            self.set_lendable(self.lendable + commit);
-        }
         if self.queued_total == 0 {
             // The device may now starve: this window cannot measure capacity.
             self.window_saturated = false;
@@ -677,7 +717,11 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
 /// Files a volume under its head's tags (or nowhere when its queue is empty), touching only the
 /// index entries whose key changed.
 fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
-    let new = desired_keys(vol, now, vtime);
+    // The reservation frontier: no request is given a reservation tag later than the smallest one
+    // still waiting (nor later than `now`). When `vol` is re-filed after its own dispatch, its old
+    // key is still in the index and is <= its next tag, so it never lifts a backlogged stream.
+    let frontier = ix.res.first().map_or(now, |(t, _)| t.min(now));
+    let new = desired_keys(vol, now, vtime, frontier);
     if new.throttled.is_some() && new.throttled != vol.keys.throttled {
         vol.stats.throttled += 1;
     }
@@ -686,7 +730,7 @@ fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
 }
 
 /// The index keys a volume should be filed under now.
-fn desired_keys(vol: &Volume, now: u64, vtime: u64) -> Keys {
+fn desired_keys(vol: &Volume, now: u64, vtime: u64, frontier: u64) -> Keys {
     let mut k = Keys::default();
     let Some(head) = vol.queue.front() else {
         return k;
@@ -700,7 +744,9 @@ fn desired_keys(vol: &Volume, now: u64, vtime: u64) -> Keys {
         }
     }
     if cfg.committed_iops > 0 {
-        k.res = Some(vol.r.tag_for(head.arrival));
+        // Re-anchored at the head's arrival only as far as the frontier: a stream that fell behind
+        // restarts level with the streams still waiting, never behind them (see the module doc).
+        k.res = Some(vol.r.tag_for(head.arrival.min(frontier)));
     }
     k.share = Some(vol.p.tag_for(vtime));
     k.burst = vol.bucket.is_some_and(|b| b.can_spend(head.cost));

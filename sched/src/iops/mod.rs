@@ -8,7 +8,9 @@
 //!   request and the class it is served in, or `None` when nothing may go now;
 //! - after `None` with requests still queued (all limit-throttled), arm a timer for
 //!   [`Partitioner::next_eligible_time`];
-//! - [`Partitioner::complete`] for every completion (feeds telemetry and the capacity estimate);
+//! - [`Partitioner::complete`] for every completion of a dispatched request, exactly once (feeds
+//!   telemetry and the capacity estimate, and tells when a volume is idle: nothing queued, nothing
+//!   in flight);
 //! - [`Partitioner::add_volume`] / [`Partitioner::reconfigure`] / [`Partitioner::remove_volume`] go
 //!   through admission control and return typed errors with the numbers;
 //! - [`Partitioner::drain_reports`] once per window for telemetry.
