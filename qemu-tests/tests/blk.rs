@@ -37,7 +37,7 @@ use qemu_tests::suite::{workspace_root, Artefacts, Family};
 
 const TIMEOUT: Duration = Duration::from_secs(150);
 /// Device throttle for the partitioning boot (IOPS).
-const THROTTLE_IOPS: u64 = 10_000;
+const THROTTLE_IOPS: u64 = 5_000;
 /// Windows closed before this many ms after the first one are warm-up.
 const WARMUP_WINDOWS: u64 = 2;
 

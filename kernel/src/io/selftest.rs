@@ -241,6 +241,7 @@ fn verify(
 }
 
 /// `total` random aligned reads of `per_io` blocks kept `depth` deep; returns (IOPS, driver ns per request).
+/// Any failed read is an error.
 #[allow(clippy::too_many_arguments)] // a measurement loop; bundling its knobs would only rename them
 pub(super) fn random_reads(
     ctrl: &mut Controller<KernelHal>,
@@ -252,6 +253,27 @@ pub(super) fn random_reads(
     per_io: u32,
     seed: u64,
 ) -> Result<(u64, u64), Detail> {
+    let (iops, drv_ns, failed) =
+        random_reads_counting(ctrl, qid, ns, bufs, depth, total, per_io, seed)?;
+    if failed > 0 {
+        return Err(detail!("QD{depth}: {failed} of {total} reads failed"));
+    }
+    Ok((iops, drv_ns))
+}
+
+/// As [`random_reads`], but reads that complete with an error status count (they took the device's time too)
+/// and are returned as the third figure: a media error is not a capacity problem.
+#[allow(clippy::too_many_arguments)] // as random_reads
+pub(super) fn random_reads_counting(
+    ctrl: &mut Controller<KernelHal>,
+    qid: u16,
+    ns: &Namespace,
+    bufs: u64,
+    depth: u64,
+    total: u64,
+    per_io: u32,
+    seed: u64,
+) -> Result<(u64, u64, u64), Detail> {
     let slots = ns.blocks / u64::from(per_io);
     if slots == 0 {
         return Err(detail!("namespace smaller than one 4 KiB read"));
@@ -296,10 +318,7 @@ pub(super) fn random_reads(
         }
     }
     let elapsed_us = tsc::ticks_to_us(tsc::rdtsc() - start).max(1);
-    if failed > 0 {
-        return Err(detail!("QD{depth}: {failed} of {total} reads failed"));
-    }
     let iops = total * 1_000_000 / elapsed_us;
     let drv_ns = tsc::ticks_to_us(driver_ticks.saturating_mul(1000)) / total;
-    Ok((iops, drv_ns))
+    Ok((iops, drv_ns, failed))
 }

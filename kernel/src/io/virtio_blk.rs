@@ -2,18 +2,19 @@
 //! partitioner ([`super::volumes::Engine`]) and completes them back into the guest.
 //!
 //! Data moves through bounce buffers: guest segments may start anywhere and have any length, while NVMe PRPs
-//! need page-aligned pages after the first, so each request gets contiguous DMA pages; writes are gathered from
-//! guest memory (through `virt::GuestMemory`, bounds-checked) before submission, reads are scattered back after
-//! completion. The copy costs a memcpy per request; it also means the device never DMAs into guest RAM directly,
-//! so a guest cannot race the device on its own buffers.
+//! need page-aligned pages after the first, so each request gets contiguous DMA pages (single pages come from a
+//! small pool, so the common 4 KiB request costs no allocation); writes are gathered from guest memory (through
+//! `virt::GuestMemory`, bounds-checked) straight into the bounce buffer before submission, reads are scattered back
+//! after completion. The copy costs one memcpy per segment; it also means the device never DMAs into guest RAM
+//! directly, so a guest cannot race the device on its own buffers.
 //!
 //! Sector mapping: virtio sectors are 512 bytes; on a namespace with larger blocks a request must be block
 //! aligned, else it fails with IOERR. Requests above the controller's transfer limit fail with IOERR too.
 //! Every request accepted from the device completes exactly once, with the NVMe outcome mapped to OK or IOERR.
 
 use alloc::collections::BTreeMap;
-use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{compiler_fence, Ordering};
 
 use drivers::nvme::{Controller, Dma, IoOp, PAGE_SIZE};
 use sched::iops::VolumeId;
@@ -25,6 +26,7 @@ use virt::GuestMemory;
 
 use super::nvme::KernelHal;
 use super::volumes::{Done, Engine};
+use crate::arch::x86_64::paging;
 
 /// A request on its way through the partitioner and the device.
 struct Pending {
@@ -43,6 +45,8 @@ pub struct Router {
     next_token: u64,
     /// Requests refused before reaching the partitioner (alignment, size, memory, queue full).
     pub refused: u64,
+    /// Free single bounce pages.
+    pool: Vec<u64>,
 }
 
 /// The backend one device uses for one submission (borrows the shared engine and controller).
@@ -63,30 +67,55 @@ pub struct VolumeBackend<'a> {
     pub now: u64,
 }
 
-fn copy_segments(
-    mem: &mut dyn GuestMemory,
-    hal: &mut KernelHal,
-    data: &[Segment],
-    bounce: u64,
-    to_guest: bool,
-) -> bool {
+/// Copies a request's data between guest memory and its bounce buffer, directly (one memcpy per segment).
+/// The caller guarantees the bounce buffer holds at least the segments' total and that the device is not
+/// using it (before submission, or after the completion was reaped).
+fn copy_segments(mem: &mut dyn GuestMemory, data: &[Segment], bounce: u64, to_guest: bool) -> bool {
     let mut at = bounce;
+    compiler_fence(Ordering::SeqCst);
     for s in data {
-        let mut buf = vec![0u8; usize::try_from(s.len).unwrap_or(0)];
+        let len = usize::try_from(s.len).unwrap_or(0);
+        // SAFETY: `at..at + len` lies inside this request's bounce allocation (pages * 4 KiB >= the segments'
+        // total, see `submit`), which only this request owns, reached through the direct map; the device does
+        // not access it now (contract above), so no other reference to these bytes exists.
+        let dma = unsafe { core::slice::from_raw_parts_mut(paging::phys_to_virt(at), len) };
         let ok = if to_guest {
-            hal.read(at, &mut buf);
-            mem.write(s.gpa, &buf).is_ok()
+            mem.write(s.gpa, dma).is_ok()
         } else {
-            let ok = mem.read(s.gpa, &mut buf).is_ok();
-            hal.write(at, &buf);
-            ok
+            mem.read(s.gpa, dma).is_ok()
         };
         if !ok {
             return false;
         }
         at += u64::from(s.len);
     }
+    compiler_fence(Ordering::SeqCst);
     true
+}
+
+/// Single bounce pages kept for reuse (most requests are one page): at most this many.
+const POOL_PAGES: usize = 256;
+
+impl Router {
+    /// `pages` contiguous DMA pages for a bounce buffer: a pooled page for one, else from the allocator. Pooled
+    /// pages are not zeroed: a request's bytes are always fully written (by the guest's data before a write, by
+    /// the device before a read's data is copied back) and nothing else of the page reaches a guest.
+    fn alloc_bounce(&mut self, ctrl: &mut Controller<KernelHal>, pages: usize) -> Option<u64> {
+        if pages == 1 {
+            if let Some(p) = self.pool.pop() {
+                return Some(p);
+            }
+        }
+        ctrl.hal_mut().alloc_pages(pages)
+    }
+
+    fn free_bounce(&mut self, ctrl: &mut Controller<KernelHal>, phys: u64, pages: usize) {
+        if pages == 1 && self.pool.len() < POOL_PAGES {
+            self.pool.push(phys);
+        } else if pages > 0 {
+            ctrl.hal_mut().free_pages(phys, pages);
+        }
+    }
 }
 
 impl BlockBackend for VolumeBackend<'_> {
@@ -117,7 +146,7 @@ impl BlockBackend for VolumeBackend<'_> {
         let bounce = if pages == 0 {
             0
         } else {
-            match self.ctrl.hal_mut().alloc_pages(pages) {
+            match self.router.alloc_bounce(self.ctrl, pages) {
                 Some(p) => p,
                 None => {
                     self.router.refused += 1;
@@ -125,8 +154,8 @@ impl BlockBackend for VolumeBackend<'_> {
                 }
             }
         };
-        if op == IoOp::Write && !copy_segments(mem, self.ctrl.hal_mut(), &req.data, bounce, false) {
-            self.ctrl.hal_mut().free_pages(bounce, pages);
+        if op == IoOp::Write && !copy_segments(mem, &req.data, bounce, false) {
+            self.router.free_bounce(self.ctrl, bounce, pages);
             return Submitted::Done(BlkStatus::IoErr);
         }
         let page_list: Vec<u64> = (0..u64::try_from(pages).unwrap_or(0))
@@ -153,9 +182,7 @@ impl BlockBackend for VolumeBackend<'_> {
                 Submitted::Pending
             }
             Err(_) => {
-                if pages > 0 {
-                    self.ctrl.hal_mut().free_pages(bounce, pages);
-                }
+                self.router.free_bounce(self.ctrl, bounce, pages);
                 self.router.refused += 1;
                 Submitted::Done(BlkStatus::IoErr)
             }
@@ -183,14 +210,12 @@ impl Router {
         };
         let mut ok = done.status.is_success();
         if ok && p.op == BlkOp::Read {
-            ok = copy_segments(mem, ctrl.hal_mut(), &p.data, p.bounce, true);
+            ok = copy_segments(mem, &p.data, p.bounce, true);
         }
         let status = if ok { BlkStatus::Ok } else { BlkStatus::IoErr };
         // A stale id (device reset or broken meanwhile) is ignored by the device and writes nothing.
         dev.complete(mem, p.id, status);
-        if p.pages > 0 {
-            ctrl.hal_mut().free_pages(p.bounce, p.pages);
-        }
+        self.free_bounce(ctrl, p.bounce, p.pages);
     }
 
     /// Retires one engine result whose device is gone (its VM stopped): frees the bounce buffer and touches no
@@ -199,9 +224,7 @@ impl Router {
         let Some(p) = self.pending.remove(&done.token) else {
             return false;
         };
-        if p.pages > 0 {
-            ctrl.hal_mut().free_pages(p.bounce, p.pages);
-        }
+        self.free_bounce(ctrl, p.bounce, p.pages);
         true
     }
 
