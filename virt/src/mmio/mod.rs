@@ -211,6 +211,8 @@ impl MmioWindows {
 }
 
 #[cfg(test)]
+mod bench_tests;
+#[cfg(test)]
 mod exit_tests;
 #[cfg(test)]
 mod tests;
