@@ -396,22 +396,28 @@ fn generated_cases() -> Vec<Case> {
     cases
 }
 
-/// Assembles `cases` with GNU as (64-bit, Intel syntax) into flat bytes; `None` if no assembler is installed.
-fn assemble(cases: &[Case]) -> Option<Vec<u8>> {
+/// Assembles `cases` with GNU as (Intel syntax, `mode`'s code size) into flat bytes; `None` if no assembler is
+/// installed.
+fn assemble(cases: &[Case], mode: CpuMode) -> Option<Vec<u8>> {
     use std::process::Command;
-    let dir = std::env::temp_dir().join(format!("cv-decode-{}", std::process::id()));
+    let (code, arch) = match mode {
+        Bits64 => (".code64", "--64"),
+        Bits32 => (".code32", "--32"),
+        Bits16 => (".code16", "--32"),
+    };
+    let dir = std::env::temp_dir().join(format!("cv-decode-{}-{code}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
     let src = dir.join("t.s");
     let obj = dir.join("t.o");
     let bin = dir.join("t.bin");
-    let mut text = String::from(".intel_syntax noprefix\n.code64\n");
+    let mut text = format!(".intel_syntax noprefix\n{code}\n");
     for c in cases {
         text.push_str(&c.text);
         text.push('\n');
     }
     std::fs::write(&src, text).ok()?;
     let status = Command::new("as")
-        .args(["--64", "-o"])
+        .args([arch, "-o"])
         .arg(&obj)
         .arg(&src)
         .status()
@@ -432,28 +438,105 @@ fn assemble(cases: &[Case]) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-#[test]
-fn the_assembler_agrees_on_every_generated_form() {
-    let cases = generated_cases();
-    let Some(bytes) = assemble(&cases) else {
+/// Decodes the assembled stream instruction by instruction: every case must decode to its expectation, and the
+/// lengths must add up to the stream (a wrong length would drift off the instruction boundaries).
+fn check_against_assembler(cases: &[Case], mode: CpuMode) {
+    let Some(bytes) = assemble(cases, mode) else {
         std::eprintln!("SKIPPED: GNU as/objcopy not installed; the hand-assembled table still ran");
         return;
     };
     let mut at = 0usize;
-    for c in &cases {
-        let d = decode(&bytes[at..], Bits64)
+    for c in cases {
+        let d = decode(&bytes[at..], mode)
             .unwrap_or_else(|e| panic!("{}: {e:?} at {at} ({:02x?})", c.text, &bytes[at..]));
-        assert_eq!((d.size, d.op), (c.size, c.op), "{}", c.text);
+        assert_eq!((d.size, d.op), (c.size, c.op), "{} ({mode:?})", c.text);
         at += usize::from(d.len);
     }
-    // Every length was right, or the walk would have drifted off the instruction boundaries.
-    assert_eq!(at, bytes.len(), "decoded lengths do not add up");
-    assert!(cases.len() > 500, "{} generated cases", cases.len());
+    assert_eq!(at, bytes.len(), "decoded lengths do not add up ({mode:?})");
     std::eprintln!(
-        "{} instructions ({} bytes) assembled by GNU as and decoded",
+        "{} instructions ({} bytes) assembled by GNU as and decoded in {mode:?}",
         cases.len(),
         bytes.len()
     );
+}
+
+#[test]
+fn the_assembler_agrees_on_every_generated_form() {
+    let cases = generated_cases();
+    assert!(cases.len() > 500, "{} generated cases", cases.len());
+    check_against_assembler(&cases, Bits64);
+}
+
+/// The same forms in 32-bit and 16-bit code, with 32-bit and 16-bit addressing (the assembler adds 66/67 as each
+/// mode needs them).
+fn legacy_cases() -> Vec<Case> {
+    const MEM: [&str; 13] = [
+        "[eax]",
+        "[esp]",
+        "[ebp]",
+        "[esp+0x10]",
+        "[ebx+0x12345678]",
+        "[eax+ecx*4-0x80]",
+        "[0x2000]",
+        "fs:[edx+esi*2+0x7fffffff]",
+        "[bx+si]",
+        "[bp]",
+        "[bp+di+0x10]",
+        "[si+0x1234]",
+        "es:[di]",
+    ];
+    let mut cases = Vec::new();
+    for mem in MEM {
+        for (size, ptr, regs) in widths().into_iter().take(3) {
+            for (i, name) in regs.iter().take(8).enumerate() {
+                let (reg, high_byte, name) = if size == Byte && i >= 4 {
+                    (Gpr::ALL[i - 4], true, HIGH8[i - 4])
+                } else {
+                    (Gpr::ALL[i], false, *name)
+                };
+                cases.push(Case {
+                    text: format!("mov {ptr} ptr {mem}, {name}"),
+                    size,
+                    op: Op::Store(Source::Reg { reg, high_byte }),
+                });
+                cases.push(Case {
+                    text: format!("mov {name}, {ptr} ptr {mem}"),
+                    size,
+                    op: load(reg, high_byte, size, Extend::None),
+                });
+            }
+            let imm = [0x81, 0x8123, 0x8123_4567][usize::from(size.bytes() / 2)];
+            cases.push(Case {
+                text: format!("mov {ptr} ptr {mem}, {imm:#x}"),
+                size,
+                op: Op::Store(Source::Imm(imm)),
+            });
+        }
+        for (ext, mnemonic) in [(Extend::Zero, "movzx"), (Extend::Sign, "movsx")] {
+            for (src, sptr) in [(Byte, "byte"), (Word, "word")] {
+                for (dst, regs) in [(Word, &R16), (Dword, &R32)] {
+                    if dst.bytes() <= src.bytes() {
+                        continue;
+                    }
+                    for (i, name) in regs.iter().take(8).enumerate() {
+                        cases.push(Case {
+                            text: format!("{mnemonic} {name}, {sptr} ptr {mem}"),
+                            size: src,
+                            op: load(Gpr::ALL[i], false, dst, ext),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn the_assembler_agrees_in_32_and_16_bit_code() {
+    let cases = legacy_cases();
+    check_against_assembler(&cases, Bits32);
+    check_against_assembler(&cases, Bits16);
 }
 
 proptest! {
