@@ -4,7 +4,9 @@
 //! writes COM1 to a file that the `qemu-tests` runner tails to the terminal; Bochs runs in its own
 //! process group and a Ctrl-C handler here stops it, so its built-in debugger never sees the signal.
 //! The default boot is the fastest one (QEMU `-kernel`); `--iso` or `--uefi` boot the GRUB ISO,
-//! which is rebuilt with the `--append` command line at `build/run/creditvisor.iso`.
+//! which is rebuilt with the `--append` command line at `build/run/creditvisor.iso`. With `--agent` (QEMU), the
+//! kernel's management channel (`mgmt=com2`) goes to the unix socket `build/run/com2.sock` and `cvctl agent` is
+//! started on it in the background (fresh state and log in `build/run/agent/`), stopped when QEMU ends.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +54,95 @@ pub struct RunArgs {
     /// Boot without VMs (no boot modules).
     #[arg(long)]
     no_vms: bool,
+    /// Attach the management agent (QEMU only): the kernel's channel on COM2 (`mgmt=com2`) behind a unix socket
+    /// and `cvctl agent` connected to it, with a fresh state in build/run/agent/; then use `cvctl top`.
+    #[arg(long)]
+    agent: bool,
+    /// HTTP API address of the attached agent.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    api: String,
+}
+
+/// The attached management agent; stopped when dropped.
+struct AgentChild(std::process::Child);
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds `cvctl` (the management agent and CLI) and returns its path.
+///
+/// # Errors
+/// A failing build.
+pub fn build_cvctl() -> Result<std::path::PathBuf> {
+    let status = crate::cargo()
+        .args(["build", "-p", "mgmt-agent", "--bin", "cvctl"])
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cvctl build failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::root().join("target"), std::path::PathBuf::from);
+    let target = if target.is_absolute() {
+        target
+    } else {
+        crate::root().join(target)
+    };
+    let bin = target.join("debug/cvctl");
+    if !bin.exists() {
+        bail!("cvctl built but not found at {}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Starts `cvctl agent` on the COM2 socket `sock` with its state and log in `dir` (both fresh).
+fn start_agent(
+    cvctl: &std::path::Path,
+    dir: &std::path::Path,
+    sock: &std::path::Path,
+    api: &str,
+) -> Result<AgentChild> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = dir.join("agent.log");
+    let out =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone().context("agent log")?;
+    // The agent retries its connection until QEMU has created the socket.
+    let child = std::process::Command::new(cvctl)
+        .arg("agent")
+        .arg("--db")
+        .arg(dir.join("cvctl.db"))
+        .arg("--host")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--listen", api])
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start {}", cvctl.display()))?;
+    let api_env = if api == "127.0.0.1:7878" {
+        String::new()
+    } else {
+        format!("CVCTL_API={api} ")
+    };
+    let c = cvctl.display();
+    println!(
+        "xtask: management agent attached (log {}), API http://{api}",
+        log.display()
+    );
+    println!("xtask: in another terminal:");
+    println!("    {api_env}{c} top                          live view: baselines, bursts, balances, IOPS (q quits)");
+    println!("    {api_env}{c} hosts | vms | pools | usage   (add --json for JSON)");
+    println!("    {api_env}{c} pool create burst --resource cpu && {c} pool purchase burst 1 && {c} pool authorize burst cv0 VM");
+    println!("    (an `unlimited` VM in the pool asks for credits; the demo's VMs are `standard`: see --vms)");
+    Ok(AgentChild(child))
 }
 
 /// Runs `cargo xtask run`.
@@ -62,6 +153,14 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if args.smp == 0 {
         bail!("--smp must be at least 1");
     }
+    if args.agent && args.emu == Emu::Bochs {
+        bail!("--agent needs QEMU (its COM2 goes to a unix socket the agent connects to)");
+    }
+    let append = if args.agent {
+        format!("{} mgmt=com2", args.append).trim().to_string()
+    } else {
+        args.append.clone()
+    };
     let uses_iso = args.iso || args.uefi || args.emu == Emu::Bochs;
     let emu_packages = match args.emu {
         Emu::Qemu => packages::QEMU,
@@ -75,7 +174,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         println!("xtask: VMs from {} (--no-vms boots none)", conf.display());
     }
     let artefacts = if uses_iso {
-        kernel::image(&args.append, vms.as_deref(), &iso)?
+        kernel::image(&append, vms.as_deref(), &iso)?
     } else {
         kernel::build()?
     };
@@ -89,10 +188,25 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             } else {
                 Boot::Kernel {
                     elf32: artefacts.kernel32.clone(),
-                    cmdline: args.append.clone(),
+                    cmdline: append.clone(),
                 }
             };
-            let q = Qemu {
+            let mut extra_args: Vec<String> = Vec::new();
+            let mut agent = None;
+            if args.agent {
+                let cvctl = build_cvctl()?;
+                let dir = run_dir.join("agent");
+                let sock = run_dir.join("com2.sock");
+                let _ = std::fs::remove_file(&sock);
+                agent = Some(start_agent(&cvctl, &dir, &sock, &args.api)?);
+                extra_args.extend([
+                    "-chardev".to_string(),
+                    format!("socket,id=mgmt,path={},server=on,wait=off", sock.display()),
+                    "-serial".to_string(),
+                    "chardev:mgmt".to_string(),
+                ]);
+            }
+            let mut q = Qemu {
                 extra_args: match (&vms, uses_iso) {
                     (Some(conf), false) => {
                         let initrd: Vec<String> = kernel::modules(&artefacts, conf)
@@ -117,7 +231,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
                 },
                 boot,
             };
-            run_qemu(&q)
+            q.extra_args.extend(extra_args);
+            let code = run_qemu(&q);
+            drop(agent);
+            code
         }
         Emu::Bochs => {
             if args.uefi {

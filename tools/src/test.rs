@@ -20,6 +20,8 @@ const TEST_THREADS: &str = "2";
 /// Integration test binaries of `qemu-tests` per emulator.
 const QEMU_TESTS: &[&str] = &["qemu", "negative", "vms", "nvme", "blk"];
 const BOCHS_TESTS: &[&str] = &["bochs", "vms"];
+/// QEMU test binaries that drive the hypervisor together with the management agent (`cvctl`, built first).
+const AGENT_TESTS: &[&str] = &["mgmt"];
 
 struct Stage {
     name: &'static str,
@@ -70,6 +72,14 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
     let artefacts = kernel::build();
     stage.done(artefacts.is_ok())?;
     let artefacts = artefacts?;
+    let cvctl = if emu == Some(Emu::Bochs) {
+        None
+    } else {
+        let stage = Stage::start("cvctl build");
+        let built = crate::run::build_cvctl();
+        stage.done(built.is_ok())?;
+        Some(built?)
+    };
     let stage = Stage::start("emulator tests");
     let mut c = cargo();
     // --no-fail-fast: every boot runs and reports even when an earlier test binary failed.
@@ -77,6 +87,7 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
     let mut binaries: Vec<&str> = Vec::new();
     if emu != Some(Emu::Bochs) {
         binaries.extend(QEMU_TESTS);
+        binaries.extend(AGENT_TESTS);
     }
     if emu != Some(Emu::Qemu) {
         binaries.extend(BOCHS_TESTS);
@@ -98,6 +109,9 @@ fn emulator_tests(emu: Option<Emu>) -> Result<()> {
         .env(ENV_KERNEL, &artefacts.kernel)
         .env(ENV_KERNEL32, &artefacts.kernel32)
         .env("CV_GUEST_DIR", &artefacts.guests);
+    if let Some(cvctl) = &cvctl {
+        c.env("CVCTL", cvctl);
+    }
     let ok = status(&mut c)?;
     stage.done(ok)
 }
