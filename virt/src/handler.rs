@@ -120,7 +120,7 @@ impl VmContext {
             let old = vcpu.gpr(dest.reg);
             vcpu.set_gpr(dest.reg, dest.merge(old, access.size, read_value));
         }
-        vcpu.set_rip(vcpu.rip().wrapping_add(u64::from(access.len)));
+        vcpu.set_rip(vcpu.rip().wrapping_add(u64::from(access.len)) & access.ip_mask);
     }
 
     /// Handles one exit of vCPU `vcpu_id`; `now_tsc` is the host TSC at the exit. Guest RAM is read-only here, so
@@ -299,6 +299,7 @@ impl VmContext {
             kind,
             dest,
             len: decoded.len,
+            ip_mask: mmio::ip_mask(mode),
         })
     }
 

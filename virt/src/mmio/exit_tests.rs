@@ -254,6 +254,14 @@ fn real_mode_code_is_fetched_at_cs_base_plus_ip() {
         }
         other => panic!("{other:?}"),
     }
+    // IP wraps at 16 bits: mov ax, [bx] (8B 07) at CS:FFFE completes at CS:0000.
+    g.vcpu.rip = 0xFFFE;
+    g.mem.write(0x1_FFFE, &[0x8B, 0x07]).unwrap();
+    let ExitAction::Mmio(a) = g.exit(WINDOW, false) else {
+        panic!("not decoded")
+    };
+    g.vm.complete_mmio(&mut g.vcpu, &a, 0xBEEF);
+    assert_eq!((g.vcpu.rip, g.vcpu.gpr(Gpr::Rax)), (0, 0xABCD_BEEF));
 }
 
 fn stop_cause(action: ExitAction) -> StopCause {

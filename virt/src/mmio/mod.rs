@@ -89,12 +89,19 @@ pub fn code_mode(cs: &ControlState, rip: u64) -> (CpuMode, u64) {
         } else {
             CpuMode::Bits16
         };
-        let ip = if mode == CpuMode::Bits16 {
-            rip & 0xFFFF
-        } else {
-            rip & 0xFFFF_FFFF
-        };
-        (mode, cs.cs_base.wrapping_add(ip) & 0xFFFF_FFFF)
+        (
+            mode,
+            cs.cs_base.wrapping_add(rip & ip_mask(mode)) & 0xFFFF_FFFF,
+        )
+    }
+}
+
+/// The instruction-pointer mask of a code mode.
+pub(crate) const fn ip_mask(mode: CpuMode) -> u64 {
+    match mode {
+        CpuMode::Bits16 => 0xFFFF,
+        CpuMode::Bits32 => 0xFFFF_FFFF,
+        CpuMode::Bits64 => u64::MAX,
     }
 }
 
@@ -117,6 +124,8 @@ pub struct MmioAccess {
     pub(crate) dest: Option<Dest>,
     /// Length of the instruction, 1..=15.
     pub(crate) len: u8,
+    /// Width of the instruction pointer: IP/EIP wrap at 16/32 bits outside 64-bit mode.
+    pub(crate) ip_mask: u64,
 }
 
 impl MmioAccess {
