@@ -383,3 +383,42 @@ proptest! {
         prop_assert!(others <= u64::try_from(slots).unwrap(), "{:?}", r.classes);
     }
 }
+
+/// `sim io overload` (the simulator's device model, jittered service times, 20 s): the partitioner
+/// serves every volume the same fraction of its commitment within ±2% (relative), utilisation
+/// stays at 100%, and the textbook arrival-anchored rule it replaced starves the closed loop.
+#[test]
+fn sim_overload_scenario_degrades_in_proportion() {
+    use sched::iops::sim::{run_all, scenarios};
+    let sc = scenarios::overload();
+    let runs = run_all(&sc).unwrap();
+    let part = &runs[0];
+    let before = &runs[3];
+    assert_eq!(
+        (part.dispatcher.as_str(), before.dispatcher.as_str()),
+        ("partitioner", "mclock-arrival")
+    );
+    let committed: u64 = sc.volumes.iter().map(|v| v.config.committed_iops).sum();
+    assert!(
+        part.total_iops * 10 < committed * 8,
+        "the scenario is an overload"
+    );
+    assert!(part.utilisation_ppm >= 990_000, "{}", part.utilisation_ppm);
+    let expect = part.total_iops * 1000 / committed;
+    for v in &part.volumes {
+        let f = v.served_iops * 1000 / v.committed_iops;
+        println!("partitioner {}: {f} per mille of its commitment", v.name);
+        assert!(
+            f * 100 >= expect * 98 && f * 100 <= expect * 102,
+            "{}: {f} per mille, expected {expect}",
+            v.name
+        );
+    }
+    let qd8 = &before.volumes[2];
+    assert_eq!(qd8.name, "qd8");
+    assert!(
+        qd8.served_iops * 5 < qd8.committed_iops * expect / 1000,
+        "arrival anchoring starves the closed loop: {} IOPS",
+        qd8.served_iops
+    );
+}

@@ -7,11 +7,18 @@
 //!   capacity), with a bucket depth of 50 ms at that rate. Among volumes whose head fits their
 //!   bucket, the oldest request goes first. Not work-conserving by construction.
 //! - [`FifoDispatcher`]: one global first-come first-served queue (no isolation at all).
+//! - [`ArrivalMclockDispatcher`]: textbook mClock's reservation rule, the one this partitioner
+//!   used before its overload fix: a volume's reservation tag is `max(R.next, arrival)`, anchored
+//!   at the request's own arrival, with the same two phases (due reservations by `R`, then weights
+//!   by start-time fair queueing) and limits, but no burst, borrow or boost. Shown beside the
+//!   partitioner so `sim io overload` compares the rule before and after the fix on one trace.
 
 use alloc::collections::VecDeque;
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use crate::iops::tags::{Rate, TagClock};
 use crate::iops::{
     DeviceConfig, IopsError, Partitioner, Request, ServiceClass, VolumeConfig, VolumeId, COST_ONE,
 };
@@ -250,6 +257,125 @@ impl SimDispatcher for FifoDispatcher {
         (!self.queue.is_empty()).then_some(now)
     }
     fn reconfigure(&mut self, _vol: usize, _config: VolumeConfig, _now: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct MclockVolume {
+    config: VolumeConfig,
+    /// (arrival, request, cost)
+    queue: VecDeque<(u64, Request, u64)>,
+    r: TagClock,
+    l: TagClock,
+    p: TagClock,
+}
+
+impl MclockVolume {
+    fn eligible(&self, now: u64) -> bool {
+        !self.queue.is_empty() && (self.config.limit_iops.is_none() || self.l.ready_at() <= now)
+    }
+}
+
+/// Textbook mClock reservation tags anchored at each request's arrival (see the module doc).
+/// A linear scan over the volumes per decision: a reference, not a fast path.
+pub struct ArrivalMclockDispatcher {
+    vols: Vec<MclockVolume>,
+    vtime: u64,
+}
+
+impl ArrivalMclockDispatcher {
+    /// One volume per configuration, in order.
+    #[must_use]
+    pub fn new(volumes: &[VolumeConfig]) -> Self {
+        Self {
+            vols: volumes
+                .iter()
+                .map(|&config| MclockVolume {
+                    config,
+                    queue: VecDeque::new(),
+                    r: TagClock::starting_at(0),
+                    l: TagClock::starting_at(0),
+                    p: TagClock::starting_at(0),
+                })
+                .collect(),
+            vtime: 0,
+        }
+    }
+}
+
+impl SimDispatcher for ArrivalMclockDispatcher {
+    fn name(&self) -> &'static str {
+        "mclock-arrival"
+    }
+    fn enqueue(&mut self, vol: usize, req: Request, cost: u64, now: u64) -> Result<(), String> {
+        let v = self
+            .vols
+            .get_mut(vol)
+            .ok_or_else(|| format!("no volume {vol}"))?;
+        v.queue.push_back((now, req, cost));
+        Ok(())
+    }
+    fn dispatch(&mut self, now: u64) -> Option<(usize, Request, Option<ServiceClass>)> {
+        let vtime = self.vtime;
+        // Smallest due reservation tag (ties: lower index), else smallest proportional tag.
+        let mut res: Option<(u64, usize)> = None;
+        let mut share: Option<(u64, usize)> = None;
+        for (i, v) in self.vols.iter().enumerate() {
+            if !v.eligible(now) {
+                continue;
+            }
+            let &(arrival, _, _) = v.queue.front()?;
+            if v.config.committed_iops > 0 {
+                let r = v.r.tag_for(arrival);
+                if r <= now && res.is_none_or(|(best, _)| r < best) {
+                    res = Some((r, i));
+                }
+            }
+            let p = v.p.tag_for(vtime);
+            if share.is_none_or(|(best, _)| p < best) {
+                share = Some((p, i));
+            }
+        }
+        let (tag, i, class) = match (res, share) {
+            (Some((r, i)), _) => (r, i, ServiceClass::Reservation),
+            (None, Some((p, i))) => (p, i, ServiceClass::Share),
+            (None, None) => return None,
+        };
+        let v = &mut self.vols[i];
+        let (_, req, cost) = v.queue.pop_front()?;
+        if class == ServiceClass::Reservation {
+            v.r.charge(tag, cost, Rate::Iops(v.config.committed_iops));
+        } else {
+            v.p.charge(tag, cost, Rate::Weight(v.config.weight));
+            self.vtime = self.vtime.max(tag);
+        }
+        if let Some(limit) = v.config.limit_iops {
+            let l = v.l.tag_for(now);
+            v.l.charge(l, cost, Rate::Iops(limit));
+        }
+        Some((i, req, Some(class)))
+    }
+    fn complete(&mut self, _vol: usize, _req: &Request, _service_ns: u64, _now: u64) {}
+    fn next_time(&self, now: u64) -> Option<u64> {
+        self.vols
+            .iter()
+            .filter(|v| !v.queue.is_empty())
+            .map(|v| if v.eligible(now) { now } else { v.l.ready_at() })
+            .min()
+    }
+    fn reconfigure(&mut self, vol: usize, config: VolumeConfig, _now: u64) -> Result<(), String> {
+        let v = self
+            .vols
+            .get_mut(vol)
+            .ok_or_else(|| format!("no volume {vol}"))?;
+        v.config = config;
+        if config.committed_iops > 0 {
+            v.r.respace(Rate::Iops(config.committed_iops));
+        }
+        if let Some(limit) = config.limit_iops {
+            v.l.respace(Rate::Iops(limit));
+        }
+        v.p.respace(Rate::Weight(config.weight));
         Ok(())
     }
 }

@@ -4,8 +4,10 @@
 //! arithmetic), so the guarantee tests run them under plain `cargo test`; the command line and the
 //! report writers (JSON, CSV, PNG) need the `std` feature.
 //!
-//! Runs one scenario's trace through three dispatchers side by side — this crate's partitioner,
-//! per-volume token buckets (blk-throttle style) and plain FIFO — on the same simulated device, and
+//! Runs one scenario's trace through four dispatchers side by side — this crate's partitioner,
+//! per-volume token buckets (blk-throttle style), plain FIFO, and textbook mClock with
+//! arrival-anchored reservation tags (the partitioner's rule before the overload fix, see
+//! [`dispatchers`]) — on the same simulated device, and
 //! writes `table.txt`, `results.json`, `windows.csv` and `plot.png` to `--out` (default
 //! `sim-out/io/<scenario>`), printing the table.
 //!
@@ -22,7 +24,10 @@ pub mod scenarios;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use dispatchers::{FifoDispatcher, PartitionerDispatcher, SimDispatcher, TokenBucketDispatcher};
+use dispatchers::{
+    ArrivalMclockDispatcher, FifoDispatcher, PartitionerDispatcher, SimDispatcher,
+    TokenBucketDispatcher,
+};
 use engine::{RunResult, Scenario};
 
 use crate::iops::DeviceConfig;
@@ -39,14 +44,17 @@ pub fn device_config(sc: &Scenario) -> DeviceConfig {
     }
 }
 
-/// Runs `sc` through the three dispatchers (partitioner, token bucket, FIFO).
+/// Runs `sc` through the four dispatchers, in this order: partitioner, token bucket, FIFO, and
+/// textbook mClock with arrival-anchored reservation tags (the partitioner's rule before its
+/// overload fix).
 pub fn run_all(sc: &Scenario) -> Result<Vec<RunResult>, String> {
     let configs: Vec<_> = sc.volumes.iter().map(|v| v.config).collect();
     let mut part =
         PartitionerDispatcher::new(device_config(sc), &configs).map_err(|e| e.to_string())?;
     let mut tb = TokenBucketDispatcher::new(sc.capacity_iops, &configs);
     let mut fifo = FifoDispatcher::default();
-    let dispatchers: [&mut dyn SimDispatcher; 3] = [&mut part, &mut tb, &mut fifo];
+    let mut mclock = ArrivalMclockDispatcher::new(&configs);
+    let dispatchers: [&mut dyn SimDispatcher; 4] = [&mut part, &mut tb, &mut fifo, &mut mclock];
     dispatchers
         .into_iter()
         .map(|d| engine::run(sc, d))

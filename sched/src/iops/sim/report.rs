@@ -41,12 +41,13 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<13} {:<9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8}",
+        "{:<14} {:<9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8}",
         "dispatcher",
         "volume",
         "commit",
         "offered",
         "served",
+        "%commit",
         "dem-w",
         "short",
         "met%",
@@ -57,12 +58,13 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
         for v in &r.volumes {
             let _ = writeln!(
                 s,
-                "{:<13} {:<9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7.2}% {:>8.2} {:>8.2}",
+                "{:<14} {:<9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7.2}% {:>8.2} {:>8.2}",
                 r.dispatcher,
                 v.name,
                 v.committed_iops,
                 v.offered_iops,
                 v.served_iops,
+                served_of_commitment(v.served_iops, v.committed_iops),
                 v.demanding_windows,
                 v.short_windows,
                 100.0 * met_fraction(v.demanding_windows, v.short_windows),
@@ -77,7 +79,7 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
         });
         let _ = writeln!(
             s,
-            "{:<13} utilisation {:>6.2}%  total {:>7} IOPS  commitment met in {:>7.2}% of demanding windows ({} of {})",
+            "{:<14} utilisation {:>6.2}%  total {:>7} IOPS  commitment met in {:>7.2}% of demanding windows ({} of {})",
             r.dispatcher,
             ppm_pct(r.utilisation_ppm),
             r.total_iops,
@@ -91,7 +93,7 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
             for c in &v.reclaims {
                 let _ = writeln!(
                     s,
-                    "{:<13} {:<9} back at {:>5.1} s: first window met {:<5} max latency {:>8.2} ms p99 {:>8.2} ms",
+                    "{:<14} {:<9} back at {:>5.1} s: first window met {:<5} max latency {:>8.2} ms p99 {:>8.2} ms",
                     r.dispatcher,
                     v.name,
                     ns_ms(c.at_ns) / 1000.0,
@@ -121,6 +123,18 @@ pub fn table(sc: &Scenario, runs: &[RunResult]) -> String {
         );
     }
     s
+}
+
+/// Served IOPS in per cent of the commitment (`-` without a commitment): under overload every
+/// volume demanding more than its share should show the same figure.
+fn served_of_commitment(served: u64, committed: u64) -> String {
+    if committed == 0 {
+        "-".into()
+    } else {
+        #[allow(clippy::cast_precision_loss)]
+        let pct = 100.0 * served as f64 / committed as f64;
+        format!("{pct:.1}%")
+    }
 }
 
 fn ppm_pct(ppm: u64) -> f64 {
