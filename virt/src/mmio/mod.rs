@@ -12,6 +12,12 @@
 //!   private part (destination register and extension, instruction length) is what [`crate::VmContext::complete_mmio`]
 //!   needs to finish the instruction with x86 semantics. The device model never touches registers.
 //!
+//! Limits (each is the guest hurting only itself, never the hypervisor): the instruction is fetched after the exit,
+//! so another vCPU rewriting it in between is decoded as it then is (a store/load disagreeing with the fault stops
+//! the VM as `mmio-mismatch`); a fault on a guest paging-structure access that lands in a window (guest page tables
+//! pointed at a device) is not told apart from a data access, since [`crate::MemAccess`] does not carry the
+//! hardware's "final translation" bit, and is emulated as the instruction's access.
+//!
 //! Invariants: an [`MmioAccess`] is only built by the decoder from a complete instruction, so its length is the
 //! real instruction length (1..=15) and a read always names its destination; `gpa..gpa + size` lies inside one
 //! window.

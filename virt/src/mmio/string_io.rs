@@ -2,7 +2,7 @@
 //!
 //! Why: the exit tells the port, the element size and whether a REP prefix is present, but not where the data is;
 //! that is seg:rSI (`OUTS`) or ES:rDI (`INS`) as linear addresses in the guest's own paging. The instruction is
-//! fetched and its prefixes decoded ([`super::decode::decode_string_io`]) for the address size and segment
+//! fetched and its prefixes decoded (`decode::decode_string_io`) for the address size and segment
 //! override, and memory is reached through the same page walk as MMIO ([`super::walk`]).
 //!
 //! Design:
