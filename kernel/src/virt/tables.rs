@@ -2,6 +2,10 @@
 //! through the direct map. The page-table builder itself is vendor-neutral and unsafe-free (`virt::paging`); this is
 //! the one place where its `TableMemory` trait touches physical memory. [`KernelNestedMap`] owns one VM's
 //! hierarchy; the backends add only their root-pointer encoding (EPT pointer, nCR3).
+//!
+//! Invariant: [`KernelNestedMap::table_frames`] is exactly the number of table frames the map holds (every
+//! allocation and free of its builder goes through [`KernelTables`], which counts them), so a VM's reclaim can
+//! report what it returned and the tests can check it against the frame allocator's free count.
 
 use virt::paging::{
     Attrs, MapError, NestedPageTable, PageSize, PteFormat, TableMemory, Translation, ENTRIES,
@@ -11,18 +15,24 @@ use crate::arch::x86_64::paging;
 use crate::mm::frame;
 
 /// Table frames from the frame allocator, accessed through the direct map with volatile accesses (the CPU walks
-/// them concurrently once a guest runs).
+/// them concurrently once a guest runs). Counts the frames it hands out and takes back (`frames`).
 #[derive(Debug, Default)]
-pub struct KernelTables;
+pub struct KernelTables {
+    /// Frames allocated minus frames freed through this value.
+    frames: u64,
+}
 
 impl TableMemory for KernelTables {
     fn alloc_zeroed(&mut self) -> Option<u64> {
-        frame::alloc_zeroed_below(u64::MAX)
+        let f = frame::alloc_zeroed_below(u64::MAX)?;
+        self.frames += 1;
+        Some(f)
     }
 
     fn free(&mut self, table: u64) {
         // SAFETY: the builder frees only frames it obtained from `alloc_zeroed`, once each, after unlinking them.
         unsafe { frame::free(table) };
+        self.frames = self.frames.saturating_sub(1);
     }
 
     fn read(&self, table: u64, index: usize) -> u64 {
@@ -60,6 +70,8 @@ impl TableMemory for KernelTables {
 pub struct KernelNestedMap<F: PteFormat> {
     /// Always `Some` until `drop`, which takes it to destroy the hierarchy.
     table: Option<NestedPageTable<F>>,
+    /// The table memory (and its frame count) every operation on `table` goes through.
+    mem: KernelTables,
 }
 
 impl<F: PteFormat> KernelNestedMap<F> {
@@ -68,20 +80,22 @@ impl<F: PteFormat> KernelNestedMap<F> {
     /// # Errors
     /// No frame for the root table.
     pub fn new() -> Result<Self, MapError> {
+        let mut mem = KernelTables::default();
+        let table = NestedPageTable::new(&mut mem)?;
         Ok(Self {
-            table: Some(NestedPageTable::new(&mut KernelTables)?),
+            table: Some(table),
+            mem,
         })
+    }
+
+    /// Table frames this map holds (all freed on drop).
+    pub fn table_frames(&self) -> u64 {
+        self.mem.frames
     }
 
     fn table(&self) -> &NestedPageTable<F> {
         self.table
             .as_ref()
-            .unwrap_or_else(|| unreachable!("nested map used after drop"))
-    }
-
-    fn table_mut(&mut self) -> &mut NestedPageTable<F> {
-        self.table
-            .as_mut()
             .unwrap_or_else(|| unreachable!("nested map used after drop"))
     }
 
@@ -101,8 +115,10 @@ impl<F: PteFormat> KernelNestedMap<F> {
         len: u64,
         attrs: Attrs,
     ) -> Result<(), MapError> {
-        self.table_mut()
-            .map_range(&mut KernelTables, gpa, hpa, len, attrs)
+        let Some(t) = self.table.as_mut() else {
+            unreachable!("nested map used after drop")
+        };
+        t.map_range(&mut self.mem, gpa, hpa, len, attrs)
     }
 
     /// Maps with one page size.
@@ -117,20 +133,22 @@ impl<F: PteFormat> KernelNestedMap<F> {
         size: PageSize,
         attrs: Attrs,
     ) -> Result<(), MapError> {
-        self.table_mut()
-            .map(&mut KernelTables, gpa, hpa, len, size, attrs)
+        let Some(t) = self.table.as_mut() else {
+            unreachable!("nested map used after drop")
+        };
+        t.map(&mut self.mem, gpa, hpa, len, size, attrs)
     }
 
     /// Looks up a guest-physical address.
     pub fn translate(&self, gpa: u64) -> Option<Translation> {
-        self.table().translate(&KernelTables, gpa)
+        self.table().translate(&self.mem, gpa)
     }
 }
 
 impl<F: PteFormat> Drop for KernelNestedMap<F> {
     fn drop(&mut self) {
         if let Some(t) = self.table.take() {
-            t.destroy(&mut KernelTables);
+            t.destroy(&mut self.mem);
         }
     }
 }

@@ -8,11 +8,15 @@
 //! Invariants: `frames[i]` backs guest-physical `[i * 4 KiB, (i + 1) * 4 KiB)`; every access is bounds-checked by
 //! `virt::memory::check_range` before any byte is touched. Guest vCPUs may write the same bytes concurrently; the
 //! hypervisor only copies plain bytes out (never forms references into guest memory), so a racing guest can only
-//! change what it logs. Frames are returned to the allocator only by [`GuestRam::release`], after the VM's nested
-//! page table is gone.
+//! change what it logs. Frames are returned to the allocator only by [`GuestRam::release`] (a VM that never ran) or
+//! [`GuestRam::reclaim`] (a stopped VM, once its vCPUs and nested page table are gone: `runloop`'s reclaim).
+//! The frame list sits behind a reader-writer lock: accesses hold it shared for the copy, [`GuestRam::reclaim`]
+//! takes it exclusively and empties it, so an access racing with a reclaim either completes before the frames are
+//! freed or finds no RAM (`OutOfRange`), never a freed frame.
 
 use alloc::vec::Vec;
 
+use spin::RwLock;
 use virt::memory::{check_range, GuestMemory, OutOfRange};
 
 use crate::arch::x86_64::paging;
@@ -28,7 +32,8 @@ pub struct OutOfFrames {
 /// One VM's RAM.
 #[derive(Debug)]
 pub struct GuestRam {
-    frames: Vec<u64>,
+    /// Empty once reclaimed.
+    frames: RwLock<Vec<u64>>,
     size: u64,
 }
 
@@ -64,25 +69,30 @@ impl GuestRam {
             // SAFETY: the frame is ours (just allocated) and mapped by the direct map.
             unsafe { core::ptr::write_bytes(paging::phys_to_virt(f), 0, 4096) };
         }
-        Ok(Self { frames, size })
+        Ok(Self {
+            frames: RwLock::new(frames),
+            size,
+        })
     }
 
-    /// Maximal runs of physically contiguous frames: `(gpa, hpa, len)`.
-    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    /// Maximal runs of physically contiguous frames: `(gpa, hpa, len)` (none once reclaimed).
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, u64)> {
+        let frames = self.frames.read();
+        let mut runs = Vec::new();
         let mut i = 0usize;
-        core::iter::from_fn(move || {
-            let start = *self.frames.get(i)?;
+        while let Some(&start) = frames.get(i) {
             let first = i;
             i += 1;
-            while self.frames.get(i) == Some(&(start + (i - first) as u64 * PAGE_SIZE)) {
+            while frames.get(i) == Some(&(start + (i - first) as u64 * PAGE_SIZE)) {
                 i += 1;
             }
-            Some((
+            runs.push((
                 first as u64 * PAGE_SIZE,
                 start,
                 (i - first) as u64 * PAGE_SIZE,
-            ))
-        })
+            ));
+        }
+        runs.into_iter()
     }
 
     /// Returns the frames to the allocator.
@@ -90,10 +100,31 @@ impl GuestRam {
     /// # Safety
     /// No nested page table maps these frames any more and no vCPU of the VM exists.
     pub unsafe fn release(self) {
-        for f in self.frames {
-            // SAFETY: forwarded to the caller: the frame is no longer mapped or used.
-            unsafe { frame::free(f) };
-        }
+        // SAFETY: forwarded to the caller.
+        unsafe { self.reclaim() };
+    }
+
+    /// Returns the frames to the allocator and leaves this RAM empty (every later access is `OutOfRange`);
+    /// idempotent. Returns the number of frames freed (0 the second time).
+    ///
+    /// # Safety
+    /// As [`Self::take_frames`].
+    pub unsafe fn reclaim(&self) -> u64 {
+        // SAFETY: forwarded to the caller.
+        let mut frames = unsafe { self.take_frames() };
+        frames.free_batch(usize::MAX)
+    }
+
+    /// Empties this RAM (every later access is `OutOfRange`) and hands its frames over for freeing, in batches
+    /// the caller chooses ([`ReclaimedFrames::free_batch`]), so a large VM's reclaim need not stall a run loop.
+    /// Idempotent: the second call hands over nothing.
+    ///
+    /// # Safety
+    /// No nested page table maps these frames any more, no vCPU of the VM exists, and no device model holds a
+    /// view of them (`io::service::detach_vm`): nothing but this value can reach them.
+    pub unsafe fn take_frames(&self) -> ReclaimedFrames {
+        // The write lock waits for every access in progress; the list is empty for every later one.
+        ReclaimedFrames(core::mem::take(&mut *self.frames.write()))
     }
 
     /// Calls `f(host pointer, offset in buf, len)` for each page-bounded piece of `[gpa, gpa + len)`.
@@ -104,13 +135,17 @@ impl GuestRam {
         mut f: impl FnMut(*mut u8, usize, usize),
     ) -> Result<(), OutOfRange> {
         check_range(gpa, len, self.size)?;
+        let frames = self.frames.read();
+        if frames.is_empty() {
+            return Err(OutOfRange { gpa, len });
+        }
         let mut done = 0u64;
         while done < len {
             let at = gpa + done;
             let page = usize::try_from(at / PAGE_SIZE).map_err(|_| OutOfRange { gpa, len })?;
             let in_page = at % PAGE_SIZE;
             let chunk = (PAGE_SIZE - in_page).min(len - done);
-            let frame = self.frames[page];
+            let frame = *frames.get(page).ok_or(OutOfRange { gpa, len })?;
             // In bounds: `check_range` above, and `frames` covers `size`.
             let host = paging::phys_to_virt(frame + in_page);
             f(
@@ -121,6 +156,29 @@ impl GuestRam {
             done += chunk;
         }
         Ok(())
+    }
+}
+
+/// Frames taken from a reclaimed [`GuestRam`], not yet returned to the allocator (dropping it leaks the rest).
+#[derive(Debug, Default)]
+pub struct ReclaimedFrames(Vec<u64>);
+
+impl ReclaimedFrames {
+    /// Frames still to free.
+    pub fn remaining(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    /// Frees up to `max` frames; returns how many.
+    pub fn free_batch(&mut self, max: usize) -> u64 {
+        let keep = self.0.len().saturating_sub(max);
+        let n = (self.0.len() - keep) as u64;
+        for f in self.0.drain(keep..) {
+            // SAFETY: the frames left their `GuestRam` through `take_frames`, whose caller guaranteed nothing
+            // else reaches them; each is freed once (drained from the list).
+            unsafe { frame::free(f) };
+        }
+        n
     }
 }
 

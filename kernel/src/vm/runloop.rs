@@ -17,7 +17,7 @@
 //! A VM paused by the management channel (`Vm::paused`) is never entered: its vCPUs are blocked in the scheduler at
 //! their next decision and are not woken until the resume (the BSP also polls the channel, `crate::mgmt`).
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use virt::{ExitAction, StopReport, Vcpu, NO_WAKE};
 
@@ -59,7 +59,14 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     for &s in &mine {
         create_vcpu(rt, s);
     }
+    let mut stops_seen = 0;
     while !rt.done.load(Ordering::Acquire) {
+        // A VM stopped since the last look: hand this CPU's vCPUs of stopped VMs back (reclaim).
+        let stops = STOPS.load(Ordering::Acquire);
+        if stops != stops_seen && settle_stopped(rt, &mine) {
+            stops_seen = stops;
+        }
+        reclaim_step(rt, rt.after(tsc::rdtsc(), RECLAIM_STEP_NS));
         // Guest output and reports leave through the console ring, a FIFO load at a time, never waiting.
         let console_pending = console::pump(CONSOLE_PUMP_BYTES);
         // NVMe completions into the guests, and the next requests onto the device (io::service).
@@ -102,6 +109,8 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 if io::outstanding() > 0 {
                     until = until.min(rt.after(now, io::IDLE_POLL_NS));
                 }
+                // Nothing to run: a reclaim's RAM is freed in this idle time first.
+                reclaim_step(rt, until);
                 idle_until(until);
                 stats
                     .idle_ticks
@@ -120,6 +129,7 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     if let Some(m) = mgmt.as_mut() {
         m.finish(rt);
     }
+    trace_report(rt, &mine);
     lapic::disarm();
     stats.finished.store(true, Ordering::Release);
     x86_64::instructions::interrupts::enable();
@@ -306,7 +316,8 @@ fn run_slice(
         }
     }
     if let Some(report) = stop {
-        stop_vm(rt, slot.vm, report, t1);
+        // This CPU hands back its vCPUs of the VM at once; the others at their next iteration.
+        stop_and_reclaim(rt, slot.vm, report, t1);
     }
 }
 
@@ -333,6 +344,8 @@ pub fn stop_vm(rt: &Runtime, vm: usize, report: StopReport, now: u64) {
         }
         *state = VmState::Stopped(report);
     }
+    // Every run loop settles its vCPUs of this VM at its next iteration (reclaim).
+    STOPS.fetch_add(1, Ordering::AcqRel);
     // Its devices let go of its memory first: from here on no completion touches the VM's RAM, whatever
     // reclaims it later.
     crate::io::service::detach_vm(vm);
@@ -344,6 +357,169 @@ pub fn stop_vm(rt: &Runtime, vm: usize, report: StopReport, now: u64) {
         slot.blocked.store(true, Ordering::Relaxed);
         if let Err(e) = sched.block(slot.id, rt.ns(now)) {
             log::error!("vm {}: block of vCPU {} refused: {e}", v.name, slot.index);
+        }
+    }
+}
+
+/// Stops counted so far: a run loop that sees it change settles its vCPUs of stopped VMs.
+static STOPS: AtomicU64 = AtomicU64::new(0);
+/// The reclaim in progress (one VM at a time, so the free-frame counts it reports are its own).
+static RECLAIM: spin::Mutex<Option<InProgress>> = spin::Mutex::new(None);
+/// Longest a run loop iteration spends freeing a reclaimed VM's RAM while vCPUs wait (an idle CPU frees until
+/// its next wake-up instead). Host time no vCPU is charged for: kept well inside the overrun bound.
+const RECLAIM_STEP_NS: u64 = 10_000;
+/// Frames freed between two looks at the clock.
+const RECLAIM_BATCH: usize = 16;
+
+/// A VM whose vCPUs and tables are gone and whose RAM is being freed.
+#[derive(Debug)]
+struct InProgress {
+    vm: usize,
+    released: super::backend::Released,
+    ram: super::ram::ReclaimedFrames,
+    ram_frames: u64,
+}
+
+/// What became of a VM's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reclaim {
+    /// The VM runs (or is paused): it keeps its memory.
+    Running,
+    /// Stopped; its vCPUs are being handed back (each run loop does it at its next iteration) or its RAM freed.
+    Pending,
+    /// Stopped, and its RAM, nested page tables and control pages are back in the frame allocator.
+    Done,
+}
+
+/// Where VM `vm`'s reclaim stands (`None`: no such VM).
+pub fn reclaim_status(rt: &Runtime, vm: usize) -> Option<Reclaim> {
+    let v = rt.vms.get(vm)?;
+    Some(if !v.stopped() {
+        Reclaim::Running
+    } else if v.backend.released() && RECLAIM.lock().as_ref().is_none_or(|p| p.vm != vm) {
+        Reclaim::Done
+    } else {
+        Reclaim::Pending
+    })
+}
+
+/// Stops VM `vm` with `report` (unless it already stopped) and reclaims its memory: this CPU hands back its own
+/// vCPUs of the VM now; every other CPU does at its run loop's next iteration (a busy CPU within one slice, an
+/// idle one at its next wake-up: send it an IPI to make that immediate); the RAM is then freed in bounded steps by
+/// the run loops. Idempotent. For the management channel's destroy. Returns where the reclaim stands afterwards
+/// (`None`: no such VM).
+pub fn stop_and_reclaim(rt: &Runtime, vm: usize, report: StopReport, now: u64) -> Option<Reclaim> {
+    rt.vms.get(vm)?;
+    stop_vm(rt, vm, report, now);
+    let me = crate::arch::x86_64::percpu::current_id();
+    let mine: alloc::vec::Vec<usize> = rt.vms[vm]
+        .slots
+        .clone()
+        .filter(|&s| rt.slots[s].cpu == me)
+        .collect();
+    settle_stopped(rt, &mine);
+    reclaim_status(rt, vm)
+}
+
+/// Hands back every vCPU among `mine` (slots of this CPU) whose VM has stopped: its backend vCPU is dropped here,
+/// on its own CPU (VMX: VMCLEAR, then its frames). The CPU that settles a VM's last vCPU frees the VM's nested
+/// page tables and takes its RAM for [`reclaim_step`]. Returns false if something is left for a later call (while
+/// another VM's RAM is still being freed, no new reclaim starts).
+fn settle_stopped(rt: &Runtime, mine: &[usize]) -> bool {
+    let mut all = true;
+    for &s in mine {
+        let slot = &rt.slots[s];
+        let vm = &rt.vms[slot.vm];
+        if !vm.stopped() || vm.backend.is_settled(slot.index) {
+            continue;
+        }
+        let mut current = RECLAIM.lock();
+        if current.is_some() {
+            all = false;
+            continue;
+        }
+        let vcpu = slot.vcpu.lock().take();
+        if let Some(v) = vcpu.as_ref().and_then(super::backend::BackendVcpu::as_vmx) {
+            if v.late_exits() > 0 {
+                v.trace_report(&alloc::format!("vm {} vCPU {}", vm.name, slot.index));
+            }
+        }
+        let Some(released) = vm.backend.settle(slot.index, vm.slots.len(), vcpu) else {
+            continue;
+        };
+        // SAFETY: every vCPU of the VM is gone (settled above, each on its own CPU), the nested page table that
+        // mapped the RAM was freed by `settle`, and `stop_vm` detached the VM's devices (io::service::detach_vm)
+        // before any of this could run.
+        let ram = unsafe { vm.ram.take_frames() };
+        *current = Some(InProgress {
+            vm: slot.vm,
+            released,
+            ram_frames: ram.remaining(),
+            ram,
+        });
+        RECLAIMING.store(true, Ordering::Release);
+    }
+    all
+}
+
+/// A reclaim's RAM is waiting to be freed (checked without the lock on every iteration).
+static RECLAIMING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Frees the in-progress reclaim's RAM until TSC `until` (at least one batch); when it is all back, logs
+/// `vm <name>: reclaimed <N> KiB (<r> KiB RAM, <t> KiB tables, <c> KiB control pages); free frames <before> ->
+/// <after>` (before: the allocator's count just before the VM's first frame was freed). Another CPU already
+/// freeing is left alone.
+fn reclaim_step(rt: &Runtime, until: u64) {
+    if !RECLAIMING.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(mut current) = RECLAIM.try_lock() else {
+        return;
+    };
+    let Some(p) = current.as_mut() else {
+        return;
+    };
+    while p.ram.free_batch(RECLAIM_BATCH) > 0 && tsc::rdtsc() < until {}
+    if p.ram.remaining() > 0 {
+        return;
+    }
+    let after = crate::mm::frame::free_frames();
+    let kib = |frames: u64| frames * 4;
+    let r = p.released;
+    let total = p.ram_frames + r.table_frames + r.control_frames;
+    console::log_deferred(
+        log::Level::Info,
+        "vm",
+        format_args!(
+            "vm {}: reclaimed {} KiB ({} KiB RAM, {} KiB tables, {} KiB control pages); free frames {} -> {}",
+            rt.vms[p.vm].name,
+            kib(total),
+            kib(p.ram_frames),
+            kib(r.table_frames),
+            kib(r.control_frames),
+            r.free_before,
+            after
+        ),
+    );
+    *current = None;
+    RECLAIMING.store(false, Ordering::Release);
+    // VMs whose settling waited for this one go next.
+    STOPS.fetch_add(1, Ordering::AcqRel);
+}
+
+/// End of the run: the slice trace of every VMX vCPU of this CPU that had a late exit.
+fn trace_report(rt: &Runtime, mine: &[usize]) {
+    for &s in mine {
+        let slot = &rt.slots[s];
+        let guard = slot.vcpu.lock();
+        if let Some(v) = guard.as_ref().and_then(super::backend::BackendVcpu::as_vmx) {
+            if v.late_exits() > 0 {
+                v.trace_report(&alloc::format!(
+                    "vm {} vCPU {}",
+                    rt.vms[slot.vm].name,
+                    slot.index
+                ));
+            }
         }
     }
 }

@@ -28,8 +28,9 @@
 //!
 //! Invariants: the vCPU is used only on the CPU that created it ([`VmxVcpu::new`] records it; `run` refuses other
 //! CPUs with `EntryFailure::VmxInstructionError(0)` — 0 is not an SDM error number, it means "wrong CPU"). Its frames
-//! are freed on drop after VMCLEAR on that CPU; dropped elsewhere they are leaked rather than freed while the
-//! hardware may still cache the VMCS.
+//! are freed by [`VmxVcpu::release`] (the reclaim, which counts them) or on drop, after VMCLEAR on that CPU; dropped
+//! elsewhere they are leaked rather than freed while the hardware may still cache the VMCS. Every entry and exit
+//! is recorded in the vCPU's [`super::trace`] ring (no logging on this path).
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -46,6 +47,7 @@ use super::fields::{
     ReadOnly64, ReadOnlyNat,
 };
 use super::instr::{self, set, InstructionError, VmFail};
+use super::trace::{self, Ring};
 use super::{cpu, VmxError};
 use crate::arch::x86_64::{cpu as x86, paging, tsc};
 use crate::mm::frame;
@@ -204,6 +206,10 @@ pub struct VmxVcpu {
     pending: Option<Injection>,
     timer_left: Option<u32>,
     timer_armed: u32,
+    /// TSC read where the timer value of the last entry was computed.
+    entry_tsc: u64,
+    /// The last entries, for explaining a late exit ([`super::trace`]).
+    trace: Ring,
     fx: FxArea,
 }
 
@@ -263,6 +269,8 @@ impl VmxVcpu {
             pending: None,
             timer_left: None,
             timer_armed: 0,
+            entry_tsc: 0,
+            trace: Ring::new(),
             fx: FxArea([0; 512]),
         };
         // Drop frees whatever was allocated if a later step fails.
@@ -691,13 +699,98 @@ impl VmxVcpu {
         instr::read_nat(f).ok()
     }
 
+    /// Records the entry that just exited in the trace ring (RFLAGS and interruptibility read here, only for it).
+    fn trace_exit(&mut self, deadline_tsc: u64, exit_tsc: u64) {
+        let (rflags, interruptibility) = if self.last.reason & ENTRY_FAILURE == 0 {
+            (
+                instr::read_nat(GuestNat::Rflags).unwrap_or(0),
+                instr::read32(Guest32::InterruptibilityState).unwrap_or(0),
+            )
+        } else {
+            (0, 0)
+        };
+        self.trace.record(trace::Entry {
+            seq: 0,
+            entry_tsc: self.entry_tsc,
+            deadline: deadline_tsc,
+            armed: self.timer_armed,
+            saved: self.timer_left,
+            exit_tsc,
+            reason: self.last.reason,
+            rip: self.rip,
+            rflags,
+            interruptibility,
+        });
+    }
+
+    /// Prints the trace around this vCPU's first late exit (end of a run; `who` names it, e.g. "vm rt vCPU 0").
+    pub fn trace_report(&self, who: &str) {
+        self.trace.report(who);
+    }
+
+    /// Exits that came more than `trace::LATE_NS` after their deadline.
+    pub fn late_exits(&self) -> u64 {
+        self.trace.lates()
+    }
+
+    /// Drops the vCPU on its own CPU and returns the number of frames freed: VMCLEAR, then its VMCS, MSR and I/O
+    /// bitmaps and MSR areas. Off its CPU, or if VMCLEAR fails, the frames are leaked (logged) and 0 is returned.
+    pub fn release(mut self) -> u64 {
+        self.free_frames()
+    }
+
+    /// VMCLEAR and free (see [`Self::release`]); leaves every frame field 0, so it runs once.
+    fn free_frames(&mut self) -> u64 {
+        let frames = [
+            &mut self.vmcs,
+            &mut self.msr_bitmap,
+            &mut self.io_bitmap_a,
+            &mut self.io_bitmap_b,
+            &mut self.guest_msrs,
+            &mut self.host_msrs,
+        ];
+        if frames.iter().all(|f| **f == 0) {
+            return 0;
+        }
+        if cpu::cpu_index() != self.cpu {
+            log::error!(
+                "vmx: vCPU dropped off its CPU {}: leaking its VMCS and bitmaps",
+                self.cpu
+            );
+            return 0;
+        }
+        if *frames[0] != 0 {
+            // SAFETY: on the owning CPU in VMX operation; VMCLEAR writes the VMCS back and makes it not current,
+            // after which the frame is ordinary memory again.
+            if let Err(e) = unsafe { instr::vmclear(*frames[0]) } {
+                log::error!(
+                    "vmx: VMCLEAR of {:#x} failed ({e}): leaking its frames",
+                    *frames[0]
+                );
+                return 0;
+            }
+        }
+        let mut freed = 0;
+        for f in frames {
+            if *f != 0 {
+                // SAFETY: each frame came from the allocator in `new`, is no longer referenced by any current VMCS
+                // (cleared above), and is freed once (the field is zeroed right after).
+                unsafe { frame::free(*f) };
+                *f = 0;
+                freed += 1;
+            }
+        }
+        freed
+    }
+
     /// Everything written before an entry; an error is a VMWRITE failure number.
     fn prepare_entry(&mut self, deadline_tsc: u64) -> Result<(), VmFail> {
         let w = |r: Result<(), VmFail>| r;
         w(instr::write_nat(GuestNat::Rip, self.rip))?;
         w(instr::write_nat(GuestNat::Rsp, self.rsp))?;
         w(instr::write64(Control64::TscOffset, self.tsc_offset))?;
-        let ticks = deadline_tsc.saturating_sub(tsc::rdtsc());
+        self.entry_tsc = tsc::rdtsc();
+        let ticks = deadline_tsc.saturating_sub(self.entry_tsc);
         let timer = u32::try_from(ticks >> self.timer_rate).unwrap_or(u32::MAX);
         w(instr::write32(Guest32::PreemptionTimerValue, timer))?;
         self.timer_armed = timer;
@@ -769,7 +862,9 @@ impl VmxVcpu {
             }
             Ok(status) if status != EXITED => Err(EntryFailure::VmxInstructionError(0)),
             Ok(_) => {
+                let exit_tsc = tsc::rdtsc();
                 self.read_exit().map_err(fail)?;
+                self.trace_exit(deadline_tsc, exit_tsc);
                 if self.last.reason & ENTRY_FAILURE != 0 {
                     return Err(EntryFailure::VmxInvalidGuestState {
                         reason: self.last.reason & 0xFFFF,
@@ -944,37 +1039,6 @@ impl Vcpu for VmxVcpu {
 
 impl Drop for VmxVcpu {
     fn drop(&mut self) {
-        if cpu::cpu_index() != self.cpu {
-            log::error!(
-                "vmx: vCPU dropped off its CPU {}: leaking its VMCS and bitmaps",
-                self.cpu
-            );
-            return;
-        }
-        if self.vmcs != 0 {
-            // SAFETY: on the owning CPU in VMX operation; VMCLEAR writes the VMCS back and makes it not current, after
-            // which the frame is ordinary memory again.
-            if let Err(e) = unsafe { instr::vmclear(self.vmcs) } {
-                log::error!(
-                    "vmx: VMCLEAR of {:#x} failed ({e}): leaking its frames",
-                    self.vmcs
-                );
-                return;
-            }
-        }
-        for f in [
-            self.vmcs,
-            self.msr_bitmap,
-            self.io_bitmap_a,
-            self.io_bitmap_b,
-            self.guest_msrs,
-            self.host_msrs,
-        ] {
-            if f != 0 {
-                // SAFETY: each frame came from the allocator in `new`, is no longer referenced by any current VMCS,
-                // and is freed once.
-                unsafe { frame::free(f) };
-            }
-        }
+        self.free_frames();
     }
 }
