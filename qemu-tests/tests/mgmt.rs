@@ -88,11 +88,12 @@ fn cvctl_path() -> PathBuf {
     p
 }
 
-/// The agent daemon; killed (SIGKILL) when dropped.
-struct Agent(Child);
+/// A daemon child (`cvctl agent`, `cvctl proxy`); killed (SIGKILL) when dropped.
+struct Daemon(Child);
 
-impl Agent {
-    fn start(cvctl: &Path, work: &Path, sock: &Path, log: &str) -> (Self, String) {
+impl Daemon {
+    /// `cvctl agent` on the host socket `sock`, state in `work/cv.db`; returns it and its API address.
+    fn agent(cvctl: &Path, work: &Path, sock: &Path, log: &str) -> (Self, String) {
         let ready = work.join("agent.ready");
         let _ = std::fs::remove_file(&ready);
         let out = std::fs::File::create(work.join(log)).expect("agent log");
@@ -120,32 +121,65 @@ impl Agent {
         (agent, api)
     }
 
+    /// `cvctl proxy` from `listen` to `target` with bit flips, drops and duplications (`ppm` per byte each) and
+    /// chunk replays.
+    fn proxy(cvctl: &Path, work: &Path, listen: &Path, target: &Path, ppm: u32) -> Self {
+        let out = std::fs::File::create(work.join("proxy.log")).expect("proxy log");
+        let err = out.try_clone().expect("proxy log");
+        let child = Command::new(cvctl)
+            .arg("proxy")
+            .arg("--listen")
+            .arg(format!("unix:{}", listen.display()))
+            .arg("--target")
+            .arg(format!("unix:{}", target.display()))
+            .args(["--flip-ppm", &ppm.to_string()])
+            .args(["--drop-ppm", &ppm.to_string()])
+            .args(["--dup-ppm", &ppm.to_string()])
+            .args(["--replay-ppm", "20000", "--seed", "8"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start cvctl proxy");
+        let proxy = Self(child);
+        wait_for("the proxy's socket", || listen.exists().then_some(()));
+        proxy
+    }
+
     fn kill(mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-impl Drop for Agent {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-/// Runs `cvctl --json ARGS` against `api` and returns its output; panics with stderr on failure.
-fn cvctl(bin: &Path, api: &str, args: &[&str]) -> String {
+/// Runs `cvctl --json ARGS` against `api`: its output, or its error message.
+fn try_cvctl(bin: &Path, api: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(bin)
         .args(["--api", api, "--json"])
         .args(args)
         .output()
         .expect("run cvctl");
-    assert!(
-        out.status.success(),
-        "cvctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// As [`try_cvctl`], panicking with the message on failure.
+fn cvctl(bin: &Path, api: &str, args: &[&str]) -> String {
+    try_cvctl(bin, api, args).unwrap_or_else(|e| panic!("cvctl {args:?} failed: {e}"))
 }
 
 /// The first number after `"key":` in pretty JSON (the agent's outputs name each field once per object).
@@ -220,17 +254,17 @@ fn share_pct(a: &Marker, b: &Marker) -> u64 {
     dc * 100 / dt.max(1)
 }
 
-#[test]
-fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
+/// Boots the two-VM configuration with `cmdline` (plus `mgmt=com2 run_ms=RUN_MS exit=emu`) in QEMU EPYC with
+/// COM2 on a unix socket, runs `f(cvctl, work, socket, serial log)` while it runs, then stops QEMU.
+fn with_qemu(name: &str, cmdline: &str, f: impl FnOnce(&Path, &Path, &Path, &Path)) {
     let Some(a) = setup(Family::Qemu) else {
         return;
     };
     let cvctl_bin = cvctl_path();
-    let name = "mgmt-e2e";
     let work = a.workdir.join(name);
     std::fs::create_dir_all(&work).expect("work directory");
     let work = std::fs::canonicalize(&work).expect("work directory");
-    for f in ["cv.db", "cv.db-wal", "cv.db-shm", "com2.sock"] {
+    for f in ["cv.db", "cv.db-wal", "cv.db-shm", "com2.sock", "proxy.sock"] {
         let _ = std::fs::remove_file(work.join(f));
     }
     let conf = work.join("vms.conf");
@@ -247,7 +281,7 @@ fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
         2,
         Boot::Kernel {
             elf32: a.kernel32.clone(),
-            cmdline: format!("mgmt=com2 run_ms={RUN_MS} exit=emu"),
+            cmdline: format!("mgmt=com2 run_ms={RUN_MS} exit=emu {cmdline}"),
         },
     );
     q.extra_args = vec![
@@ -275,7 +309,15 @@ fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
     std::thread::scope(|s| {
         let qemu = s.spawn(|| run(&Emulator::Qemu(q), &expect, &opts));
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            scenario(&cvctl_bin, &work, &sock, &serial);
+            wait_for("CV:MGMT state=up", || {
+                let ms = markers(&serial);
+                assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+                ms.iter()
+                    .any(|m| m.kind == "MGMT" && m.get("state") == Some("up"))
+                    .then_some(())
+            });
+            wait_for("the COM2 socket", || sock.exists().then_some(()));
+            f(&cvctl_bin, &work, &sock, &serial);
         }));
         stop.store(true, Ordering::Relaxed);
         let report = qemu.join().expect("QEMU runner thread");
@@ -289,16 +331,15 @@ fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
     });
 }
 
-fn scenario(bin: &Path, work: &Path, sock: &Path, serial: &Path) {
-    wait_for("CV:MGMT state=up", || {
-        let ms = markers(serial);
-        assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
-        ms.iter()
-            .any(|m| m.kind == "MGMT" && m.get("state") == Some("up"))
-            .then_some(())
+#[test]
+fn qemu_epyc_pool_grants_across_agent_restart_balance_exactly() {
+    with_qemu("mgmt-e2e", "", |bin, work, sock, serial| {
+        scenario(bin, work, sock, serial);
     });
-    wait_for("the COM2 socket", || sock.exists().then_some(()));
-    let (agent, api) = Agent::start(bin, work, sock, "agent-1.log");
+}
+
+fn scenario(bin: &Path, work: &Path, sock: &Path, serial: &Path) {
+    let (agent, api) = Daemon::agent(bin, work, sock, "agent-1.log");
     wait_for("the agent to list the host's VMs", || {
         let vms = cvctl(bin, &api, &["vms"]);
         (vms.contains("\"burster\"") && vms.contains("\"cv0\"")).then_some(())
@@ -341,7 +382,7 @@ fn scenario(bin: &Path, work: &Path, sock: &Path, serial: &Path) {
 
     // SIGKILL the agent mid-run, restart it on the same database.
     agent.kill();
-    let (agent, api) = Agent::start(bin, work, sock, "agent-2.log");
+    let (agent, api) = Daemon::agent(bin, work, sock, "agent-2.log");
     wait_for("the restarted agent to reconnect", || {
         let hosts = cvctl(bin, &api, &["hosts"]);
         hosts.contains("\"connected\": true").then_some(())
@@ -433,4 +474,186 @@ fn scenario(bin: &Path, work: &Path, sock: &Path, serial: &Path) {
     assert_eq!(stat(&ms, "staged_ns"), 0, "{st}");
     assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
     drop(agent);
+}
+
+fn vm_line<'a>(ms: &'a [Marker], name: &str) -> Vec<&'a Marker> {
+    ms.iter()
+        .filter(|m| m.kind == "VM" && m.get("name") == Some(name))
+        .collect()
+}
+
+/// Commands over a link that flips bits, drops, duplicates and replays bytes in both directions: each command's
+/// effect is exactly the one asked for (checked in the markers and by reading back), admission refusals come
+/// back with their numbers, and a pool's grants still balance exactly.
+#[test]
+fn qemu_epyc_commands_through_fault_proxy() {
+    with_qemu(
+        "mgmt-proxy",
+        "mgmt_telemetry_ms=250",
+        |bin, work, sock, serial| {
+            let proxied = work.join("proxy.sock");
+            let proxy = Daemon::proxy(bin, work, &proxied, sock, 3000);
+            let (agent, api) = Daemon::agent(bin, work, &proxied, "agent.log");
+            wait_for("the agent to list the host's VMs", || {
+                let vms = try_cvctl(bin, &api, &["vms"]).unwrap_or_default();
+                (vms.contains("\"burster\"") && vms.contains("\"steady\"")).then_some(())
+            });
+
+            // Describe: what vms.conf said (10 % of 10 ms, unlimited).
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "0"]);
+            assert!(d.contains("\"burn\""), "module named: {d}");
+            assert_eq!(json_u64(&d, "budget_ns"), 1_000_000, "{d}");
+            assert_eq!(json_u64(&d, "period_ns"), 10_000_000, "{d}");
+
+            // Admission refuses 99 % on CPU 1 (the burster's own 10 % is replaced, nothing else is there, but
+            // the overrun allowance does not fit) and says why with the numbers.
+            let refused = try_cvctl(
+                bin,
+                &api,
+                &[
+                    "vm",
+                    "sched",
+                    "cv0",
+                    "0",
+                    "0",
+                    "--budget-us",
+                    "9900",
+                    "--period-us",
+                    "10000",
+                    "--burst",
+                    "unlimited",
+                ],
+            )
+            .expect_err("99 % must be refused by admission");
+            assert!(
+                refused.contains("Admission") && refused.contains("ppm"),
+                "refusal with the admission numbers: {refused}"
+            );
+            // An admissible change applies exactly as asked.
+            cvctl(
+                bin,
+                &api,
+                &[
+                    "vm",
+                    "sched",
+                    "cv0",
+                    "0",
+                    "0",
+                    "--budget-us",
+                    "2000",
+                    "--period-us",
+                    "10000",
+                    "--accrual-us",
+                    "10",
+                    "--cap",
+                    "1",
+                    "--burst",
+                    "unlimited",
+                    "--weight",
+                    "300",
+                ],
+            );
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "0"]);
+            assert_eq!(json_u64(&d, "budget_ns"), 2_000_000, "{d}");
+            assert_eq!(json_u64(&d, "accrual_ns"), 10_000, "{d}");
+            assert_eq!(json_u64(&d, "cap_ns"), CREDIT_NS, "{d}");
+            assert_eq!(json_u64(&d, "weight"), 300, "{d}");
+
+            // Pause the steady VM: its CPU time stops, the burster's does not; resume: it runs again.
+            cvctl(bin, &api, &["vm", "pause", "cv0", "1"]);
+            let paused = wait_for("steady reported paused twice", || {
+                let ms = markers(serial);
+                let lines: Vec<Marker> = vm_line(&ms, "steady")
+                    .into_iter()
+                    .filter(|m| m.get("state") == Some("paused"))
+                    .cloned()
+                    .collect();
+                (lines.len() >= 3).then_some(lines)
+            });
+            let (first, last) = (&paused[1], &paused[paused.len() - 1]);
+            assert_eq!(
+                first.get_u64("cpu_ms"),
+                last.get_u64("cpu_ms"),
+                "a paused VM gets no CPU time: {first} .. {last}"
+            );
+            let burster = burster_lines(&markers(serial))
+                .last()
+                .map(|m| (*m).clone())
+                .expect("burster line");
+            assert_eq!(burster.get("state"), Some("running"), "{burster}");
+            cvctl(bin, &api, &["vm", "resume", "cv0", "1"]);
+            wait_for("steady running again", || {
+                let ms = markers(serial);
+                let lines = vm_line(&ms, "steady");
+                let l = lines.last()?;
+                (l.get("state") == Some("running") && l.get_u64("cpu_ms") > last.get_u64("cpu_ms"))
+                    .then_some(())
+            });
+
+            // A pool through the faulty link: grants still apply exactly once.
+            cvctl(bin, &api, &["pool", "create", "lossy", "--resource", "cpu"]);
+            cvctl(bin, &api, &["pool", "purchase", "lossy", "0.05"]);
+            cvctl(bin, &api, &["pool", "authorize", "lossy", "cv0", "0"]);
+            let ledger = wait_for("the pool to run dry", || {
+                let pools = try_cvctl(bin, &api, &["pools"]).ok()?;
+                let ledger = try_cvctl(bin, &api, &["ledger"]).ok()?;
+                (json_u64(&pools, "balance_ns") == 0 && json_u64(&ledger, "in_flight_ns") == 0)
+                    .then_some(ledger)
+            });
+            let debited = json_u64(&ledger, "debited_ns");
+            assert_eq!(debited, 3_000_000_000, "{ledger}");
+            wait_for("the host's grant total to match the ledger", || {
+                (stat(&markers(serial), "granted_ns") == debited).then_some(())
+            });
+
+            // Destroy the steady VM: it stops with the agent named as the cause; the burster runs on.
+            cvctl(bin, &api, &["vm", "destroy", "cv0", "1"]);
+            let stop = wait_for("CV:VMSTOP of steady", || {
+                markers(serial)
+                    .into_iter()
+                    .find(|m| m.kind == "VMSTOP" && m.get("name") == Some("steady"))
+            });
+            assert!(
+                stop.get("detail")
+                    .is_some_and(|d| d.contains("management agent")),
+                "{stop}"
+            );
+            wait_for("the agent to see steady destroyed", || {
+                let vms = try_cvctl(bin, &api, &["vms"]).ok()?;
+                vms.contains("Destroyed").then_some(())
+            });
+
+            // The faults did hit the link, and no frame was taken for another.
+            let ms = markers(serial);
+            let st = last_stat(&ms).expect("CV:MGMTSTAT").clone();
+            let hosts = cvctl(bin, &api, &["hosts"]);
+            let agent_rejected = json_u64(&hosts, "crc_errors")
+                + json_u64(&hosts, "cobs_errors")
+                + json_u64(&hosts, "truncated")
+                + json_u64(&hosts, "malformed")
+                + json_u64(&hosts, "replays");
+            println!(
+                "[cv-figure] mgmt: through the fault proxy (3000 ppm flips/drops/dups per byte, 2 % chunk replays): \
+                 kernel took {} frames and rejected {} ({} CRC, {} COBS, {} truncated, {} replays), answered {} \
+                 duplicates from its window; agent rejected {agent_rejected} of its frames; {} grants, {} ns \
+                 applied = {debited} debited",
+                stat(&ms, "frames"),
+                stat(&ms, "rejected"),
+                stat(&ms, "crc"),
+                stat(&ms, "cobs"),
+                stat(&ms, "truncated"),
+                stat(&ms, "replays"),
+                stat(&ms, "duplicates"),
+                stat(&ms, "grants"),
+                stat(&ms, "granted_ns"),
+            );
+            assert!(
+                stat(&ms, "rejected") + agent_rejected > 0,
+                "the proxy injected no visible fault: {st} {hosts}"
+            );
+            assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+            drop(agent);
+            drop(proxy);
+        },
+    );
 }
