@@ -555,3 +555,55 @@ fn string_io_faults_and_refusals_stop_the_vm() {
         );
     }
 }
+
+mod arbitrary {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever bytes sit at RIP, in whatever mode and with whatever registers, an MMIO or string I/O exit
+        /// ends in an action, never a panic; a decoded access advances RIP by 1..=15 bytes.
+        #[test]
+        fn arbitrary_code_and_state_never_panic(
+            code in proptest::collection::vec(any::<u8>(), 15),
+            mode in 0u8..3,
+            regs in proptest::collection::vec(any::<u64>(), 16),
+            rflags in any::<u64>(),
+            offset in 0u64..0x1000,
+            write in any::<bool>(),
+            io in any::<(u16, u8, bool, bool, bool)>(),
+        ) {
+            let mut g = Guest::new();
+            let mut cs = long_mode();
+            match mode {
+                0 => {}
+                1 => {
+                    cs.efer = 0;
+                    cs.cr4 = 0;
+                    cs.cr3 = 0x7000;
+                    cs.cs_l = false;
+                    cs.cs_db = true;
+                }
+                _ => cs = ControlState::default(),
+            }
+            cs.rflags = rflags;
+            g.vcpu.control = Some(cs);
+            g.vcpu.regs.copy_from_slice(&regs);
+            let rip = g.vcpu.rip;
+            match g.fault(&code, WINDOW + offset, write) {
+                ExitAction::Mmio(a) => {
+                    g.vm.complete_mmio(&mut g.vcpu, &a, regs[0]);
+                    let len = g.vcpu.rip.wrapping_sub(rip);
+                    prop_assert!((1..=15).contains(&len));
+                }
+                ExitAction::Stop(_) => prop_assert_eq!(g.vcpu.rip, rip),
+                other => prop_assert!(false, "{:?}", other),
+            }
+            let (port, size, input, rep, rw) = io;
+            let size = [AccessSize::Byte, AccessSize::Word, AccessSize::Dword][usize::from(size % 3)];
+            g.vcpu.regs[Gpr::Rcx as usize] &= 0xFFFF;
+            let _ = g.string_io(&code, port, size, input, rep, rw);
+        }
+    }
+}
