@@ -344,11 +344,11 @@ pub fn stop_vm(rt: &Runtime, vm: usize, report: StopReport, now: u64) {
         }
         *state = VmState::Stopped(report);
     }
+    // Its devices let go of its memory first: from here on no completion touches the VM's RAM, whatever
+    // reclaims it later (before STOPS moves: another CPU may settle the VM's last vCPU and take its RAM at once).
+    crate::io::service::detach_vm(vm);
     // Every run loop settles its vCPUs of this VM at its next iteration (reclaim).
     STOPS.fetch_add(1, Ordering::AcqRel);
-    // Its devices let go of its memory first: from here on no completion touches the VM's RAM, whatever
-    // reclaims it later.
-    crate::io::service::detach_vm(vm);
     crate::console::write_line_deferred(format_args!("CV:VMSTOP {}", report.line(&v.name)));
     let mut sched = rt.sched.lock();
     for s in v.slots.clone() {
