@@ -28,6 +28,8 @@ enum Load {
     Closed(usize),
     /// Sends nothing before `from`, then behaves as `Closed(depth)`.
     ClosedFrom { from: u64, depth: usize },
+    /// Behaves as `Closed(depth)` before `until`, then sends nothing more.
+    ClosedUntil { until: u64, depth: usize },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +44,8 @@ struct Run {
     completed_cost: Vec<u64>,
     /// First dispatch time per volume.
     first_dispatch: Vec<Option<u64>>,
+    /// Dispatch times per volume.
+    dispatch_times: Vec<Vec<u64>>,
     /// Dispatches per volume and class (reservation, share, burst, borrow, boost).
     classes: Vec<[u64; 5]>,
 }
@@ -104,6 +108,7 @@ fn run(
     let mut out = Run {
         completed_cost: vec![0; n],
         first_dispatch: vec![None; n],
+        dispatch_times: vec![Vec::new(); n],
         classes: vec![[0; 5]; n],
     };
     // (completion time, volume, request)
@@ -137,7 +142,10 @@ fn run(
                 Load::ClosedFrom { from, depth } if now >= from => {
                     depth.saturating_sub(outstanding[v])
                 }
-                Load::ClosedFrom { .. } => 0,
+                Load::ClosedUntil { until, depth } if now < until => {
+                    depth.saturating_sub(outstanding[v])
+                }
+                Load::ClosedFrom { .. } | Load::ClosedUntil { .. } => 0,
             };
             for _ in 0..want {
                 let r = Request {
@@ -157,6 +165,7 @@ fn run(
             let v = ids.iter().position(|&i| i == d.volume).unwrap();
             queued[v] -= 1;
             out.first_dispatch[v].get_or_insert(now);
+            out.dispatch_times[v].push(now);
             out.classes[v][class_index(d.class)] += 1;
             let service = unit_ns * d.cost / COST_ONE;
             device.push(std::cmp::Reverse((now + service, v, d.request.id)));
@@ -165,6 +174,7 @@ fn run(
             .iter()
             .filter_map(|s| match s.load {
                 Load::ClosedFrom { from, .. } if from > now => Some(from),
+                Load::ClosedUntil { until, .. } if until > now => Some(until),
                 _ => None,
             })
             .min();
@@ -266,6 +276,59 @@ fn volume_back_from_idle_under_overload_gets_its_proportional_share() {
     for x in &f {
         assert!((656..=677).contains(x), "expected 2/3 each (±1%): {f:?}");
     }
+}
+
+/// The debt an overload leaves is at most one window of commitment: after 10 s in which two
+/// volumes committed 6,000 each share an 8,000 IOPS device (their reservation tags 3.3 s behind),
+/// one stops; the other, now alone under its commitment, makes up at most one window of it
+/// before best-effort traffic is served again (without the bound: 10 s of catching up).
+#[test]
+fn overload_debt_is_bounded_by_one_window() {
+    let specs = [
+        Spec {
+            committed: 6000,
+            units: 1,
+            load: Load::Backlog(256),
+        },
+        Spec {
+            committed: 6000,
+            units: 1,
+            load: Load::ClosedUntil {
+                until: 10 * S,
+                depth: 32,
+            },
+        },
+        Spec {
+            committed: 0,
+            units: 1,
+            load: Load::Backlog(256),
+        },
+    ];
+    let r = run(
+        &specs,
+        |_| OveragePolicy::BestEffort,
+        8,
+        MS,
+        (0, 20 * S, 20 * S),
+    );
+    // During the overload the best-effort volume gets nothing but the first instant's slots.
+    let early = r.dispatch_times[2].iter().filter(|&&t| t < 10 * S).count();
+    assert!(early <= 8, "{early}");
+    // Served again after at most one window of debt: A's tag is at most ~2 windows behind at the
+    // stop and catches up at 8,000 / 6,000 - 1 = 1/3 s per s: within 6 s, and then it gets its
+    // weight's half of the 2,000 spare IOPS.
+    let back = r.dispatch_times[2]
+        .iter()
+        .copied()
+        .find(|&t| t >= 10 * S)
+        .expect("best effort served again");
+    println!("best effort back at {back} ns");
+    assert!(back <= 16 * S, "best effort starved until {back}");
+    let late = r.dispatch_times[2].iter().filter(|&&t| t >= 18 * S).count();
+    assert!(
+        late >= 1900,
+        "best effort share after the catch-up: {late} in 2 s"
+    );
 }
 
 /// A volume whose requests are all on the device is using its commitment: a `Borrow` volume may

@@ -40,10 +40,14 @@
 //! volumes still waiting, never behind them; a backlogged volume re-filed after its own dispatch
 //! still has its old `R` in the index (`F <= old R < R.next`), so it just continues its stream.
 //! Without overload nothing lags, `F = now`, and a volume back from idle restarts at its arrival:
-//! no credit for idle time (no flood of old tags) and no debt (no starvation). Debt accumulated
-//! under overload stays: once capacity returns, the lagging volumes are served ahead of best-effort
-//! traffic, in commitment proportion, until their `R` catches up with `now`. The dispatched `R` is
-//! the one the volume was filed under (the frontier may have moved since).
+//! no credit for idle time (no flood of old tags) and no debt (no starvation). The debt an
+//! overload leaves is bounded: at each window boundary every waiting `R` more than one window old
+//! is raised to `now - window` (all to the same value, so proportions hold while the overload
+//! lasts). When capacity returns, the lagging volumes are served ahead of best-effort traffic, in
+//! commitment proportion, until their `R` catches up with `now`: at most one window of each
+//! commitment is made up, which is what lets a volume recover a short overload within the next
+//! window. The dispatched `R` is the one the volume was filed under (the frontier, or the debt
+//! bound, may have moved it since the volume was last charged).
 //!
 //! A volume is *idle* only when it has no outstanding work: nothing queued and nothing in flight
 //! (dispatched, not yet completed). Only idle volumes lend their commitment (`lendable`, the
@@ -368,6 +372,7 @@ impl Partitioner {
             limits.check()?;
         }
         let vtime = self.vtime;
+        let window = self.config.window_ns;
         let Self { slots, ix, .. } = self;
         let vol = slots[id.index as usize]
             .volume
@@ -396,7 +401,7 @@ impl Partitioner {
         };
         let idle = vol.is_idle();
         if !vol.queue.is_empty() {
-            file_volume(ix, vol, now, vtime);
+            file_volume(ix, vol, now, vtime, window);
         }
         self.committed_sum = self.committed_sum - old.committed_iops + config.committed_iops;
         if idle {
@@ -432,6 +437,7 @@ impl Partitioner {
         let cost = self.config.cost.cost(request.op, request.bytes);
         let max_queue = self.config.max_queue;
         let vtime = self.vtime;
+        let window = self.config.window_ns;
         let Self { slots, ix, .. } = self;
         let vol = slot_volume(slots, id)?;
         if vol.queue.len() >= max_queue {
@@ -455,7 +461,7 @@ impl Partitioner {
             if let Some(bucket) = vol.bucket.as_mut() {
                 bucket.fill(vol.r.next, now);
             }
-            file_volume(ix, vol, now, vtime);
+            file_volume(ix, vol, now, vtime, window);
         }
         self.queued_total += 1;
         if was_idle {
@@ -592,6 +598,7 @@ impl Partitioner {
             });
             vol.stats = WindowStats::default();
         }
+        self.bound_reservation_debt(now);
         // Windows with no call at all in them carry zero counters and are skipped.
         let skip = (now - self.window_end) / w;
         self.window_index = self.window_index.saturating_add(1 + skip);
@@ -601,9 +608,31 @@ impl Partitioner {
         self.window_saturated = true;
     }
 
+    /// Raises every waiting reservation tag older than one window to `now - window`, so the debt a
+    /// volume carries out of an overload is at most one window of its commitment (see the module
+    /// documentation). Only tags more than a window overdue move, and all to the same value, so
+    /// under a sustained overload the volumes keep degrading in proportion to their commitments.
+    fn bound_reservation_debt(&mut self, now: u64) {
+        let floor = now.saturating_sub(self.config.window_ns);
+        let Self { slots, ix, .. } = self;
+        while let Some((tag, index)) = ix.res.first() {
+            if tag >= floor {
+                break;
+            }
+            ix.res.insert(floor, index);
+            if let Some(vol) = slots
+                .get_mut(index as usize)
+                .and_then(|s| s.volume.as_mut())
+            {
+                vol.keys.res = Some(floor);
+            }
+        }
+    }
+
     /// Moves throttled volumes whose limit tag is due into the eligible indices.
     fn promote(&mut self, now: u64) {
         let vtime = self.vtime;
+        let window = self.config.window_ns;
         let Self { slots, ix, .. } = self;
         while let Some((_, index)) = ix.throttled.pop_due(now) {
             if let Some(vol) = slots
@@ -612,13 +641,14 @@ impl Partitioner {
             {
                 // `pop_due` already took the throttled entry out of its index.
                 vol.keys.throttled = None;
-                file_volume(ix, vol, now, vtime);
+                file_volume(ix, vol, now, vtime, window);
             }
         }
     }
 
     fn take(&mut self, index: u32, class: ServiceClass, now: u64) -> Option<Dispatch> {
         let vtime = self.vtime;
+        let window = self.config.window_ns;
         let lendable = self.lendable;
         let Self { slots, ix, .. } = self;
         let vol = slots.get_mut(index as usize)?.volume.as_mut()?;
@@ -684,7 +714,7 @@ impl Partitioner {
         vol.stats.record_dispatch(class, wait_ns);
         let id = vol.id;
         // Only the index entries whose key changed are touched (usually one or two).
-        file_volume(ix, vol, now, new_vtime);
+        file_volume(ix, vol, now, new_vtime, window);
         self.vtime = new_vtime;
         if borrow_charge && lendable > 0 {
             let g = self.borrow_clock.tag_for(now);
@@ -716,12 +746,16 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
 
 /// Files a volume under its head's tags (or nowhere when its queue is empty), touching only the
 /// index entries whose key changed.
-fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
+fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64, window: u64) {
     // The reservation frontier: no request is given a reservation tag later than the smallest one
     // still waiting (nor later than `now`). When `vol` is re-filed after its own dispatch, its old
     // key is still in the index and is <= its next tag, so it never lifts a backlogged stream.
     let frontier = ix.res.first().map_or(now, |(t, _)| t.min(now));
-    let new = desired_keys(vol, now, vtime, frontier);
+    // Nor earlier than two windows ago: the window-boundary debt bound keeps every waiting tag
+    // above that, and this keeps volumes that were not waiting then (throttled by a limit, or
+    // idle) within the same bound.
+    let anchor_floor = now.saturating_sub(window.saturating_mul(2));
+    let new = desired_keys(vol, now, vtime, (frontier, anchor_floor));
     if new.throttled.is_some() && new.throttled != vol.keys.throttled {
         vol.stats.throttled += 1;
     }
@@ -730,7 +764,7 @@ fn file_volume(ix: &mut Indices, vol: &mut Volume, now: u64, vtime: u64) {
 }
 
 /// The index keys a volume should be filed under now.
-fn desired_keys(vol: &Volume, now: u64, vtime: u64, frontier: u64) -> Keys {
+fn desired_keys(vol: &Volume, now: u64, vtime: u64, (frontier, floor): (u64, u64)) -> Keys {
     let mut k = Keys::default();
     let Some(head) = vol.queue.front() else {
         return k;
@@ -746,7 +780,7 @@ fn desired_keys(vol: &Volume, now: u64, vtime: u64, frontier: u64) -> Keys {
     if cfg.committed_iops > 0 {
         // Re-anchored at the head's arrival only as far as the frontier: a stream that fell behind
         // restarts level with the streams still waiting, never behind them (see the module doc).
-        k.res = Some(vol.r.tag_for(head.arrival.min(frontier)));
+        k.res = Some(vol.r.tag_for(head.arrival.min(frontier).max(floor)));
     }
     k.share = Some(vol.p.tag_for(vtime));
     k.burst = vol.bucket.is_some_and(|b| b.can_spend(head.cost));
