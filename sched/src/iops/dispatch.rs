@@ -24,7 +24,11 @@
 //! `cost / limit` apart (limits never allow catch-up bursts); `P` is virtual time anchored at the
 //! current virtual time `V` (the `P` of the last weight-ordered dispatch, start-time fair
 //! queueing). Only reservation-phase service advances `R`; service above the commitment advances
-//! `P` — the mClock rule that spare capacity is shared independently of reservations.
+//! `P` — the mClock rule that spare capacity is shared independently of reservations. Every
+//! dispatch advances `L` (limits are hard caps for all classes) and, for boosted volumes, the
+//! commitment meter `U` (charged at the committed rate; its lead over `now`, capped at the boost
+//! horizon, scales the boost down). The burst bucket fills while `R.next <= now`, i.e. exactly
+//! while the volume leaves part of its reservation unused (or, under overload, is denied it).
 //!
 //! `R` is anchored at `min(arrival, F)`, where the *reservation frontier* `F` is the smallest `R`
 //! still waiting in the reservation index, or `now` when that is smaller (or nothing waits):
@@ -51,10 +55,7 @@
 //!
 //! A volume is *idle* only when it has no outstanding work: nothing queued and nothing in flight
 //! (dispatched, not yet completed). Only idle volumes lend their commitment (`lendable`, the
-//! borrow clock `G`); a volume whose requests are all on the device is using its commitment. Every dispatch advances `L` (limits are hard caps for all classes) and, for
-//! boosted volumes, the commitment meter `U` (charged at the committed rate; its lead over `now`,
-//! capped at the boost horizon, scales the boost down). The burst bucket fills while `R.next <=
-//! now`, i.e. exactly while the volume leaves part of its reservation unused.
+//! borrow clock `G`); a volume whose requests are all on the device is using its commitment.
 //!
 //! Reconfiguration rebases tags without touching the queue: the volume is taken out of the
 //! indices, every clock is *respaced* (`next = last + last_cost / new_rate`, i.e. the next request
