@@ -618,6 +618,13 @@ fn qemu_epyc_commands_through_fault_proxy() {
                     .is_some_and(|d| d.contains("management agent")),
                 "{stop}"
             );
+            // Its memory goes back to the frame allocator (the run loops' reclaim).
+            wait_for("the reclaim of steady's memory", || {
+                let log = std::fs::read(serial).unwrap_or_default();
+                String::from_utf8_lossy(&log)
+                    .contains("vm steady: reclaimed")
+                    .then_some(())
+            });
             wait_for("the agent to see steady destroyed", || {
                 let vms = try_cvctl(bin, &api, &["vms"]).ok()?;
                 vms.contains("Destroyed").then_some(())

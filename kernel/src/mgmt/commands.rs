@@ -1,5 +1,5 @@
 //! Command execution of the management endpoint: queries (list, describe, balances) and state changes (pause,
-//! resume, destroy, scheduling parameters, grants, denials, telemetry period).
+//! resume, destroy (stop and reclaim), scheduling parameters, grants, denials, telemetry period).
 //!
 //! Design: queries build a [`Reply`] from the runtime and the scheduler; state-changing commands return a small
 //! [`Cached`] answer, which is what the dedup window keeps (a duplicate request gets exactly the answer the first
@@ -401,7 +401,9 @@ impl Endpoint {
         if v.stopped() {
             return Ok(());
         }
-        runloop::stop_vm(
+        // Stop, then hand the VM's memory back (this CPU's vCPUs now, the others' at their next iteration: the
+        // kick below wakes idle ones).
+        let status = runloop::stop_and_reclaim(
             rt,
             index,
             StopReport {
@@ -413,6 +415,7 @@ impl Endpoint {
             },
             now,
         );
+        log::info!("mgmt: VM {} destroyed; memory reclaim {status:?}", v.name);
         v.paused.store(false, Ordering::Release);
         kick(rt, v);
         self.outstanding.retain(|o| rt.slots[o.slot].vm != index);
