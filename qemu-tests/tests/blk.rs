@@ -15,6 +15,9 @@
 //!    4096; VM `victim`'s small volume covers that sector, VM `bystander`'s does not. The victim's guest sees IOERR
 //!    on some reads and no verification failure, the bystander sees no error at all, both keep running, and the
 //!    hypervisor logs the failed request and finishes the run.
+//! 3. `a_volume_refused_by_admission_control_refuses_its_vm_only`: commitments of 10 % and 75 % of C exceed the
+//!    committable 80 %: the second VM is refused (`CV:VMREFUSED` naming its volume's line and the partitioner's
+//!    numbers) and the first runs (docs/vm-config.md: a VM whose volume cannot be honoured does not start).
 //!
 //! The disk is throttled (`throttling.iops-total`) for test 1: under TCG the request path through guest, exits
 //! and hypervisor costs more emulated CPU per request than QEMU's unthrottled disk, which would make C a CPU
@@ -58,8 +61,16 @@ fn disk(dir: &Path) -> PathBuf {
     path
 }
 
-/// Boots the `io` guest with `conf` as `vms.conf` and the NVMe drive `drive` (`{disk}` = a fresh image).
+/// Boots the `io` guest with `conf` as `vms.conf` and the NVMe drive `drive` (`{disk}` = a fresh image); the
+/// boot must pass.
 fn run(a: &Artefacts, name: &str, conf: &str, drive: &str, run_ms: u64) -> Report {
+    let report = run_any(a, name, conf, drive, run_ms);
+    assert_pass(&report);
+    report
+}
+
+/// As [`run`], whatever the verdict.
+fn run_any(a: &Artefacts, name: &str, conf: &str, drive: &str, run_ms: u64) -> Report {
     let _one = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -88,9 +99,7 @@ fn run(a: &Artefacts, name: &str, conf: &str, drive: &str, run_ms: u64) -> Repor
         virt: VirtExpect::svm_npt(),
         selftests: Vec::new(),
     };
-    let report = boot(a, name, Emulator::Qemu(q), &expect, TIMEOUT);
-    assert_pass(&report);
-    report
+    boot(a, name, Emulator::Qemu(q), &expect, TIMEOUT)
 }
 
 fn markers<'a>(report: &'a Report, kind: &'a str) -> impl Iterator<Item = &'a Marker> + 'a {
@@ -346,4 +355,57 @@ volume = size=4M offset=8M
         "the hypervisor counted no failed request: {}",
         sum.line
     );
+}
+
+#[test]
+fn a_volume_refused_by_admission_control_refuses_its_vm_only() {
+    let Some(a) = setup(Family::Qemu) else { return };
+    // 10 % + 75 % of C is above the 80 % the partitioner lets be committed: the second VM must not start, with the
+    // partitioner's numbers in its refusal, and the first must run normally.
+    let conf = "
+[vm modest]
+image = io
+memory = 8M
+baseline = 20%
+args = depth=4 iops=200 seed=5 poll_us=200
+volume = size=1M iops=10%
+
+[vm greedy]
+image = io
+memory = 8M
+baseline = 20%
+args = depth=4 iops=200 seed=6 poll_us=200
+volume = size=1M offset=1M iops=75%
+";
+    // A refused VM makes the run report `CV:DONE status=fail` (not every configured VM started); the kernel
+    // must still finish the run cleanly.
+    let report = run_any(
+        &a,
+        "qemu-blk-admission",
+        conf,
+        "file={disk},if=none,id=nv0,format=raw",
+        3_000,
+    );
+    assert!(
+        markers(&report, "DONE").any(|m| m.get("status") == Some("fail")),
+        "the run did not end with CV:DONE status=fail: {}",
+        report.details()
+    );
+    assert!(
+        markers(&report, "PANIC").next().is_none()
+            && markers(&report, "EXCEPTION").next().is_none(),
+        "{}",
+        report.details()
+    );
+    let refused: Vec<&Marker> = markers(&report, "VMREFUSED").collect();
+    assert_eq!(refused.len(), 1, "expected one refusal: {refused:?}");
+    let reason = refused[0].get("reason").unwrap_or("");
+    println!("[cv-figure] refusal: {}", refused[0].line);
+    assert_eq!(refused[0].get("name"), Some("greedy"));
+    assert!(
+        reason.contains("line 14") && reason.contains("committable") && reason.contains("capacity"),
+        "the refusal should name the volume's line and the partitioner's numbers: {reason}"
+    );
+    assert!(!final_vms(&report).contains_key("greedy"));
+    check_guests(&report, &["modest"], &[]);
 }
