@@ -244,6 +244,81 @@ fn rejected_and_broken_encodings() {
     );
 }
 
+#[test]
+fn string_io_forms() {
+    let sio = |len, input, size, addr, seg, rep| {
+        Ok(StringIo {
+            len,
+            input,
+            size,
+            addr,
+            seg,
+            rep,
+        })
+    };
+    let cases: &[(&[u8], CpuMode, Result<StringIo, DecodeError>)] = &[
+        // rep outsb; outsd; rep insw (66); REX.W does not make a 64-bit element; addr32 rep insd; fs outsb
+        (
+            &[0xF3, 0x6E],
+            Bits64,
+            sio(2, false, Byte, Qword, None, true),
+        ),
+        (&[0x6F], Bits64, sio(1, false, Dword, Qword, None, false)),
+        (
+            &[0x66, 0xF3, 0x6D],
+            Bits64,
+            sio(3, true, Word, Qword, None, true),
+        ),
+        (
+            &[0x48, 0x6F],
+            Bits64,
+            sio(2, false, Dword, Qword, None, false),
+        ),
+        (
+            &[0x67, 0xF3, 0x6D],
+            Bits64,
+            sio(3, true, Dword, Dword, None, true),
+        ),
+        (
+            &[0x64, 0x6E],
+            Bits64,
+            sio(2, false, Byte, Qword, Some(0x64), false),
+        ),
+        (&[0xF2, 0x6C], Bits64, sio(2, true, Byte, Qword, None, true)),
+        // 32-bit code: 66 makes words, 67 makes 16-bit addressing; 16-bit code: 66 makes doublewords
+        (
+            &[0x66, 0x6F],
+            Bits32,
+            sio(2, false, Word, Dword, None, false),
+        ),
+        (
+            &[0x67, 0x6E],
+            Bits32,
+            sio(2, false, Byte, Word, None, false),
+        ),
+        (
+            &[0x66, 0x6F],
+            Bits16,
+            sio(2, false, Dword, Word, None, false),
+        ),
+        (
+            &[0x2E, 0xF3, 0x6F],
+            Bits16,
+            sio(3, false, Word, Word, Some(0x2E), true),
+        ),
+        (&[0xF0, 0x6E], Bits64, Err(DecodeError::Unsupported)),
+        (&[0xA4], Bits64, Err(DecodeError::Unsupported)), // movsb
+        (&[0xF3], Bits64, Err(DecodeError::Truncated)),
+    ];
+    for (bytes, mode, expect) in cases {
+        assert_eq!(
+            decode_string_io(bytes, *mode),
+            *expect,
+            "{bytes:02x?} in {mode:?}"
+        );
+    }
+}
+
 /// One generated instruction: its Intel-syntax text and what the decoder must say about it.
 struct Case {
     text: String,
