@@ -50,8 +50,9 @@ const QEMU_VM_TIMEOUT: Duration = Duration::from_secs(600);
 enum Target {
     /// QEMU TCG `-cpu EPYC` with `smp` CPUs, always with `-icount shift=3,sleep=off`.
     Qemu { smp: u32 },
-    /// Bochs with this `cpu: model=`.
-    Bochs { model: &'static str },
+    /// Bochs with this `cpu: model=` and `count=smp` CPUs (Bochs runs them in turn, a few instructions each, so
+    /// two-CPU time stays instruction-exact).
+    Bochs { model: &'static str, smp: u32 },
 }
 
 impl Target {
@@ -66,6 +67,7 @@ impl Target {
         match self {
             Self::Bochs {
                 model: "corei7_skylake_x",
+                ..
             } => VirtExpect::vmx_full(),
             _ => VirtExpect::svm_npt(),
         }
@@ -76,13 +78,12 @@ impl Target {
     /// 0, and stops the whole emulator on a guest triple fault instead of the SHUTDOWN intercept, so these two
     /// hostile behaviours are left out on `ryzen` (Bochs limitations; QEMU `-cpu EPYC` checks both on SVM).
     fn preempts_cli(self) -> bool {
-        !matches!(self, Self::Bochs { model: "ryzen" })
+        !matches!(self, Self::Bochs { model: "ryzen", .. })
     }
 
     fn cpus(self) -> u64 {
         match self {
-            Self::Qemu { smp } => u64::from(smp),
-            Self::Bochs { .. } => 1,
+            Self::Qemu { smp } | Self::Bochs { smp, .. } => u64::from(smp),
         }
     }
 }
@@ -142,7 +143,7 @@ fn run_vms(name: &str, target: Target, conf: &str, run_ms: u64) -> Option<Report
             ];
             boot(&a, name, Emulator::Qemu(q), &expect, QEMU_VM_TIMEOUT)
         }
-        Target::Bochs { model } => {
+        Target::Bochs { model, smp } => {
             let iso = work.join("iso/creditvisor.iso");
             qemu_tests::iso::build_iso_with_modules(
                 &a.kernel,
@@ -152,7 +153,7 @@ fn run_vms(name: &str, target: Target, conf: &str, run_ms: u64) -> Option<Report
                 &iso,
             )
             .expect("build the ISO");
-            let b = Bochs::new(model, 1, iso);
+            let b = Bochs::new(model, smp, iso);
             boot(
                 &a,
                 name,
@@ -250,6 +251,32 @@ fn reported_overruns(report: &Report, vm: &str) -> (u64, u64) {
         }
     }
     (n, worst)
+}
+
+/// How long after the first VM `vm` was built (ms), from the timestamps of the `setup: vm <name>:` log lines;
+/// every VM takes about as long to build, so this is also how much later it was admitted.
+fn built_after_first_ms(report: &Report, vm: &str) -> i64 {
+    let text = std::fs::read_to_string(&report.serial_log).expect("serial log");
+    let stamp = |l: &str| -> Option<f64> {
+        let (_, rest) = l.split_once('[')?;
+        rest.split_once(']')?.0.trim().parse().ok()
+    };
+    let built: Vec<(&str, f64)> = text
+        .lines()
+        .filter(|l| l.contains(" setup: vm "))
+        .filter_map(|l| Some((l, stamp(l)?)))
+        .collect();
+    let first = built.first().expect("no `setup: vm` lines").1;
+    let tag = format!(" setup: vm {vm}: ");
+    let at = built
+        .iter()
+        .find(|(l, _)| l.contains(&tag))
+        .unwrap_or_else(|| panic!("no setup line for {vm}"))
+        .1;
+    // Boot timestamps are seconds with us resolution, far inside i64's range once in ms.
+    #[allow(clippy::cast_possible_truncation)]
+    let ms = ((at - first) * 1000.0).round() as i64;
+    ms
 }
 
 /// Time (ms) the kernel reported vCPUs running past the overrun bound, an upper bound on how long the platform
@@ -380,8 +407,11 @@ fn credits_on(name: &str, report: &Report, vm: &str, stall: f64) {
         })
         .collect();
     assert!(lines.len() >= 4, "too few CV:VM lines for {vm}");
+    // `t_ms` counts from the runtime's epoch, taken before the first VM is built; a VM's first period starts when
+    // it is admitted, after the VMs before it in the file were built (about 40 ms each on Bochs).
+    let admitted_ms = built_after_first_ms(report, vm);
     for m in &lines {
-        let periods = num(m, "t_ms") / PERIOD_MS;
+        let periods = (num(m, "t_ms") - admitted_ms) / PERIOD_MS;
         let model = periods * ACCRUAL_US / 1000 - num(m, "burst_ms");
         let balance = num(m, "balance");
         // One period of accrual for the admission instant, one period for the open period, 1 ms of rounding.
@@ -750,6 +780,7 @@ fn bochs_vmx_shares() {
         "vms-bochs-vmx-shares",
         Target::Bochs {
             model: "corei7_skylake_x",
+            smp: 1,
         },
         4000,
     );
@@ -761,6 +792,7 @@ fn bochs_vmx_hard_real_time() {
         "vms-bochs-vmx-rt",
         Target::Bochs {
             model: "corei7_skylake_x",
+            smp: 1,
         },
     );
 }
@@ -771,6 +803,7 @@ fn bochs_vmx_isolation() {
         "vms-bochs-vmx-isolation",
         Target::Bochs {
             model: "corei7_skylake_x",
+            smp: 1,
         },
     );
 }
@@ -781,6 +814,7 @@ fn bochs_vmx_rolling_credits() {
         "vms-bochs-vmx-credits",
         Target::Bochs {
             model: "corei7_skylake_x",
+            smp: 1,
         },
     );
 }
@@ -789,25 +823,79 @@ fn bochs_vmx_rolling_credits() {
 fn bochs_ryzen_shares() {
     shares(
         "vms-bochs-ryzen-shares",
-        Target::Bochs { model: "ryzen" },
+        Target::Bochs {
+            model: "ryzen",
+            smp: 1,
+        },
         4000,
     );
 }
 
 #[test]
 fn bochs_ryzen_rolling_credits() {
-    rolling_credits("vms-bochs-ryzen-credits", Target::Bochs { model: "ryzen" });
+    rolling_credits(
+        "vms-bochs-ryzen-credits",
+        Target::Bochs {
+            model: "ryzen",
+            smp: 1,
+        },
+    );
 }
 
 #[test]
 fn bochs_ryzen_hard_real_time() {
-    hard_real_time("vms-bochs-ryzen-rt", Target::Bochs { model: "ryzen" });
+    hard_real_time(
+        "vms-bochs-ryzen-rt",
+        Target::Bochs {
+            model: "ryzen",
+            smp: 1,
+        },
+    );
 }
 
 #[test]
 fn bochs_ryzen_isolation() {
     isolation(
         "vms-bochs-ryzen-isolation",
-        Target::Bochs { model: "ryzen" },
+        Target::Bochs {
+            model: "ryzen",
+            smp: 1,
+        },
     );
+}
+
+#[test]
+fn bochs_ryzen_smp2_shares() {
+    let target = Target::Bochs {
+        model: "ryzen",
+        smp: 2,
+    };
+    shares("vms-bochs-ryzen-smp2-shares", target, 3000);
+}
+
+#[test]
+fn bochs_ryzen_smp2_rolling_credits() {
+    let target = Target::Bochs {
+        model: "ryzen",
+        smp: 2,
+    };
+    rolling_credits("vms-bochs-ryzen-smp2-credits", target);
+}
+
+#[test]
+fn bochs_ryzen_smp2_hard_real_time() {
+    let target = Target::Bochs {
+        model: "ryzen",
+        smp: 2,
+    };
+    hard_real_time("vms-bochs-ryzen-smp2-rt", target);
+}
+
+#[test]
+fn bochs_ryzen_smp2_isolation() {
+    let target = Target::Bochs {
+        model: "ryzen",
+        smp: 2,
+    };
+    isolation("vms-bochs-ryzen-smp2-isolation", target);
 }
