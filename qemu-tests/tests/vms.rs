@@ -538,6 +538,25 @@ fn hard_real_time(name: &str, target: Target) {
         "{misses} real-time misses with {overruns} reported overruns: {}",
         rt.line
     );
+    if matches!(
+        target,
+        Target::Bochs {
+            model: "corei7_skylake_x",
+            smp: 1
+        }
+    ) {
+        // Bochs VMX's one overrun (350 us at 1.137 s, a miss tolerated until now) was the host's: sched's
+        // telemetry FIFO growing inside pick (fixed; kernel/src/virt/vmx/mod.rs has the analysis). No miss is
+        // tolerated there any more, and no other VM may run past the bound (that is what can take rt's time). rt's
+        // own slices may: one exit's handling is not bounded by the timer (a guest console line costs up to 250 us
+        // of Bochs time), seen once as 51 us when rt printed its results after its last period.
+        assert_eq!(misses, 0, "Bochs VMX: real-time misses: {}", rt.line);
+        assert_eq!(
+            overruns,
+            i64::try_from(logged).unwrap_or(i64::MAX),
+            "Bochs VMX: another VM ran past the overrun bound ({overruns} overruns, {logged} of them rt's own)"
+        );
+    }
     println!(
         "[cv-figure] {name}: rt min received {} us per period",
         num(rt, "rt_min_received_us")
@@ -693,7 +712,72 @@ fn isolation(name: &str, target: Target) {
         share >= 0.29 - stall,
         "good VM got {share:.3} of the CPU in its baseline tier, below its 30% (reported stalls {stall:.4})"
     );
+    // Every stopped VM's memory went back to the frame allocator: its 8 MiB of RAM, its nested page tables and
+    // its control pages, and the allocator's free count rose by exactly that.
+    let reclaims = reclaims(&report);
+    for vm in stops.keys() {
+        let r = reclaims
+            .get(vm)
+            .unwrap_or_else(|| panic!("no reclaim line for stopped VM {vm}"));
+        println!(
+            "[cv-figure] {name}: {vm} reclaimed {} KiB ({} RAM, {} tables, {} control); free frames {} -> {}",
+            r.total_kib, r.ram_kib, r.tables_kib, r.control_kib, r.free_before, r.free_after
+        );
+        assert_eq!(r.ram_kib, 8192, "{vm}: RAM reclaimed");
+        assert!(
+            r.tables_kib > 0 && r.control_kib > 0,
+            "{vm}: tables and control pages reclaimed"
+        );
+        assert_eq!(r.total_kib, r.ram_kib + r.tables_kib + r.control_kib);
+        assert_eq!(
+            (r.free_after - r.free_before) * 4,
+            r.total_kib,
+            "{vm}: the allocator got back exactly what the reclaim reports"
+        );
+    }
     figure(&report, name);
+}
+
+/// One `vm <name>: reclaimed N KiB (r KiB RAM, t KiB tables, c KiB control pages); free frames a -> b` line.
+struct Reclaimed {
+    total_kib: u64,
+    ram_kib: u64,
+    tables_kib: u64,
+    control_kib: u64,
+    free_before: u64,
+    free_after: u64,
+}
+
+/// The reclaim lines of a run, by VM name.
+fn reclaims(report: &Report) -> HashMap<String, Reclaimed> {
+    let text = std::fs::read_to_string(&report.serial_log).expect("serial log");
+    let mut out = HashMap::new();
+    for l in text.lines() {
+        let Some((head, rest)) = l.split_once(": reclaimed ") else {
+            continue;
+        };
+        let Some(vm) = head.rsplit_once(" vm ").map(|(_, n)| n.to_string()) else {
+            continue;
+        };
+        // The numbers in order: total, RAM, tables, control, free before, free after.
+        let n: Vec<u64> = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert_eq!(n.len(), 6, "reclaim line: {l}");
+        out.insert(
+            vm,
+            Reclaimed {
+                total_kib: n[0],
+                ram_kib: n[1],
+                tables_kib: n[2],
+                control_kib: n[3],
+                free_before: n[4],
+                free_after: n[5],
+            },
+        );
+    }
+    out
 }
 
 #[test]

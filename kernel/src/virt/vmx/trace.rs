@@ -8,8 +8,8 @@
 //! bits 0-1). Recording is a few stores and the two extra VMREADs (RFLAGS, interruptibility).
 //!
 //! The first time an exit comes more than [`LATE_NS`] after its deadline, the ring is frozen [`AFTER`] entries
-//! later (so it holds the entries around that exit), and [`Ring::report`] prints it at the end of the run with a
-//! verdict: "entered after its deadline" (the timer was armed with 0: the host was late before the entry, not the
+//! later (so it holds the entries around that exit), and [`Ring::report`] queues it for the console (deferred, no
+//! waiting for the UART, so the run's own figures do not include the printing) with a verdict: "entered after its deadline" (the timer was armed with 0: the host was late before the entry, not the
 //! timer), or "timer late" (the exit came long after the armed value ran out: the timer or the CPU's event
 //! delivery was late).
 //!
@@ -19,11 +19,14 @@ use core::fmt::Write;
 
 use super::exit;
 use crate::arch::x86_64::tsc;
+use crate::console;
 
 /// Entries kept.
 pub const SLOTS: usize = 32;
 /// Entries recorded after the first late exit before the ring is frozen.
 pub const AFTER: usize = 8;
+/// Entries printed before the first late exit.
+pub const BEFORE: u64 = 8;
 /// An exit this long after its deadline (timer latency plus one exit, with a wide margin even for an emulator's
 /// 4-20 us exits) is "late".
 pub const LATE_NS: u64 = 25_000;
@@ -133,15 +136,10 @@ impl Ring {
         self.lates
     }
 
-    /// Prints the entries around the first late exit of vCPU `who` (nothing if there was none): one summary line
-    /// with the verdict, then one line per entry.
+    /// Queues the entries around the first late exit of vCPU `who` for the console (nothing if there was none):
+    /// one summary line with the verdict, then one line per entry ([`BEFORE`] before it to [`AFTER`] after).
     pub fn report(&self, who: &str) {
         let Some(first) = self.first_late else {
-            log::info!(
-                "vmx trace {who}: {} entries, no exit more than {} us after its deadline",
-                self.seq,
-                LATE_NS / 1000
-            );
             return;
         };
         let entries = self.frozen.unwrap_or_else(|| self.ordered());
@@ -153,14 +151,21 @@ impl Ring {
         } else {
             "timer late: the exit came long after the armed value ran out"
         };
-        log::warn!(
-            "vmx trace {who}: {} late exits (worst {} us); first at entry {}: {} us late, {verdict}",
-            self.lates,
-            tsc::ticks_to_us(self.worst_ticks),
-            first,
-            tsc::ticks_to_us(late.late_ticks()),
+        console::log_deferred(
+            log::Level::Warn,
+            "vmx",
+            format_args!(
+                "trace {who}: {} late exits (worst {} us); first at entry {}: {} us late, {verdict}",
+                self.lates,
+                tsc::ticks_to_us(self.worst_ticks),
+                first,
+                tsc::ticks_to_us(late.late_ticks()),
+            ),
         );
-        for e in entries.iter().filter(|e| e.seq != 0) {
+        for e in entries
+            .iter()
+            .filter(|e| e.seq != 0 && e.seq + BEFORE >= first)
+        {
             let mut line = heapless::String::<200>::new();
             let _ = write!(
                 line,
@@ -177,7 +182,7 @@ impl Ring {
                 e.rflags,
                 e.interruptibility,
             );
-            log::warn!("vmx trace {who}: {line}");
+            console::log_deferred(log::Level::Warn, "vmx", format_args!("trace {who}: {line}"));
         }
     }
 }
