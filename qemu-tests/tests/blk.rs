@@ -14,7 +14,9 @@
 //! 2. `injected_media_error_fails_only_the_affected_requests`: QEMU's `blkdebug` fails every read of disk sector
 //!    4096; VM `victim`'s small volume covers that sector, VM `bystander`'s does not. The victim's guest sees IOERR
 //!    on some reads and no verification failure, the bystander sees no error at all, both keep running, and the
-//!    hypervisor logs the failed request and finishes the run.
+//!    hypervisor logs the failed request and finishes the run. In the same boot VM `quitter` stops (its guest gives
+//!    up) with requests still queued in the partitioner: they complete into nothing (`discarded` in `CV:IOSUM`), its
+//!    volume is detached, and nobody else notices.
 //! 3. `a_volume_refused_by_admission_control_refuses_its_vm_only`: commitments of 10 % and 75 % of C exceed the
 //!    committable 80 %: the second VM is refused (`CV:VMREFUSED` naming its volume's line and the partitioner's
 //!    numbers) and the first runs (docs/vm-config.md: a VM whose volume cannot be honoured does not start).
@@ -329,6 +331,15 @@ memory = 8M
 baseline = 20%
 args = depth=4 iops=400 read_pct=70 seed=8 poll_us=100
 volume = size=4M offset=8M
+
+# 128 KiB requests cost 32 I/Os each: at a limit of 1 IOPS the second waits 32 s in the partitioner, so the guest
+# gives up (stall) and exits with requests in flight.
+[vm quitter]
+image = io
+memory = 8M
+baseline = 20%
+args = depth=4 bytes=131072 read_pct=0 seed=9 stall_s=2
+volume = size=1M offset=16M limit=1iops
 ";
     let drive = format!(
         "file=blkdebug:{}:{{disk}},if=none,id=nv0,format=raw",
@@ -354,6 +365,27 @@ volume = size=4M offset=8M
         num(sum, "failed") > 0,
         "the hypervisor counted no failed request: {}",
         sum.line
+    );
+    // The quitter stopped with requests in flight: they completed into nothing (no guest memory touched after
+    // its detach), its volume let go of the device, and the others were not affected (checked above).
+    let stop = markers(&report, "VMSTOP")
+        .find(|m| m.get("name") == Some("quitter"))
+        .expect("the quitter never stopped");
+    println!("[cv-figure] {}", stop.line);
+    let io = markers(&report, "IOSUM").next().expect("CV:IOSUM");
+    assert!(
+        num(io, "discarded") > 0,
+        "no request of the stopped VM was retired: {}",
+        io.line
+    );
+    let q = markers(&report, "IOVOL")
+        .find(|m| m.get("vm") == Some("quitter"))
+        .expect("CV:IOVOL for the quitter");
+    assert_eq!(q.get("attached"), Some("0"), "{}", q.line);
+    assert_eq!(
+        markers(&report, "VMSTOP").count(),
+        1,
+        "only the quitter stops"
     );
 }
 
