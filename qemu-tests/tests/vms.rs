@@ -1,6 +1,6 @@
 //! The VM runtime end to end: issue 5's tests 1-4, parametrised by emulator and CPU model so the SVM issue runs
-//! them unchanged. Targets: QEMU TCG `-cpu EPYC` (SVM with NPT) with `-smp 1` and `-smp 2`, and Bochs
-//! `corei7_skylake_x` (VMX) and `ryzen` (SVM).
+//! them unchanged. Targets: QEMU TCG `-cpu EPYC` (SVM with NPT) with `-smp 1` and `-smp 2`, Bochs
+//! `corei7_skylake_x` (VMX) and Bochs `ryzen` (SVM) with one and two CPUs.
 //!
 //! Each test boots the kernel with the test guests and a `vms.conf` as boot modules and `run_ms=N`, then judges
 //! from the `CV:VM` lines (hypervisor accounting and the counters the guests reported), `CV:VMSTOP` and
@@ -26,7 +26,8 @@
 //! late is counted (`overruns=` and `max_overrun_us=` in `CV:VMSUM`). So each guest-side judgement is exact up
 //! to the time the kernel reported as stalled, [`stall_ms`] (at most `overruns x max_overrun_us`), and a
 //! real-time miss is accepted only against a reported overrun. On Bochs and one-CPU QEMU that allowance is 0 or
-//! a fraction of a millisecond; on two-CPU QEMU it is what the guests' spin loops make it.
+//! a fraction of a millisecond (Bochs interleaves its CPUs a few instructions at a time, so two-CPU Bochs is as
+//! exact as one); on two-CPU QEMU it is what the guests' spin loops make it.
 
 mod common;
 
