@@ -4,8 +4,8 @@
 //! Each entry records what decides when a slice ends: the TSC just before the entry (`entry_tsc`, read where the
 //! preemption-timer value is computed), the deadline asked for, the timer value armed, the value the CPU saved at
 //! the exit ("save VMX-preemption timer value"), the TSC right after the exit, the exit reason, and the guest's
-//! RIP, RFLAGS and interruptibility state at the exit (a `cli` spin shows IF = 0; STI/MOV-SS blocking shows in
-//! bits 0-1). Recording is a few stores and the two extra VMREADs (RFLAGS, interruptibility).
+//! RIP, and for a late exit its RFLAGS and interruptibility state (a `cli` spin shows IF = 0; STI/MOV-SS blocking
+//! shows in bits 0-1). Recording is one RDTSC and a few stores; the two VMREADs happen only for late exits.
 //!
 //! The first time an exit comes more than [`LATE_NS`] after its deadline, the ring is frozen [`AFTER`] entries
 //! later (so it holds the entries around that exit), and [`Ring::report`] queues it for the console (deferred, no
@@ -49,8 +49,9 @@ pub struct Entry {
     /// Exit-reason field.
     pub reason: u32,
     pub rip: u64,
-    pub rflags: u64,
-    pub interruptibility: u32,
+    /// Read for late exits only (two VMREADs saved on every other one).
+    pub rflags: Option<u64>,
+    pub interruptibility: Option<u32>,
 }
 
 impl Entry {
@@ -97,6 +98,11 @@ impl Ring {
             lates: 0,
             worst_ticks: 0,
         }
+    }
+
+    /// Whether an exit at `exit_tsc` for `deadline` counts as late.
+    pub fn is_late(&self, exit_tsc: u64, deadline: u64) -> bool {
+        exit_tsc.saturating_sub(deadline) > self.late_ticks
     }
 
     /// Records one entry (its `seq` is assigned here).
@@ -169,7 +175,7 @@ impl Ring {
             let mut line = heapless::String::<200>::new();
             let _ = write!(
                 line,
-                "{}{} entry={} deadline{:+} armed={} saved={:?} exit{:+} reason={} rip={:#x} rflags={:#x} intr={:#x}",
+                "{}{} entry={} deadline{:+} armed={} saved={:?} exit{:+} reason={} rip={:#x} rflags={:x?} intr={:x?}",
                 if e.seq == first { "*" } else { " " },
                 e.seq,
                 e.entry_tsc,

@@ -699,15 +699,18 @@ impl VmxVcpu {
         instr::read_nat(f).ok()
     }
 
-    /// Records the entry that just exited in the trace ring (RFLAGS and interruptibility read here, only for it).
+    /// Records the entry that just exited in the trace ring.
     fn trace_exit(&mut self, deadline_tsc: u64, exit_tsc: u64) {
-        let (rflags, interruptibility) = if self.last.reason & ENTRY_FAILURE == 0 {
+        // RFLAGS and the interruptibility state cost two VMREADs: read only for a late exit, the one they explain.
+        let late =
+            self.trace.is_late(exit_tsc, deadline_tsc) && self.last.reason & ENTRY_FAILURE == 0;
+        let (rflags, interruptibility) = if late {
             (
-                instr::read_nat(GuestNat::Rflags).unwrap_or(0),
-                instr::read32(Guest32::InterruptibilityState).unwrap_or(0),
+                instr::read_nat(GuestNat::Rflags).ok(),
+                instr::read32(Guest32::InterruptibilityState).ok(),
             )
         } else {
-            (0, 0)
+            (None, None)
         };
         self.trace.record(trace::Entry {
             seq: 0,
