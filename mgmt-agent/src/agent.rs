@@ -98,6 +98,8 @@ pub struct HostStatus {
     pub telemetry_gaps: u64,
     /// Last telemetry sequence number.
     pub last_seq: Option<u64>,
+    /// The host's own link counters (its decoder, overruns, dedup answers), as last reported.
+    pub host_link: Option<proto::LinkStats>,
 }
 
 /// Latest telemetry of a VM.
@@ -210,6 +212,11 @@ impl Shared {
     /// Records decoder counters.
     pub fn set_decode_stats(&self, key: &str, stats: DecodeStats) {
         self.with_host(key, |h| h.decode = stats);
+    }
+
+    /// Records the host's report of its end of the link.
+    pub fn set_host_link(&self, key: &str, stats: proto::LinkStats) {
+        self.with_host(key, |h| h.host_link = Some(stats));
     }
 
     /// Tracks telemetry sequence gaps.

@@ -506,7 +506,7 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
     }
     let _ = writeln!(
         out,
-        "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter\n# TYPE cv_telemetry_gaps_total counter"
+        "# TYPE cv_host_connected gauge\n# TYPE cv_frames_rejected_total counter\n# TYPE cv_telemetry_gaps_total counter\n# TYPE cv_host_frames_rejected_total counter"
     );
     if let Ok(hosts) = s.hosts.lock() {
         for h in hosts.values() {
@@ -527,6 +527,14 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
                 "cv_telemetry_gaps_total{{address=\"{}\"}} {}",
                 h.address, h.telemetry_gaps
             );
+            if let Some(l) = &h.host_link {
+                let _ = writeln!(
+                    out,
+                    "cv_host_frames_rejected_total{{address=\"{}\"}} {}",
+                    h.address,
+                    l.decode.rejected()
+                );
+            }
         }
     }
     let _ = writeln!(out, "# TYPE cv_pool_balance_ns gauge");

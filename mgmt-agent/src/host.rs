@@ -303,6 +303,7 @@ impl Session<'_> {
                 }
             }
             ToAgent::Response(r) => self.response(r, now),
+            ToAgent::LinkStats(l) => self.shared.set_host_link(self.key, l),
         }
     }
 

@@ -408,24 +408,14 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     "FRAMES_OK",
                     "REJECTED",
                     "TEL_GAPS",
+                    "HOST_REJECTED",
                 ],
                 &v["links"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(|h| {
-                        let rej: u64 = [
-                            "oversized",
-                            "cobs_errors",
-                            "truncated",
-                            "crc_errors",
-                            "bad_version",
-                            "malformed",
-                            "replays",
-                        ]
-                        .iter()
-                        .map(|k| h["decode"][k].as_u64().unwrap_or(0))
-                        .sum();
+                        let rej = rejected(&h["decode"]);
                         vec![
                             field(h, "address"),
                             field(h, "host_id"),
@@ -434,6 +424,11 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                             field(&h["decode"], "ok"),
                             rej.to_string(),
                             field(h, "telemetry_gaps"),
+                            if h["host_link"].is_object() {
+                                rejected(&h["host_link"]["decode"]).to_string()
+                            } else {
+                                "-".to_string()
+                            },
                         ]
                     })
                     .collect::<Vec<_>>(),
@@ -909,4 +904,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Rejected frames in a JSON `DecodeStats`.
+fn rejected(decode: &serde_json::Value) -> u64 {
+    [
+        "oversized",
+        "cobs_errors",
+        "truncated",
+        "crc_errors",
+        "bad_version",
+        "malformed",
+        "replays",
+    ]
+    .iter()
+    .map(|k| decode[k].as_u64().unwrap_or(0))
+    .sum()
 }

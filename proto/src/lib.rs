@@ -24,6 +24,8 @@
 //!   (`credit_request_id`) or a [`Command::DenyCredit`] arrives.
 //! - Number [`VmTelemetry`] snapshots with `seq` +1 per snapshot across the host; answer admission failures
 //!   with [`ErrorCode::Admission`] and the numbers in the reason.
+//! - Send [`ToAgent::LinkStats`] (the host decoder's counters, overruns, dedup answers) with every telemetry
+//!   round, so rejected frames are visible on the agent for both directions.
 //! - Buffers: one [`MAX_WIRE`]-byte encode buffer; the encoder also uses [`MAX_RAW`] bytes of stack and the decoder
 //!   holds [`MAX_ENCODED`] bytes.
 #![no_std]

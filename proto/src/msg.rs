@@ -60,6 +60,26 @@ pub enum ToAgent {
     CreditRequest(CreditRequest),
     /// Answer to an agent [`Request`].
     Response(Response),
+    /// The host's side of the link (its decoder's rejections, overruns, dedup answers), sent with every
+    /// telemetry round so the agent sees faults in both directions.
+    LinkStats(LinkStats),
+}
+
+/// Counters of the host's end of the link since it came up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LinkStats {
+    /// The host decoder's counters (frames from the agent).
+    pub decode: crate::frame::DecodeStats,
+    /// Received bytes lost to receiver overruns.
+    pub rx_overruns: u64,
+    /// Frames to the agent dropped because the host's output queue was full.
+    pub tx_dropped: u64,
+    /// State-changing requests executed.
+    pub executed: u64,
+    /// Requests answered from the dedup window without running again.
+    pub duplicates: u64,
+    /// Requests refused as older than the dedup window (not executed).
+    pub stale: u64,
 }
 
 /// Agent -> hypervisor.

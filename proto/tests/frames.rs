@@ -130,6 +130,24 @@ fn to_agent() -> impl Strategy<Value = ToAgent> {
             id,
             result: Err(CommandError::new(ErrorCode::Admission, &r))
         })),
+        any::<[u64; 14]>().prop_map(|c| ToAgent::LinkStats(LinkStats {
+            decode: DecodeStats {
+                ok: c[0],
+                oversized: c[1],
+                cobs_errors: c[2],
+                truncated: c[3],
+                crc_errors: c[4],
+                bad_version: c[5],
+                malformed: c[6],
+                replays: c[7],
+                sessions: c[8],
+            },
+            rx_overruns: c[9],
+            tx_dropped: c[10],
+            executed: c[11],
+            duplicates: c[12],
+            stale: c[13],
+        })),
     ]
 }
 
@@ -431,7 +449,25 @@ fn largest_messages_fit() {
         },
     });
     let mut enc = FrameEncoder::new(u32::MAX, u64::MAX - 10);
-    for m in [tel, list, info, bals] {
+    let link = ToAgent::LinkStats(LinkStats {
+        decode: DecodeStats {
+            ok: big,
+            oversized: big,
+            cobs_errors: big,
+            truncated: big,
+            crc_errors: big,
+            bad_version: big,
+            malformed: big,
+            replays: big,
+            sessions: big,
+        },
+        rx_overruns: big,
+        tx_dropped: big,
+        executed: big,
+        duplicates: big,
+        stale: big,
+    });
+    for m in [tel, list, info, bals, link] {
         let n = ev(&mut enc, &m).unwrap().len();
         assert!(n <= MAX_WIRE, "{n}");
     }

@@ -634,6 +634,12 @@ fn qemu_epyc_commands_through_fault_proxy() {
             let ms = markers(serial);
             let st = last_stat(&ms).expect("CV:MGMTSTAT").clone();
             let hosts = cvctl(bin, &api, &["hosts"]);
+            // The host's own counters reach the agent (LinkStats): it saw the corruption too.
+            let host_link = &hosts[hosts.find("\"host_link\"").expect("host_link in hosts")..];
+            assert!(
+                json_u64(host_link, "crc_errors") > 0 || json_u64(host_link, "cobs_errors") > 0,
+                "{hosts}"
+            );
             let agent_rejected = json_u64(&hosts, "crc_errors")
                 + json_u64(&hosts, "cobs_errors")
                 + json_u64(&hosts, "truncated")

@@ -5,9 +5,9 @@
 //! nothing here ever waits. Each poll moves at most [`RX_BYTES_PER_POLL`] received bytes from the 16550's FIFO
 //! into the `proto` [`FrameDecoder`] (an overrun reported by the line status is counted), executes the requests
 //! that decoded, drains the scheduler's per-period telemetry and credit requests, sends a telemetry snapshot per VM
-//! (per vCPU from the scheduler, per volume from `io::service::volume_stats`) when one is due, re-sends unanswered
-//! credit requests, and moves queued output to the transmitter only while its holding register is empty (one FIFO
-//! load per poll). Output frames wait in a bounded ring; a frame that does not fit is dropped whole and counted.
+//! (per vCPU from the scheduler, per volume from `io::service::volume_stats`, then the link's counters as
+//! `LinkStats`) when one is due, re-sends unanswered credit requests, and moves queued output to the transmitter
+//! only while its holding register is empty (one FIFO load per poll). Output frames wait in a bounded ring; a frame that does not fit is dropped whole and counted.
 //! The endpoint is enabled with `mgmt=com2` on the command line (docs/console.md) and prints `CV:MGMT` when it
 //! comes up and `CV:MGMTSTAT` every second. While it is up an idle BSP halts at most [`IDLE_POLL_NS`] (the
 //! receiver is polled, not interrupt driven).
@@ -40,8 +40,8 @@ use alloc::vec::Vec;
 use drivers::uart16550::{reg, PortIo, Uart16550, LSR_DATA_READY, LSR_THR_EMPTY};
 use proto::{
     caps, CommandError, CreditRequest, DecodeStats, DedupWindow, ErrorCode, FrameDecoder,
-    FrameEncoder, Hello, Request, Resource, Response, Seen, ToAgent, ToHost, VcpuTelemetry,
-    VmTelemetry, VolumeTelemetry, MAX_WIRE,
+    FrameEncoder, Hello, LinkStats, Request, Resource, Response, Seen, ToAgent, ToHost,
+    VcpuTelemetry, VmTelemetry, VolumeTelemetry, MAX_WIRE,
 };
 use x86_64::instructions::port::Port;
 
@@ -453,7 +453,7 @@ impl Endpoint {
         }
     }
 
-    /// One snapshot per VM, numbered +1 each across the host.
+    /// One snapshot per VM, numbered +1 each across the host, then the host's link counters.
     fn telemetry(&mut self, rt: &Runtime, now: u64) {
         let time_ns = rt.ns(now);
         let window_ns = time_ns.saturating_sub(self.last_telemetry_ns);
@@ -505,6 +505,15 @@ impl Endpoint {
             self.counters.telemetry += 1;
             self.send(&ToAgent::Telemetry(snapshot));
         }
+        let link = LinkStats {
+            decode: self.dec.stats(),
+            rx_overruns: self.counters.rx_overruns,
+            tx_dropped: self.counters.tx_dropped,
+            executed: self.counters.executed,
+            duplicates: self.counters.duplicates,
+            stale: self.counters.stale,
+        };
+        self.send(&ToAgent::LinkStats(link));
     }
 
     /// `CV:MGMTSTAT`: the link's counters, the decoder's rejections and the grant totals.
