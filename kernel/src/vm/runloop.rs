@@ -12,6 +12,13 @@
 //!    decision itself and the wake/report work between slices are overhead, kept within `RESERVE_PPM`) and
 //!    block the vCPU if it halted.
 //!
+//! Reclaim ([`stop_and_reclaim`], and every [`stop_vm`]): a stop bumps `STOPS`; each run loop that sees it change
+//! hands its vCPUs of stopped VMs back at the top of its next iteration (`settle_stopped`: the backend vCPU is
+//! dropped on its own CPU, VMCLEAR first on VMX); the CPU that settles a VM's last vCPU frees its nested page
+//! table and takes its RAM, which the run loops then free in steps of at most `RECLAIM_STEP_NS` (or an idle
+//! decision's whole idle time), one VM at a time, and log `vm <name>: reclaimed ...`. Lock order: `RECLAIM`, then
+//! a slot's vCPU lock, then (inside the backend) its settle lock, its shared-part lock and the frame allocator.
+//!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
 //! A VM paused by the management channel (`Vm::paused`) is never entered: its vCPUs are blocked in the scheduler at

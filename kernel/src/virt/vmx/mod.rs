@@ -21,7 +21,9 @@
 //! so (`bx_local_apic_c::set_vmx_preemption_timer` fires at `((now >> rate) + value) << rate` in its tick
 //! domain, which is also its TSC; rate 0), delivers the exit at the next instruction boundary unless STI/MOV-SS
 //! blocking is in force for one instruction (`handleAsyncEvent`), independent of IF, so a `cli; pause` spin is
-//! preempted on time. The one overrun seen (350 us at t=1.137 s, c8c593e) was the host's: Bochs's debug log shows
+//! preempted on time. On hardware the timer exit ranks below debug traps and above NMI-window exits and is not
+//! blocked by IF (SDM Vol. 3C §25.2, "Other Causes of VM Exits"); Bochs's one-instruction deferral under STI/MOV-SS
+//! blocking is harmless here. The one overrun seen (350 us at t=1.137 s, c8c593e) was the host's: Bochs's debug log shows
 //! the `cli`-spinning VM's exit at exactly the armed value, then 19,000 host ticks before the next entry, spent
 //! in `sched`'s `Scheduler::pick` growing its telemetry `VecDeque` from 2048 to 4096 records (a 136 KiB realloc
 //! copy); the real-time vCPU's wake time passed meanwhile, so the next slice was entered with its deadline
