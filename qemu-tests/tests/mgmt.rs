@@ -13,7 +13,7 @@
 //!
 //! Every judgement comes from markers (`CV:VM`, `CV:MGMTSTAT`) and the agent's state; the waits poll with a bound
 //! and never judge by elapsed time. The kernel runs with `run_ms` as a safety bound; the test stops QEMU itself
-//! once it has decided (about 40 s of wall time on an idle machine).
+//! once it has decided (about 20 s of wall time each).
 //!
 //! Needs the `cvctl` binary: `CVCTL`, or `cvctl` in the same target directory as this test (`cargo xtask test`
 //! builds it).
@@ -56,6 +56,18 @@ memory = 8M
 baseline = 30%
 cpu = 0
 args = report_ms=1000
+";
+/// QEMU's throttle on the NVMe drive of the volume test (a stable capacity C for the partitioner).
+const NVME_IOPS: u64 = 4_000;
+/// One `io` VM with a volume committed at 20 % of C.
+const IO_CONF: &str = "\
+[vm vol-a]
+image = io
+memory = 8M
+baseline = 20%
+cpu = 1
+args = depth=16 iops=0 read_pct=50 seed=1 poll_us=50
+volume = size=8M offset=0 iops=20%
 ";
 /// Safety bound of the kernel's run and of each wait.
 const RUN_MS: u64 = 150_000;
@@ -257,6 +269,19 @@ fn share_pct(a: &Marker, b: &Marker) -> u64 {
 /// Boots the two-VM configuration with `cmdline` (plus `mgmt=com2 run_ms=RUN_MS exit=emu`) in QEMU EPYC with
 /// COM2 on a unix socket, runs `f(cvctl, work, socket, serial log)` while it runs, then stops QEMU.
 fn with_qemu(name: &str, cmdline: &str, f: impl FnOnce(&Path, &Path, &Path, &Path)) {
+    with_qemu_conf(name, CONF, "burn", false, cmdline, f);
+}
+
+/// As [`with_qemu`] with `conf` as `vms.conf` and guest `guest`; with `nvme`, a 64 MiB NVMe drive throttled to
+/// [`NVME_IOPS`] (q35 machine).
+fn with_qemu_conf(
+    name: &str,
+    conf_text: &str,
+    guest: &str,
+    nvme: bool,
+    cmdline: &str,
+    f: impl FnOnce(&Path, &Path, &Path, &Path),
+) {
     let Some(a) = setup(Family::Qemu) else {
         return;
     };
@@ -268,16 +293,16 @@ fn with_qemu(name: &str, cmdline: &str, f: impl FnOnce(&Path, &Path, &Path, &Pat
         let _ = std::fs::remove_file(work.join(f));
     }
     let conf = work.join("vms.conf");
-    std::fs::write(&conf, CONF).expect("write vms.conf");
-    let burn = guest_dir().join("burn");
+    std::fs::write(&conf, conf_text).expect("write vms.conf");
+    let image = guest_dir().join(guest);
     assert!(
-        burn.exists(),
+        image.exists(),
         "{} missing: build the guests",
-        burn.display()
+        image.display()
     );
     let sock = work.join("com2.sock");
     let mut q = Qemu::epyc(
-        Machine::Pc,
+        if nvme { Machine::Q35 } else { Machine::Pc },
         2,
         Boot::Kernel {
             elf32: a.kernel32.clone(),
@@ -290,8 +315,23 @@ fn with_qemu(name: &str, cmdline: &str, f: impl FnOnce(&Path, &Path, &Path, &Pat
         "-serial".into(),
         "chardev:mgmt".into(),
         "-initrd".into(),
-        format!("{} burn,{} vms.conf", burn.display(), conf.display()),
+        format!("{} {guest},{} vms.conf", image.display(), conf.display()),
     ];
+    if nvme {
+        let disk = work.join("nvme.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("create the NVMe image");
+        q.extra_args.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=nv0,format=raw,throttling.iops-total={NVME_IOPS}",
+                disk.display()
+            ),
+            "-device".into(),
+            "nvme,serial=cv0,drive=nv0".into(),
+        ]);
+    }
     let expect = Expect {
         cpus: 2,
         virt: VirtExpect::svm_npt(),
@@ -667,6 +707,60 @@ fn qemu_epyc_commands_through_fault_proxy() {
             assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
             drop(agent);
             drop(proxy);
+        },
+    );
+}
+
+/// Volumes over the channel: the host's volume telemetry reaches the agent, a commitment change goes through the
+/// I/O service's admission (accepted: in force and read back; too large: refused with the partitioner's numbers).
+#[test]
+fn qemu_epyc_volume_commitments_over_the_channel() {
+    with_qemu_conf(
+        "mgmt-volumes",
+        IO_CONF,
+        "io",
+        true,
+        "",
+        |bin, work, sock, serial| {
+            let (agent, api) = Daemon::agent(bin, work, sock, "agent.log");
+            wait_for("the agent to list the host's VMs", || {
+                let vms = try_cvctl(bin, &api, &["vms"]).unwrap_or_default();
+                vms.contains("\"vol-a\"").then_some(())
+            });
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "0"]);
+            let first = json_u64(&d, "committed_iops");
+            assert!(first > 0, "the volume's commitment from vms.conf: {d}");
+            // Volume telemetry: the I/O counted by the agent grows.
+            wait_for("volume I/O in the agent's usage", || {
+                let usage = try_cvctl(bin, &api, &["usage"]).ok()?;
+                json_i64(&usage, "io_ops")
+                    .is_some_and(|v| v > 0)
+                    .then_some(())
+            });
+            // A larger commitment within the committable capacity: in force, read back.
+            let want = first * 3 / 2;
+            cvctl(bin, &api, &["commit", "cv0", "0", "0", &want.to_string()]);
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "0"]);
+            assert_eq!(json_u64(&d, "committed_iops"), want, "{d}");
+            let log =
+                String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
+            assert!(
+                log.contains(&format!("commitment {want} IOPS")),
+                "the I/O service logged the change"
+            );
+            // Beyond the device: refused with the numbers, the old commitment stays.
+            let refused = try_cvctl(bin, &api, &["commit", "cv0", "0", "0", "1000000"])
+                .expect_err("a commitment far beyond the device must be refused");
+            assert!(refused.contains("Admission"), "{refused}");
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "0"]);
+            assert_eq!(json_u64(&d, "committed_iops"), want, "{d}");
+            println!(
+                "[cv-figure] mgmt: volume commitment {first} -> {want} IOPS over the channel; 1000000 refused: {}",
+                refused.trim()
+            );
+            let ms = markers(serial);
+            assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+            drop(agent);
         },
     );
 }

@@ -174,12 +174,18 @@ fn set_commitment(
     };
     crate::io::service::set_commitment(&v.name, usize::from(volume), cfg).map_err(|e| {
         use crate::io::service::IoError;
-        let code = match e {
-            IoError::NoService | IoError::UnknownVolume { .. } => ErrorCode::NotFound,
-            IoError::Detached => ErrorCode::BadState,
-            IoError::Refused(_) => ErrorCode::Admission,
-        };
-        err(code, format_args!("VM {vm} volume {volume}: {e}"))
+        match e {
+            // The partitioner's numbers alone: the wire's reason has room for 96 characters.
+            IoError::Refused(_) => err(ErrorCode::Admission, format_args!("{e}")),
+            IoError::NoService | IoError::UnknownVolume { .. } => err(
+                ErrorCode::NotFound,
+                format_args!("VM {vm} volume {volume}: {e}"),
+            ),
+            IoError::Detached => err(
+                ErrorCode::BadState,
+                format_args!("VM {vm} volume {volume}: {e}"),
+            ),
+        }
     })
 }
 
