@@ -9,8 +9,9 @@
 //!    commitment got >= 95 % of it, and the total is >= 90 % of C (the exact ratio is printed). B's commitment rises
 //!    to 25 % of C at t = 5 s through `io::set_commitment` (the volume's `iops_change=` hook, `CV:IOCHANGE`); the
 //!    first window that starts after the change must honour the new commitment. Every pattern the guests wrote
-//!    and read back verified (`IO_VERIFY_FAIL` = 0, no `IO_ERR`), and the per-request hypervisor overhead is
-//!    printed from `CV:IOSUM`.
+//!    and read back verified (`IO_VERIFY_FAIL` = 0, no `IO_ERR`); each guest's own per-second count (`IO_IOPS`)
+//!    agrees with the partitioner's windows (medians within 10 %); the per-request hypervisor overhead is printed
+//!    from `CV:IOSUM`.
 //! 2. `injected_media_error_fails_only_the_affected_requests`: QEMU's `blkdebug` fails every read of disk sector
 //!    4096; VM `victim`'s small volume covers that sector, VM `bystander`'s does not. The victim's guest sees IOERR
 //!    on some reads and no verification failure, the bystander sees no error at all, both keep running, and the
@@ -125,6 +126,7 @@ fn counter(m: &Marker, key: u32) -> u64 {
     m.get_u64(&format!("c{key}")).unwrap_or(0)
 }
 
+const IO_IOPS: u32 = 8;
 const IO_OK: u32 = 9;
 const IO_ERR: u32 = 10;
 const IO_VERIFY_FAIL: u32 = 11;
@@ -293,6 +295,31 @@ volume = size=8M offset=32M iops=10%
         println!("[cv-figure] run: {}", s.line);
     }
     check_guests(&report, &["vol-a", "vol-b", "vol-c"], &[]);
+    // The guests' own count (IO_IOPS, each second of guest TSC) must tell the same story as the partitioner's
+    // windows: medians over the judged period within 10 %.
+    for vm in ["vol-a", "vol-b", "vol-c"] {
+        let median = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        let hv = median(
+            judged
+                .iter()
+                .filter_map(|w| windows[w].get(vm))
+                .map(|&(_, d, _)| d)
+                .collect(),
+        );
+        let lines: Vec<u64> = markers(&report, "VM")
+            .filter(|m| m.get("name") == Some(vm))
+            .map(|m| counter(m, IO_IOPS))
+            .collect();
+        let guest = median(lines[lines.len().saturating_sub(judged.len())..].to_vec());
+        println!("[cv-figure] {vm}: median IOPS by the partitioner {hv}, by the guest {guest}");
+        assert!(
+            guest.abs_diff(hv) * 10 <= hv.max(1),
+            "{vm}: the guest counted {guest} IOPS, the partitioner {hv}"
+        );
+    }
     assert!(
         judged.iter().any(|&w| w > transition),
         "no judged window after the change (transition window {transition})"
