@@ -6,7 +6,9 @@
 //! The default boot is the fastest one (QEMU `-kernel`); `--iso` or `--uefi` boot the GRUB ISO,
 //! which is rebuilt with the `--append` command line at `build/run/creditvisor.iso`. With `--agent` (QEMU), the
 //! kernel's management channel (`mgmt=com2`) goes to the unix socket `build/run/com2.sock` and `cvctl agent` is
-//! started on it in the background (fresh state and log in `build/run/agent/`), stopped when QEMU ends.
+//! started on it in the background (fresh state and log in `build/run/agent/`), stopped when QEMU ends. Without
+//! `--vms`, `--agent` boots tools/agent-demo.conf (bursting, standard and I/O VMs) with an NVMe drive and gives the
+//! agent a credit pool for the bursting VM, so `cvctl top` has baselines, bursts, balances and IOPS to show.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,9 +61,74 @@ pub struct RunArgs {
     #[arg(long)]
     agent: bool,
     /// HTTP API address of the attached agent.
-    #[arg(long, default_value = "127.0.0.1:7878")]
+    #[arg(long, default_value = DEFAULT_API)]
     api: String,
 }
+
+/// The VMs `--agent` boots without `--vms`: bursting, standard and I/O VMs for `cvctl top`.
+fn agent_demo_config() -> std::path::PathBuf {
+    crate::root().join("tools/agent-demo.conf")
+}
+
+/// QEMU's throttle on the agent demo's NVMe drive (a stable capacity for the IOPS partitioner).
+const DEMO_NVME_IOPS: u32 = 4000;
+
+/// Sets up the agent demo's credit pool once the agent answers: `burst`, 1 credit, VM 0 (`burster`) its member.
+fn setup_demo_pool(cvctl: std::path::PathBuf, api: String, ready: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        let up = (0..300).any(|_| {
+            let ok = ready.exists();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        });
+        if !up {
+            println!("xtask: the agent did not come up within 30 s; no demo pool (see its log)");
+            return;
+        }
+        let steps: [&[&str]; 3] = [
+            &[
+                "pool",
+                "create",
+                "burst",
+                "--resource",
+                "cpu",
+                "--strategy",
+                "full",
+            ],
+            &["pool", "purchase", "burst", "1"],
+            &["pool", "authorize", "burst", "cv0", "0"],
+        ];
+        for step in steps {
+            let out = std::process::Command::new(&cvctl)
+                .args(["--api", &api])
+                .args(step)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    println!(
+                        "xtask: `cvctl {}` failed: {}",
+                        step.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    return;
+                }
+                Err(e) => {
+                    println!("xtask: cannot run {}: {e}", cvctl.display());
+                    return;
+                }
+            }
+        }
+        println!(
+            "xtask: agent demo: credit pool `burst` (1 credit) with VM 0 `burster` as its member"
+        );
+    });
+}
+
+/// `cvctl`'s default API address.
+const DEFAULT_API: &str = "127.0.0.1:7878";
 
 /// The attached management agent; stopped when dropped.
 struct AgentChild(std::process::Child);
@@ -122,12 +189,14 @@ fn start_agent(
         .arg("--host")
         .arg(format!("unix:{}", sock.display()))
         .args(["--listen", api])
+        .arg("--ready-file")
+        .arg(dir.join("ready"))
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
         .with_context(|| format!("cannot start {}", cvctl.display()))?;
-    let api_env = if api == "127.0.0.1:7878" {
+    let api_env = if api == DEFAULT_API {
         String::new()
     } else {
         format!("CVCTL_API={api} ")
@@ -140,8 +209,8 @@ fn start_agent(
     println!("xtask: in another terminal:");
     println!("    {api_env}{c} top                          live view: baselines, bursts, balances, IOPS (q quits)");
     println!("    {api_env}{c} hosts | vms | pools | usage   (add --json for JSON)");
-    println!("    {api_env}{c} pool create burst --resource cpu && {c} pool purchase burst 1 && {c} pool authorize burst cv0 VM");
-    println!("    (an `unlimited` VM in the pool asks for credits; the demo's VMs are `standard`: see --vms)");
+    println!("    {api_env}{c} pool purchase burst 1            more credits for the pool");
+    println!("    {api_env}{c} commit cv0 4 0 500               change vol-b's commitment (admission decides)");
     Ok(AgentChild(child))
 }
 
@@ -169,7 +238,16 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     packages::ensure(&[packages::BUILD, packages::IMAGE, emu_packages])?;
     let run_dir = kernel::build_dir().join("run");
     let iso = run_dir.join("creditvisor.iso");
-    let vms = (!args.no_vms).then(|| args.vms.clone().unwrap_or_else(kernel::demo_config));
+    // The agent demo (bursting, standard and I/O VMs on an NVMe drive) needs the `io` guest as a module, which
+    // only the direct boot passes here.
+    let agent_demo = args.agent && args.vms.is_none() && !args.no_vms && !uses_iso;
+    let vms = (!args.no_vms).then(|| {
+        args.vms.clone().unwrap_or_else(if agent_demo {
+            agent_demo_config
+        } else {
+            kernel::demo_config
+        })
+    });
     if let Some(conf) = &vms {
         println!("xtask: VMs from {} (--no-vms boots none)", conf.display());
     }
@@ -205,11 +283,32 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
                     "-serial".to_string(),
                     "chardev:mgmt".to_string(),
                 ]);
+                if agent_demo {
+                    let disk = dir.join("nvme.img");
+                    std::fs::File::create(&disk)
+                        .and_then(|f| f.set_len(64 << 20))
+                        .with_context(|| format!("cannot create {}", disk.display()))?;
+                    extra_args.extend([
+                        "-drive".to_string(),
+                        format!(
+                            "file={},if=none,id=nv0,format=raw,throttling.iops-total={DEMO_NVME_IOPS}",
+                            disk.display()
+                        ),
+                        "-device".to_string(),
+                        "nvme,serial=cv0,drive=nv0".to_string(),
+                    ]);
+                    setup_demo_pool(cvctl.clone(), args.api.clone(), dir.join("ready"));
+                }
             }
             let mut q = Qemu {
                 extra_args: match (&vms, uses_iso) {
                     (Some(conf), false) => {
-                        let initrd: Vec<String> = kernel::modules(&artefacts, conf)
+                        let mut modules = kernel::modules(&artefacts, conf);
+                        let io = artefacts.guests.join("io");
+                        if agent_demo && !modules.iter().any(|(_, n)| n == "io") {
+                            modules.push((io, "io".to_string()));
+                        }
+                        let initrd: Vec<String> = modules
                             .iter()
                             .map(|(f, n)| format!("{} {n}", f.display()))
                             .collect();
