@@ -12,7 +12,7 @@
 //! `sim-out/io/<scenario>`), printing the table.
 //!
 //! Modules: [`model`] (RNG, device, workloads), [`dispatchers`], [`engine`] (event loop, metrics),
-//! [`scenarios`], [`report`].
+//! [`scenarios`], `report` (`std` feature).
 
 pub mod dispatchers;
 pub mod engine;
