@@ -10,7 +10,7 @@
 //! against that CPU's own expectation; real time: the periodic VM on CPU 1 with hostile VMs on both; isolation:
 //! the hostile VMs alternate), and one test checks that unpinned VMs are spread over both CPUs.
 //!
-//! QEMU always runs with `-icount shift=3,sleep=off`: guest-visible time follows the instructions executed, so a
+//! QEMU runs with `-icount shift=3,sleep=off` (all but the two-CPU isolation test): guest-visible time follows the instructions executed, so a
 //! run is deterministic (two runs print identical lines) and independent of the shared host's load; without it,
 //! two-CPU TCG slices ended up to 75 ms late here. With `-icount` QEMU runs all vCPUs round robin on one host
 //! thread, and QEMU 7.2 (the version CI has) lets a CPU run until the next timer deadline of any CPU unless it
@@ -49,8 +49,8 @@ const QEMU_VM_TIMEOUT: Duration = Duration::from_secs(600);
 /// Where a run boots.
 #[derive(Clone, Copy, Debug)]
 enum Target {
-    /// QEMU TCG `-cpu EPYC` with `smp` CPUs, always with `-icount shift=3,sleep=off`.
-    Qemu { smp: u32 },
+    /// QEMU TCG `-cpu EPYC` with `smp` CPUs, with `-icount shift=3,sleep=off` when `icount` (module doc).
+    Qemu { smp: u32, icount: bool },
     /// Bochs with this `cpu: model=` and `count=smp` CPUs (Bochs runs them in turn, a few instructions each, so
     /// two-CPU time stays instruction-exact).
     Bochs { model: &'static str, smp: u32 },
@@ -84,7 +84,7 @@ impl Target {
 
     fn cpus(self) -> u64 {
         match self {
-            Self::Qemu { smp } | Self::Bochs { smp, .. } => u64::from(smp),
+            Self::Qemu { smp, .. } | Self::Bochs { smp, .. } => u64::from(smp),
         }
     }
 }
@@ -130,18 +130,17 @@ fn run_vms(name: &str, target: Target, conf: &str, run_ms: u64) -> Option<Report
         selftests: Vec::new(),
     };
     let report = match target {
-        Target::Qemu { smp } => {
+        Target::Qemu { smp, icount } => {
             let mut q = Qemu::epyc(Machine::Pc, smp, direct(&a, &cmdline));
             let initrd: Vec<String> = modules
                 .iter()
                 .map(|(f, n)| format!("{} {n}", f.display()))
                 .collect();
-            q.extra_args = vec![
-                "-initrd".into(),
-                initrd.join(","),
-                "-icount".into(),
-                "shift=3,sleep=off".into(),
-            ];
+            q.extra_args = vec!["-initrd".into(), initrd.join(",")];
+            if icount {
+                q.extra_args
+                    .extend(["-icount".into(), "shift=3,sleep=off".into()]);
+            }
             boot(&a, name, Emulator::Qemu(q), &expect, QEMU_VM_TIMEOUT)
         }
         Target::Bochs { model, smp } => {
@@ -730,11 +729,23 @@ fn isolation(name: &str, target: Target) {
             "{vm}: tables and control pages reclaimed"
         );
         assert_eq!(r.total_kib, r.ram_kib + r.tables_kib + r.control_kib);
-        assert_eq!(
-            (r.free_after - r.free_before) * 4,
-            r.total_kib,
-            "{vm}: the allocator got back exactly what the reclaim reports"
-        );
+        // On two CPUs the other CPU may allocate between the two reads of the free count (on two-CPU Bochs ryzen
+        // the first reclaim of a run gains 12-24 KiB less than it reports, the later ones exactly as much), so
+        // the delta is exact on one CPU; on more the allocator must not get back more than reported (a double
+        // free or an over-count).
+        let gained = (r.free_after - r.free_before) * 4;
+        if target.cpus() == 1 {
+            assert_eq!(
+                gained, r.total_kib,
+                "{vm}: the allocator got back exactly what the reclaim reports"
+            );
+        } else {
+            assert!(
+                gained <= r.total_kib,
+                "{vm}: the allocator got back {gained} KiB, the reclaim reports {} KiB",
+                r.total_kib
+            );
+        }
     }
     figure(&report, name);
 }
@@ -783,42 +794,93 @@ fn reclaims(report: &Report) -> HashMap<String, Reclaimed> {
 
 #[test]
 fn qemu_epyc_shares() {
-    shares("vms-qemu-epyc-shares", Target::Qemu { smp: 1 }, 3000);
+    shares(
+        "vms-qemu-epyc-shares",
+        Target::Qemu {
+            smp: 1,
+            icount: true,
+        },
+        3000,
+    );
 }
 
 #[test]
 fn qemu_epyc_rolling_credits() {
-    rolling_credits("vms-qemu-epyc-credits", Target::Qemu { smp: 1 });
+    rolling_credits(
+        "vms-qemu-epyc-credits",
+        Target::Qemu {
+            smp: 1,
+            icount: true,
+        },
+    );
 }
 
 #[test]
 fn qemu_epyc_hard_real_time() {
-    hard_real_time("vms-qemu-epyc-rt", Target::Qemu { smp: 1 });
+    hard_real_time(
+        "vms-qemu-epyc-rt",
+        Target::Qemu {
+            smp: 1,
+            icount: true,
+        },
+    );
 }
 
 #[test]
 fn qemu_epyc_isolation() {
-    isolation("vms-qemu-epyc-isolation", Target::Qemu { smp: 1 });
+    isolation(
+        "vms-qemu-epyc-isolation",
+        Target::Qemu {
+            smp: 1,
+            icount: true,
+        },
+    );
 }
 
 #[test]
 fn qemu_epyc_smp2_isolation() {
-    isolation("vms-qemu-epyc-smp2-isolation", Target::Qemu { smp: 2 });
+    // Without -icount (multi-threaded TCG in real time): with it, a guest on one CPU spinning without PAUSE can
+    // starve a probing VM for the whole run (module doc); isolation is about behaviour, and the good VM's share
+    // is judged within the stall time the kernel reports.
+    let target = Target::Qemu {
+        smp: 2,
+        icount: false,
+    };
+    isolation("vms-qemu-epyc-smp2-isolation", target);
 }
 
 #[test]
 fn qemu_epyc_smp2_shares() {
-    shares("vms-qemu-epyc-smp2-shares", Target::Qemu { smp: 2 }, 3000);
+    shares(
+        "vms-qemu-epyc-smp2-shares",
+        Target::Qemu {
+            smp: 2,
+            icount: true,
+        },
+        3000,
+    );
 }
 
 #[test]
 fn qemu_epyc_smp2_rolling_credits() {
-    rolling_credits("vms-qemu-epyc-smp2-credits", Target::Qemu { smp: 2 });
+    rolling_credits(
+        "vms-qemu-epyc-smp2-credits",
+        Target::Qemu {
+            smp: 2,
+            icount: true,
+        },
+    );
 }
 
 #[test]
 fn qemu_epyc_smp2_hard_real_time() {
-    hard_real_time("vms-qemu-epyc-smp2-rt", Target::Qemu { smp: 2 });
+    hard_real_time(
+        "vms-qemu-epyc-smp2-rt",
+        Target::Qemu {
+            smp: 2,
+            icount: true,
+        },
+    );
 }
 
 const UNPINNED: &str = "
@@ -840,7 +902,15 @@ args = report_ms=500
 #[test]
 fn qemu_epyc_smp2_unpinned_placement() {
     let name = "vms-qemu-epyc-smp2-unpinned";
-    let Some(report) = run_vms(name, Target::Qemu { smp: 2 }, UNPINNED, 1000) else {
+    let Some(report) = run_vms(
+        name,
+        Target::Qemu {
+            smp: 2,
+            icount: true,
+        },
+        UNPINNED,
+        1000,
+    ) else {
         return;
     };
     let per_cpu = vcpus_per_cpu(&report);
