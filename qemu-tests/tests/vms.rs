@@ -10,17 +10,19 @@
 //! against that CPU's own expectation; real time: the periodic VM on CPU 1 with hostile VMs on both; isolation:
 //! the hostile VMs alternate), and one test checks that unpinned VMs are spread over both CPUs.
 //!
-//! QEMU runs with `-icount shift=3,sleep=off` (all but the two-CPU isolation test): guest-visible time follows the instructions executed, so a
-//! run is deterministic (two runs print identical lines) and independent of the shared host's load; without it,
-//! two-CPU TCG slices ended up to 75 ms late here. With `-icount` QEMU runs all vCPUs round robin on one host
-//! thread, and QEMU 7.2 (the version CI has) lets a CPU run until the next timer deadline of any CPU unless it
-//! leaves the TCG loop early (HLT, or PAUSE: "let another CPU run"). A guest spinning without PAUSE therefore
-//! stalls the other CPU: its pending timer interrupt waits and its guest does not execute while its slice runs
-//! by the TSC. Measured with three identical burners per CPU: CPU 1's guests executed 0.45 of CPU 0's
-//! instructions at equal hypervisor time and slices ended up to 3.7 ms late; with PAUSE in the guests' TSC spin
-//! (the x86 spin-wait hint, `guest::meter::CpuMeter::sample`) both CPUs progress equally (203 689 and 202 780),
-//! the guest-measured shares are exact and the real-time VM misses 0 of 1500 periods. Later QEMU releases split
-//! each deadline's budget between the CPUs (`icount_percpu_budget`).
+//! QEMU runs with `-icount shift=3,sleep=off`: guest-visible time follows the instructions executed, so a run is
+//! deterministic (two runs print identical lines) and independent of the shared host's load; without it, two-CPU
+//! TCG slices ended up to 75 ms late here. With `-icount` QEMU runs all vCPUs round robin on one host thread, and
+//! QEMU 7.2 (the version CI has) lets a CPU run until the next timer deadline of any CPU unless it leaves the TCG
+//! loop early (HLT, or PAUSE: "let another CPU run"). A guest spinning without PAUSE therefore stalls the other
+//! CPU: its pending timer interrupt waits and its guest does not execute while its slice runs by the TSC.
+//! Measured with three identical burners per CPU: CPU 1's guests executed 0.45 of CPU 0's instructions at equal
+//! hypervisor time and slices ended up to 3.7 ms late. With PAUSE in the guests' TSC spin (the x86 spin-wait
+//! hint in `guest::meter::CpuMeter::sample`, a one-line change to the guests not made here) both CPUs progress
+//! equally (203 689 and 202 780), the guest-measured shares are exact and the real-time VM misses 0 of 1500
+//! periods. Later QEMU releases split each deadline's budget between the CPUs (`icount_percpu_budget`). The
+//! two-CPU isolation test runs without `-icount`: with it and the current guests, a probing VM was starved for a
+//! whole 5 s run; isolation is judged on behaviour, which real-time multi-threaded TCG shows.
 //!
 //! A stall is a platform fault the kernel sees and reports: every slice that ends more than the overrun bound
 //! late is counted (`overruns=` and `max_overrun_us=` in `CV:VMSUM`). So each guest-side judgement is exact up
