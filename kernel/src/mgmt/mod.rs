@@ -303,7 +303,11 @@ impl Endpoint {
         self.drain_sched(rt, now);
         if self.telemetry_period_ns > 0 && now >= self.next_telemetry {
             self.telemetry(rt, now);
-            self.next_telemetry = rt.after(now, self.telemetry_period_ns);
+            // On the period's grid (no drift by the poll's lateness); after a long stall, a period from now.
+            self.next_telemetry = rt.after(self.next_telemetry, self.telemetry_period_ns);
+            if self.next_telemetry <= now {
+                self.next_telemetry = rt.after(now, self.telemetry_period_ns);
+            }
         }
         self.resend_credit_requests(rt, now);
         if now >= self.next_stats {
