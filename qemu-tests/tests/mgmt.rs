@@ -11,6 +11,13 @@
 //! `ledger` (all `--json`) show it, and at the end the credits the agent debited from the pool equal the credits
 //! the kernel applied (`granted_ns` of `CV:MGMTSTAT`), exactly, and equal the purchase.
 //!
+//! Two more boots check the commands over the real channel: through `cvctl proxy` flipping bits, dropping,
+//! duplicating and replaying bytes both ways (describe, an admission refusal with its numbers, a scheduling change
+//! read back, pause/resume judged by CPU time, destroy with its `CV:VMSTOP` and memory reclaim, a pool's grants
+//! exactly once, the host's own rejections reported to the agent), and volumes (an `io` VM on a throttled NVMe
+//! drive: volume telemetry reaches the agent, a commitment change is in force and read back, an oversized one is
+//! refused with the partitioner's numbers).
+//!
 //! Every judgement comes from markers (`CV:VM`, `CV:MGMTSTAT`) and the agent's state; the waits poll with a bound
 //! and never judge by elapsed time. The kernel runs with `run_ms` as a safety bound; the test stops QEMU itself
 //! once it has decided (about 20 s of wall time each).
