@@ -28,6 +28,10 @@ impl CpuMeter {
     /// Takes one reading; returns the TSC value read.
     #[inline]
     pub fn sample(&mut self) -> u64 {
+        // PAUSE, as any well-behaved spin loop has: on real CPUs it yields to the sibling hyperthread, and under
+        // QEMU's single-threaded `-icount` round robin it ends this vCPU's turn, so the other CPU's guests are
+        // not stalled (without it a spinning CPU 1 got 0.45 of CPU 0's instructions; see qemu-tests/tests/vms.rs).
+        core::hint::spin_loop();
         let now = rdtsc();
         let step = now.wrapping_sub(self.last);
         if step <= self.threshold_ticks {
