@@ -9,9 +9,9 @@
 //!    commitment got >= 95 % of it, and the total is >= 90 % of C (the exact ratio is printed). B's commitment rises
 //!    to 25 % of C at t = 5 s through `io::set_commitment` (the volume's `iops_change=` hook, `CV:IOCHANGE`); the
 //!    first window that starts after the change must honour the new commitment. Every pattern the guests wrote
-//!    and read back verified (`IO_VERIFY_FAIL` = 0, no `IO_ERR`); each guest's own per-second count (`IO_IOPS`)
-//!    agrees with the partitioner's windows (medians within 10 %); the per-request hypervisor overhead is printed
-//!    from `CV:IOSUM`.
+//!    and read back verified (`IO_VERIFY_FAIL` = 0, no `IO_ERR`); each guest's own count of completions trails the
+//!    hypervisor's by no more than its report period (and the per-second medians are printed side by side); the
+//!    per-request hypervisor overhead is printed from `CV:IOSUM`.
 //! 2. `injected_media_error_fails_only_the_affected_requests`: QEMU's `blkdebug` fails every read of disk sector
 //!    4096; VM `victim`'s small volume covers that sector, VM `bystander`'s does not. The victim's guest sees IOERR
 //!    on some reads and no verification failure, the bystander sees no error at all, both keep running, and the
@@ -21,6 +21,10 @@
 //! 3. `a_volume_refused_by_admission_control_refuses_its_vm_only`: commitments of 10 % and 75 % of C exceed the
 //!    committable 80 %: the second VM is refused (`CV:VMREFUSED` naming its volume's line and the partitioner's
 //!    numbers) and the first runs (docs/vm-config.md: a VM whose volume cannot be honoured does not start).
+//!
+//! Windows in which the hypervisor itself did not run for 20 ms or more (`CV:IOWIN stall_us=`: every CPU's run loop
+//! silent at once, which under TCG means the loaded host did not schedule the emulator; measured up to 90 ms on
+//! this 2-core machine at load 8-10) are printed and not judged; at least three judged windows must remain.
 //!
 //! The disk is throttled (`throttling.iops-total`) for test 1: under TCG the request path through guest, exits
 //! and hypervisor costs more emulated CPU per request than QEMU's unthrottled disk, which would make C a CPU
@@ -44,8 +48,10 @@ use qemu_tests::suite::{workspace_root, Artefacts, Family};
 const TIMEOUT: Duration = Duration::from_secs(150);
 /// Device throttle for the partitioning boot (IOPS).
 const THROTTLE_IOPS: u64 = 4_000;
-/// Windows closed before this many ms after the first one are warm-up.
+/// Windows after the first (partial) one that are warm-up.
 const WARMUP_WINDOWS: u64 = 2;
+/// A gap in the hypervisor's run loops this long (us) means the host did not run the emulator (see the test).
+const STALL_US: u64 = 20_000;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -210,8 +216,13 @@ volume = size=8M offset=32M iops=10%
 
     // Windows by index: vm -> (committed, completed, arrived).
     let mut windows: BTreeMap<u64, BTreeMap<String, (u64, u64, u64)>> = BTreeMap::new();
+    // Largest gap in the hypervisor's run loops per window (`stall_us`, see io::service::note_gap).
+    let mut stalls: BTreeMap<u64, u64> = BTreeMap::new();
     for m in markers(&report, "IOWIN") {
-        windows.entry(num(m, "window")).or_default().insert(
+        let w = num(m, "window");
+        let stall = stalls.entry(w).or_default();
+        *stall = (*stall).max(num(m, "stall_us"));
+        windows.entry(w).or_default().insert(
             m.get("vm").expect("vm=").to_string(),
             (num(m, "committed"), num(m, "completed"), num(m, "arrived")),
         );
@@ -222,6 +233,18 @@ volume = size=8M offset=32M iops=10%
         .keys()
         .copied()
         .filter(|&w| w > first + WARMUP_WINDOWS)
+        .filter(|w| {
+            // A window in which no CPU ran the hypervisor for STALL_US measures the host, not the partitioner:
+            // every vCPU overran its slice at once, which only happens when the emulator itself is not run.
+            let stall = stalls.get(w).copied().unwrap_or(0);
+            if stall >= STALL_US {
+                println!(
+                    "[cv-figure] window {w} not judged: the hypervisor did not run for {} ms (host starvation of the emulator)",
+                    stall / 1000
+                );
+            }
+            stall < STALL_US
+        })
         .collect();
     assert!(
         judged.len() >= 3,
@@ -315,9 +338,19 @@ volume = size=8M offset=32M iops=10%
             .collect();
         let guest = median(lines[lines.len().saturating_sub(judged.len())..].to_vec());
         println!("[cv-figure] {vm}: median IOPS by the partitioner {hv}, by the guest {guest}");
+        // Whole run: the hypervisor counts a completion when it writes it, the guest when it sees it and reports
+        // once a second, so the guest's count trails by at most about a second of I/O plus its queue depth.
+        let io = markers(&report, "IOVOL")
+            .find(|m| m.get("vm") == Some(vm))
+            .expect("CV:IOVOL");
+        let last = &final_vms(&report)[vm];
+        let seen = counter(last, IO_OK) + counter(last, IO_ERR);
+        let written = num(io, "completed");
+        let second = lines.iter().copied().max().unwrap_or(0);
+        println!("[cv-figure] {vm}: {written} completions written by the hypervisor, {seen} seen by the guest");
         assert!(
-            guest.abs_diff(hv) * 10 <= hv.max(1),
-            "{vm}: the guest counted {guest} IOPS, the partitioner {hv}"
+            seen <= written && written - seen <= 2 * second + 64,
+            "{vm}: the guest saw {seen} completions, the hypervisor wrote {written} (a second is {second})"
         );
     }
     assert!(

@@ -198,6 +198,12 @@ static NOTIFY_PENDING: AtomicBool = AtomicBool::new(false);
 static MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
 /// Notifies that found the service busy and were left to its holder (or the next pump).
 static NOTIFIES_DEFERRED: AtomicU64 = AtomicU64::new(0);
+/// Time (ns) of the last run-loop call of [`pump`], any CPU, and the largest gap per window (ring of 64 windows,
+/// each slot tagged with its window); see `note_gap`.
+static LAST_CALL_NS: AtomicU64 = AtomicU64::new(0);
+static LAST_CALL_BUSY: AtomicBool = AtomicBool::new(false);
+static STALL_NS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+static STALL_WINDOW: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64];
 /// TSC of the last run-loop pump (see [`pump`]).
 static LAST_PUMP: AtomicU64 = AtomicU64::new(0);
 /// Smallest spacing of run-loop pumps.
@@ -636,6 +642,7 @@ fn take_notifies(s: &mut Service) -> usize {
 /// CPU is pumping.
 pub fn pump() {
     let Some(s) = service() else { return };
+    note_gap();
     // Both CPUs' loops call this on every iteration; under emulation a pump costs tens of us, so pumps closer than
     // PUMP_INTERVAL_NS apart (from any CPU) are skipped: completion latency grows by at most that, and an MMIO
     // exit rarely finds the lock held.
@@ -671,6 +678,42 @@ pub fn pump() {
     drop(guard);
     if !due.is_empty() {
         apply_changes(due, elapsed);
+    }
+}
+
+/// Records the gap since the previous run-loop call of [`pump`] from any CPU against the windows it spans. While
+/// I/O is outstanding every CPU calls `pump` at each loop iteration and an idle CPU at least every
+/// [`IDLE_POLL_NS`], so a gap of milliseconds means no CPU ran the hypervisor: every vCPU overran its slice at
+/// once, which under emulation means the host did not run the emulator. `CV:IOWIN stall_us=` reports the
+/// largest such gap per window (gaps that began with requests outstanding), so a test can tell the partitioner's
+/// shortfall from the host's.
+fn note_gap() {
+    let now = now_ns();
+    let prev = LAST_CALL_NS.swap(now, Ordering::Relaxed);
+    // Only gaps that began with requests on the engine: without any, the loops legitimately stop calling.
+    let busy_before =
+        LAST_CALL_BUSY.swap(OUTSTANDING.load(Ordering::Acquire) > 0, Ordering::Relaxed);
+    let gap = now.saturating_sub(prev);
+    if prev == 0 || !busy_before || gap < 1_000_000 {
+        return;
+    }
+    let (first, last) = (prev / WINDOW_NS, now / WINDOW_NS);
+    for w in first..=last.min(first + 4) {
+        let slot = usize::try_from(w % 64).unwrap_or(0);
+        if STALL_WINDOW[slot].swap(w, Ordering::Relaxed) != w {
+            STALL_NS[slot].store(0, Ordering::Relaxed);
+        }
+        STALL_NS[slot].fetch_max(gap, Ordering::Relaxed);
+    }
+}
+
+/// The largest gap between run-loop pump calls recorded for window `w` (0 if none above 1 ms).
+fn window_stall_ns(w: u64) -> u64 {
+    let slot = usize::try_from(w % 64).unwrap_or(0);
+    if STALL_WINDOW[slot].load(Ordering::Relaxed) == w {
+        STALL_NS[slot].load(Ordering::Relaxed)
+    } else {
+        0
     }
 }
 
@@ -722,7 +765,7 @@ fn pump_locked(s: &mut Service) -> usize {
     s.engine.drain_reports(&mut |r| {
         if let Some(v) = volumes.iter_mut().find(|v| v.id == r.volume && !v.detached) {
             crate::console::write_line_deferred(format_args!(
-                "CV:IOWIN vm={} vol={} window={} committed={} completed={} arrived={} wait_p99_us={} service_p99_us={}",
+                "CV:IOWIN vm={} vol={} window={} committed={} completed={} arrived={} wait_p99_us={} service_p99_us={} stall_us={}",
                 v.vm_name,
                 v.index,
                 r.window,
@@ -730,7 +773,8 @@ fn pump_locked(s: &mut Service) -> usize {
                 r.completed_iops,
                 r.stats.arrived,
                 r.stats.wait.quantile_bound(990).map_or(0, |b| b / 1000),
-                r.stats.service.quantile_bound(990).map_or(0, |b| b / 1000)
+                r.stats.service.quantile_bound(990).map_or(0, |b| b / 1000),
+                window_stall_ns(r.window) / 1000
             ));
             v.last = Some(r);
         }
