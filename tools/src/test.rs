@@ -1,8 +1,8 @@
 //! `cargo xtask test`, `ci` and `sim`.
 //!
 //! Design: tests run in tiers. The host tier is `cargo test` of the default members (every crate but
-//! the kernel); there the emulator tests of `qemu-tests` skip themselves. The emulator tier builds the
-//! kernel and its elf32 copy, then runs the `qemu-tests` integration binaries with `CV_EMU_TESTS=1`
+//! the kernel and the guests), plus the guests' library tests on the host; there the emulator tests of
+//! `qemu-tests` skip themselves. The emulator tier builds the kernel and its elf32 copy, then runs the `qemu-tests` integration binaries with `CV_EMU_TESTS=1`
 //! and the artefact paths in the environment, two tests at a time (the machines have 2 cores).
 //! Every stage prints its wall time.
 
@@ -55,7 +55,11 @@ fn host_tests() -> Result<()> {
     let stage = Stage::start("host tests");
     let mut c = cargo();
     c.arg("test").env_remove(ENV_ENABLE);
-    let ok = status(&mut c)?;
+    let mut ok = status(&mut c)?;
+    // The guests crate is not a default member (its binaries are for x86_64-unknown-none), but its library
+    // (the virtio driver and the io workload) also builds for the host under cfg(test), where it runs against
+    // virt's own device model.
+    ok &= status(cargo().args(["test", "-p", "guests", "--lib"]))?;
     stage.done(ok)
 }
 
