@@ -2,8 +2,9 @@
 //!
 //! Design: tests run in tiers. The host tier is `cargo test` of the default members (every crate but
 //! the kernel and the guests), plus the guests' library tests on the host; there the emulator tests of
-//! `qemu-tests` skip themselves. The emulator tier builds the kernel and its elf32 copy, then runs the `qemu-tests` integration binaries with `CV_EMU_TESTS=1`
-//! and the artefact paths in the environment, two tests at a time (the machines have 2 cores).
+//! `qemu-tests` skip themselves. The emulator tier builds the kernel and its elf32 copy, then runs the
+//! `qemu-tests` integration binaries with `CV_EMU_TESTS=1` and the artefact paths in the environment,
+//! two tests at a time (the machines have 2 cores).
 //! Every stage prints its wall time.
 
 use std::process::ExitCode;
