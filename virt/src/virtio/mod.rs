@@ -8,9 +8,11 @@
 //! a [`blk::BlockBackend`]; completions come back through [`blk::VirtioBlk::complete`]. Interrupt delivery is the
 //! VM layer's job ([`mmio::Transport::interrupt_status`] says when one is pending).
 //!
-//! Announcement to guests (proposed for docs/guest-abi.md, owned by "vm"): each virtio-mmio device occupies a
-//! [`mmio::WINDOW`]-byte window at a guest-physical address given by the VM configuration, left unmapped in the
-//! nested page tables so accesses exit; the guest finds it by the magic value "virt", version 2 and device ID 2.
+//! Announcement to guests (guest ABI version 2, docs/guest-abi.md "Devices"): each virtio-mmio device occupies
+//! a [`mmio::WINDOW`]-byte window at a guest-physical address from the VM configuration (`volume = ... base=`, or
+//! the default `0xD000_0000 + i * 0x1000`), left unmapped in the nested page tables so accesses exit and are
+//! decoded by `crate::mmio`; the guest finds it in its BootInfo device table and checks the magic value "virt",
+//! version 2 and device ID 2.
 //!
 //! Invariant: a malicious or broken descriptor chain marks that device DEVICE_NEEDS_RESET for that VM and the
 //! device then touches no guest memory until the driver resets it; the hypervisor itself is never affected.
