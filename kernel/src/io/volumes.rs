@@ -110,6 +110,9 @@ pub struct Engine {
     next_id: u64,
     qid: u16,
     max_inflight: usize,
+    /// Submissions are batched: while the device holds more than `max_inflight - submit_batch` commands the
+    /// engine does not refill it, so one tail doorbell carries up to `submit_batch` commands (see [`Engine::pump`]).
+    submit_batch: usize,
     /// Requests of removed volumes, answered at the next pump.
     orphans: Vec<Done>,
     prof: PumpProfile,
@@ -142,6 +145,7 @@ impl Engine {
             next_id: 1,
             qid,
             max_inflight: max_inflight.max(1),
+            submit_batch: (max_inflight / 4).max(1),
             orphans: Vec::new(),
             prof: PumpProfile::default(),
         })
@@ -295,6 +299,12 @@ impl Engine {
 
     /// Reaps completions, then feeds the device from the partitioner. `now` is read before each step by the
     /// caller's clock function so that waits and service times are charged accurately.
+    ///
+    /// Refills are batched: with more than `max_inflight - max_inflight / 4` commands on the device it is busy for
+    /// a while yet, so the engine waits until a quarter of its slots are free and then submits them together
+    /// behind one tail doorbell. Under QEMU every doorbell write is an exit to the device model (~15 us measured,
+    /// `CV:IOPROF`); refilling one slot per completion cost one doorbell per request on a saturated device. Below
+    /// the mark the device is fed at once, so a lightly loaded device sees no added latency.
     pub fn pump<H: Hal>(
         &mut self,
         ctrl: &mut Controller<H>,
@@ -329,7 +339,8 @@ impl Engine {
             });
         }
         self.prof.complete_ticks += tsc::rdtsc().saturating_sub(t1);
-        while self.issued.len() < self.max_inflight {
+        let refill = self.issued.len() + self.submit_batch <= self.max_inflight;
+        while refill && self.issued.len() < self.max_inflight {
             let id = match self.overflow.pop_front() {
                 Some(id) => id,
                 None => {
