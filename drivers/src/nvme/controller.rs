@@ -365,6 +365,7 @@ impl<H: Hal> Controller<H> {
             if self.hal.now_us().saturating_sub(start) > timeout_us {
                 return Ok(false);
             }
+            core::hint::spin_loop();
         }
     }
 
@@ -427,6 +428,7 @@ impl<H: Hal> Controller<H> {
                 }
                 return Err(NvmeError::AdminTimeout { opcode });
             }
+            core::hint::spin_loop();
         }
     }
 
