@@ -26,7 +26,7 @@ use virt::GuestMemory;
 
 use super::nvme::KernelHal;
 use super::volumes::{Done, Engine};
-use crate::arch::x86_64::paging;
+use crate::arch::x86_64::{paging, tsc};
 
 /// A request on its way through the partitioner and the device.
 struct Pending {
@@ -45,6 +45,11 @@ pub struct Router {
     next_token: u64,
     /// Requests refused before reaching the partitioner (alignment, size, memory, queue full).
     pub refused: u64,
+    /// Bounce copies (writes in, reads out) and the TSC ticks they took, for `CV:IOPROF`.
+    pub copies: u64,
+    pub copy_ticks: u64,
+    /// TSC ticks in `Engine::enqueue` (range check, partitioner enqueue), for `CV:IOPROF`.
+    pub enqueue_ticks: u64,
     /// Free single bounce pages.
     pool: Vec<u64>,
 }
@@ -97,6 +102,21 @@ fn copy_segments(mem: &mut dyn GuestMemory, data: &[Segment], bounce: u64, to_gu
 const POOL_PAGES: usize = 256;
 
 impl Router {
+    /// [`copy_segments`], counted and timed.
+    fn timed_copy(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        data: &[Segment],
+        bounce: u64,
+        to_guest: bool,
+    ) -> bool {
+        let t0 = tsc::rdtsc();
+        let ok = copy_segments(mem, data, bounce, to_guest);
+        self.copies += 1;
+        self.copy_ticks += tsc::rdtsc().saturating_sub(t0);
+        ok
+    }
+
     /// `pages` contiguous DMA pages for a bounce buffer: a pooled page for one, else from the allocator. Pooled
     /// pages are not zeroed: a request's bytes are always fully written (by the guest's data before a write, by
     /// the device before a read's data is copied back) and nothing else of the page reaches a guest.
@@ -154,7 +174,7 @@ impl BlockBackend for VolumeBackend<'_> {
                 }
             }
         };
-        if op == IoOp::Write && !copy_segments(mem, &req.data, bounce, false) {
+        if op == IoOp::Write && !self.router.timed_copy(mem, &req.data, bounce, false) {
             self.router.free_bounce(self.ctrl, bounce, pages);
             return Submitted::Done(BlkStatus::IoErr);
         }
@@ -163,10 +183,12 @@ impl BlockBackend for VolumeBackend<'_> {
             .collect();
         let token = self.router.next_token;
         self.router.next_token += 1;
-        match self
+        let t0 = tsc::rdtsc();
+        let queued = self
             .engine
-            .enqueue(self.volume, op, lba, blocks, page_list, token, self.now)
-        {
+            .enqueue(self.volume, op, lba, blocks, page_list, token, self.now);
+        self.router.enqueue_ticks += tsc::rdtsc().saturating_sub(t0);
+        match queued {
             Ok(()) => {
                 self.router.pending.insert(
                     token,
@@ -210,7 +232,7 @@ impl Router {
         };
         let mut ok = done.status.is_success();
         if ok && p.op == BlkOp::Read {
-            ok = copy_segments(mem, &p.data, p.bounce, true);
+            ok = self.timed_copy(mem, &p.data, p.bounce, true);
         }
         let status = if ok { BlkStatus::Ok } else { BlkStatus::IoErr };
         // A stale id (device reset or broken meanwhile) is ignored by the device and writes nothing.
