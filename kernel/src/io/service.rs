@@ -158,6 +158,10 @@ struct Overhead {
     pump_ticks: u64,
     /// Of the pumps: engine (driver poll/submit/doorbells and partitioner), completions with data counted apart.
     engine_ticks: u64,
+    /// Of the pumps: processing notified queues (virtqueue parsing, write copies, enqueue) and finishing
+    /// completions (read copies, status, used ring), for `CV:IOPROF`.
+    notify_ticks: u64,
+    finish_ticks: u64,
     /// Run-loop pumps, and their ticks whether they found work or not; those that found nothing.
     pumps: u64,
     empty_pumps: u64,
@@ -727,15 +731,18 @@ fn window_stall_ns(w: u64) -> u64 {
 /// completions handled.
 fn pump_locked(s: &mut Service) -> usize {
     s.started_ns.get_or_insert_with(now_ns);
+    let n0 = tsc::rdtsc();
     let notified = take_notifies(s);
+    s.ovh.notify_ticks += tsc::rdtsc().saturating_sub(n0);
     let mut finished: Vec<Done> = Vec::new();
     let mut ctrl = s.ctrl.lock();
     let e0 = tsc::rdtsc();
     s.engine
         .pump(&mut ctrl.ctrl, &mut now_ns, &mut |d| finished.push(d));
     let n = finished.len();
+    let f0 = tsc::rdtsc();
     if n > 0 {
-        s.ovh.engine_ticks += tsc::rdtsc().saturating_sub(e0);
+        s.ovh.engine_ticks += f0.saturating_sub(e0);
     }
     for d in finished {
         let Some(i) = s.router.device_of(d.token) else {
@@ -767,6 +774,7 @@ fn pump_locked(s: &mut Service) -> usize {
         }
     }
     drop(ctrl);
+    s.ovh.finish_ticks += tsc::rdtsc().saturating_sub(f0);
     let volumes = &mut s.volumes;
     s.engine.drain_reports(&mut |r| {
         if let Some(v) = volumes.iter_mut().find(|v| v.id == r.volume && !v.detached) {
@@ -941,7 +949,7 @@ pub fn summary() {
     let (r0, w0, t0) = s.regs_at_start;
     let (r1, w1, t1) = super::nvme::register_accesses();
     marker!(
-        "IOPROF engine_pumps={} empty_polls={} reaped={} submitted={} dispatch_calls={} poll_ns_per_req={} complete_ns_per_req={} dispatch_ns_per_req={} submit_ns_per_req={} flush_ns_per_req={} reg_reads_x100={} reg_writes_x100={} reg_ns_per_req={} run_loop_pumps={} empty_run_loop_pumps={}",
+        "IOPROF engine_pumps={} empty_polls={} reaped={} submitted={} dispatch_calls={} poll_ns_per_req={} complete_ns_per_req={} dispatch_ns_per_req={} submit_ns_per_req={} flush_ns_per_req={} reg_reads_x100={} reg_writes_x100={} reg_ns_per_req={} notify_ns_per_req={} finish_ns_per_req={} copy_ns_per_req={} enqueue_ns_per_req={} copies={} run_loop_pumps={} empty_run_loop_pumps={}",
         p.pumps,
         p.empty_polls,
         p.reaped,
@@ -955,6 +963,11 @@ pub fn summary() {
         r1.saturating_sub(r0) * 100 / done,
         w1.saturating_sub(w0) * 100 / done,
         per_req(t1.saturating_sub(t0)),
+        per_req(o.notify_ticks),
+        per_req(o.finish_ticks),
+        per_req(s.router.copy_ticks),
+        per_req(s.router.enqueue_ticks),
+        s.router.copies,
         o.pumps,
         o.empty_pumps
     );
