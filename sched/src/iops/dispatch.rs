@@ -43,15 +43,19 @@
 //! backlogged volumes, and it starves. Anchored at `min(arrival, F)` it restarts level with the
 //! volumes still waiting, never behind them; a backlogged volume re-filed after its own dispatch
 //! still has its old `R` in the index (`F <= old R < R.next`), so it just continues its stream.
-//! Without overload nothing lags, `F = now`, and a volume back from idle restarts at its arrival:
-//! no credit for idle time (no flood of old tags) and no debt (no starvation). The debt an
-//! overload leaves is bounded: at each window boundary every waiting `R` more than one window old
-//! is raised to `now - window` (all to the same value, so proportions hold while the overload
-//! lasts). When capacity returns, the lagging volumes are served ahead of best-effort traffic, in
-//! commitment proportion, until their `R` catches up with `now`: at most one window of each
-//! commitment is made up, which is what lets a volume recover a short overload within the next
-//! window. The dispatched `R` is the one the volume was filed under (the frontier, or the debt
-//! bound, may have moved it since the volume was last charged).
+//! Without overload a due `R` waits at most for a free device slot, so `F` is `now` or just below
+//! it, and a volume back from idle restarts at (about) its arrival: no credit for idle time (no
+//! flood of old tags) and no debt (no starvation).
+//!
+//! The debt an overload leaves is bounded: at each window boundary every waiting `R` more than one
+//! window old is raised to `now - window` (all to the same value, so proportions hold while the
+//! overload lasts), and no anchor is older than `now - 2 x window` (which never binds a volume
+//! that was waiting at the last boundary, and bounds throttled or idle ones the same way). When
+//! capacity returns, the lagging volumes are served ahead of best-effort traffic, in commitment
+//! proportion, until their `R` catches up with `now`: at most about one window of each commitment
+//! is made up, which lets a volume recover a short overload within the next window. The
+//! dispatched `R` is the one the volume was filed under (the frontier or the debt bound may have
+//! moved it since the volume was last charged).
 //!
 //! A volume is *idle* only when it has no outstanding work: nothing queued and nothing in flight
 //! (dispatched, not yet completed). Only idle volumes lend their commitment (`lendable`, the
