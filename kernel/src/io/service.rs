@@ -12,7 +12,10 @@
 //! only marks the queue pending and, if the service lock is free, pumps at once; a pump first processes pending
 //! queues (parse the virtqueue, copy write data, enqueue with the partitioner), then reaps NVMe completions
 //! (scatter read data into the guest, write the status, push the used ring) and feeds the device in the
-//! partitioner's order. Every CPU's run loop calls [`pump`] while anything is outstanding or pending. An idle
+//! partitioner's order. While a device has requests in flight it asks its driver not to notify
+//! (VIRTQ_USED_F_NO_NOTIFY) and every pump looks at its queue instead (`poll_queues`); the request is withdrawn
+//! when its last request completes, with one more look. Every CPU's run loop calls [`pump`] while anything is
+//! outstanding or pending. An idle
 //! CPU with requests outstanding ([`outstanding`]) wakes every [`IDLE_POLL_NS`] to pump. Closed telemetry windows
 //! are printed as `CV:IOWIN` lines and kept for [`volume_stats`].
 //!
@@ -630,6 +633,34 @@ fn device_write(s: &mut Service, i: usize, offset: u64, size: u8, value: u32) {
         .mmio_write(&mut **mem, &mut backend, offset, size, value);
 }
 
+/// Looks at the queue of every attached device that has requests in flight, or still asks its driver not to
+/// notify (`VirtioBlk::poll_queue`: notification suppression). While a device has requests in flight the run
+/// loops pump anyway (they are outstanding), so its driver need not notify: each notification is a trapped MMIO
+/// store, an exit, and a pass through this service. Called at the end of every pump, after completions, so a
+/// device whose last request just finished clears its no-notify request before the loops stop pumping.
+fn poll_queues(s: &mut Service) {
+    for i in 0..s.volumes.len() {
+        let v = &mut s.volumes[i];
+        let Some(mem) = v.mem.as_mut() else {
+            continue;
+        };
+        if !v.dev.polling() {
+            continue;
+        }
+        let mut ctrl = s.ctrl.lock();
+        let mut backend = VolumeBackend {
+            engine: &mut s.engine,
+            ctrl: &mut ctrl.ctrl,
+            router: &mut s.router,
+            device: i,
+            volume: v.id,
+            lba_size: v.lba_size,
+            now: now_ns(),
+        };
+        v.dev.poll_queue(&mut **mem, &mut backend);
+    }
+}
+
 /// Processes the queues whose notification is pending (under the service lock); returns how many.
 fn take_notifies(s: &mut Service) -> usize {
     if !NOTIFY_PENDING.swap(false, Ordering::AcqRel) {
@@ -774,7 +805,13 @@ fn pump_locked(s: &mut Service) -> usize {
         }
     }
     drop(ctrl);
-    s.ovh.finish_ticks += tsc::rdtsc().saturating_sub(f0);
+    let p0 = tsc::rdtsc();
+    s.ovh.finish_ticks += p0.saturating_sub(f0);
+    let before = s.router.in_flight();
+    poll_queues(s);
+    // Requests taken from the queues without a notification (this pump did work).
+    let polled = s.router.in_flight().saturating_sub(before);
+    s.ovh.notify_ticks += tsc::rdtsc().saturating_sub(p0);
     let volumes = &mut s.volumes;
     s.engine.drain_reports(&mut |r| {
         if let Some(v) = volumes.iter_mut().find(|v| v.id == r.volume && !v.detached) {
@@ -794,7 +831,7 @@ fn pump_locked(s: &mut Service) -> usize {
         }
     });
     OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
-    n + notified
+    n + notified + polled
 }
 
 /// The scripted commitment changes that are due (`elapsed` ns after the first request), marked done:

@@ -160,6 +160,8 @@ pub struct VirtioBlk {
     cfg: BlkConfig,
     generation: u32,
     in_flight: Vec<Option<InFlight>>,
+    /// How many entries of `in_flight` are `Some` (kept so polling need not count them).
+    in_flight_count: usize,
     stats: BlkStats,
 }
 
@@ -221,6 +223,7 @@ impl VirtioBlk {
             cfg,
             generation: 0,
             in_flight: alloc::vec![None; usize::from(MAX_QUEUE_SIZE)],
+            in_flight_count: 0,
             stats: BlkStats::default(),
         }
     }
@@ -235,7 +238,7 @@ impl VirtioBlk {
     }
     /// Requests the backend still holds.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.iter().filter(|f| f.is_some()).count()
+        self.in_flight_count
     }
 
     fn config_bytes(&self) -> [u8; 24] {
@@ -286,8 +289,40 @@ impl VirtioBlk {
             Effect::Reset => {
                 self.generation = self.generation.wrapping_add(1);
                 self.in_flight.iter_mut().for_each(|f| *f = None);
+                self.in_flight_count = 0;
             }
             Effect::Notify(_) => self.process(mem, backend),
+        }
+    }
+
+    /// Whether [`VirtioBlk::poll_queue`] has anything to do: requests in flight, or the no-notify request still
+    /// set in the used ring.
+    pub fn polling(&mut self) -> bool {
+        self.in_flight_count > 0 || self.transport.queue_mut(0).is_some_and(|q| q.no_notify)
+    }
+
+    /// Polling mode, for an owner that looks at the queue by itself while requests are in flight (it is busy
+    /// with the backend then anyway): with requests in flight, asks the driver not to notify
+    /// (VIRTQ_USED_F_NO_NOTIFY) and takes whatever the driver made available; with none, clears the request and
+    /// looks once more, since a driver that saw the flag set before it was cleared did not notify. A notification
+    /// costs the guest a trapped MMIO store; a look costs one read of the available index. Does nothing unless the
+    /// device is live with its queue ready.
+    pub fn poll_queue(&mut self, mem: &mut dyn GuestMemory, backend: &mut dyn BlockBackend) {
+        if !self.transport.live() {
+            return;
+        }
+        let busy = self.in_flight() > 0;
+        let Some(q) = self.transport.queue_mut(0) else {
+            return;
+        };
+        let was = q.no_notify;
+        if let Err(e) = q.set_no_notify(mem, busy) {
+            return self.transport.break_device(e);
+        }
+        if busy || was {
+            // Clearing the flag must be visible before the available index is read again (store-load order).
+            core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+            self.process(mem, backend);
         }
     }
 
@@ -321,6 +356,7 @@ impl VirtioBlk {
                 Ok(Parsed::Request(req, fl)) => {
                     self.stats.submitted += 1;
                     self.in_flight[usize::from(head)] = Some(fl);
+                    self.in_flight_count += 1;
                     let id = req.id;
                     if let Submitted::Done(status) = backend.submit(mem, req) {
                         self.complete(mem, id, status);
@@ -452,6 +488,7 @@ impl VirtioBlk {
             self.stats.stale += 1;
             return false;
         };
+        self.in_flight_count -= 1;
         if !self.transport.live() {
             self.stats.stale += 1;
             return false;

@@ -17,6 +17,8 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 /// Descriptor flag: the buffer holds an indirect table (section 2.7.5.3; not offered by this device).
 pub const DESC_F_INDIRECT: u16 = 4;
+/// Used-ring flag: the device asks the driver not to notify (section 2.7.10).
+pub const USED_F_NO_NOTIFY: u16 = 1;
 
 /// Largest queue this implementation offers (QueueNumMax).
 pub const MAX_QUEUE_SIZE: u16 = 256;
@@ -98,6 +100,8 @@ pub struct SplitQueue {
     pub last_avail: u16,
     /// Next used-ring index the device will write.
     pub used_idx: u16,
+    /// The device last wrote VIRTQ_USED_F_NO_NOTIFY into the used ring's flags ([`SplitQueue::set_no_notify`]).
+    pub no_notify: bool,
 }
 
 fn read_u16(mem: &dyn GuestMemory, gpa: u64) -> Result<u16, ChainError> {
@@ -135,6 +139,7 @@ impl SplitQueue {
             used,
             last_avail: 0,
             used_idx: 0,
+            no_notify: false,
         })
     }
 
@@ -199,6 +204,25 @@ impl SplitQueue {
             }
             index = next;
         }
+    }
+
+    /// Sets (`on`) or clears VIRTQ_USED_F_NO_NOTIFY in the used ring's flags (section 2.7.10): while it is set the
+    /// driver need not notify after making buffers available, so the device must look at the available ring by
+    /// itself. The flags are written only when the wanted state changes. A device clearing the flag must look at
+    /// the available ring once more afterwards (with a full fence between, [`core::sync::atomic::fence`]): a
+    /// driver that read the flag set before it was cleared did not notify.
+    pub fn set_no_notify(&mut self, mem: &mut dyn GuestMemory, on: bool) -> Result<(), ChainError> {
+        if self.no_notify == on {
+            return Ok(());
+        }
+        let flags: u16 = if on { USED_F_NO_NOTIFY } else { 0 };
+        mem.write(self.used, &flags.to_le_bytes())
+            .map_err(|x| ChainError::OutOfGuest {
+                gpa: x.gpa,
+                len: x.len,
+            })?;
+        self.no_notify = on;
+        Ok(())
     }
 
     /// Returns chain `head` to the driver with `written` bytes written (section 2.7.8), then publishes the new used

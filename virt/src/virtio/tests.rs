@@ -10,7 +10,7 @@ use std::vec::Vec;
 
 use super::blk::*;
 use super::mmio::{reg, status, F_VERSION_1, INT_CONFIG, INT_USED, MAGIC};
-use super::queue::{ChainError, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use super::queue::{ChainError, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
 use crate::memory::{GuestMemory, VecMemory};
 
 const RAM: usize = 1 << 20;
@@ -509,6 +509,78 @@ fn async_completion_head_reuse_and_reset() {
     let st = rig.request(0, req_type::IN, 1, 0x10000, 512);
     assert_eq!(rig.status_byte(st), 0);
     assert!(rig.dev.stats().stale >= 3);
+}
+
+#[test]
+fn polling_mode_suppresses_notifications_while_busy_and_catches_late_requests() {
+    let mut rig = Rig::up();
+    rig.disk.hold = true;
+    let used_flags = |rig: &Rig| {
+        let mut b = [0u8; 2];
+        rig.mem.read(USED, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    };
+    // Idle: polling does nothing and asks nothing of the driver.
+    assert!(!rig.dev.polling());
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(used_flags(&rig), 0);
+    // One request in flight: the device asks not to be notified.
+    rig.request(0, req_type::IN, 1, 0x10000, 512);
+    assert!(rig.dev.polling());
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(used_flags(&rig), USED_F_NO_NOTIFY);
+    // The driver publishes a second request without notifying: the next poll takes it.
+    rig.header(0x8100, req_type::IN, 2);
+    rig.mem.write(0x8110, &[0xFF]).unwrap();
+    rig.desc(3, 0x8100, 16, DESC_F_NEXT, 4);
+    rig.desc(4, 0x11000, 512, DESC_F_WRITE | DESC_F_NEXT, 5);
+    rig.desc(5, 0x8110, 1, DESC_F_WRITE, 0);
+    let slot = u64::from(rig.avail_idx % QSIZE);
+    rig.mem
+        .write(AVAIL + 4 + 2 * slot, &3u16.to_le_bytes())
+        .unwrap();
+    rig.avail_idx += 1;
+    rig.mem
+        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
+        .unwrap();
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(rig.disk.held.len(), 2, "taken without a notification");
+    // Both complete: the next poll clears the request and still looks at the ring (a third request published
+    // while the flag was set, without a notification, is taken).
+    for req in core::mem::take(&mut rig.disk.held) {
+        let status = rig.disk.run(&mut rig.mem, &req);
+        assert!(rig.dev.complete(&mut rig.mem, req.id, status));
+    }
+    assert_eq!(rig.dev.in_flight(), 0);
+    assert!(rig.dev.polling(), "the flag is still set");
+    rig.header(0x8200, req_type::IN, 3);
+    rig.mem.write(0x8210, &[0xFF]).unwrap();
+    rig.desc(0, 0x8200, 16, DESC_F_NEXT, 1);
+    rig.desc(1, 0x12000, 512, DESC_F_WRITE | DESC_F_NEXT, 2);
+    rig.desc(2, 0x8210, 1, DESC_F_WRITE, 0);
+    let slot = u64::from(rig.avail_idx % QSIZE);
+    rig.mem
+        .write(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes())
+        .unwrap();
+    rig.avail_idx += 1;
+    rig.mem
+        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
+        .unwrap();
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(rig.disk.held.len(), 1, "the late request was taken");
+    assert_eq!(used_flags(&rig), 0, "cleared before the last look");
+    // It is in flight, so the next poll sets the flag again; once it completes, a poll clears it for good.
+    assert!(rig.dev.polling());
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(used_flags(&rig), USED_F_NO_NOTIFY);
+    let req = rig.disk.held.pop().unwrap();
+    let status = rig.disk.run(&mut rig.mem, &req);
+    assert!(rig.dev.complete(&mut rig.mem, req.id, status));
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    assert_eq!(used_flags(&rig), 0);
+    assert!(!rig.dev.polling());
+    assert_eq!(rig.used().0, 3);
+    assert!(rig.broken().is_none());
 }
 
 mod prop {
