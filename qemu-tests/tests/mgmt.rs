@@ -70,7 +70,7 @@ args = report_ms=1000
 const PROXY_PPM: u32 = 1500;
 /// QEMU's throttle on the NVMe drive of the volume test (a stable capacity C for the partitioner).
 const NVME_IOPS: u64 = 4_000;
-/// One `io` VM with a volume committed at 20 % of C.
+/// One `io` VM with a volume committed at 20 % of C, with a weight and a burst bucket a commitment change must keep.
 const IO_CONF: &str = "\
 [vm vol-a]
 image = io
@@ -78,7 +78,7 @@ memory = 8M
 baseline = 20%
 cpu = 1
 args = depth=16 iops=0 read_pct=50 seed=1 poll_us=50
-volume = size=8M offset=0 iops=20%
+volume = size=8M offset=0 iops=20% weight=300 burst=200iops/1000
 ";
 /// Safety bound of the kernel's run and of each wait.
 const RUN_MS: u64 = 150_000;
@@ -763,8 +763,10 @@ fn qemu_epyc_volume_commitments_over_the_channel() {
             let log =
                 String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
             assert!(
-                log.contains(&format!("commitment {want} IOPS")),
-                "the I/O service logged the change"
+                log.contains(&format!(
+                    "commitment {want} IOPS, limit None, weight 300, burst 200iops/1000: in force"
+                )),
+                "the I/O service logged the change, keeping the volume's weight and burst bucket"
             );
             // Beyond the device: refused with the numbers, the old commitment stays.
             let refused = try_cvctl(bin, &api, &["commit", "cv0", "0", "0", "1000000"])

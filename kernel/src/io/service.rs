@@ -881,6 +881,40 @@ fn reconfigure(s: &mut Service, i: usize, cfg: VolumeConfig, now: u64) -> Result
         .map_err(IoError::Refused)
 }
 
+/// The configuration in force of volume `index` of VM `vm` (commitment, limit, weight, burst bucket, policy), so a
+/// caller changing some fields keeps the others.
+///
+/// # Errors
+/// [`IoError`]: no service, no such volume, or the volume's VM stopped.
+pub fn config_in_force(vm: &str, index: usize) -> Result<VolumeConfig, IoError> {
+    let s = service().ok_or(IoError::NoService)?;
+    let s = s.lock();
+    let v = s
+        .volumes
+        .iter()
+        .find(|v| v.vm_name == vm && v.index == index)
+        .ok_or_else(|| IoError::UnknownVolume {
+            vm: vm.to_string(),
+            index,
+        })?;
+    if v.detached {
+        return Err(IoError::Detached);
+    }
+    s.engine.volume_config(v.id).map_err(IoError::Refused)
+}
+
+/// A burst bucket in log lines: `<fill>iops/<size>` or `none`.
+struct BurstText(Option<BurstConfig>);
+
+impl core::fmt::Display for BurstText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(b) => write!(f, "{}iops/{}", b.fill_iops, b.size_ios),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 /// Changes the commitment (and limit, weight, burst, policy) of volume `index` of VM `vm`, through admission
 /// control. The partitioner applies it at once, so it is in force for the whole next window.
 ///
@@ -899,9 +933,11 @@ pub fn set_commitment(vm: &str, index: usize, cfg: VolumeConfig) -> Result<(), I
         })?;
     let r = reconfigure(&mut s, i, cfg, now_ns());
     log::info!(
-        "io: vm {vm} volume {index}: commitment {} IOPS, limit {:?}: {}",
+        "io: vm {vm} volume {index}: commitment {} IOPS, limit {:?}, weight {}, burst {}: {}",
         cfg.committed_iops,
         cfg.limit_iops,
+        cfg.weight,
+        BurstText(cfg.burst),
         if r.is_ok() { "in force" } else { "refused" }
     );
     r

@@ -155,7 +155,8 @@ fn event_id(vm: usize, event: Event) -> u64 {
 }
 
 /// Changes a volume's commitment through the I/O service's admission control. The channel carries only the
-/// commitment and the limit: the volume's weight and burst bucket return to the partitioner's defaults.
+/// commitment and the limit; the volume's weight, burst bucket and overage policy in force are kept (read from the
+/// I/O service first; the only other writer, the `iops_change` test hook, changes the same two fields).
 fn set_commitment(
     rt: &Runtime,
     vm: VmId,
@@ -167,12 +168,7 @@ fn set_commitment(
     if v.stopped() {
         return Err(err(ErrorCode::BadState, format_args!("VM {vm} is stopped")));
     }
-    let cfg = sched::iops::VolumeConfig {
-        committed_iops: u64::from(committed_iops),
-        limit_iops: (limit_iops > 0).then_some(u64::from(limit_iops)),
-        ..sched::iops::VolumeConfig::default()
-    };
-    crate::io::service::set_commitment(&v.name, usize::from(volume), cfg).map_err(|e| {
+    let io_error = |e: crate::io::service::IoError| {
         use crate::io::service::IoError;
         match e {
             // The partitioner's numbers alone: the wire's reason has room for 96 characters.
@@ -186,7 +182,15 @@ fn set_commitment(
                 format_args!("VM {vm} volume {volume}: {e}"),
             ),
         }
-    })
+    };
+    let in_force =
+        crate::io::service::config_in_force(&v.name, usize::from(volume)).map_err(io_error)?;
+    let cfg = sched::iops::VolumeConfig {
+        committed_iops: u64::from(committed_iops),
+        limit_iops: (limit_iops > 0).then_some(u64::from(limit_iops)),
+        ..in_force
+    };
+    crate::io::service::set_commitment(&v.name, usize::from(volume), cfg).map_err(io_error)
 }
 
 /// Wakes the CPUs running `vm`'s vCPUs out of an idle halt, so a resume takes effect at once.
