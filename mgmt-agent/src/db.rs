@@ -427,6 +427,19 @@ impl Store {
         Ok(())
     }
 
+    /// Marks a VM destroyed (the host reported its end); a VM the store does not know yet is left to the next
+    /// resync.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn vm_destroyed(&mut self, host: &str, vm: u32, now: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE vms SET state=?3, updated=?4 WHERE host_id=?1 AND vm=?2",
+            params![host, vm, format!("{:?}", proto::VmState::Destroyed), now],
+        )?;
+        Ok(())
+    }
+
     /// VMs as JSON rows.
     ///
     /// # Errors

@@ -124,6 +124,9 @@ struct Session<'a> {
     pending: HashMap<u64, Pending>,
     grants_in_flight: HashSet<u64>,
     commitments_in_flight: HashSet<(u32, u16)>,
+    /// VMs of this host boot known destroyed (from `VmDestroyed` or a resync's list): kept out of the live
+    /// telemetry even if a last snapshot arrives late (it is still recorded for usage).
+    destroyed: HashSet<u32>,
     host: Option<(String, u64)>,
     me: &'a mpsc::Sender<HostCall>,
 }
@@ -163,6 +166,7 @@ async fn session(
         pending: HashMap::new(),
         grants_in_flight: HashSet::new(),
         commitments_in_flight: HashSet::new(),
+        destroyed: HashSet::new(),
         host: None,
         me,
     };
@@ -304,6 +308,31 @@ impl Session<'_> {
             }
             ToAgent::Response(r) => self.response(r, now),
             ToAgent::LinkStats(l) => self.shared.set_host_link(self.key, l),
+            ToAgent::VmDestroyed(d) => self.vm_destroyed(d, now),
+        }
+    }
+
+    /// A VM stopped for good: recorded as destroyed, and its last snapshot leaves the live telemetry (so `top`
+    /// and `/v1/telemetry` stop showing it; `cvctl vms` shows it as `Destroyed`).
+    fn vm_destroyed(&mut self, d: proto::VmDestroyed, now: i64) {
+        let Some((host, _)) = self.host.clone() else {
+            return;
+        };
+        tracing::info!(host, vm = d.vm, last_seq = d.last_seq, "VM destroyed");
+        if let Err(e) = self
+            .shared
+            .with_store(|st| st.vm_destroyed(&host, d.vm, now))
+        {
+            tracing::error!("recording VM {} destroyed: {e}", d.vm);
+        }
+        self.forget_vm(host, d.vm);
+    }
+
+    /// Keeps a destroyed VM out of the live telemetry from now on.
+    fn forget_vm(&mut self, host: String, vm: u32) {
+        self.destroyed.insert(vm);
+        if let Ok(mut map) = self.shared.telemetry.lock() {
+            map.remove(&(host, vm));
         }
     }
 
@@ -331,6 +360,10 @@ impl Session<'_> {
             .with_store(|st| st.upsert_host(h, self.key, now))
         {
             tracing::error!("recording host {host}: {e}");
+        }
+        if first {
+            // VM ids belong to one boot of the host.
+            self.destroyed.clear();
         }
         self.shared.set_host_id(self.key, &host, h.boot_id);
         if let Ok(mut l) = self.shared.links.lock() {
@@ -387,6 +420,9 @@ impl Session<'_> {
             .with_store(|st| st.record_telemetry(&host, &t, now))
         {
             tracing::error!("recording telemetry: {e}");
+        }
+        if self.destroyed.contains(&t.vm) {
+            return; // a destroyed VM's last window: recorded above, not shown live
         }
         let proposals: Vec<CommitmentView> = t
             .volumes
@@ -507,6 +543,10 @@ impl Session<'_> {
                 if let (Ok(Reply::VmList(vms)), Some((host, _))) = (&r.result, &self.host) {
                     if let Err(e) = self.shared.with_store(|st| st.replace_vms(host, vms, now)) {
                         tracing::error!("recording VM list: {e}");
+                    }
+                    let host = host.clone();
+                    for v in vms.iter().filter(|v| v.state == proto::VmState::Destroyed) {
+                        self.forget_vm(host.clone(), v.vm);
                     }
                     for v in vms {
                         self.send(Command::DescribeVm { vm: v.vm }, Origin::Describe);

@@ -214,6 +214,8 @@ struct SimVm {
     state: VmState,
     vcpus: Vec<SimVcpu>,
     volumes: Vec<SimVolume>,
+    /// Destroyed and reported so (`ToAgent::VmDestroyed` sent): no more telemetry, as the kernel does.
+    gone: bool,
 }
 
 /// Totals the tests compare against the agent's ledger.
@@ -331,6 +333,7 @@ impl SimState {
                 name: v.name.clone(),
                 module: "busy".into(),
                 state: VmState::Running,
+                gone: false,
                 vcpus: v
                     .vcpus
                     .iter()
@@ -618,6 +621,9 @@ impl SimState {
         let (p50, p99) = (mean * 693 / 1000, mean * 4605 / 1000);
         let mut msgs = Vec::new();
         for vm in &mut self.vms {
+            if vm.gone {
+                continue;
+            }
             self.tel_seq += 1;
             let vcpus = vm
                 .vcpus
@@ -664,6 +670,14 @@ impl SimState {
                 vcpus,
                 volumes,
             }));
+            if vm.state == VmState::Destroyed {
+                vm.gone = true;
+                msgs.push(ToAgent::VmDestroyed(proto::VmDestroyed {
+                    vm: vm.id,
+                    last_seq: self.tel_seq,
+                    time_ns,
+                }));
+            }
         }
         for m in msgs {
             self.send(m);
@@ -757,10 +771,10 @@ impl SimState {
                 self.send(ToAgent::Hello(self.hello()));
                 Ok(Reply::Ack)
             }
+            // Destroyed VMs stay listed as `Destroyed`, as on the kernel (their ids are not reused).
             Command::ListVms => Ok(Reply::VmList(
                 self.vms
                     .iter()
-                    .filter(|v| v.state != VmState::Destroyed)
                     .map(|v| VmSummary {
                         vm: v.id,
                         name: proto::truncated(&v.name),
@@ -832,6 +846,7 @@ impl SimState {
                     name: name.as_str().into(),
                     module: module.as_str().into(),
                     state: VmState::Created,
+                    gone: false,
                     vcpus: vcpus
                         .iter()
                         .map(|p| SimVcpu {

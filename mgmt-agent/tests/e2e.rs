@@ -430,6 +430,68 @@ fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A destroyed VM is reported once (its last snapshot, then `VmDestroyed`) and leaves the live telemetry, while
+/// the other VM's snapshots go on; `vms` shows it as destroyed.
+#[test]
+fn destroyed_vm_leaves_telemetry_and_shows_destroyed() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("gone");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let agent = Agent::start(&dir, &sim.address);
+    let c = &agent.client;
+    // The latest snapshot's seq of `vm`, if the live telemetry has one.
+    let seq_of = |vm: u64| -> Option<u64> {
+        let t = c.get("/v1/telemetry").ok()?;
+        t["telemetry"]
+            .as_array()?
+            .iter()
+            .find(|e| e["snapshot"]["vm"] == vm)
+            .and_then(|e| e["snapshot"]["seq"].as_u64())
+    };
+    wait_for("telemetry of both VMs", || {
+        (seq_of(1).is_some() && seq_of(2).is_some()).then_some(())
+    });
+    c.post("/v1/vms/sim0/2/destroy", &json!({})).unwrap();
+    let at = wait_for("VM 2 gone from the live telemetry", || {
+        seq_of(2).is_none().then(|| seq_of(1)).flatten()
+    });
+    // Three more rounds of VM 1: VM 2 never comes back.
+    wait_for("three more telemetry rounds", || {
+        seq_of(1).is_some_and(|s| s >= at + 3).then_some(())
+    });
+    assert_eq!(seq_of(2), None, "a destroyed VM's telemetry came back");
+    let vms = c.get("/v1/vms").unwrap();
+    let state = |vm: u64| {
+        vms["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == vm)
+            .map(|v| v["state"].clone())
+    };
+    assert_eq!(state(2), Some(json!("Destroyed")), "{vms}");
+    assert_eq!(state(1), Some(json!("Running")), "{vms}");
+    let hosts = c.get("/v1/hosts").unwrap();
+    let gaps: Vec<u64> = hosts["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| u(l, "telemetry_gaps"))
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![0],
+        "skipping a destroyed VM must not look like lost snapshots: {hosts}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn automatic_tiers_follow_telemetry() {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -26,6 +26,8 @@
 //!   with [`ErrorCode::Admission`] and the numbers in the reason.
 //! - Send [`ToAgent::LinkStats`] (the host decoder's counters, overruns, dedup answers) with every telemetry
 //!   round, so rejected frames are visible on the agent for both directions.
+//! - Send one [`ToAgent::VmDestroyed`] after the last snapshot of a VM that stopped for good, and no telemetry for
+//!   it afterwards.
 //! - Buffers: one [`MAX_WIRE`]-byte encode buffer; the encoder also uses [`MAX_RAW`] bytes of stack and the decoder
 //!   holds [`MAX_ENCODED`] bytes.
 #![no_std]

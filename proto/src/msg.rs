@@ -63,6 +63,20 @@ pub enum ToAgent {
     /// The host's side of the link (its decoder's rejections, overruns, dedup answers), sent with every
     /// telemetry round so the agent sees faults in both directions.
     LinkStats(LinkStats),
+    /// A VM has stopped for good (destroyed over the channel, or stopped by its own fault): sent once, after the
+    /// VM's last [`VmTelemetry`] snapshot (its final window); no later snapshot names the VM.
+    VmDestroyed(VmDestroyed),
+}
+
+/// The end of a VM's telemetry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDestroyed {
+    /// The VM (its id is not reused by this boot of the host).
+    pub vm: VmId,
+    /// Sequence number of the VM's last snapshot (shares [`VmTelemetry::seq`]'s counter).
+    pub last_seq: u64,
+    /// Host monotonic time it was reported.
+    pub time_ns: u64,
 }
 
 /// Counters of the host's end of the link since it came up.

@@ -148,6 +148,11 @@ fn to_agent() -> impl Strategy<Value = ToAgent> {
             duplicates: c[12],
             stale: c[13],
         })),
+        any::<[u64; 3]>().prop_map(|c| ToAgent::VmDestroyed(VmDestroyed {
+            vm: u32::try_from(c[0] >> 32).unwrap_or(u32::MAX),
+            last_seq: c[1],
+            time_ns: c[2],
+        })),
     ]
 }
 
@@ -467,7 +472,12 @@ fn largest_messages_fit() {
         duplicates: big,
         stale: big,
     });
-    for m in [tel, list, info, bals, link] {
+    let gone = ToAgent::VmDestroyed(VmDestroyed {
+        vm: u32::MAX,
+        last_seq: big,
+        time_ns: big,
+    });
+    for m in [tel, list, info, bals, link, gone] {
         let n = ev(&mut enc, &m).unwrap().len();
         assert!(n <= MAX_WIRE, "{n}");
     }

@@ -687,9 +687,27 @@ fn qemu_epyc_commands_through_fault_proxy() {
                 let vms = try_cvctl(bin, &api, &["vms"]).ok()?;
                 vms.contains("Destroyed").then_some(())
             });
+            // Its telemetry ends: one last snapshot and one `VmDestroyed` (CV:MGMTGONE), then `top` drops it
+            // while the burster stays.
+            wait_for("CV:MGMTGONE of steady", || {
+                markers(serial)
+                    .into_iter()
+                    .find(|m| m.kind == "MGMTGONE" && m.get("vm") == Some("steady"))
+            });
+            wait_for("top without steady", || {
+                let top = try_cvctl(bin, &api, &["top", "--once"]).ok()?;
+                (!top.contains("steady") && top.contains("burster")).then_some(())
+            });
 
             // The faults did hit the link, and no frame was taken for another.
             let ms = markers(serial);
+            assert_eq!(
+                ms.iter()
+                    .filter(|m| m.kind == "MGMTGONE" && m.get("vm") == Some("steady"))
+                    .count(),
+                1,
+                "steady's end of telemetry is reported exactly once"
+            );
             let st = last_stat(&ms).expect("CV:MGMTSTAT").clone();
             let hosts = cvctl(bin, &api, &["hosts"]);
             // The host's own counters reach the agent (LinkStats): it saw the corruption too.

@@ -41,7 +41,7 @@ use drivers::uart16550::{reg, PortIo, Uart16550, LSR_DATA_READY, LSR_THR_EMPTY};
 use proto::{
     caps, CommandError, CreditRequest, DecodeStats, DedupWindow, ErrorCode, FrameDecoder,
     FrameEncoder, Hello, LinkStats, Request, Resource, Response, Seen, ToAgent, ToHost,
-    VcpuTelemetry, VmTelemetry, VolumeTelemetry, MAX_WIRE,
+    VcpuTelemetry, VmDestroyed, VmTelemetry, VolumeTelemetry, MAX_WIRE,
 };
 use x86_64::instructions::port::Port;
 
@@ -172,6 +172,8 @@ pub struct Endpoint {
     granted_total: Vec<u64>,
     /// Slot by scheduler vCPU id.
     slot_of: Vec<Option<usize>>,
+    /// Per VM: its stop was reported (`ToAgent::VmDestroyed` sent; no more telemetry for it).
+    gone_reported: Vec<bool>,
     outstanding: Vec<Outstanding>,
     counters: Counters,
 }
@@ -239,6 +241,7 @@ impl Endpoint {
             windows: vec![Window::default(); rt.slots.len()],
             granted_total: vec![0; rt.slots.len()],
             slot_of,
+            gone_reported: vec![false; rt.vms.len()],
             outstanding: Vec::new(),
             counters: Counters::default(),
         });
@@ -457,13 +460,18 @@ impl Endpoint {
         }
     }
 
-    /// One snapshot per VM, numbered +1 each across the host, then the host's link counters.
+    /// One snapshot per VM, numbered +1 each across the host, then the host's link counters. A VM that has stopped
+    /// gets one last snapshot (its final window) followed by `ToAgent::VmDestroyed`, then nothing more.
     fn telemetry(&mut self, rt: &Runtime, now: u64) {
         let time_ns = rt.ns(now);
         let window_ns = time_ns.saturating_sub(self.last_telemetry_ns);
         self.last_telemetry_ns = time_ns;
         let io = crate::io::service::volume_stats();
         for (vm_index, vm) in rt.vms.iter().enumerate() {
+            let stopped = vm.stopped();
+            if stopped && self.gone_reported.get(vm_index).copied().unwrap_or(true) {
+                continue;
+            }
             let mut vcpus: heapless::Vec<VcpuTelemetry, { proto::MAX_VCPUS }> =
                 heapless::Vec::new();
             {
@@ -508,6 +516,17 @@ impl Endpoint {
             };
             self.counters.telemetry += 1;
             self.send(&ToAgent::Telemetry(snapshot));
+            if stopped {
+                if let Some(g) = self.gone_reported.get_mut(vm_index) {
+                    *g = true;
+                }
+                self.send(&ToAgent::VmDestroyed(VmDestroyed {
+                    vm: u32::try_from(vm_index).unwrap_or(u32::MAX),
+                    last_seq: self.tel_seq,
+                    time_ns,
+                }));
+                marker!("MGMTGONE vm={} last_seq={}", vm.name, self.tel_seq);
+            }
         }
         let link = LinkStats {
             decode: self.dec.stats(),
