@@ -7,16 +7,24 @@
 //! decisions stay stable. Half of the volumes are committed (together 80% of capacity), every
 //! fourth has a limit, every eighth uses the borrow policy.
 //!
-//! Two groups: `iops_enqueue_dispatch` in wall-clock time (criterion's default), and
+//! Three groups: `iops_enqueue_dispatch` in wall-clock time (criterion's default), and
 //! `iops_enqueue_dispatch_cpu` in the benchmark thread's on-CPU time (`CLOCK_THREAD_CPUTIME_ID`),
 //! which excludes time the thread was descheduled: the shared 2-core build machines run other
 //! jobs, and wall-clock figures there are inflated by however much CPU the benchmark did not get.
-//! Where that clock is unavailable, the second group is skipped.
+//! Where that clock is unavailable, the CPU-time groups are skipped. These two never report a
+//! completion, so no volume ever becomes idle and none lends its commitment (no borrowing).
+//! `iops_enqueue_dispatch_complete_cpu` (CPU time) is the kernel's full per-request pattern: the
+//! device holds 32 requests, and each iteration also reports the oldest one complete.
 use criterion::measurement::{Measurement, ValueFormatter};
+use std::collections::VecDeque;
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sched::iops::{
     DeviceConfig, IoOp, OveragePolicy, Partitioner, Request, VolumeConfig, VolumeId,
 };
+
+/// Requests on the simulated device in the `_complete` group.
+const DEVICE_DEPTH: usize = 32;
 
 const CAPACITY: u64 = 1_000_000;
 
@@ -124,14 +132,15 @@ fn enqueue_dispatch_cpu(c: &mut Criterion<CpuTime>) {
         eprintln!("no thread CPU-time clock: skipping the cpu-time group");
         return;
     }
-    bench_group(c, "iops_enqueue_dispatch_cpu");
+    bench_group(c, "iops_enqueue_dispatch_cpu", false);
+    bench_group(c, "iops_enqueue_dispatch_complete_cpu", true);
 }
 
 fn enqueue_dispatch(c: &mut Criterion) {
-    bench_group(c, "iops_enqueue_dispatch");
+    bench_group(c, "iops_enqueue_dispatch", false);
 }
 
-fn bench_group<M: Measurement>(c: &mut Criterion<M>, name: &str) {
+fn bench_group<M: Measurement>(c: &mut Criterion<M>, name: &str, complete: bool) {
     let mut group = c.benchmark_group(name);
     for n in [4u64, 64, 1024] {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
@@ -139,6 +148,8 @@ fn bench_group<M: Measurement>(c: &mut Criterion<M>, name: &str) {
             let mut now = 0u64;
             let mut next = 0usize;
             let mut id = 1u64 << 40;
+            let mut device: VecDeque<(VolumeId, Request)> =
+                VecDeque::with_capacity(DEVICE_DEPTH + 1);
             b.iter(|| {
                 now += 1_000_000_000 / CAPACITY;
                 id += 1;
@@ -153,7 +164,18 @@ fn bench_group<M: Measurement>(c: &mut Criterion<M>, name: &str) {
                     },
                     now,
                 );
-                black_box(p.dispatch(now))
+                let d = p.dispatch(now);
+                if complete {
+                    if let Some(d) = d {
+                        device.push_back((d.volume, d.request));
+                    }
+                    if device.len() > DEVICE_DEPTH {
+                        if let Some((v, r)) = device.pop_front() {
+                            let _ = p.complete(v, &r, 1_000, now);
+                        }
+                    }
+                }
+                black_box(d)
             });
         });
     }
