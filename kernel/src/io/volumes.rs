@@ -380,6 +380,9 @@ impl Engine {
                     break;
                 }
                 Err(r) => {
+                    // The partitioner dispatched it, so it must hear that it finished (else the volume counts it
+                    // in flight for ever and never lends its commitment again); it took no device time.
+                    let _ = self.part.complete(w.volume, &w.request, 0, clock());
                     let status = if r.error == NvmeError::Failed {
                         Status::CONTROLLER_FAILED
                     } else {
