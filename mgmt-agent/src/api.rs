@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use proto::{Command, ErrorCode, Name, Reply, SchedParams, MAX_VCPUS};
+use proto::{Command, ErrorCode, Name, Reply, SchedParams, MAX_CONFIG_TEXT, MAX_VCPUS};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -94,6 +94,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/hosts", get(hosts))
         .route("/v1/hosts/{host}/telemetry", post(set_telemetry_period))
+        .route("/v1/hosts/{host}/vms", post(create_vm_config))
         .route("/v1/vms", get(vms))
         .route("/v1/vms/{host}", post(create_vm))
         .route("/v1/vms/{host}/{vm}", get(describe_vm))
@@ -198,6 +199,35 @@ async fn create_vm(
         module: bounded_name("module", &b.module)?,
         name: bounded_name("name", &b.name)?,
         vcpus: b.vcpus.into_iter().collect(),
+    };
+    reply_json(&call_host(&s, &host, cmd, None).await?)
+}
+
+#[derive(Deserialize)]
+struct CreateVmConfig {
+    config: String,
+}
+
+/// Creates a VM from one `[vm ...]` section of the host's configuration format; the host parses it and answers
+/// with the new VM's id, or with the line and field of a malformed section, or admission's numbers.
+async fn create_vm_config(
+    State(s): St,
+    p: Result<Path<String>, PathRejection>,
+    b: Result<Json<CreateVmConfig>, JsonRejection>,
+) -> ApiResult {
+    let Path(host) = p?;
+    let Json(b) = b?;
+    if b.config.trim().is_empty() {
+        return Err(bad("config is empty: give one [vm ...] section"));
+    }
+    if b.config.len() > MAX_CONFIG_TEXT {
+        return Err(bad(format!(
+            "config is {} bytes; at most {MAX_CONFIG_TEXT}",
+            b.config.len()
+        )));
+    }
+    let cmd = Command::CreateVmConfig {
+        config: proto::truncated(&b.config),
     };
     reply_json(&call_host(&s, &host, cmd, None).await?)
 }

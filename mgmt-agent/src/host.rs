@@ -496,6 +496,7 @@ impl Session<'_> {
                 let changes_vms = matches!(
                     p.command,
                     Command::CreateVm { .. }
+                        | Command::CreateVmConfig { .. }
                         | Command::StartVm { .. }
                         | Command::PauseVm { .. }
                         | Command::ResumeVm { .. }

@@ -186,15 +186,19 @@ enum VmCmd {
     Destroy { host: String, vm: u32 },
     /// Describe.
     Describe { host: String, vm: u32 },
-    /// Create from a loaded module; all vCPUs get the same parameters.
+    /// Create a VM: from a `[vm ...]` section of the host's configuration format (`--config FILE`, see
+    /// docs/vm-config.md; the kernel host), or from a loaded module and scheduling flags (all vCPUs alike).
     Create {
         host: String,
+        /// A file holding one `[vm ...]` section; its image is a boot module already loaded on the host.
+        #[arg(long, conflicts_with_all = ["module", "name"])]
+        config: Option<std::path::PathBuf>,
         /// Module loaded on the host.
-        #[arg(long)]
-        module: String,
+        #[arg(long, required_unless_present = "config")]
+        module: Option<String>,
         /// VM name.
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "config")]
+        name: Option<String>,
         /// vCPU count.
         #[arg(long, default_value_t = 1)]
         vcpus: u16,
@@ -488,11 +492,24 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 VmCmd::Create {
                     host,
+                    config: Some(path),
+                    ..
+                } => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    c.post(&format!("/v1/hosts/{host}/vms"), &json!({ "config": text }))?
+                }
+                VmCmd::Create {
+                    host,
                     module,
                     name,
                     vcpus,
                     sched,
+                    ..
                 } => {
+                    let (Some(module), Some(name)) = (module, name) else {
+                        return Err("vm create needs --config FILE, or --module and --name".into());
+                    };
                     let p = sched_json(sched)?;
                     let list: Vec<Value> = (0..*vcpus).map(|_| p.clone()).collect();
                     c.post(

@@ -865,6 +865,11 @@ impl SimState {
                 });
                 Ok(Reply::VmCreated { vm: id })
             }
+            // The simulated host has no configuration parser: its VMs come from `CreateVm`.
+            Command::CreateVmConfig { .. } => Err(err(
+                ErrorCode::Unsupported,
+                "the simulated host creates VMs with CreateVm (module and parameters) only",
+            )),
             Command::StartVm { vm } => self.transition(vm, &[VmState::Created], VmState::Running),
             Command::PauseVm { vm } => self.transition(vm, &[VmState::Running], VmState::Paused),
             Command::ResumeVm { vm } => {

@@ -28,6 +28,8 @@ pub const MAX_VOLUMES: usize = 4;
 pub const MAX_VMS: usize = 32;
 /// Maximum stages in a staged grant.
 pub const MAX_STAGES: usize = 4;
+/// Most bytes of VM configuration text carried by [`Command::CreateVmConfig`].
+pub const MAX_CONFIG_TEXT: usize = 1024;
 
 /// Short identifier (host id, VM name, module name).
 pub type Name = String<32>;
@@ -447,6 +449,14 @@ pub enum Command {
     SetTelemetryPeriod {
         /// Milliseconds between snapshots.
         period_ms: u32,
+    },
+    /// Create and start a VM from one `[vm ...]` section of the host's configuration format (docs/vm-config.md;
+    /// the image must be a boot module already loaded on the host). Answered by [`Reply::VmCreated`]; a malformed
+    /// section (`ErrorCode::Invalid`, with the line and field), a missing module (`NotFound`) or a refusal by
+    /// admission control (`Admission`, with its numbers) changes nothing.
+    CreateVmConfig {
+        /// The section's text (at most [`MAX_CONFIG_TEXT`] bytes).
+        config: String<MAX_CONFIG_TEXT>,
     },
 }
 

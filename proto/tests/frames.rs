@@ -169,6 +169,9 @@ fn to_host() -> impl Strategy<Value = ToHost> {
         }),
         (any::<u32>(), any::<u16>(), params())
             .prop_map(|(vm, vcpu, params)| Command::SetSchedParams { vm, vcpu, params }),
+        "[ -~\n]{0,1024}".prop_map(|t| Command::CreateVmConfig {
+            config: truncated(&t)
+        }),
         (any::<u32>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(vm, volume, c, l)| {
             Command::SetVolumeCommitment {
                 vm,
@@ -482,4 +485,12 @@ fn largest_messages_fit() {
         assert!(n <= MAX_WIRE, "{n}");
     }
     assert!(ev(&mut enc, &create).unwrap().len() <= MAX_WIRE);
+    // The largest configuration text (multi-byte characters: the bound is in bytes).
+    let text: heapless::String<MAX_CONFIG_TEXT> = truncated(&"\u{00e9}".repeat(MAX_CONFIG_TEXT));
+    assert!(text.len() > MAX_CONFIG_TEXT - 2);
+    let create_cfg = ToHost::Request(Request {
+        id: big,
+        command: Command::CreateVmConfig { config: text },
+    });
+    assert!(ev(&mut enc, &create_cfg).unwrap().len() <= MAX_WIRE);
 }

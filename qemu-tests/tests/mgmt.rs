@@ -293,6 +293,18 @@ fn with_qemu_conf(
     cmdline: &str,
     f: impl FnOnce(&Path, &Path, &Path, &Path),
 ) {
+    with_qemu_modules(name, conf_text, &[(guest, guest)], nvme, cmdline, f);
+}
+
+/// As [`with_qemu_conf`] with boot modules `modules`: (guest binary, module name) pairs, then `vms.conf`.
+fn with_qemu_modules(
+    name: &str,
+    conf_text: &str,
+    modules: &[(&str, &str)],
+    nvme: bool,
+    cmdline: &str,
+    f: impl FnOnce(&Path, &Path, &Path, &Path),
+) {
     let Some(a) = setup(Family::Qemu) else {
         return;
     };
@@ -305,12 +317,16 @@ fn with_qemu_conf(
     }
     let conf = work.join("vms.conf");
     std::fs::write(&conf, conf_text).expect("write vms.conf");
-    let image = guest_dir().join(guest);
-    assert!(
-        image.exists(),
-        "{} missing: build the guests",
-        image.display()
-    );
+    let mut initrd = String::new();
+    for (guest, module) in modules {
+        let image = guest_dir().join(guest);
+        assert!(
+            image.exists(),
+            "{} missing: build the guests",
+            image.display()
+        );
+        initrd.push_str(&format!("{} {module},", image.display()));
+    }
     let sock = work.join("com2.sock");
     let mut q = Qemu::epyc(
         if nvme { Machine::Q35 } else { Machine::Pc },
@@ -326,7 +342,7 @@ fn with_qemu_conf(
         "-serial".into(),
         "chardev:mgmt".into(),
         "-initrd".into(),
-        format!("{} {guest},{} vms.conf", image.display(), conf.display()),
+        format!("{initrd}{} vms.conf", conf.display()),
     ];
     if nvme {
         let disk = work.join("nvme.img");
@@ -798,6 +814,205 @@ fn qemu_epyc_volume_commitments_over_the_channel() {
             );
             let ms = markers(serial);
             assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+            drop(agent);
+        },
+    );
+}
+
+/// The one VM of the create test's `vms.conf`; the boot also loads `burn` a second time as module `spare`, which
+/// no VM of `vms.conf` uses.
+const CREATE_CONF: &str = "\
+[vm steady]
+image = burn
+memory = 8M
+baseline = 30%
+cpu = 0
+args = report_ms=1000
+";
+/// The VM created over the channel: two unpinned vCPUs of 40 % (worst fit puts the first on the empty CPU 1, the
+/// second then on CPU 0, where steady's 30 % is less than 40 %).
+const SPAWNED_CONF: &str = "\
+[vm spawned]
+image = spare
+memory = 8M
+vcpus = 2
+baseline = 40%
+args = report_ms=1000
+";
+
+/// Runs `cvctl vm create cv0 --config FILE` with `text` in `FILE`.
+fn create_from(
+    bin: &Path,
+    api: &str,
+    work: &Path,
+    file: &str,
+    text: &str,
+) -> Result<String, String> {
+    let path = work.join(file);
+    std::fs::write(&path, text).expect("write the VM's section");
+    let path = path.display().to_string();
+    try_cvctl(bin, api, &["vm", "create", "cv0", "--config", &path])
+}
+
+/// A VM created over the management channel from a boot module `vms.conf` does not use: refusals first (a
+/// malformed section with its line and field, a missing module, a duplicate name, a baseline admission cannot
+/// honour, with its numbers) change nothing; then the VM is created, runs on both CPUs beside the boot VM (its
+/// `CV:VM` lines and guest counters grow), is described with what its section said, is destroyed, and its memory
+/// is reclaimed while the boot VM runs on.
+#[test]
+fn qemu_epyc_create_vm_over_the_channel() {
+    with_qemu_modules(
+        "mgmt-create",
+        CREATE_CONF,
+        &[("burn", "burn"), ("burn", "spare")],
+        false,
+        "mgmt_telemetry_ms=250",
+        |bin, work, sock, serial| {
+            let (agent, api) = Daemon::agent(bin, work, sock, "agent.log");
+            wait_for("the agent to list the host's VM", || {
+                let vms = try_cvctl(bin, &api, &["vms"]).unwrap_or_default();
+                vms.contains("\"steady\"").then_some(())
+            });
+
+            // Refusals, each with a clear reason, and none of them creates anything.
+            let bad = create_from(
+                bin,
+                &api,
+                work,
+                "bad.conf",
+                &SPAWNED_CONF.replace("8M", "lots"),
+            )
+            .expect_err("a malformed size must be refused");
+            assert!(
+                bad.contains("Invalid") && bad.contains("line 3") && bad.contains("memory"),
+                "parse error with line and field: {bad}"
+            );
+            let missing = create_from(
+                bin,
+                &api,
+                work,
+                "missing.conf",
+                &SPAWNED_CONF.replace("image = spare", "image = nosuch"),
+            )
+            .expect_err("a missing module must be refused");
+            assert!(
+                missing.contains("NotFound") && missing.contains("nosuch"),
+                "{missing}"
+            );
+            let dup = create_from(
+                bin,
+                &api,
+                work,
+                "dup.conf",
+                &SPAWNED_CONF.replace("[vm spawned]", "[vm steady]"),
+            )
+            .expect_err("a second VM named steady must be refused");
+            assert!(dup.contains("exists already"), "{dup}");
+            // CPU 0 holds steady's 30 %: 90 % more does not fit there.
+            let over = create_from(
+                bin,
+                &api,
+                work,
+                "over.conf",
+                &SPAWNED_CONF.replace("baseline = 40%", "baseline = 90%\ncpu = 0"),
+            )
+            .expect_err("90 % beside 30 % must be refused by admission");
+            assert!(
+                over.contains("Admission") && over.contains("ppm"),
+                "refusal with the admission numbers: {over}"
+            );
+            let none = try_cvctl(bin, &api, &["vm", "describe", "cv0", "1"])
+                .expect_err("no VM 1 after the refusals");
+            assert!(none.contains("NotFound"), "{none}");
+            assert!(
+                !markers(serial).iter().any(|m| m.kind == "VMCREATED"),
+                "a refused VM was created"
+            );
+
+            // Create it: the reply names VM 1, the host announces it, the agent lists it.
+            let t0 = Instant::now();
+            let created = create_from(bin, &api, work, "spawned.conf", SPAWNED_CONF)
+                .unwrap_or_else(|e| panic!("create refused: {e}"));
+            let create_ms = t0.elapsed().as_millis();
+            assert_eq!(json_u64(&created, "vm"), 1, "{created}");
+            let announced = wait_for("CV:VMCREATED of spawned", || {
+                markers(serial)
+                    .into_iter()
+                    .find(|m| m.kind == "VMCREATED" && m.get("name") == Some("spawned"))
+            });
+            assert_eq!(announced.get_u64("vm"), Some(1), "{announced}");
+            assert_eq!(announced.get("image"), Some("spare"), "{announced}");
+            assert_eq!(
+                announced.get("cpus"),
+                Some("1,0"),
+                "two unpinned vCPUs spread over both CPUs: {announced}"
+            );
+            let d = cvctl(bin, &api, &["vm", "describe", "cv0", "1"]);
+            assert!(d.contains("\"spare\"") && d.contains("\"spawned\""), "{d}");
+            assert_eq!(json_u64(&d, "budget_ns"), 4_000_000, "{d}");
+            assert_eq!(json_u64(&d, "period_ns"), 10_000_000, "{d}");
+            wait_for("the agent to list spawned", || {
+                let vms = try_cvctl(bin, &api, &["vms"]).ok()?;
+                vms.contains("\"spawned\"").then_some(())
+            });
+
+            // It runs: CPU time and its guest's own progress counter grow between two of its lines.
+            let (first, last) = wait_for("spawned running with guest progress", || {
+                let ms = markers(serial);
+                let lines: Vec<Marker> = vm_line(&ms, "spawned").into_iter().cloned().collect();
+                let first = lines.iter().find(|m| m.get_u64("progress").is_some())?;
+                let last = lines.last()?;
+                (last.get("state") == Some("running")
+                    && last.get_u64("cpu_ms") > first.get_u64("cpu_ms")
+                    && last.get_u64("progress") > first.get_u64("progress")
+                    && last.get_u64("t_ms")? >= first.get_u64("t_ms")? + 2000)
+                    .then(|| (first.clone(), last.clone()))
+            });
+            let steady_before = vm_line(&markers(serial), "steady")
+                .last()
+                .and_then(|m| m.get_u64("cpu_ms"))
+                .expect("steady line");
+
+            // Destroy it: stopped by the agent, memory back in the allocator, telemetry ended; steady runs on.
+            cvctl(bin, &api, &["vm", "destroy", "cv0", "1"]);
+            let stop = wait_for("CV:VMSTOP of spawned", || {
+                markers(serial)
+                    .into_iter()
+                    .find(|m| m.kind == "VMSTOP" && m.get("name") == Some("spawned"))
+            });
+            assert!(
+                stop.get("detail")
+                    .is_some_and(|d| d.contains("management agent")),
+                "{stop}"
+            );
+            let reclaimed = wait_for("the reclaim of spawned's memory", || {
+                let log = std::fs::read(serial).unwrap_or_default();
+                let log = String::from_utf8_lossy(&log);
+                let at = log.find("vm spawned: reclaimed")?;
+                let line = log[at..].lines().next()?;
+                log[at..].contains('\n').then(|| line.to_string())
+            });
+            wait_for("CV:MGMTGONE of spawned", || {
+                markers(serial)
+                    .into_iter()
+                    .find(|m| m.kind == "MGMTGONE" && m.get("vm") == Some("spawned"))
+            });
+            wait_for("steady still running", || {
+                let ms = markers(serial);
+                let l = vm_line(&ms, "steady").last().copied()?.clone();
+                (l.get("state") == Some("running") && l.get_u64("cpu_ms")? > steady_before)
+                    .then_some(())
+            });
+            let ms = markers(serial);
+            assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
+            println!(
+                "[cv-figure] mgmt create: `cvctl vm create` round trip {create_ms} ms; spawned ran {} ms of CPU in \
+                 {} ms (progress {} -> {}); {reclaimed}",
+                last.get_u64("cpu_ms").unwrap_or(0) - first.get_u64("cpu_ms").unwrap_or(0),
+                last.get_u64("t_ms").unwrap_or(0) - first.get_u64("t_ms").unwrap_or(0),
+                first.get_u64("progress").unwrap_or(0),
+                last.get_u64("progress").unwrap_or(0),
+            );
             drop(agent);
         },
     );

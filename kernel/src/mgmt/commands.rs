@@ -1,5 +1,6 @@
-//! Command execution of the management endpoint: queries (list, describe, balances) and state changes (pause,
-//! resume, destroy (stop and reclaim), scheduling parameters, grants, denials, telemetry period).
+//! Command execution of the management endpoint: queries (list, describe, balances) and state changes (create
+//! from a `vms.conf` section, pause, resume, destroy (stop and reclaim), scheduling parameters, grants, denials,
+//! telemetry period).
 //!
 //! Design: queries build a [`Reply`] from the runtime and the scheduler; state-changing commands return a small
 //! [`Cached`] answer, which is what the dedup window keeps (a duplicate request gets exactly the answer the first
@@ -36,6 +37,9 @@ const EVENT_MIGRATION_COMPLETE: u64 = 2;
 #[derive(Clone, Debug)]
 pub enum Cached {
     Ack,
+    Created {
+        vm: VmId,
+    },
     Grant {
         grant_id: u64,
         duplicate: bool,
@@ -50,6 +54,7 @@ impl Cached {
     pub fn result(&self) -> Result<Reply, CommandError> {
         match *self {
             Self::Ack => Ok(Reply::Ack),
+            Self::Created { vm } => Ok(Reply::VmCreated { vm }),
             Self::Grant {
                 grant_id,
                 duplicate,
@@ -303,8 +308,9 @@ impl Endpoint {
         let r = match cmd {
             Command::CreateVm { .. } => Err(err(
                 ErrorCode::Unsupported,
-                format_args!("the VM table is fixed at boot on this host: add the VM to vms.conf"),
+                format_args!("this host creates VMs from a vms.conf section: CreateVmConfig"),
             )),
+            Command::CreateVmConfig { config } => return self.create(rt, config),
             Command::StartVm { vm } => vm_of(rt, *vm).and_then(|(_, v)| {
                 Err(if v.stopped() {
                     err(
@@ -378,6 +384,58 @@ impl Endpoint {
         match r {
             Ok(()) => Cached::Ack,
             Err(e) => Cached::Err(e),
+        }
+    }
+
+    /// Creates and starts a VM from one `[vm ...]` section (`virt::config`); the new VM's id is its index in the
+    /// runtime's table. Refusals change nothing: a parse error names the line and field, admission its numbers.
+    fn create(&mut self, rt: &Runtime, text: &str) -> Cached {
+        let configs = match virt::config::parse(text) {
+            Ok(c) => c,
+            Err(e) => return Cached::Err(err(ErrorCode::Invalid, format_args!("{e}"))),
+        };
+        let [cfg] = configs.as_slice() else {
+            return Cached::Err(err(
+                ErrorCode::Invalid,
+                format_args!("one [vm ...] section expected, {} given", configs.len()),
+            ));
+        };
+        match crate::vm::setup::create_vm(rt, cfg) {
+            Ok(index) => {
+                self.sync_tables(rt);
+                let v = &rt.vms[index];
+                // The CPUs of its vCPUs, comma separated (16 vCPUs of up to 3 digits fit).
+                let mut cpus: heapless::String<64> = heapless::String::new();
+                for (i, s) in v.slots.clone().enumerate() {
+                    let sep = if i == 0 { "" } else { "," };
+                    let _ = core::fmt::write(
+                        &mut Cut(&mut cpus),
+                        format_args!("{sep}{}", rt.slots[s].cpu),
+                    );
+                }
+                crate::marker!(
+                    "VMCREATED name={} vm={index} image={} memory_mb={} vcpus={} cpus={}",
+                    v.name,
+                    v.image,
+                    cfg.memory_bytes >> 20,
+                    v.slots.len(),
+                    cpus
+                );
+                kick(rt, v);
+                Cached::Created {
+                    vm: u32::try_from(index).unwrap_or(u32::MAX),
+                }
+            }
+            Err(e) => {
+                use crate::vm::setup::BuildError;
+                log::warn!("mgmt: VM '{}' not created: {e}", cfg.name);
+                let code = match e {
+                    BuildError::NoModule(_) => ErrorCode::NotFound,
+                    BuildError::Admission(_) | BuildError::NoMemory(_) => ErrorCode::Admission,
+                    BuildError::Failed(_) => ErrorCode::Invalid,
+                };
+                Cached::Err(err(code, format_args!("{e}")))
+            }
         }
     }
 

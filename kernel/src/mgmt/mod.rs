@@ -210,16 +210,6 @@ impl Endpoint {
         // The TSC at this point differs on every boot (and on an emulator with the host's clock); mixed so that
         // the low half used as the frame session id differs too.
         let boot_id = now ^ now.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15;
-        let max_id = rt.slots.iter().map(|s| s.id.0).max().map_or(0, |m| m + 1);
-        let mut slot_of = vec![None; usize::try_from(max_id).unwrap_or(0)];
-        for (i, s) in rt.slots.iter().enumerate() {
-            if let Some(e) = usize::try_from(s.id.0)
-                .ok()
-                .and_then(|k| slot_of.get_mut(k))
-            {
-                *e = Some(i);
-            }
-        }
         let period_ns = u64::from(config.mgmt_telemetry_ms) * 1_000_000;
         #[allow(clippy::cast_possible_truncation)]
         // the session id is the low half of the boot id on purpose
@@ -238,10 +228,10 @@ impl Endpoint {
             last_telemetry_ns: rt.ns(now),
             tel_seq: 0,
             next_stats: rt.after(now, STATS_INTERVAL_NS),
-            windows: vec![Window::default(); rt.slots.len()],
-            granted_total: vec![0; rt.slots.len()],
-            slot_of,
-            gone_reported: vec![false; rt.vms.len()],
+            windows: Vec::new(),
+            granted_total: Vec::new(),
+            slot_of: Vec::new(),
+            gone_reported: Vec::new(),
             outstanding: Vec::new(),
             counters: Counters::default(),
         });
@@ -252,6 +242,7 @@ impl Endpoint {
             config.mgmt_telemetry_ms,
             rt.vms.len()
         );
+        ep.sync_tables(rt);
         let hello = ep.hello();
         ep.send(&ToAgent::Hello(hello));
         Some(ep)
@@ -591,6 +582,24 @@ impl Endpoint {
     pub fn finish(&mut self, rt: &Runtime) {
         self.drain_sched(rt, tsc::rdtsc());
         self.stats_line(rt);
+    }
+
+    /// Sizes the per-VM and per-vCPU tables to the runtime's published VMs and maps scheduler ids to slots (at
+    /// start-up and after every VM this endpoint creates; existing entries keep their values).
+    fn sync_tables(&mut self, rt: &Runtime) {
+        self.windows.resize(rt.slots.len(), Window::default());
+        self.granted_total.resize(rt.slots.len(), 0);
+        self.gone_reported.resize(rt.vms.len(), false);
+        let max_id = rt.slots.iter().map(|s| s.id.0).max().map_or(0, |m| m + 1);
+        self.slot_of = vec![None; usize::try_from(max_id).unwrap_or(0)];
+        for (i, s) in rt.slots.iter().enumerate() {
+            if let Some(e) = usize::try_from(s.id.0)
+                .ok()
+                .and_then(|k| self.slot_of.get_mut(k))
+            {
+                *e = Some(i);
+            }
+        }
     }
 
     fn slot(&self, id: sched::cpu::VcpuId) -> Option<usize> {

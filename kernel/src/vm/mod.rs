@@ -9,6 +9,13 @@
 //! act on the returned `ExitAction`. The BSP prints one `CV:VM` line per VM every second ([`report`]) and, with
 //! `run_ms=N` on the command line, stops everything after N ms and prints the summary (`CV:VMSUM`).
 //!
+//! VMs can also be created while the runtime runs (the management channel's `CreateVmConfig`,
+//! [`setup::create_vm`]). The VM and vCPU tables are therefore [`Table`]s of fixed capacity ([`MAX_VMS`],
+//! [`MAX_SLOTS`]) that the run loops read without locks: entries are written once and published by a
+//! release-store of the count (a VM's slots before the VM), never moved or removed (a destroyed VM keeps its id).
+//! Each run loop re-takes its pinned vCPUs when the VM count changes, creates their backend vCPUs on its own CPU
+//! and only then makes them runnable in the scheduler. The boot modules stay in [`Runtime::modules`] for this.
+//!
 //! Design: policy lives in `sched` (time passed in as ns since the runtime's epoch), guest-facing behaviour in
 //! `virt` (host-tested); this module is glue and owns no policy. vCPUs are pinned to the CPU the scheduler placed
 //! them on (a VMX vCPU's VMCS must stay on its CPU), so each CPU alone wakes its sleeping vCPUs and no
@@ -34,7 +41,7 @@ pub mod sink;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, AtomicU64};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use sched::cpu::{Scheduler, VcpuId};
 use spin::{Mutex, Once};
@@ -56,7 +63,85 @@ pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 /// Longest an idle CPU sleeps before it looks at the runtime again (so the end of a run reaches every CPU).
 pub const IDLE_CHECK_NS: u64 = 100_000_000;
 
+/// Most VMs the runtime holds (boot and created over the management channel; `vms.conf` allows 64 sections).
+pub const MAX_VMS: usize = 64;
+/// Most vCPUs the runtime holds over all VMs.
+pub const MAX_SLOTS: usize = 256;
+
 static RUNTIME: Once<Runtime> = Once::new();
+
+/// An append-only table of fixed capacity that the run loops read without locks: entries `0..len()` are
+/// published (written once, then `len` raised with release ordering; readers load it with acquire) and never
+/// change or move afterwards. Appends are serialised by the runtime's creation lock ([`Runtime::create`]).
+/// Indexing an entry that is not published panics, as indexing past a `Vec`'s end does.
+#[derive(Debug)]
+pub struct Table<T> {
+    cells: Vec<Once<T>>,
+    len: AtomicUsize,
+}
+
+impl<T> Table<T> {
+    /// An empty table for `capacity` entries.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            cells: (0..capacity).map(|_| Once::new()).collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Published entries.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Entries the table can ever hold.
+    pub fn capacity(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Entry `i` if it is published.
+    pub fn get(&self, i: usize) -> Option<&T> {
+        if i < self.len() {
+            self.cells.get(i).and_then(Once::get)
+        } else {
+            None
+        }
+    }
+
+    /// The published entries in order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.cells[..self.len()].iter().filter_map(Once::get)
+    }
+
+    /// Writes `values` after the published entries and publishes them together; gives them back when they do not
+    /// fit. The caller serialises appends (one writer at a time).
+    fn append(&self, values: Vec<T>) -> Result<(), Vec<T>> {
+        let first = self.len();
+        let n = values.len();
+        if n > self.capacity() - first {
+            return Err(values);
+        }
+        for (cell, v) in self.cells[first..].iter().zip(values) {
+            cell.call_once(|| v);
+        }
+        self.len.store(first + n, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl<T> core::ops::Index<usize> for Table<T> {
+    type Output = T;
+
+    fn index(&self, i: usize) -> &T {
+        match self.get(i) {
+            Some(v) => v,
+            None => panic!(
+                "runtime table index {i} is not published ({} are)",
+                self.len()
+            ),
+        }
+    }
+}
 
 /// Why a VM is not running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +203,13 @@ pub struct Slot {
     pub slices: AtomicU64,
 }
 
+/// A boot module: its name (see [`setup`]) and contents, reserved for the kernel's lifetime.
+#[derive(Debug)]
+pub struct BootModule {
+    pub name: String,
+    pub bytes: &'static [u8],
+}
+
 /// Per-CPU run-loop figures.
 #[derive(Debug, Default)]
 pub struct CpuStats {
@@ -145,8 +237,15 @@ pub struct Runtime {
     /// TSC at the scheduler's time 0.
     pub epoch: u64,
     pub sched: Mutex<Scheduler>,
-    pub vms: Vec<Vm>,
-    pub slots: Vec<Slot>,
+    /// VMs by id (boot order, then creation order); published entries never move.
+    pub vms: Table<Vm>,
+    /// vCPUs; a VM's are contiguous ([`Vm::slots`]) and published before the VM itself, so every slot of a
+    /// published VM is published. A run loop takes the slots pinned to its CPU when the VM count changes.
+    pub slots: Table<Slot>,
+    /// The boot modules (images for VMs created later, by name).
+    pub modules: Vec<BootModule>,
+    /// Serialises VM creation (build and append); never held by the run loops.
+    pub create_lock: Mutex<()>,
     /// CPUs running the loop (ids `0..cpus`).
     pub cpus: usize,
     pub cpu_stats: Vec<CpuStats>,
@@ -165,6 +264,15 @@ impl Runtime {
     /// TSC value `ns` after `tsc` (saturating).
     pub fn after(&self, tsc: u64, ns: u64) -> u64 {
         tsc.saturating_add(ns_to_ticks(ns, self.tsc_hz))
+    }
+
+    /// Slot indices of the vCPUs pinned to `cpu` among the published VMs.
+    pub fn slots_on(&self, cpu: u32) -> Vec<usize> {
+        self.vms
+            .iter()
+            .flat_map(|vm| vm.slots.clone())
+            .filter(|&s| self.slots.get(s).is_some_and(|slot| slot.cpu == cpu))
+            .collect()
     }
 }
 

@@ -66,7 +66,7 @@ impl core::fmt::Write for Line {
 
 /// One `CV:VM` line per VM.
 pub fn vm_lines(rt: &Runtime) {
-    for vm in &rt.vms {
+    for vm in rt.vms.iter() {
         let (mut baseline, mut burst, mut balance) = (0u64, 0u64, 0i64);
         let slices: u64 = vm
             .slots

@@ -19,6 +19,10 @@
 //! decision's whole idle time), one VM at a time, and log `vm <name>: reclaimed ...`. Lock order: `RECLAIM`, then
 //! a slot's vCPU lock, then (inside the backend) its settle lock, its shared-part lock and the frame allocator.
 //!
+//! Created VMs ([`super::setup::create_vm`]): when the published VM count changes, each loop re-takes the slots
+//! pinned to its CPU (`adopt_new`), creates the new backend vCPUs there and wakes them through `wake_due` (they are
+//! published blocked, due at once), then settles once more in case such a VM was destroyed meanwhile.
+//!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
 //! A VM paused by the management channel (`Vm::paused`) is never entered: its vCPUs are blocked in the scheduler at
@@ -45,9 +49,8 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     let Some(stats) = usize::try_from(cpu).ok().and_then(|c| rt.cpu_stats.get(c)) else {
         return;
     };
-    let mine: alloc::vec::Vec<usize> = (0..rt.slots.len())
-        .filter(|&s| rt.slots[s].cpu == cpu)
-        .collect();
+    let mut mine = rt.slots_on(cpu);
+    let mut vms_seen = rt.vms.len();
     let mut reporter = (cpu == 0).then(|| report::Reporter::new(rt));
     // The management channel lives on the BSP's loop, beside the reports (`mgmt=com2`).
     let mut mgmt = if cpu == 0 {
@@ -68,6 +71,15 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     }
     let mut stops_seen = 0;
     while !rt.done.load(Ordering::Acquire) {
+        // A VM was created since the last look: take its vCPUs pinned here.
+        let vms_now = rt.vms.len();
+        if vms_now != vms_seen {
+            vms_seen = vms_now;
+            adopt_new(rt, cpu, &mut mine);
+            // Such a VM may have been destroyed already (a stop this loop counted before it saw the VM): settle
+            // again (STOPS never reaches u64::MAX).
+            stops_seen = u64::MAX;
+        }
         // A VM stopped since the last look: hand this CPU's vCPUs of stopped VMs back (reclaim).
         let stops = STOPS.load(Ordering::Acquire);
         if stops != stops_seen && settle_stopped(rt, &mine) {
@@ -140,6 +152,25 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     lapic::disarm();
     stats.finished.store(true, Ordering::Release);
     x86_64::instructions::interrupts::enable();
+}
+
+/// Takes the vCPUs of VMs created since `mine` was computed that are pinned to `cpu`: creates each one's backend
+/// vCPU here, on its CPU; they were published blocked and due at once, so [`wake_due`] makes them runnable in the
+/// scheduler right after (a vCPU is never runnable before its CPU has it).
+fn adopt_new(rt: &Runtime, cpu: u32, mine: &mut alloc::vec::Vec<usize>) {
+    let all = rt.slots_on(cpu);
+    for &s in &all {
+        if !mine.contains(&s) {
+            create_vcpu(rt, s);
+            let slot = &rt.slots[s];
+            log::info!(
+                "vm {}: cpu{cpu} takes vCPU {}",
+                rt.vms[slot.vm].name,
+                slot.index
+            );
+        }
+    }
+    *mine = all;
 }
 
 /// Wakes this CPU's blocked vCPUs whose time has come.

@@ -23,7 +23,8 @@ use virt::{VmContext, NO_WAKE};
 use super::backend::{self, Kind, VmBackend};
 use super::ram::GuestRam;
 use super::{
-    report, runloop, CpuStats, Runtime, Slot, Vm, VmState, OVERRUN_BOUND_NS, RESERVE_PPM, RUNTIME,
+    report, runloop, BootModule, CpuStats, Runtime, Slot, Table, Vm, VmState, MAX_SLOTS, MAX_VMS,
+    OVERRUN_BOUND_NS, RESERVE_PPM, RUNTIME,
 };
 use crate::arch::x86_64::{cpu, lapic, paging, percpu, tsc};
 use crate::boot::{BootInfo, Module};
@@ -101,24 +102,39 @@ pub fn start(
         let _ = crate::io::service::init();
     }
     let epoch = tsc::rdtsc();
-    let tsc_khz = u32::try_from(tsc_hz / 1000).unwrap_or(u32::MAX);
+    let modules: Vec<BootModule> = bi
+        .modules
+        .iter()
+        .map(|m| BootModule {
+            name: module_name(&m.cmdline).to_string(),
+            bytes: module_bytes(m),
+        })
+        .collect();
     let mut vms = Vec::new();
     let mut slots = Vec::new();
     let mut all_started = true;
-    for cfg in &configs {
-        match build_vm(
-            bi,
+    for cfg in configs.iter().take(MAX_VMS) {
+        let host = Host {
+            modules: &modules,
             kind,
-            cfg,
             tsc_hz,
-            tsc_khz,
-            &mut sched,
             cpus,
             epoch,
-            vms.len(),
-            &mut slots,
-        ) {
-            Ok(vm) => {
+        };
+        match build_vm(&host, cfg, &mut sched, vms.len(), slots.len()) {
+            Ok((vm, new_slots)) => {
+                if slots.len() + new_slots.len() > MAX_SLOTS {
+                    // vms.conf allows 64 VMs of 16 vCPUs, more than the table holds: the VMs past it are refused
+                    // (admission would refuse most of them first on a host of a few CPUs). Its admission is undone
+                    // with the VM, which is dropped here: it never ran.
+                    all_started = false;
+                    refuse(
+                        &cfg.name,
+                        format_args!("more than {MAX_SLOTS} vCPUs in all"),
+                    );
+                    continue;
+                }
+                slots.extend(new_slots);
                 log::info!(
                     "vm {}: {} MiB, {} vCPU(s) on cpu{}, baseline {}/{} us, image '{}' entry {:#x}",
                     vm.name,
@@ -145,13 +161,22 @@ pub fn start(
             log::error!("vm: wake of {:?} refused: {e}", slot.id);
         }
     }
+    let vm_table = Table::with_capacity(MAX_VMS);
+    let slot_table = Table::with_capacity(MAX_SLOTS);
+    // Within capacity: the VMs are at most MAX_VMS (taken above) and their slots at most MAX_SLOTS (checked).
+    if slot_table.append(slots).is_err() || vm_table.append(vms).is_err() {
+        log::error!("vm: the boot VMs do not fit the runtime's tables");
+        return Some(false);
+    }
     let rt = RUNTIME.call_once(|| Runtime {
         kind,
         tsc_hz,
         epoch,
         sched: Mutex::new(sched),
-        vms,
-        slots,
+        vms: vm_table,
+        slots: slot_table,
+        modules,
+        create_lock: Mutex::new(()),
         cpus,
         cpu_stats: (0..cpus).map(|_| CpuStats::default()).collect(),
         done: AtomicBool::new(false),
@@ -202,75 +227,188 @@ fn vcpu_config(cfg: &VmConfig) -> VcpuConfig {
     }
 }
 
-/// Builds one VM: image, RAM, boot structures, nested paging, admission. On error nothing of it stays admitted
-/// (its RAM frames are returned unless the backend already mapped them).
-#[allow(clippy::too_many_arguments)]
-fn build_vm(
-    bi: &BootInfo,
+/// What building a VM needs from the host (at boot and for a VM created later).
+struct Host<'a> {
+    modules: &'a [BootModule],
     kind: Kind,
-    cfg: &VmConfig,
     tsc_hz: u64,
-    tsc_khz: u32,
-    sched: &mut Scheduler,
     cpus: usize,
     epoch: u64,
+}
+
+/// Access to the scheduler while building a VM: owned at boot, behind the runtime's lock afterwards (taken only
+/// for admission and its undoing, never while RAM is zeroed).
+trait SchedAccess {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Scheduler) -> R) -> R;
+}
+
+impl SchedAccess for Scheduler {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        f(self)
+    }
+}
+
+impl SchedAccess for &Mutex<Scheduler> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        f(&mut self.lock())
+    }
+}
+
+/// Why a VM was not built (each carries the message).
+#[derive(Debug)]
+pub enum BuildError {
+    /// No boot module by the image's name.
+    NoModule(String),
+    /// Admission control (CPU or volume) refused it, or it names a CPU that is not online.
+    Admission(String),
+    /// Not enough memory.
+    NoMemory(String),
+    /// The image or the VM's devices could not be set up.
+    Failed(String),
+}
+
+impl core::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoModule(m) | Self::Admission(m) | Self::NoMemory(m) | Self::Failed(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// Creates VM `cfg` on the running runtime (the management channel's `CreateVmConfig`) and returns its id. The
+/// scheduler lock is held only for admission; RAM is zeroed and the image loaded without it. The VM's slots, then
+/// the VM, are published in the runtime's tables; each run loop takes the new vCPUs pinned to its CPU when it
+/// sees the VM count change (creates the backend vCPU on its CPU, then wakes it), so the caller should kick the
+/// other CPUs out of an idle halt. On error nothing of the VM stays admitted.
+pub fn create_vm(rt: &Runtime, cfg: &VmConfig) -> Result<usize, BuildError> {
+    let _creating = rt.create_lock.lock();
+    if rt.vms.iter().any(|v| v.name == cfg.name) {
+        return Err(BuildError::Failed(format!(
+            "a VM named '{}' exists already on this host",
+            cfg.name
+        )));
+    }
+    let count = usize::try_from(cfg.vcpus).unwrap_or(usize::MAX);
+    if rt.vms.len() >= rt.vms.capacity()
+        || count > rt.slots.capacity().saturating_sub(rt.slots.len())
+    {
+        return Err(BuildError::Admission(format!(
+            "this host holds at most {} VMs and {} vCPUs ({} and {} in use)",
+            rt.vms.capacity(),
+            rt.slots.capacity(),
+            rt.vms.len(),
+            rt.slots.len()
+        )));
+    }
+    let host = Host {
+        modules: &rt.modules,
+        kind: rt.kind,
+        tsc_hz: rt.tsc_hz,
+        cpus: rt.cpus,
+        epoch: rt.epoch,
+    };
+    let index = rt.vms.len();
+    let (vm, slots) = build_vm(&host, cfg, &mut &rt.sched, index, rt.slots.len())?;
+    // Not runnable in the scheduler yet: each vCPU's own CPU creates its backend vCPU, then wakes it (a blocked
+    // slot due at time 0).
+    for slot in &slots {
+        slot.wake_at.store(0, Ordering::Relaxed);
+        slot.blocked.store(true, Ordering::Relaxed);
+    }
+    log::info!(
+        "vm {}: created over the management channel as VM {index}: {} MiB, {} vCPU(s), baseline {}/{} us, image '{}'",
+        vm.name,
+        cfg.memory_bytes >> 20,
+        cfg.vcpus,
+        cfg.sched.budget_ns / 1000,
+        cfg.sched.period_ns / 1000,
+        cfg.image
+    );
+    // Capacity was checked above under the creation lock, the only path that appends.
+    if rt.slots.append(slots).is_err() || rt.vms.append(alloc::vec![vm]).is_err() {
+        return Err(BuildError::Failed(String::from(
+            "the runtime's tables are full",
+        )));
+    }
+    Ok(index)
+}
+
+/// Builds one VM: image, RAM, boot structures, nested paging, admission. Returns the VM and its slots (numbered
+/// from `first_slot`). On error nothing of it stays admitted (its RAM frames are returned unless the backend
+/// already mapped them).
+fn build_vm<S: SchedAccess>(
+    host: &Host<'_>,
+    cfg: &VmConfig,
+    sched: &mut S,
     vm_index: usize,
-    slots: &mut Vec<Slot>,
-) -> Result<Vm, String> {
-    let image = bi
+    first_slot: usize,
+) -> Result<(Vm, Vec<Slot>), BuildError> {
+    let (kind, tsc_hz, cpus, epoch) = (host.kind, host.tsc_hz, host.cpus, host.epoch);
+    let tsc_khz = u32::try_from(tsc_hz / 1000).unwrap_or(u32::MAX);
+    let image = host
         .modules
         .iter()
-        .find(|m| module_name(&m.cmdline) == cfg.image)
+        .find(|m| m.name == cfg.image)
         .ok_or_else(|| {
-            format!(
-                "no boot module named '{}' (line {} of {CONFIG_MODULE})",
+            BuildError::NoModule(format!(
+                "no boot module named '{}' (line {})",
                 cfg.image, cfg.line
-            )
+            ))
         })?;
     if let Some(cpu) = cfg.cpu {
         if usize::try_from(cpu).map_or(true, |c| c >= cpus) {
-            return Err(format!(
+            return Err(BuildError::Admission(format!(
                 "cpu = {cpu} (line {}), but only {cpus} CPU(s) are online",
                 cfg.line
-            ));
+            )));
         }
     }
     // Admission first: it is cheap and needs no memory.
     let vcfg = vcpu_config(cfg);
     let count = usize::try_from(cfg.vcpus).unwrap_or(0);
-    let placement: Vec<u32> = match cfg.cpu {
-        Some(c) => alloc::vec![c; count],
-        None => sched
-            .place(&alloc::vec![vcfg; count])
-            .map_err(|e| format!("admission: {e}"))?,
-    };
     let now_ns = super::ticks_to_ns(tsc::rdtsc().saturating_sub(epoch), tsc_hz);
-    let mut ids: Vec<VcpuId> = Vec::new();
-    for &cpu in &placement {
-        match sched.add_vcpu(cpu, vcfg, now_ns) {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                for id in ids {
-                    let _ = sched.remove_vcpu(id);
+    let admitted = sched.with(|sched| {
+        let placement: Vec<u32> = match cfg.cpu {
+            Some(c) => alloc::vec![c; count],
+            None => sched
+                .place(&alloc::vec![vcfg; count])
+                .map_err(|e| format!("{e}"))?,
+        };
+        let mut ids: Vec<VcpuId> = Vec::new();
+        for &cpu in &placement {
+            match sched.add_vcpu(cpu, vcfg, now_ns) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        let _ = sched.remove_vcpu(id);
+                    }
+                    return Err(format!("cpu{cpu}: {e}"));
                 }
-                return Err(format!("admission on cpu{cpu}: {e}"));
             }
         }
-    }
+        Ok((placement, ids))
+    });
+    let (placement, ids) = admitted.map_err(BuildError::Admission)?;
     // Volumes next: admission control of their IOPS commitments (a refused volume refuses the VM).
     let devices = match super::devices::build(vm_index, cfg) {
         Ok(d) => d,
         Err(why) => {
-            for id in ids {
-                let _ = sched.remove_vcpu(id);
-            }
-            return Err(why);
+            sched.with(|sched| {
+                for &id in &ids {
+                    let _ = sched.remove_vcpu(id);
+                }
+            });
+            return Err(BuildError::Admission(why));
         }
     };
-    let unadmit = |sched: &mut Scheduler, ids: &[VcpuId]| {
-        for &id in ids {
-            let _ = sched.remove_vcpu(id);
-        }
+    let unadmit = |sched: &mut S, ids: &[VcpuId]| {
+        sched.with(|sched| {
+            for &id in ids {
+                let _ = sched.remove_vcpu(id);
+            }
+        });
         crate::io::service::remove_vm(vm_index);
     };
 
@@ -278,11 +416,11 @@ fn build_vm(
         Ok(r) => r,
         Err(e) => {
             unadmit(sched, &ids);
-            return Err(format!(
+            return Err(BuildError::NoMemory(format!(
                 "{} MiB of RAM wanted, {} MiB free",
                 e.wanted_pages >> 8,
                 e.free_pages >> 8
-            ));
+            )));
         }
     };
     let params = BootParams {
@@ -291,13 +429,13 @@ fn build_vm(
         vcpu_count: cfg.vcpus,
         tsc_hz,
     };
-    let entry = match loader::load_with_devices(module_bytes(image), &mut ram, &params, &devices) {
+    let entry = match loader::load_with_devices(image.bytes, &mut ram, &params, &devices) {
         Ok(e) => e,
         Err(e) => {
             unadmit(sched, &ids);
             // SAFETY: nothing maps this RAM yet.
             unsafe { ram.release() };
-            return Err(format!("image '{}': {e}", cfg.image));
+            return Err(BuildError::Failed(format!("image '{}': {e}", cfg.image)));
         }
     };
     let backend = match VmBackend::new(kind, &ram) {
@@ -306,7 +444,7 @@ fn build_vm(
             unadmit(sched, &ids);
             // The partly built nested table is dropped with the error; keep the frames out of the allocator
             // rather than reason about what it still referenced.
-            return Err(format!("{e}"));
+            return Err(BuildError::NoMemory(format!("{e}")));
         }
     };
     let mut host_cpuid = |leaf: u32, sub: u32| {
@@ -325,13 +463,13 @@ fn build_vm(
         if let Err(e) = ctx.add_mmio_window(d.base, u64::from(d.size)) {
             unadmit(sched, &ids);
             // The backend's nested table maps this RAM; keep the frames out of the allocator (as above).
-            return Err(format!("device window: {e}"));
+            return Err(BuildError::Failed(format!("device window: {e}")));
         }
     }
     super::devices::attach(vm_index, &ram);
-    let first = slots.len();
-    for (index, (&id, &cpu)) in (0u32..).zip(ids.iter().zip(&placement)) {
-        slots.push(Slot {
+    let slots = (0u32..)
+        .zip(ids.iter().zip(&placement))
+        .map(|(index, (&id, &cpu))| Slot {
             vm: vm_index,
             index,
             id,
@@ -340,9 +478,9 @@ fn build_vm(
             blocked: AtomicBool::new(false),
             wake_at: AtomicU64::new(NO_WAKE),
             slices: AtomicU64::new(0),
-        });
-    }
-    Ok(Vm {
+        })
+        .collect();
+    let vm = Vm {
         name: cfg.name.to_string(),
         ctx: Mutex::new(ctx),
         // Guest TSC 0 is the start of the vCPUs' first baseline period (docs/guest-abi.md), so a real-time guest
@@ -352,8 +490,9 @@ fn build_vm(
         backend,
         entry,
         state: Mutex::new(VmState::Running),
-        slots: first..first + count,
+        slots: first_slot..first_slot + count,
         image: cfg.image.to_string(),
         paused: AtomicBool::new(false),
-    })
+    };
+    Ok((vm, slots))
 }
