@@ -79,8 +79,9 @@ use super::admission::AdmissionLimits;
 use super::device::{CapacityEstimator, DeviceConfig};
 use super::tags::{mul_div_rem, Rate, TagClock, TagIndex, COST_ONE};
 use super::telemetry::{WindowReport, WindowStats};
-use super::volume::{BurstBucket, OveragePolicy, VolumeConfig};
+use super::volume::{BurstBucket, OveragePolicy, VolumeConfig, MAX_RATE_IOPS};
 use super::{IopsError, Request, ServiceClass, VolumeId};
+use crate::cpu::pool::{GrantError, GrantMemory};
 
 /// The decision returned by [`Partitioner::dispatch`].
 #[must_use = "a dispatched request must be submitted to the device"]
@@ -96,6 +97,18 @@ pub struct Dispatch {
     pub cost: u64,
     /// Time it waited in the partitioner's queue (ns).
     pub wait_ns: u64,
+}
+
+/// What [`Partitioner::top_up`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopUp {
+    /// The tokens were added to the volume's burst bucket.
+    Applied {
+        /// Grant tokens the volume now holds, in unit I/Os (rounded down).
+        held_ios: u64,
+    },
+    /// The grant id was applied before: nothing done.
+    Duplicate,
 }
 
 /// Lifetime counters of one volume (cost units), for accounting and conservation checks.
@@ -198,6 +211,8 @@ pub struct Partitioner {
     window_saturated: bool,
     reports: VecDeque<WindowReport>,
     reports_dropped: u64,
+    /// Grant ids applied by [`Partitioner::top_up`] (bounded window, as the CPU scheduler keeps them).
+    grants: GrantMemory,
 }
 
 impl Partitioner {
@@ -227,6 +242,7 @@ impl Partitioner {
             window_saturated: true,
             reports: VecDeque::new(),
             reports_dropped: 0,
+            grants: GrantMemory::default(),
         })
     }
 
@@ -402,6 +418,11 @@ impl Partitioner {
                 Some(b)
             }
             (Some(c), None) => Some(BurstBucket::new(c, now)),
+            // Grant tokens were paid for: they outlive the burst configuration.
+            (None, Some(mut b)) if b.granted() > 0 => {
+                b.keep_grants_only();
+                Some(b)
+            }
             (None, _) => None,
         };
         let idle = vol.is_idle();
@@ -413,6 +434,61 @@ impl Partitioner {
             self.set_lendable(self.lendable - old.committed_iops + config.committed_iops);
         }
         Ok(())
+    }
+
+    /// Applies an I/O credit grant: adds `ios` unit I/Os of grant tokens to the volume's burst
+    /// bucket (creating a grants-only bucket when it has no burst configuration), exactly once per
+    /// `grant_id` across the device. Grant tokens may exceed the bucket size, never expire and are
+    /// spent, after the earned tokens, only by requests above the commitment (class
+    /// [`ServiceClass::Burst`]). A queued volume is re-filed at once, so the grant takes effect at
+    /// the next dispatch.
+    ///
+    /// # Errors
+    /// [`IopsError::UnknownVolume`]; [`IopsError::InvalidGrant`] for 0 or more than 2^40 I/Os;
+    /// [`IopsError::GrantIdTooOld`] for an id below the remembered window. A refused grant changes
+    /// nothing and its id is not remembered.
+    pub fn top_up(
+        &mut self,
+        id: VolumeId,
+        grant_id: u64,
+        ios: u64,
+        now: u64,
+    ) -> Result<TopUp, IopsError> {
+        self.volume(id)?;
+        let fresh = self.grants.check(grant_id).map_err(|e| match e {
+            GrantError::IdTooOld {
+                grant_id,
+                oldest_accepted,
+            } => IopsError::GrantIdTooOld {
+                grant_id,
+                oldest_accepted,
+            },
+            GrantError::NoSuchVcpu(_) | GrantError::ZeroRate => {
+                IopsError::InvalidGrant("grant id refused")
+            }
+        })?;
+        if !fresh {
+            return Ok(TopUp::Duplicate);
+        }
+        if ios == 0 || ios > MAX_RATE_IOPS {
+            return Err(IopsError::InvalidGrant("I/O credits must be in 1..=2^40"));
+        }
+        let now = self.advance(now);
+        let vtime = self.vtime;
+        let window = self.config.window_ns;
+        let Self { slots, ix, .. } = self;
+        let vol = slot_volume(slots, id)?;
+        let bucket = vol
+            .bucket
+            .get_or_insert_with(|| BurstBucket::grants_only(now));
+        bucket.fill(vol.r.next, now);
+        bucket.grant(ios * COST_ONE);
+        let held_ios = bucket.granted() / COST_ONE;
+        if !vol.queue.is_empty() {
+            file_volume(ix, vol, now, vtime, window);
+        }
+        self.grants.remember(grant_id);
+        Ok(TopUp::Applied { held_ios })
     }
 
     /// Removes a volume; its queued (never dispatched) requests are returned for the caller to fail.

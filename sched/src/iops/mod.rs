@@ -13,7 +13,10 @@
 //!   in flight);
 //! - [`Partitioner::add_volume`] / [`Partitioner::reconfigure`] / [`Partitioner::remove_volume`] go
 //!   through admission control and return typed errors with the numbers;
-//! - [`Partitioner::drain_reports`] once per window for telemetry.
+//! - [`Partitioner::drain_reports`] once per window for telemetry;
+//! - [`Partitioner::top_up`] for an I/O credit grant from a management agent's pool: one I/O
+//!   credit is one unit I/O ([`COST_ONE`]) above the commitment, held in the volume's burst bucket
+//!   beside its earned tokens (uncapped, never expiring; see [`volume`]), applied once per grant id.
 //!
 //! Modules: [`tags`] (exact tag clocks and O(log n) indices), [`device`] (cost model, capacity
 //! estimate), [`volume`] (configuration, overage policy, burst bucket), [`admission`], [`dispatch`]
@@ -35,7 +38,7 @@ pub mod sim;
 
 pub use admission::AdmissionLimits;
 pub use device::{CapacityEstimator, CostModel, DeviceConfig, IoOp};
-pub use dispatch::{Dispatch, Partitioner, VolumeTotals};
+pub use dispatch::{Dispatch, Partitioner, TopUp, VolumeTotals};
 pub use tags::COST_ONE;
 pub use telemetry::{LatencyHistogram, WindowReport, WindowStats};
 pub use tiers::{TierPolicy, TierState};
@@ -109,6 +112,15 @@ pub enum IopsError {
     },
     /// No more volume slots (u32 index space exhausted).
     TooManyVolumes,
+    /// An I/O credit grant was refused (nothing applied, id not remembered).
+    InvalidGrant(&'static str),
+    /// An I/O credit grant id older than the remembered window (see [`crate::cpu::pool::GRANT_ID_WINDOW`]).
+    GrantIdTooOld {
+        /// Offending id.
+        grant_id: u64,
+        /// Oldest id still accepted.
+        oldest_accepted: u64,
+    },
 }
 
 impl core::fmt::Display for IopsError {
@@ -133,6 +145,14 @@ impl core::fmt::Display for IopsError {
                 )
             }
             IopsError::TooManyVolumes => write!(f, "no free volume slot"),
+            IopsError::InvalidGrant(m) => write!(f, "invalid I/O credit grant: {m}"),
+            IopsError::GrantIdTooOld {
+                grant_id,
+                oldest_accepted,
+            } => write!(
+                f,
+                "grant id {grant_id} older than the accepted window (oldest {oldest_accepted})"
+            ),
         }
     }
 }

@@ -16,8 +16,17 @@
 //! commitment ahead of best-effort traffic. The fill is integrated lazily at the volume's own
 //! events (enqueue, dispatch, reconfigure) with exact integer remainders.
 //!
+//! Granted I/O credits (a management agent's pool grant, [`super::Partitioner::top_up`]) are held
+//! beside the earned tokens, not in them: a grant may take the bucket beyond its configured size
+//! (purchased credits are never discarded), they never expire, a reconfiguration (even one that
+//! removes the burst configuration) keeps them, and the fill does not count them (a full grant
+//! balance does not stop the volume earning). A request going above the commitment spends earned
+//! tokens first and grant tokens only for what the earned ones do not cover, so purchased credits
+//! last as long as possible; they are lost only when the volume itself is removed.
+//!
 //! Invariants: `tokens <= capacity`; `tokens == initial + credited - spent` (see
-//! [`BurstBucket::credited`], [`BurstBucket::spent`]).
+//! [`BurstBucket::credited`], [`BurstBucket::spent`]); `granted == granted_total - granted_spent`
+//! (see [`BurstBucket::granted`]).
 
 use super::tags::{mul_div_rem, COST_ONE};
 use super::IopsError;
@@ -161,6 +170,10 @@ pub struct BurstBucket {
     mark: u64,
     credited: u64,
     spent: u64,
+    /// Grant tokens held (uncapped), credited in total, and spent.
+    granted: u64,
+    granted_total: u64,
+    granted_spent: u64,
 }
 
 impl BurstBucket {
@@ -175,7 +188,37 @@ impl BurstBucket {
             mark: now,
             credited: 0,
             spent: 0,
+            granted: 0,
+            granted_total: 0,
+            granted_spent: 0,
         }
+    }
+
+    /// A bucket that only holds grant tokens (a volume without a burst configuration that was
+    /// granted I/O credits): size 0, no fill.
+    #[must_use]
+    pub fn grants_only(now: u64) -> Self {
+        Self {
+            mark: now,
+            ..Self::default()
+        }
+    }
+
+    /// Drops the burst configuration but keeps the grant tokens: earned tokens are forfeited
+    /// (counted as spent), size and fill become 0.
+    pub fn keep_grants_only(&mut self) {
+        self.spent += self.tokens;
+        self.tokens = 0;
+        self.capacity = 0;
+        self.fill_iops = 0;
+        self.rem = 0;
+    }
+
+    /// Adds `cost` grant tokens (uncapped, never expiring); saturates rather than wrapping.
+    pub fn grant(&mut self, cost: u64) {
+        let add = cost.min(u64::MAX - self.granted_total);
+        self.granted += add;
+        self.granted_total += add;
     }
 
     /// Applies a new configuration, keeping the tokens (clamped to the new size).
@@ -211,26 +254,49 @@ impl BurstBucket {
         self.mark = self.mark.max(now);
     }
 
-    /// Whether `cost` can be spent.
+    /// Whether `cost` can be spent (earned and grant tokens together).
     #[must_use]
     pub fn can_spend(&self, cost: u64) -> bool {
-        self.tokens >= cost
+        self.tokens.saturating_add(self.granted) >= cost
     }
 
-    /// Spends `cost` tokens; returns false (and spends nothing) when there are not enough.
+    /// Spends `cost` tokens, earned ones first, then grant tokens for the rest; returns false
+    /// (and spends nothing) when there are not enough.
     pub fn spend(&mut self, cost: u64) -> bool {
-        if self.tokens < cost {
+        if !self.can_spend(cost) {
             return false;
         }
-        self.tokens -= cost;
-        self.spent += cost;
+        let earned = cost.min(self.tokens);
+        self.tokens -= earned;
+        self.spent += earned;
+        let from_grants = cost - earned;
+        self.granted -= from_grants;
+        self.granted_spent += from_grants;
         true
     }
 
-    /// Tokens held, in cost units.
+    /// Earned tokens held, in cost units (grant tokens apart: [`BurstBucket::granted`]).
     #[must_use]
     pub fn tokens(&self) -> u64 {
         self.tokens
+    }
+
+    /// Grant tokens held, in cost units (may exceed the bucket size).
+    #[must_use]
+    pub fn granted(&self) -> u64 {
+        self.granted
+    }
+
+    /// Total grant tokens credited, in cost units.
+    #[must_use]
+    pub fn granted_total(&self) -> u64 {
+        self.granted_total
+    }
+
+    /// Total grant tokens spent, in cost units.
+    #[must_use]
+    pub fn granted_spent(&self) -> u64 {
+        self.granted_spent
     }
 
     /// Bucket size in cost units.
@@ -245,7 +311,7 @@ impl BurstBucket {
         self.credited
     }
 
-    /// Total tokens spent (or forfeited by a size reduction).
+    /// Total earned tokens spent (or forfeited by a size reduction).
     #[must_use]
     pub fn spent(&self) -> u64 {
         self.spent
@@ -274,6 +340,38 @@ mod tests {
         b.fill(200_000_000, 1_000_000_000);
         assert_eq!(b.tokens(), 10 * COST_ONE);
         assert!(b.spend(3 * COST_ONE));
+        assert_eq!(b.credited() - b.spent(), b.tokens());
+    }
+
+    #[test]
+    fn grants_exceed_the_size_survive_reconfiguration_and_are_spent_last() {
+        let cfg = BurstConfig {
+            fill_iops: 100,
+            size_ios: 10,
+        };
+        let mut b = BurstBucket::new(cfg, 0);
+        b.fill(0, 1_000_000_000);
+        assert_eq!(b.tokens(), 10 * COST_ONE);
+        b.grant(25 * COST_ONE);
+        assert_eq!(b.granted(), 25 * COST_ONE);
+        // The fill is not stopped by grant tokens, nor does it add to them.
+        assert!(b.spend(4 * COST_ONE));
+        assert_eq!((b.tokens(), b.granted()), (6 * COST_ONE, 25 * COST_ONE));
+        // A request larger than the earned tokens takes the rest from the grant.
+        assert!(b.spend(8 * COST_ONE));
+        assert_eq!((b.tokens(), b.granted()), (0, 23 * COST_ONE));
+        // A smaller size forfeits earned tokens only.
+        b.fill(0, 2_000_000_000);
+        b.reconfigure(BurstConfig {
+            fill_iops: 100,
+            size_ios: 3,
+        });
+        assert_eq!((b.tokens(), b.granted()), (3 * COST_ONE, 23 * COST_ONE));
+        b.keep_grants_only();
+        assert_eq!((b.tokens(), b.capacity()), (0, 0));
+        assert!(!b.spend(24 * COST_ONE));
+        assert!(b.spend(23 * COST_ONE));
+        assert_eq!(b.granted_total(), b.granted_spent() + b.granted());
         assert_eq!(b.credited() - b.spent(), b.tokens());
     }
 
