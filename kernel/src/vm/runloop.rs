@@ -16,7 +16,9 @@
 //! hands its vCPUs of stopped VMs back at the top of its next iteration (`settle_stopped`: the backend vCPU is
 //! dropped on its own CPU, VMCLEAR first on VMX); the CPU that settles a VM's last vCPU frees its nested page
 //! table and takes its RAM, which the run loops then free in steps of at most `RECLAIM_STEP_NS` (or an idle
-//! decision's whole idle time), one VM at a time, and log `vm <name>: reclaimed ...`. Lock order: `RECLAIM`, then
+//! decision's whole idle time), one VM at a time, and log `vm <name>: reclaimed ...`. Before that, settling retires
+//! the vCPU in the scheduler (`Scheduler::retire`, log `vm <name>: released <ppm> ppm on cpuN`): its CPU admission
+//! is given back for every kind of stop, while its ledger and figures stay for reports and describe. Lock order: `RECLAIM`, then
 //! a slot's vCPU lock, then (inside the backend) its settle lock, its shared-part lock and the frame allocator.
 //!
 //! Created VMs ([`super::setup::create_vm`]): when the published VM count changes, each loop re-takes the slots
@@ -471,6 +473,8 @@ fn settle_stopped(rt: &Runtime, mine: &[usize]) -> bool {
         if !vm.stopped() || vm.backend.is_settled(slot.index) {
             continue;
         }
+        // Its CPU admission first: that needs no frames and must not wait for another VM's reclaim.
+        retire(rt, s);
         let mut current = RECLAIM.lock();
         if current.is_some() {
             all = false;
@@ -498,6 +502,33 @@ fn settle_stopped(rt: &Runtime, mine: &[usize]) -> bool {
         RECLAIMING.store(true, Ordering::Release);
     }
     all
+}
+
+/// Retires slot `s`'s vCPU in the scheduler (its VM stopped): it is never picked or woken again and its baseline
+/// utilisation goes back to its CPU's admission (at once, or at the end of the period its job ran in), while its
+/// ledger and figures stay for reports and the management channel. Called on the vCPU's own CPU, between
+/// decisions, so no uncharged decision of it is lost. Logs `vm <name>: released <ppm> ppm on cpuN` once per vCPU
+/// (retiring again is a no-op and logs nothing).
+fn retire(rt: &Runtime, s: usize) {
+    let slot = &rt.slots[s];
+    let now = rt.ns(tsc::rdtsc());
+    let retired = rt.sched.lock().retire(slot.id, now);
+    let name = &rt.vms[slot.vm].name;
+    match retired {
+        Ok(Some(r)) => {
+            let wait_us = r.admissible_at_ns.saturating_sub(now) / 1000;
+            console::log_deferred(
+                log::Level::Info,
+                "vm",
+                format_args!(
+                    "vm {name}: released {} ppm on cpu{} (vCPU {}; admissible in {wait_us} us; final balance {} ns)",
+                    r.released_ppm, r.cpu, slot.index, r.balance_ns
+                ),
+            );
+        }
+        Ok(None) => {}
+        Err(e) => log::error!("vm {name}: retiring vCPU {} refused: {e}", slot.index),
+    }
 }
 
 /// A reclaim's RAM is waiting to be freed (checked without the lock on every iteration).

@@ -90,7 +90,7 @@ pub use admission::AdmissionError;
 pub use config::{BurstMode, ConfigError, PoolPolicy, SchedParams, VcpuConfig, CREDIT_NS, PPM};
 pub use placement::{CpuUtilisation, PlacementError};
 pub use pool::{CreditRequest, Grant, GrantError, GrantOutcome, GrantSchedule};
-pub use scheduler::{Decision, Removed, SchedError, Scheduler, Tier, VcpuStatus, Wake};
+pub use scheduler::{Decision, Removed, Retirement, SchedError, Scheduler, Tier, VcpuStatus, Wake};
 pub use telemetry::PeriodRecord;
 
 /// Physical CPU index (0-based, as the kernel numbers them).

@@ -9,9 +9,19 @@
 //! `wake` / `block` when the vCPU becomes runnable / halts, and re-pick within the overrun bound when `wake`
 //! asks for a preemption.
 //!
+//! Retirement ([`Scheduler::retire`]): a vCPU whose VM stopped for good leaves the run queues and its pending
+//! credit request at once and never runs again, but keeps its slab entry (ledger, status, configuration,
+//! cumulative totals), so reports, describe and the management channel's last snapshot still read it. Its
+//! admitted server is given back to admission at once if its open job ran no baseline time, else at that job's
+//! deadline (its next release, processed lazily like any release): the same rule as a reconfiguration's cover,
+//! because a job that already ran part of its budget counts in the busy-window demand of the guarantee proof
+//! ([`crate::cpu`], step (d)) until its deadline.
+//!
 //! Invariants: `budget <= Q` at all times and `budget >= -O` after any charge of a conforming kernel; a vCPU in
 //! the `rt` set has `budget > 0`, one in the `burst` set has `budget <= 0`, credits or overdraft room, and cap
-//! room; `ledger.conservation_error() == 0` always.
+//! room; `ledger.conservation_error() == 0` always. A CPU's admitted load is the sum of `load_entry` over its
+//! vCPUs with `load_held`; a retired vCPU is in no run queue, has no outstanding request, and is in `releases`
+//! only while it still holds its load.
 
 use alloc::vec::Vec;
 
@@ -71,12 +81,28 @@ pub enum SchedError {
     Placement(PlacementError),
     /// Unknown physical CPU.
     NoSuchCpu(CpuId),
-    /// Unknown (or removed) vCPU.
+    /// Unknown or removed vCPU; also a retired one for operations that would run or re-admit it.
     NoSuchVcpu(VcpuId),
     /// `charge` for a vCPU that is not the current decision of its CPU.
     NotRunning(VcpuId),
     /// Too many vCPUs for the id space.
     TooManyVcpus,
+}
+
+/// What [`Scheduler::retire`] gave back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retirement {
+    /// Physical CPU the vCPU was admitted on.
+    pub cpu: CpuId,
+    /// Admitted utilisation returned to that CPU (its server entry, overrun allowance included), ppm.
+    pub released_ppm: u64,
+    /// When admission has it back: the retirement instant if the open job ran no baseline time, else that job's
+    /// deadline (the vCPU's next release; the CPU's next `pick` at or after it settles it).
+    pub admissible_at_ns: u64,
+    /// Final credit balance.
+    pub balance_ns: i64,
+    /// Staged grant credits never applied (to refund to the pool).
+    pub undelivered_grant_ns: u64,
 }
 
 impl core::fmt::Display for SchedError {
@@ -127,6 +153,8 @@ pub struct VcpuStatus {
     pub total_burst_ns: u64,
     /// Credits staged in grants not yet applied.
     pub staged_grant_ns: u64,
+    /// Retired ([`Scheduler::retire`]): the figures are final.
+    pub retired: bool,
 }
 
 /// What remains of a removed vCPU (for the management agent's books).
@@ -167,6 +195,10 @@ struct Vcpu {
     pool: PoolState,
     total_baseline_ns: u64,
     total_burst_ns: u64,
+    /// Retired for good: never queued, picked or woken again.
+    retired: bool,
+    /// `load_entry` is counted in its CPU's admitted load (false once a retirement gave it back).
+    load_held: bool,
 }
 
 fn sat_i64(v: i128) -> i64 {
@@ -353,6 +385,8 @@ impl Scheduler {
             pool: PoolState::default(),
             total_baseline_ns: 0,
             total_burst_ns: 0,
+            retired: false,
+            load_held: true,
         };
         let mut v = v;
         v.derive();
@@ -401,7 +435,8 @@ impl Scheduler {
             .collect()
     }
 
-    /// Removes a vCPU (its queued state, admitted load and staged grants).
+    /// Removes a vCPU (its queued state, admitted load, staged grants and all its records). A retired vCPU may
+    /// be removed too (what it still holds is given back at once).
     ///
     /// # Errors
     /// [`SchedError::NoSuchVcpu`].
@@ -415,8 +450,12 @@ impl Scheduler {
         let q = &mut self.cpus[ci];
         q.leave(id, v.queue);
         q.releases.remove(&(v.next_release, id));
-        q.load.remove_server(v.load_entry);
-        q.vcpus -= 1;
+        if v.load_held {
+            q.load.remove_server(v.load_entry);
+        }
+        if !v.retired {
+            q.vcpus -= 1;
+        }
         if q.current.is_some_and(|r| r.vcpu == id) {
             q.current = None;
         }
@@ -424,6 +463,79 @@ impl Scheduler {
             balance_ns: sat_i64(v.ledger.balance()),
             undelivered_grant_ns: v.pool.undelivered(),
         })
+    }
+
+    /// Retires a vCPU for good at `now` (its VM stopped): it leaves the run queues (a decision for it that was
+    /// not charged yet is dropped), its pending credit request is withdrawn (the outstanding one and any not yet
+    /// taken by [`Self::take_credit_requests`]), and its admitted server goes back to admission, at once if its
+    /// open job ran no baseline time, else at that job's deadline (see the module docs). Its ledger, status,
+    /// configuration and cumulative totals stay readable; staged grants stay undelivered (reported for a
+    /// refund). Afterwards [`Self::wake`] and [`Self::reconfigure`] fail with [`SchedError::NoSuchVcpu`],
+    /// [`Self::charge`] with [`SchedError::NotRunning`], grants with [`GrantError::NoSuchVcpu`]; `pick` never
+    /// returns it and `block` is a no-op. Returns `None` when it was retired already (a no-op).
+    ///
+    /// # Errors
+    /// [`SchedError::NoSuchVcpu`] for an unknown or removed vCPU.
+    pub fn retire(&mut self, id: VcpuId, now: u64) -> Result<Option<Retirement>, SchedError> {
+        let ci = self.cpu_index(self.vcpu(id)?.cpu)?;
+        let v = self.vcpu_mut(id)?;
+        if v.retired {
+            return Ok(None);
+        }
+        v.close_runnable(now);
+        v.close_throttle(now);
+        v.runnable = false;
+        v.runnable_since = None;
+        v.woke_at = None;
+        v.retired = true;
+        v.pool.outstanding = None;
+        let (queue, entry, next_release) = (v.queue, v.load_entry, v.next_release);
+        v.queue = Queue::None;
+        // A job that ran baseline time counts in the guarantee's demand until its deadline.
+        let now_free = v.acc.baseline_ns == 0 || next_release <= now;
+        let retirement = Retirement {
+            cpu: v.cpu,
+            released_ppm: entry.ppm,
+            admissible_at_ns: if now_free { now } else { next_release },
+            balance_ns: sat_i64(v.ledger.balance()),
+            undelivered_grant_ns: v.pool.undelivered(),
+        };
+        if now_free {
+            v.load_held = false;
+        }
+        self.requests.items.retain(|r| r.vcpu != id);
+        let q = &mut self.cpus[ci];
+        q.leave(id, queue);
+        q.vcpus -= 1;
+        if q.current.is_some_and(|r| r.vcpu == id) {
+            q.current = None;
+        }
+        if now_free {
+            q.releases.remove(&(next_release, id));
+            q.load.remove_server(entry);
+        }
+        Ok(Some(retirement))
+    }
+
+    /// Whether the vCPU was retired ([`Self::retire`]).
+    ///
+    /// # Errors
+    /// [`SchedError::NoSuchVcpu`].
+    pub fn is_retired(&self, id: VcpuId) -> Result<bool, SchedError> {
+        Ok(self.vcpu(id)?.retired)
+    }
+
+    /// A retired vCPU's deferred release came: its server leaves its CPU's admitted load.
+    fn settle_retired(&mut self, id: VcpuId) -> Result<(), SchedError> {
+        let v = self.vcpu_mut(id)?;
+        if !v.load_held {
+            return Ok(());
+        }
+        v.load_held = false;
+        let (cpu, entry) = (v.cpu, v.load_entry);
+        let ci = self.cpu_index(cpu)?;
+        self.cpus[ci].load.remove_server(entry);
+        Ok(())
     }
 
     /// Changes a vCPU's configuration through admission. Credits, weight, cap and pool settings apply at once; a
@@ -434,10 +546,13 @@ impl Scheduler {
     /// release on. The launch balance of an existing vCPU is ignored.
     ///
     /// # Errors
-    /// Invalid configuration, unknown vCPU, or admission refusal (for the new server, or for the cover while
-    /// the current period ends).
+    /// Invalid configuration, unknown or retired vCPU ([`SchedError::NoSuchVcpu`]), or admission refusal (for
+    /// the new server, or for the cover while the current period ends).
     pub fn reconfigure(&mut self, id: VcpuId, cfg: VcpuConfig, now: u64) -> Result<(), SchedError> {
         cfg.validate()?;
+        if self.vcpu(id)?.retired {
+            return Err(SchedError::NoSuchVcpu(id));
+        }
         let params = self.params;
         let (cpu, entry, job) = {
             let v = self.vcpu(id)?;
@@ -520,9 +635,12 @@ impl Scheduler {
     /// hurting others; a vCPU runnable from its release loses nothing).
     ///
     /// # Errors
-    /// [`SchedError::NoSuchVcpu`].
+    /// [`SchedError::NoSuchVcpu`] for an unknown, removed or retired vCPU.
     pub fn wake(&mut self, id: VcpuId, now: u64) -> Result<Wake, SchedError> {
         let params = self.params;
+        if self.vcpu(id)?.retired {
+            return Err(SchedError::NoSuchVcpu(id));
+        }
         if self.vcpu(id)?.runnable {
             return Ok(Wake { preempt: None });
         }
@@ -580,6 +698,10 @@ impl Scheduler {
 
     /// Rolls the vCPU's period over at its release instant `r`.
     fn rollover(&mut self, id: VcpuId, r: u64) -> Result<(), SchedError> {
+        if self.vcpu(id)?.retired {
+            // The retired vCPU's last job is over: no new period opens, its load goes.
+            return self.settle_retired(id);
+        }
         let v = self.vcpu_mut(id)?;
         v.close_runnable(r);
         v.close_throttle(r);
@@ -763,6 +885,10 @@ impl Scheduler {
         };
         self.cpus[ci].current = None;
         let v = self.vcpu_mut(id)?;
+        if v.retired {
+            // `retire` clears the CPU's decision, so this cannot happen; refuse rather than run a retired vCPU.
+            return Err(SchedError::NotRunning(id));
+        }
         if running.burst {
             // Burst time is paid with credits ns for ns (overdraft covers an overrun past the last credit).
             let _spend = v.ledger.spend(ran_ns);
@@ -780,9 +906,9 @@ impl Scheduler {
     /// Applies a credit grant (exactly once per id, see [`super::pool`]).
     ///
     /// # Errors
-    /// Unknown vCPU, an id older than the remembered window, or a zero rate.
+    /// Unknown or retired vCPU, an id older than the remembered window, or a zero rate.
     pub fn apply_grant(&mut self, grant: Grant, now: u64) -> Result<GrantOutcome, GrantError> {
-        if self.vcpu(grant.vcpu).is_err() {
+        if self.vcpu(grant.vcpu).map_or(true, |v| v.retired) {
             return Err(GrantError::NoSuchVcpu(grant.vcpu));
         }
         if !self.grants.check(grant.grant_id)? {
@@ -838,7 +964,9 @@ impl Scheduler {
         let mut total = 0u64;
         let mut touched = Vec::new();
         for (i, slot) in self.vcpus.iter_mut().enumerate() {
-            let Some(v) = slot.as_mut() else { continue };
+            let Some(v) = slot.as_mut().filter(|v| !v.retired) else {
+                continue;
+            };
             let mut got = 0u64;
             v.pool.staged.retain(|s| {
                 if s.schedule == (GrantSchedule::AfterEvent { event }) {
@@ -901,6 +1029,7 @@ impl Scheduler {
             total_baseline_ns: v.total_baseline_ns,
             total_burst_ns: v.total_burst_ns,
             staged_grant_ns: v.pool.undelivered(),
+            retired: v.retired,
         })
     }
 
