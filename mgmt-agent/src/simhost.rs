@@ -784,6 +784,15 @@ impl SimState {
                     .take(proto::MAX_VMS)
                     .collect(),
             )),
+            Command::ListVmsFrom { first } => Ok(proto::vm_page(
+                self.vms.iter().map(|v| VmSummary {
+                    vm: v.id,
+                    name: proto::truncated(&v.name),
+                    state: v.state,
+                    vcpus: u16::try_from(v.vcpus.len()).unwrap_or(u16::MAX),
+                }),
+                first,
+            )),
             Command::DescribeVm { vm } => {
                 let v = self.vm_mut(vm)?;
                 Ok(Reply::VmInfo(VmInfo {

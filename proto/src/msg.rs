@@ -24,8 +24,12 @@ pub const CREDIT_NS: u64 = 60_000_000_000;
 pub const MAX_VCPUS: usize = 16;
 /// Maximum volumes described per VM in one message.
 pub const MAX_VOLUMES: usize = 4;
-/// Maximum VMs in one list reply.
+/// Maximum VMs in one list reply: the size of a [`Reply::VmPage`] (and of the first-page-only
+/// [`Reply::VmList`]). A host holds more (the kernel's VM table has room for [`MAX_HOST_VMS`]); the agent reads
+/// them page by page with [`Command::ListVmsFrom`].
 pub const MAX_VMS: usize = 32;
+/// Most VMs one host holds (the kernel's VM table): a complete listing takes `MAX_HOST_VMS / MAX_VMS` pages.
+pub const MAX_HOST_VMS: usize = 64;
 /// Maximum stages in a staged grant.
 pub const MAX_STAGES: usize = 4;
 /// Most bytes of VM configuration text carried by [`Command::CreateVmConfig`].
@@ -458,6 +462,13 @@ pub enum Command {
         /// The section's text (at most [`MAX_CONFIG_TEXT`] bytes).
         config: String<MAX_CONFIG_TEXT>,
     },
+    /// List the VMs with ids from `first` on, at most [`MAX_VMS`] of them: answered by [`Reply::VmPage`], whose
+    /// `next` names where the following page starts. `ListVmsFrom { first: 0 }` and then `next` until it is
+    /// `None` reads every VM of the host, however many ([`Command::ListVms`] answers only the first page).
+    ListVmsFrom {
+        /// Lowest VM id wanted.
+        first: VmId,
+    },
 }
 
 impl Command {
@@ -466,7 +477,11 @@ impl Command {
     pub fn is_state_changing(&self) -> bool {
         !matches!(
             self,
-            Self::Attach | Self::ListVms | Self::DescribeVm { .. } | Self::ReadBalances { .. }
+            Self::Attach
+                | Self::ListVms
+                | Self::ListVmsFrom { .. }
+                | Self::DescribeVm { .. }
+                | Self::ReadBalances { .. }
         )
     }
 }
@@ -509,6 +524,28 @@ pub enum Reply {
         /// Credits staged for later.
         pending_ns: u64,
     },
+    /// One page of a VM listing (the answer to [`Command::ListVmsFrom`]), VMs in increasing id order.
+    VmPage {
+        /// The VMs of this page.
+        vms: Vec<VmSummary, MAX_VMS>,
+        /// Id to ask for next (`ListVmsFrom { first: next }`); `None` when this page ends the listing.
+        next: Option<VmId>,
+    },
+}
+
+/// The host side of [`Command::ListVmsFrom`]: the page starting at `first` of `vms` (the host's VMs in
+/// increasing id order). At most [`MAX_VMS`] VMs; `next` is the id of the first VM left out, if any.
+#[must_use]
+pub fn vm_page(vms: impl IntoIterator<Item = VmSummary>, first: VmId) -> Reply {
+    let mut page: Vec<VmSummary, MAX_VMS> = Vec::new();
+    let mut next = None;
+    for v in vms.into_iter().filter(|v| v.vm >= first) {
+        if let Err(v) = page.push(v) {
+            next = Some(v.vm);
+            break;
+        }
+    }
+    Reply::VmPage { vms: page, next }
 }
 
 /// Why a command failed.

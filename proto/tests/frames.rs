@@ -113,6 +113,26 @@ fn to_agent() -> impl Strategy<Value = ToAgent> {
                     balance_ns,
                 })
             }),
+        (
+            any::<u64>(),
+            hv::<_, MAX_VMS>((any::<u32>(), name(), any::<u16>())),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(id, vms, next)| ToAgent::Response(Response {
+                id,
+                result: Ok(Reply::VmPage {
+                    vms: vms
+                        .into_iter()
+                        .map(|(vm, name, vcpus)| VmSummary {
+                            vm,
+                            name,
+                            state: VmState::Paused,
+                            vcpus,
+                        })
+                        .collect(),
+                    next,
+                }),
+            })),
         (any::<u64>(), any::<u64>(), any::<bool>(), any::<[u64; 2]>()).prop_map(
             |(id, grant_id, duplicate, a)| {
                 ToAgent::Response(Response {
@@ -201,6 +221,7 @@ fn to_host() -> impl Strategy<Value = ToHost> {
                     .collect(),
             })),
         proptest::option::of(any::<u32>()).prop_map(|vm| Command::ReadBalances { vm }),
+        any::<u32>().prop_map(|first| Command::ListVmsFrom { first }),
     ];
     (any::<u64>(), cmd).prop_map(|(id, command)| ToHost::Request(Request { id, command }))
 }
@@ -480,7 +501,19 @@ fn largest_messages_fit() {
         last_seq: big,
         time_ns: big,
     });
-    for m in [tel, list, info, bals, link, gone] {
+    let page = ToAgent::Response(Response {
+        id: big,
+        result: Ok(Reply::VmPage {
+            vms: core::iter::repeat_n(summary_max(u32::MAX), MAX_VMS).collect(),
+            next: Some(u32::MAX),
+        }),
+    });
+    let from = ToHost::Request(Request {
+        id: big,
+        command: Command::ListVmsFrom { first: u32::MAX },
+    });
+    assert!(ev(&mut enc, &from).unwrap().len() <= MAX_WIRE);
+    for m in [tel, list, info, bals, link, gone, page] {
         let n = ev(&mut enc, &m).unwrap().len();
         assert!(n <= MAX_WIRE, "{n}");
     }
@@ -493,4 +526,99 @@ fn largest_messages_fit() {
         command: Command::CreateVmConfig { config: text },
     });
     assert!(ev(&mut enc, &create_cfg).unwrap().len() <= MAX_WIRE);
+}
+
+/// A summary as large as the wire allows (longest name, largest counts) for VM `vm`.
+fn summary_max(vm: VmId) -> VmSummary {
+    VmSummary {
+        vm,
+        name: truncated(&"\u{00e9}".repeat(16)),
+        state: VmState::Destroyed,
+        vcpus: u16::MAX,
+    }
+}
+
+/// Reads a host's whole VM table the way the agent does (`ListVmsFrom` from 0, then `next`), every page
+/// through a real frame; returns the VMs and the number of pages.
+fn list_through_frames(host: &[VmSummary]) -> (Vec<VmSummary>, usize) {
+    let mut enc = FrameEncoder::new(3, 1);
+    let mut dec = FrameDecoder::new();
+    let mut all = Vec::new();
+    let mut first = 0;
+    for pages in 1..=host.len() + 1 {
+        let reply = vm_page(host.iter().cloned(), first);
+        let wire = ev(
+            &mut enc,
+            &ToAgent::Response(Response {
+                id: 1,
+                result: Ok(reply),
+            }),
+        )
+        .expect("a page fits one frame");
+        assert!(wire.len() <= MAX_WIRE);
+        let got: Vec<ToAgent> = decode_all(&mut dec, &wire);
+        let [ToAgent::Response(Response {
+            result: Ok(Reply::VmPage { vms, next }),
+            ..
+        })] = got.as_slice()
+        else {
+            panic!("one page expected, got {got:?}");
+        };
+        assert!(vms.len() <= MAX_VMS);
+        all.extend(vms.iter().cloned());
+        match next {
+            Some(n) => {
+                assert!(*n > first, "the listing progresses");
+                first = *n;
+            }
+            None => return (all, pages),
+        }
+    }
+    panic!("the listing of {} VMs did not end", host.len());
+}
+
+/// A host at its maximum (the kernel's 64-VM table, every summary as large as the wire allows) is listed
+/// completely and in order, in `MAX_HOST_VMS / MAX_VMS` pages of one frame each.
+#[test]
+fn vm_listing_of_a_full_host_is_complete() {
+    let host: Vec<VmSummary> = (0..u32::try_from(MAX_HOST_VMS).unwrap())
+        .map(summary_max)
+        .collect();
+    let (all, pages) = list_through_frames(&host);
+    assert_eq!(all, host);
+    assert_eq!(pages, MAX_HOST_VMS.div_ceil(MAX_VMS));
+    // The single-reply list keeps its first-page meaning.
+    let Reply::VmPage { vms, next } = vm_page(host.iter().cloned(), 0) else {
+        unreachable!()
+    };
+    assert_eq!(vms.len(), MAX_VMS);
+    assert_eq!(next, Some(u32::try_from(MAX_VMS).unwrap()));
+}
+
+/// Paging edges: an empty host, one VM short of and one past a page, sparse ids, a start past the end.
+#[test]
+fn vm_listing_edges() {
+    for n in [0, 1, MAX_VMS - 1, MAX_VMS, MAX_VMS + 1, MAX_HOST_VMS] {
+        let host: Vec<VmSummary> = (0..u32::try_from(n).unwrap()).map(summary_max).collect();
+        let (all, pages) = list_through_frames(&host);
+        assert_eq!(all, host, "{n} VMs");
+        assert_eq!(pages, n.div_ceil(MAX_VMS).max(1), "{n} VMs");
+    }
+    // Ids need not be dense (a host may number its VMs sparsely): the page starts at the first id >= first.
+    let sparse: Vec<VmSummary> = (0..70u32).map(|i| summary_max(i * 1000 + 7)).collect();
+    let (all, pages) = list_through_frames(&sparse);
+    assert_eq!(all, sparse);
+    assert_eq!(pages, 3);
+    let Reply::VmPage { vms, next } = vm_page(sparse.iter().cloned(), 32_008) else {
+        unreachable!()
+    };
+    assert_eq!(vms.first().map(|v| v.vm), Some(33_007));
+    assert_eq!(next, Some(65_007));
+    assert_eq!(
+        vm_page(sparse.iter().cloned(), u32::MAX),
+        Reply::VmPage {
+            vms: heapless::Vec::new(),
+            next: None
+        }
+    );
 }

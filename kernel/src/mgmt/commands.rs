@@ -198,6 +198,16 @@ fn set_commitment(
     crate::io::service::set_commitment(&v.name, usize::from(volume), cfg).map_err(io_error)
 }
 
+/// The runtime's VMs in id order, as list entries.
+fn summaries(rt: &Runtime) -> impl Iterator<Item = VmSummary> + '_ {
+    rt.vms.iter().enumerate().map(|(i, v)| VmSummary {
+        vm: u32::try_from(i).unwrap_or(u32::MAX),
+        name: proto::truncated(&v.name),
+        state: wire_state(v),
+        vcpus: u16::try_from(v.slots.len()).unwrap_or(u16::MAX),
+    })
+}
+
 /// Wakes the CPUs running `vm`'s vCPUs out of an idle halt, so a resume takes effect at once.
 fn kick(rt: &Runtime, vm: &Vm) {
     let me = percpu::current_id();
@@ -222,18 +232,15 @@ impl Endpoint {
         match *cmd {
             Command::Attach => Ok(Reply::Ack),
             Command::ListVms => {
+                // The first page only (the whole table takes `ListVmsFrom`).
                 let mut list = heapless::Vec::new();
-                for (i, v) in rt.vms.iter().enumerate().take(proto::MAX_VMS) {
+                for s in summaries(rt).take(proto::MAX_VMS) {
                     // Capacity is MAX_VMS.
-                    let _ = list.push(VmSummary {
-                        vm: u32::try_from(i).unwrap_or(u32::MAX),
-                        name: proto::truncated(&v.name),
-                        state: wire_state(v),
-                        vcpus: u16::try_from(v.slots.len()).unwrap_or(u16::MAX),
-                    });
+                    let _ = list.push(s);
                 }
                 Ok(Reply::VmList(list))
             }
+            Command::ListVmsFrom { first } => Ok(proto::vm_page(summaries(rt), first)),
             Command::DescribeVm { vm } => {
                 let (_, v) = vm_of(rt, vm)?;
                 let mut vcpus = heapless::Vec::new();
@@ -375,6 +382,7 @@ impl Endpoint {
             }
             Command::Attach
             | Command::ListVms
+            | Command::ListVmsFrom { .. }
             | Command::DescribeVm { .. }
             | Command::ReadBalances { .. } => Err(err(
                 ErrorCode::Invalid,
