@@ -73,6 +73,8 @@ pub struct Metrics {
     pub retries: AtomicU64,
     /// Stale answers.
     pub stale: AtomicU64,
+    /// Attaches sent again because the host's answer came without its Hello (a lost frame).
+    pub reattaches: AtomicU64,
     /// Telemetry snapshots received.
     pub telemetry: AtomicU64,
     /// API commands the host refused.

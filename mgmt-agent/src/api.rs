@@ -517,6 +517,11 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
             &m.stale,
         ),
         (
+            "cv_reattaches_total",
+            "Attaches re-sent because the host's Hello was lost",
+            &m.reattaches,
+        ),
+        (
             "cv_telemetry_snapshots_total",
             "Telemetry snapshots",
             &m.telemetry,

@@ -4,8 +4,15 @@
 //! Design: one task per configured host address. It (re)connects with a capped backoff; each connection is a
 //! *session* with its own frame decoder (fresh replay window) and encoder (fresh frame session id). Commands are
 //! sent with agent-unique increasing request ids and re-sent with the same id until answered (the host's dedup
-//! window makes that safe). On every hello the agent resynchronises: it re-reads the VM list, re-sends every grant
-//! that is debited but not acknowledged, and re-sends commitment changes still pending.
+//! window makes that safe). On every hello the agent resynchronises: it re-reads the VM list (page by page), re-sends
+//! every grant that is debited but not acknowledged, and re-sends commitment changes still pending.
+//!
+//! Handshake: a session starts with [`Command::Attach`], which the host answers with a [`ToAgent::Hello`] *and* a
+//! `Reply::Ack` in two frames. On a lossy link either may be lost alone, so the session is not identified by the
+//! Ack: until a Hello has arrived, every Ack to an Attach sends a fresh Attach, and an unanswered Attach is re-sent
+//! for as long as the session lasts (it never expires). The same holds for the resynchronisation's list and
+//! describe commands: without them the session is connected but useless, so they are retried until answered
+//! (only API commands and fire-and-forget commands give up after `max_attempts`).
 //!
 //! Invariants:
 //! - A credit request is answered only from a committed database transaction ([`crate::db::Store`]), so the
@@ -64,7 +71,10 @@ pub struct HostCall {
 enum Origin {
     Api(oneshot::Sender<CallResult>),
     Grant(u64),
-    Resync,
+    /// The session's handshake: retried until a `Hello` arrives.
+    Attach,
+    /// A page of the VM listing number `.0` of this session (see [`Listing`]).
+    Resync(u64),
     Describe,
     Commitment(CommitmentView, Option<oneshot::Sender<CallResult>>),
     Fire,
@@ -128,7 +138,21 @@ struct Session<'a> {
     /// telemetry even if a last snapshot arrives late (it is still recorded for usage).
     destroyed: HashSet<u32>,
     host: Option<(String, u64)>,
+    listing: Listing,
     me: &'a mpsc::Sender<HostCall>,
+}
+
+/// Most VMs one listing accepts (a host's table holds [`proto::MAX_HOST_VMS`]; the margin leaves room for larger
+/// hosts but bounds what a misbehaving one can make the agent store).
+const MAX_LISTED: usize = 64 * proto::MAX_HOST_VMS;
+
+/// The VM listing being read page by page (`ListVmsFrom`). A new listing (a Hello, a VM created or destroyed)
+/// abandons the one in progress: pages answering an older generation are ignored, so the database is only ever
+/// replaced by one complete listing.
+#[derive(Default)]
+struct Listing {
+    generation: u64,
+    vms: Vec<proto::VmSummary>,
 }
 
 async fn session(
@@ -168,9 +192,10 @@ async fn session(
         commitments_in_flight: HashSet::new(),
         destroyed: HashSet::new(),
         host: None,
+        listing: Listing::default(),
         me,
     };
-    s.send(Command::Attach, Origin::Fire);
+    s.send(Command::Attach, Origin::Attach);
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 4096];
     let mut retry = tokio::time::interval(shared.cfg.retry / 2);
@@ -233,14 +258,20 @@ impl Session<'_> {
             if p.sent.elapsed() < retry {
                 continue;
             }
-            if p.attempts >= max
-                && matches!(
-                    p.origin,
-                    Origin::Api(_) | Origin::Fire | Origin::Resync | Origin::Describe
-                )
-            {
+            // The handshake and the resynchronisation never expire (see the module docs); grants and
+            // commitment changes are settled by their own ids and re-sent until answered.
+            if p.attempts >= max && matches!(p.origin, Origin::Api(_) | Origin::Fire) {
                 expired.push(*id);
                 continue;
+            }
+            if p.attempts == max
+                && matches!(p.origin, Origin::Resync(_))
+                && p.command == (Command::ListVmsFrom { first: 0 })
+            {
+                // A host that predates paging drops `ListVmsFrom` as a malformed frame and never answers: ask
+                // for the single-reply list (its first MAX_VMS VMs) instead.
+                tracing::warn!(host = %self.key, "no answer to ListVmsFrom after {max} attempts; falling back to ListVms");
+                p.command = Command::ListVms;
             }
             p.attempts += 1;
             p.sent = Instant::now();
@@ -254,13 +285,20 @@ impl Session<'_> {
             }));
         }
         for id in expired {
-            if let Some(Pending {
-                origin: Origin::Api(tx),
-                attempts,
-                ..
-            }) = self.pending.remove(&id)
-            {
-                let _ = tx.send(Err(CallError::Timeout(attempts)));
+            match self.pending.remove(&id) {
+                Some(Pending {
+                    origin: Origin::Api(tx),
+                    attempts,
+                    ..
+                }) => {
+                    let _ = tx.send(Err(CallError::Timeout(attempts)));
+                }
+                Some(Pending {
+                    command, attempts, ..
+                }) => {
+                    tracing::warn!(host = %self.key, "no answer to {command:?} after {attempts} attempts; given up");
+                }
+                None => {}
             }
         }
     }
@@ -354,6 +392,9 @@ impl Session<'_> {
         }
         let host = h.host_id.as_str().to_string();
         let first = self.host.as_ref() != Some(&(host.clone(), h.boot_id));
+        if first {
+            tracing::info!(host = %self.key, host_id = %host, boot_id = h.boot_id, "host identified; resynchronising");
+        }
         self.host = Some((host.clone(), h.boot_id));
         if let Err(e) = self
             .shared
@@ -373,7 +414,7 @@ impl Session<'_> {
             return;
         }
         // Resynchronise: VM list, grants not acknowledged, commitment changes not answered.
-        self.send(Command::ListVms, Origin::Resync);
+        self.list_vms();
         match self.shared.with_store(|st| st.unacked_grants(&host)) {
             Ok(gs) => {
                 if !gs.is_empty() {
@@ -392,6 +433,94 @@ impl Session<'_> {
             {
                 self.send_commitment(c, None);
             }
+        }
+    }
+
+    /// Starts a new VM listing from the first page.
+    fn list_vms(&mut self) {
+        self.listing.generation += 1;
+        self.listing.vms.clear();
+        self.send(
+            Command::ListVmsFrom { first: 0 },
+            Origin::Resync(self.listing.generation),
+        );
+    }
+
+    /// One answer of listing `generation`: asks for the next page, or records the complete listing.
+    fn vm_page(
+        &mut self,
+        generation: u64,
+        asked: &Command,
+        result: Result<Reply, CommandError>,
+        now: i64,
+    ) {
+        if generation != self.listing.generation {
+            return; // a newer listing is under way
+        }
+        let first = match asked {
+            Command::ListVmsFrom { first } => *first,
+            _ => 0,
+        };
+        match result {
+            Ok(Reply::VmPage { vms, next }) => {
+                // Every entry must be at or after `first` and the next page must start past this one, so a
+                // listing always ends.
+                let last = vms.last().map(|v| v.vm);
+                let ordered =
+                    vms.iter().all(|v| v.vm >= first) && vms.windows(2).all(|w| w[0].vm < w[1].vm);
+                let progresses = match (next, last) {
+                    (None, _) => true,
+                    (Some(n), Some(l)) => n > l,
+                    (Some(_), None) => false,
+                };
+                if !ordered || !progresses || self.listing.vms.len() + vms.len() > MAX_LISTED {
+                    tracing::error!(host = %self.key, "VM listing page from {first} is inconsistent (next {next:?}); listing abandoned");
+                    return;
+                }
+                self.listing.vms.extend(vms);
+                match next {
+                    Some(n) => self.send(
+                        Command::ListVmsFrom { first: n },
+                        Origin::Resync(generation),
+                    ),
+                    None => {
+                        let vms = core::mem::take(&mut self.listing.vms);
+                        self.record_listing(&vms, now);
+                    }
+                }
+            }
+            // A host without paging answers the first page only.
+            Ok(Reply::VmList(vms)) => {
+                if vms.len() == proto::MAX_VMS {
+                    tracing::warn!(host = %self.key, "the host lists without paging: VMs past the first {} may be missing", proto::MAX_VMS);
+                }
+                self.record_listing(&vms, now);
+            }
+            Ok(other) => {
+                tracing::error!(host = %self.key, "unexpected answer to a VM listing: {other:?}");
+            }
+            Err(e) if e.code == ErrorCode::Unsupported => {
+                self.send(Command::ListVms, Origin::Resync(generation));
+            }
+            Err(e) => {
+                tracing::error!(host = %self.key, "VM listing refused: {:?} {}", e.code, e.reason);
+            }
+        }
+    }
+
+    /// A complete VM list: replaces the host's VMs in the database and describes each (commitments).
+    fn record_listing(&mut self, vms: &[proto::VmSummary], now: i64) {
+        let Some((host, _)) = self.host.clone() else {
+            return;
+        };
+        if let Err(e) = self.shared.with_store(|st| st.replace_vms(&host, vms, now)) {
+            tracing::error!("recording VM list: {e}");
+        }
+        for v in vms.iter().filter(|v| v.state == proto::VmState::Destroyed) {
+            self.forget_vm(host.clone(), v.vm);
+        }
+        for v in vms {
+            self.send(Command::DescribeVm { vm: v.vm }, Origin::Describe);
         }
     }
 
@@ -478,8 +607,9 @@ impl Session<'_> {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match p.origin {
                 Origin::Grant(_)
+                | Origin::Attach
                 | Origin::Commitment(..)
-                | Origin::Resync
+                | Origin::Resync(_)
                 | Origin::Describe
                 | Origin::Fire => {
                     self.send(p.command, p.origin);
@@ -509,7 +639,7 @@ impl Session<'_> {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if changes_vms && r.result.is_ok() {
-                    self.send(Command::ListVms, Origin::Resync);
+                    self.list_vms();
                 }
                 let _ = tx.send(r.result.map_err(CallError::from));
             }
@@ -540,20 +670,7 @@ impl Session<'_> {
                     }
                 }
             }
-            Origin::Resync => {
-                if let (Ok(Reply::VmList(vms)), Some((host, _))) = (&r.result, &self.host) {
-                    if let Err(e) = self.shared.with_store(|st| st.replace_vms(host, vms, now)) {
-                        tracing::error!("recording VM list: {e}");
-                    }
-                    let host = host.clone();
-                    for v in vms.iter().filter(|v| v.state == proto::VmState::Destroyed) {
-                        self.forget_vm(host.clone(), v.vm);
-                    }
-                    for v in vms {
-                        self.send(Command::DescribeVm { vm: v.vm }, Origin::Describe);
-                    }
-                }
-            }
+            Origin::Resync(generation) => self.vm_page(generation, &p.command, r.result, now),
             Origin::Describe => {
                 if let (Ok(Reply::VmInfo(info)), Some((host, _))) = (&r.result, &self.host) {
                     let vm = info.summary.vm;
@@ -583,6 +700,18 @@ impl Session<'_> {
                 }
                 if let Some(tx) = reply {
                     let _ = tx.send(r.result.map_err(CallError::from));
+                }
+            }
+            Origin::Attach => {
+                if self.host.is_none() {
+                    // The Hello sent before this answer was lost (or garbled): without it the session knows no
+                    // host, so it would take no telemetry, answer no credit request and never resynchronise.
+                    self.shared
+                        .metrics
+                        .reattaches
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(host = %self.key, "Attach answered but its Hello was lost; attaching again");
+                    self.send(Command::Attach, Origin::Attach);
                 }
             }
             Origin::Fire => {

@@ -811,6 +811,142 @@ fn serial_transport_over_a_pty() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A frame-aware proxy that forwards everything but swallows the host's first `hellos` `Hello` frames: the
+/// link-up Hello and the one answering the agent's first `Attach`, whose `Ack` still arrives (the loss the fault
+/// proxy produced in qemu-tests/mgmt under load, where the agent then stayed unidentified for ever).
+async fn hello_dropping_proxy(
+    listen: Address,
+    target: Address,
+    hellos: u64,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Address {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = mgmt_agent::link::Listener::bind(&listen).await.unwrap();
+    let addr = l.local().unwrap();
+    tokio::spawn(async move {
+        let agent_side = l.accept().await.unwrap();
+        let host_side = mgmt_agent::link::connect(&target).await.unwrap();
+        let (mut ar, mut aw) = tokio::io::split(agent_side);
+        let (mut hr, mut hw) = tokio::io::split(host_side);
+        tokio::spawn(async move { tokio::io::copy(&mut ar, &mut hw).await });
+        let mut dec = proto::FrameDecoder::new();
+        let mut enc = proto::FrameEncoder::new(1, 1);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match hr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut frames = Vec::new();
+            dec.push_slice::<proto::ToAgent>(&buf[..n], |f| frames.push(f.msg));
+            for m in frames {
+                if matches!(m, proto::ToAgent::Hello(_)) && dropped.load(Ordering::SeqCst) < hellos
+                {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if aw.write_all(&enc.encode_vec(&m).unwrap()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// The handshake survives a lost `Hello` whose `Ack` arrives: the agent attaches again, learns the host and
+/// resynchronises (before the fix the session stayed connected, unidentified and silent).
+#[test]
+fn lost_hello_with_its_ack_delivered_is_recovered() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("hellolost");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let paddr = rt.block_on(hello_dropping_proxy(
+        Address::Unix(dir.join("proxy.sock").to_string_lossy().into_owned()),
+        sim.address.clone(),
+        2,
+        dropped.clone(),
+    ));
+    // Waits until the host is identified (host_id known).
+    let agent = Agent::start(&dir, &paddr);
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        2,
+        "both Hellos were dropped"
+    );
+    let vms = wait_for("the VM list after the late handshake", || {
+        let v = agent.client.get("/v1/vms").ok()?;
+        (v["vms"].as_array()?.len() == 2).then_some(v)
+    });
+    assert_eq!(vms["vms"][0]["name"], "bursty", "{vms}");
+    let metrics = agent.client.get_text("/metrics").unwrap();
+    let reattaches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cv_reattaches_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cv_reattaches_total in {metrics}"));
+    assert!(reattaches >= 1, "{metrics}");
+    drop(agent);
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A host at the kernel's VM-table maximum (`proto::MAX_HOST_VMS`, twice what one list reply carries): the agent
+/// reads the listing page by page and knows every VM, in order, with its name and vCPU count.
+#[test]
+fn full_host_is_listed_completely() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tmpdir("fullhost");
+    let mut cfg = config();
+    let base = cfg.vms[1].clone();
+    cfg.vms = (0..proto::MAX_HOST_VMS)
+        .map(|i| {
+            let mut v = base.clone();
+            // A long name makes each summary large, as on a real host with descriptive names.
+            v.name = format!("vm-{i:02}-{}", "n".repeat(24));
+            v.volumes.clear();
+            v.vcpus[0].params.budget_ns = v.vcpus[0].params.period_ns / 100;
+            v.vcpus[0].demand_pct = 1;
+            v
+        })
+        .collect();
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(cfg, &sock)).unwrap();
+    let agent = Agent::start(&dir, &sim.address);
+    let vms = wait_for("every VM of the full host listed", || {
+        let v = agent.client.get("/v1/vms").ok()?;
+        (v["vms"].as_array()?.len() == proto::MAX_HOST_VMS).then_some(v)
+    });
+    let mut last = None;
+    for (i, v) in vms["vms"].as_array().unwrap().iter().enumerate() {
+        // Ids increase (the simulated host numbers from 1) and every name is there, in order.
+        let id = v["vm"].as_u64().unwrap();
+        assert!(last.is_none_or(|l| id > l), "{v}");
+        last = Some(id);
+        assert_eq!(
+            v["name"].as_str().unwrap(),
+            format!("vm-{i:02}-{}", "n".repeat(24))
+        );
+        assert_eq!(v["vcpus"], 1, "{v}");
+    }
+    drop(agent);
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// One agent, two hosts: commands are routed by host id and each host's pool grants settle exactly.
 #[test]
 fn one_agent_serves_two_hosts() {
