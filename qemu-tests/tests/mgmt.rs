@@ -840,6 +840,106 @@ baseline = 40%
 args = report_ms=1000
 ";
 
+/// A VM that takes most of CPU 1: 65 % there (655,000 ppm with the 50 us overrun allowance) fits beside nothing
+/// larger than 320,000 ppm, so it is refused while a destroyed VM's 40 % (405,000 ppm) is still charged to CPU 1.
+const BIG_CONF: &str = "\
+[vm big]
+image = spare
+memory = 8M
+baseline = 65%
+cpu = 1
+args = report_ms=1000
+";
+
+/// The `vm <name>: released <ppm> ppm on cpuN` lines of VM `name` (one per vCPU), waited for.
+fn released_lines(serial: &Path, name: &str, vcpus: usize) -> Vec<String> {
+    let needle = format!("vm {name}: released ");
+    wait_for(&format!("{vcpus} released line(s) of {name}"), || {
+        let log = std::fs::read(serial).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        // Whole lines only: the console may be mid-line.
+        let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+        let lines: Vec<String> = whole
+            .lines()
+            .filter_map(|l| l.find(&needle).map(|at| l[at..].to_string()))
+            .collect();
+        (lines.len() >= vcpus).then_some(lines)
+    })
+}
+
+/// The ppm and CPU of a `released` line.
+fn released_ppm_cpu(line: &str) -> (u64, String) {
+    let mut words = line.split_whitespace().skip(3);
+    let ppm = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let cpu = words.nth(2).unwrap_or("").to_string();
+    (ppm, cpu)
+}
+
+/// Destroyed VMs give their CPU admission back (`Scheduler::retire` in the run loop): after `spawned` (40 % on
+/// each CPU) was destroyed, `big` (65 % on CPU 1) is admitted, which does not fit beside spawned's 40 %; `big` runs,
+/// is destroyed, and the same section under another name (`big-again`) is admitted in its turn. Both destroyed
+/// VMs stay described (their final figures), and every vCPU logs what it released. Returns a summary.
+fn recreate_after_destroy(bin: &Path, api: &str, work: &Path, serial: &Path) -> String {
+    let spawned = released_lines(serial, "spawned", 2);
+    let mut cpus: Vec<(u64, String)> = spawned.iter().map(|l| released_ppm_cpu(l)).collect();
+    cpus.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        cpus,
+        vec![(405_000, "cpu0".to_string()), (405_000, "cpu1".to_string())],
+        "spawned's two 40 % vCPUs give back their admitted ppm: {spawned:?}"
+    );
+    let d = cvctl(bin, api, &["vm", "describe", "cv0", "1"]);
+    assert!(
+        d.contains("\"spawned\"") && json_u64(&d, "budget_ns") == 4_000_000,
+        "a destroyed VM is still described: {d}"
+    );
+    let mut summary = format!("spawned {spawned:?}");
+    for (vm, name) in [(2u64, "big"), (3, "big-again")] {
+        let text = BIG_CONF.replace("[vm big]", &format!("[vm {name}]"));
+        // The destroyed VM's job in its last period keeps its share until that period ends (a few ms after the
+        // released line): an admission refusal before then is retried; it must not last (the bounded wait).
+        let mut refusals = Vec::new();
+        let created = wait_for(&format!("{name} admitted"), || {
+            match create_from(bin, api, work, &format!("{name}.conf"), &text) {
+                Ok(c) => Some(c),
+                Err(e) if e.contains("Admission") => {
+                    refusals.push(e);
+                    None
+                }
+                Err(e) => panic!("{name} refused: {e}"),
+            }
+        });
+        assert_eq!(json_u64(&created, "vm"), vm, "{created}");
+        let (first, last) = wait_for(&format!("{name} running"), || {
+            let ms = markers(serial);
+            let lines: Vec<Marker> = vm_line(&ms, name).into_iter().cloned().collect();
+            let first = lines.iter().find(|m| m.get_u64("cpu_ms").is_some())?;
+            let last = lines.last()?;
+            (last.get("state") == Some("running")
+                && last.get_u64("cpu_ms")? >= first.get_u64("cpu_ms")? + 500)
+                .then(|| (first.clone(), last.clone()))
+        });
+        cvctl(bin, api, &["vm", "destroy", "cv0", &vm.to_string()]);
+        let lines = released_lines(serial, name, 1);
+        assert_eq!(
+            released_ppm_cpu(&lines[0]),
+            (655_000, "cpu1".to_string()),
+            "{lines:?}"
+        );
+        let d = cvctl(bin, api, &["vm", "describe", "cv0", &vm.to_string()]);
+        assert!(
+            d.contains(&format!("\"{name}\"")) && json_u64(&d, "budget_ns") == 6_500_000,
+            "{d}"
+        );
+        summary.push_str(&format!(
+            "; {name} (vm {vm}) admitted after {} refusal(s) {refusals:?}, ran {} ms of CPU, then {lines:?}",
+            refusals.len(),
+            last.get_u64("cpu_ms").unwrap_or(0) - first.get_u64("cpu_ms").unwrap_or(0)
+        ));
+    }
+    summary
+}
+
 /// Runs `cvctl vm create cv0 --config FILE` with `text` in `FILE`.
 fn create_from(
     bin: &Path,
@@ -858,7 +958,9 @@ fn create_from(
 /// malformed section with its line and field, a missing module, a duplicate name, a baseline admission cannot
 /// honour, with its numbers) change nothing; then the VM is created, runs on both CPUs beside the boot VM (its
 /// `CV:VM` lines and guest counters grow), is described with what its section said, is destroyed, and its memory
-/// is reclaimed while the boot VM runs on.
+/// is reclaimed while the boot VM runs on. Destroyed VMs give back their CPU admission: a VM taking most of CPU 1
+/// is then admitted where spawned's share was, destroyed, and admitted again under another name
+/// ([`recreate_after_destroy`]).
 #[test]
 fn qemu_epyc_create_vm_over_the_channel() {
     with_qemu_modules(
@@ -1003,6 +1105,7 @@ fn qemu_epyc_create_vm_over_the_channel() {
                 (l.get("state") == Some("running") && l.get_u64("cpu_ms")? > steady_before)
                     .then_some(())
             });
+            let released = recreate_after_destroy(bin, &api, work, serial);
             let ms = markers(serial);
             assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
             println!(
@@ -1012,6 +1115,9 @@ fn qemu_epyc_create_vm_over_the_channel() {
                 last.get_u64("t_ms").unwrap_or(0) - first.get_u64("t_ms").unwrap_or(0),
                 first.get_u64("progress").unwrap_or(0),
                 last.get_u64("progress").unwrap_or(0),
+            );
+            println!(
+                "[cv-figure] mgmt create: destroyed VMs gave back their CPU admission: {released}"
             );
             drop(agent);
         },
