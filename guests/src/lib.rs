@@ -1,7 +1,10 @@
 //! Runtime shared by the Creditvisor test guests: entry, hypercalls, console, time and exception reporting.
 //!
-//! The guests are entered in 64-bit long mode with the state described in `docs/guest-abi.md`; `_start` zeroes
-//! `.bss`, records the boot information and calls the guest's `guest_main`. Everything a guest reports reaches the
+//! The guests are entered in 64-bit long mode with the state described in `docs/guest-abi.md`; `_start` records
+//! the boot information and calls the guest's `guest_main`. It does not zero `.bss`: the ABI guarantees that
+//! memory the image does not cover is zero, and every vCPU enters at `_start`, so a later vCPU clearing `.bss`
+//! would wipe what the first one had set up (it did: the SVM hypercall flag, so the first vCPU's next hypercall
+//! was a VMCALL, #UD, triple fault). Everything a guest reports reaches the
 //! hypervisor either as console text (the VM's COM1) or as counters (`REPORT` hypercall), so the end-to-end tests
 //! can compare what the guest measured with what the hypervisor accounted.
 //!
@@ -164,13 +167,6 @@ core::arch::global_asm!(
     .global _start
 _start:
     cld
-    mov r12, rdi
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    xor eax, eax
-    rep stosb
-    mov rdi, r12
     and rsp, -16
     call guest_rust_entry
     ud2
