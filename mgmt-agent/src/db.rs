@@ -1512,6 +1512,66 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// An `io` pool answers only `Resource::Io` requests (a volume's, `unit` = volume index) and a `cpu` pool only
+    /// CPU ones: the grant carries the resource and the volume, and the ledger balances in I/O credits.
+    #[test]
+    fn io_pool_grants_io_credits_to_a_volume() {
+        let path = tmp("io");
+        let mut s = Store::open(&path).unwrap();
+        s.create_pool(
+            &PoolSpec {
+                resource: "io".into(),
+                ..spec("iops")
+            },
+            0,
+        )
+        .unwrap();
+        s.purchase("iops", 12_000, 0).unwrap();
+        s.authorize("iops", "h", 1, true).unwrap();
+        let io_req = |id, amount| CreditRequest {
+            resource: Resource::Io,
+            unit: 2,
+            ..req(id, amount)
+        };
+        // A CPU request of the same VM finds no CPU pool.
+        assert!(matches!(
+            s.handle_credit_request("h", 1, &req(1, 100), 1).unwrap(),
+            CreditOutcome::Deny(_)
+        ));
+        let CreditOutcome::Grants(g) = s
+            .handle_credit_request("h", 1, &io_req(2, 5_000), 2)
+            .unwrap()
+        else {
+            panic!("expected an I/O grant")
+        };
+        assert_eq!(
+            (g[0].resource, g[0].unit, g[0].total_ns()),
+            (Resource::Io, 2, 5_000)
+        );
+        // The next asks more than is left: the rest, then the empty pool denies.
+        let CreditOutcome::Grants(g2) = s
+            .handle_credit_request("h", 1, &io_req(3, 9_000), 3)
+            .unwrap()
+        else {
+            panic!("expected an I/O grant")
+        };
+        assert_eq!(g2[0].total_ns(), 7_000);
+        assert!(matches!(
+            s.handle_credit_request("h", 1, &io_req(4, 1_000), 4)
+                .unwrap(),
+            CreditOutcome::Deny(_)
+        ));
+        assert!(s.grant_applied(g[0].grant_id, 5).unwrap());
+        assert!(s.grant_applied(g2[0].grant_id, 5).unwrap());
+        let l = s.ledger_check().unwrap();
+        assert!(l.pools_consistent);
+        assert_eq!(
+            (l.debited_ns, l.applied_ns, l.in_flight_ns),
+            (12_000, 12_000, 0)
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn refusal_refunds_and_unauthorised_is_denied() {
         let path = tmp("refund");

@@ -16,7 +16,11 @@
 //! read back, pause/resume judged by CPU time, destroy with its `CV:VMSTOP` and memory reclaim, a pool's grants
 //! exactly once, the host's own rejections reported to the agent), and volumes (an `io` VM on a throttled NVMe
 //! drive: volume telemetry reaches the agent, a commitment change is in force and read back, an oversized one is
-//! refused with the partitioner's numbers).
+//! refused with the partitioner's numbers; then I/O credits: a second `io` VM floods the device at a much larger
+//! weight, the first volume asks for I/O credits while its burst bucket is empty, an `io` pool is bought and
+//! authorised, its grants top the bucket up and the volume's IOPS rise above what it had from its commitment and
+//! weight, until the pool runs dry; the I/O credits the agent debited equal those the kernel applied
+//! (`granted_total` of the last `CV:IOGRANT`), exactly).
 //!
 //! Every judgement comes from markers (`CV:VM`, `CV:MGMTSTAT`) and the agent's state; the waits poll with a bound
 //! and never judge by elapsed time. The kernel runs with `run_ms` as a safety bound; the test stops QEMU itself
@@ -70,16 +74,31 @@ args = report_ms=1000
 const PROXY_PPM: u32 = 1500;
 /// QEMU's throttle on the NVMe drive of the volume test (a stable capacity C for the partitioner).
 const NVME_IOPS: u64 = 4_000;
-/// One `io` VM with a volume committed at 20 % of C, with a weight and a burst bucket a commitment change must keep.
+/// One `io` VM with a volume committed at 20 % of C, with a weight and a burst bucket a commitment change must keep;
+/// a second, uncommitted, floods the device at ten times its weight (so above its commitment `vol-a` gets little
+/// unless it holds I/O credits). Together they keep more requests outstanding (48) than the engine puts on the device
+/// (32), so the partitioner, not the device's FIFO, decides who is served.
 const IO_CONF: &str = "\
 [vm vol-a]
 image = io
 memory = 8M
 baseline = 20%
 cpu = 1
-args = depth=16 iops=0 read_pct=50 seed=1 poll_us=50
+args = depth=32 iops=0 read_pct=50 seed=1 poll_us=50
 volume = size=8M offset=0 iops=20% weight=300 burst=200iops/1000
+
+[vm flood]
+image = io
+memory = 8M
+baseline = 20%
+cpu = 0
+args = depth=16 iops=0 read_pct=50 seed=2 poll_us=50
+volume = size=8M offset=16M weight=3000
 ";
+/// I/O credits bought for the `io` pool of the volume test (one credit-ns of an `io` pool is one I/O credit):
+/// 0.0000002 credits = 12,000 I/Os above the commitment.
+const IO_POOL_CREDITS: &str = "0.0000002";
+const IO_POOL_IOS: u64 = 12_000;
 /// Safety bound of the kernel's run and of each wait.
 const RUN_MS: u64 = 150_000;
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
@@ -812,10 +831,96 @@ fn qemu_epyc_volume_commitments_over_the_channel() {
                 "[cv-figure] mgmt: volume commitment {first} -> {want} IOPS over the channel; 1000000 refused: {}",
                 refused.trim()
             );
+            io_credits(bin, &api, serial);
             let ms = markers(serial);
             assert!(fatal(&ms).is_none(), "kernel failed: {:?}", fatal(&ms));
             drop(agent);
         },
+    );
+}
+
+/// `vol-a`'s completed IOPS per closed window (`CV:IOWIN`), in log order.
+fn vol_a_windows(ms: &[Marker]) -> Vec<u64> {
+    ms.iter()
+        .filter(|m| m.kind == "IOWIN" && m.get("vm") == Some("vol-a"))
+        .filter_map(|m| m.get_u64("completed"))
+        .collect()
+}
+
+/// I/O credits end to end: `vol-a` (empty bucket, demand above its commitment) asks every window; once an `io` pool
+/// is bought and authorised its grants top up the bucket, `vol-a` completes more I/O per window than before, the
+/// pool runs dry, and what the agent debited equals what the kernel applied.
+fn io_credits(bin: &Path, api: &str, serial: &Path) {
+    // Three windows at the new commitment with the flood running: the reference.
+    let base_from = vol_a_windows(&markers(serial)).len();
+    let before = wait_for("three windows of vol-a before the grants", || {
+        let w = vol_a_windows(&markers(serial));
+        (w.len() >= base_from + 4).then(|| w[base_from + 1..].to_vec())
+    });
+    let before_max = before.iter().copied().max().unwrap_or(0);
+    cvctl(bin, api, &["pool", "create", "iops", "--resource", "io"]);
+    cvctl(bin, api, &["pool", "purchase", "iops", IO_POOL_CREDITS]);
+    let pools = cvctl(bin, api, &["pools"]);
+    assert_eq!(json_u64(&pools, "balance_ns"), IO_POOL_IOS, "{pools}");
+    let at_authorise = markers(serial).len();
+    cvctl(bin, api, &["pool", "authorize", "iops", "cv0", "0"]);
+    let ledger = wait_for("the io pool to run dry", || {
+        let pools = cvctl(bin, api, &["pools"]);
+        let ledger = cvctl(bin, api, &["ledger"]);
+        (json_u64(&pools, "balance_ns") == 0 && json_u64(&ledger, "in_flight_ns") == 0)
+            .then_some(ledger)
+    });
+    let debited = json_u64(&ledger, "debited_ns");
+    assert_eq!(
+        debited, IO_POOL_IOS,
+        "the whole purchase was granted: {ledger}"
+    );
+    assert_eq!(json_u64(&ledger, "refunded_ns"), 0, "{ledger}");
+    assert_eq!(json_u64(&ledger, "applied_ns"), debited, "{ledger}");
+    let ms = markers(serial);
+    let grants: Vec<&Marker> = ms.iter().filter(|m| m.kind == "IOGRANT").collect();
+    assert!(!grants.is_empty(), "no CV:IOGRANT");
+    assert!(
+        grants
+            .iter()
+            .all(|g| g.get("vm") == Some("vol-a") && g.get("vol") == Some("0")),
+        "grants only to the authorised volume"
+    );
+    let applied = grants
+        .last()
+        .and_then(|g| g.get_u64("granted_total"))
+        .unwrap_or(0);
+    assert_eq!(applied, debited, "host applied == pool debited, exactly");
+    let sum: u64 = grants.iter().filter_map(|g| g.get_u64("ios")).sum();
+    assert_eq!(sum, applied, "each grant applied once");
+    // The windows while the grants arrived: from the first grant to one window after the last.
+    let first = ms
+        .iter()
+        .position(|m| m.kind == "IOGRANT")
+        .unwrap_or(at_authorise);
+    let last = ms
+        .iter()
+        .rposition(|m| m.kind == "IOGRANT")
+        .unwrap_or(first);
+    let vol_a = |m: &&Marker| m.kind == "IOWIN" && m.get("vm") == Some("vol-a");
+    let after_last = ms[last..]
+        .iter()
+        .position(|m| vol_a(&m))
+        .map_or(ms.len(), |i| last + i + 1);
+    let during: Vec<u64> = ms[first..after_last]
+        .iter()
+        .filter(vol_a)
+        .filter_map(|m| m.get_u64("completed"))
+        .collect();
+    let during_max = during.iter().copied().max().unwrap_or(0);
+    println!(
+        "[cv-figure] mgmt: io pool {IO_POOL_IOS} I/O credits in {} grants, {applied} applied on the host = {debited} \
+         debited; vol-a IOPS before {before:?} (max {before_max}), while granted {during:?} (max {during_max})",
+        grants.len()
+    );
+    assert!(
+        during_max * 10 >= before_max * 13,
+        "vol-a's IOPS should rise on I/O credits: before {before:?}, during {during:?}"
     );
 }
 

@@ -19,6 +19,16 @@
 //! CPU with requests outstanding ([`outstanding`]) wakes every [`IDLE_POLL_NS`] to pump. Closed telemetry windows
 //! are printed as `CV:IOWIN` lines and kept for [`volume_stats`].
 //!
+//! I/O credits (issue 8): an I/O credit is one unit I/O above a volume's commitment. [`grant_io`] applies a pool
+//! grant to the volume's burst bucket through the partitioner (`Partitioner::top_up`: exactly once per grant id,
+//! uncapped, never expiring, spent after the earned tokens), printing `CV:IOGRANT` with the volume's and the
+//! service's applied totals; `CV:IOVOL` at the end carries each volume's granted and grant-spent I/Os. The request
+//! side, [`credit_needs`]: a volume whose bucket holds less than one I/O while its last closed window's arrivals
+//! exceeded its commitment asks for one window of its commitment or that window's excess demand if larger (at least 1,
+//! at most the capacity C: a closed-loop guest's arrivals only show what it was served, so the commitment sets the
+//! scale of a top-up), at most once per window; the management endpoint sends it as a `Resource::Io` credit request with an id from
+//! [`IO_REQUEST_ID_BASE`] up (apart from the scheduler's CPU request ids).
+//!
 //! Stopping: [`detach_vm`] (called by `vm::runloop::stop_vm`, before any reclaim of the VM's memory) drops the
 //! VM's guest-memory views and removes its volumes from the partitioner, releasing their commitments. Requests of
 //! that VM still queued or on the device complete later into nothing: their bounce buffers are freed
@@ -41,7 +51,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use drivers::nvme::{Dma, Namespace};
 use sched::iops::{
-    BurstConfig, CostModel, DeviceConfig, OveragePolicy, VolumeConfig, VolumeId, WindowReport,
+    BurstConfig, CostModel, DeviceConfig, OveragePolicy, TopUp, VolumeConfig, VolumeId,
+    WindowReport,
 };
 use spin::{Mutex, Once, RwLock};
 use virt::config::{Overage, Rate, VolumeSpec, WINDOW_BYTES};
@@ -68,6 +79,8 @@ const SCRATCH_PAGES: usize = 32;
 const QID: u16 = 1;
 /// Partitioner window (telemetry, capacity accounting, commitments averaged over it).
 pub const WINDOW_NS: u64 = 1_000_000_000;
+/// I/O credit request ids start here (the CPU scheduler's request ids count from 1 and stay far below).
+pub const IO_REQUEST_ID_BASE: u64 = 1 << 62;
 
 /// Why an I/O API call was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +157,10 @@ struct Volume {
     change: Option<Change>,
     /// Requests the device failed (media or controller errors).
     failures: u64,
+    /// I/O credits applied from grants since boot.
+    granted_ios: u64,
+    /// The window the volume last asked for I/O credits after.
+    asked_window: Option<u64>,
 }
 
 /// Per-request overhead figures of the run (for `CV:IOSUM`).
@@ -188,6 +205,9 @@ struct Service {
     /// The controller's register accesses when the service started (calibration and self-tests are not the
     /// guests' cost): see [`super::nvme::register_accesses`].
     regs_at_start: (u64, u64, u64),
+    /// I/O credits applied from grants to any volume since boot, and credit requests made.
+    granted_ios: u64,
+    credit_requests: u64,
 }
 
 static SERVICE: Once<Option<Mutex<Service>>> = Once::new();
@@ -221,6 +241,10 @@ static LAST_PUMP: AtomicU64 = AtomicU64::new(0);
 const PUMP_INTERVAL_NS: u64 = 25_000;
 /// Pumps skipped because another CPU held the lock (contention figure).
 static CONTENDED: AtomicU64 = AtomicU64::new(0);
+/// Volume windows closed so far, and the count [`credit_needs`] last looked at (it takes the service lock only after
+/// a window closed).
+static WINDOWS_CLOSED: AtomicU64 = AtomicU64::new(0);
+static NEEDS_CHECKED: AtomicU64 = AtomicU64::new(0);
 
 fn now_ns() -> u64 {
     let hz = u128::from(tsc::hz().max(1));
@@ -330,6 +354,8 @@ fn build() -> Result<Service, String> {
         ovh: Overhead::default(),
         started_ns: None,
         regs_at_start: super::nvme::register_accesses(),
+        granted_ios: 0,
+        credit_requests: 0,
     })
 }
 
@@ -472,6 +498,8 @@ pub fn add_volume(
         detached: false,
         last: None,
         failures: 0,
+        granted_ios: 0,
+        asked_window: None,
         change: spec.change.map(|(at_ns, rate)| Change {
             at_ns,
             rate,
@@ -828,6 +856,7 @@ fn pump_locked(s: &mut Service) -> usize {
                 window_stall_ns(r.window) / 1000
             ));
             v.last = Some(r);
+            WINDOWS_CLOSED.fetch_add(1, Ordering::Release);
         }
     });
     OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
@@ -943,6 +972,121 @@ pub fn set_commitment(vm: &str, index: usize, cfg: VolumeConfig) -> Result<(), I
     r
 }
 
+/// What [`grant_io`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoGrant {
+    /// The grant id was applied before: nothing done now.
+    pub duplicate: bool,
+    /// Grant I/Os the volume holds after it.
+    pub held_ios: u64,
+}
+
+/// Applies a pool grant of `ios` I/O credits to volume `index` of VM `vm`: its burst bucket gets `ios` unit I/Os of
+/// grant tokens, exactly once per `grant_id` (a repeat answers `duplicate`). Prints `CV:IOGRANT`.
+///
+/// # Errors
+/// [`IoError`]: no service, no such volume, VM stopped, or refused by the partitioner (0 or more than 2^40 I/Os,
+/// an id below the remembered window).
+pub fn grant_io(vm: &str, index: usize, grant_id: u64, ios: u64) -> Result<IoGrant, IoError> {
+    let s = service().ok_or(IoError::NoService)?;
+    let mut s = s.lock();
+    let i = s
+        .volumes
+        .iter()
+        .position(|v| v.vm_name == vm && v.index == index)
+        .ok_or_else(|| IoError::UnknownVolume {
+            vm: vm.to_string(),
+            index,
+        })?;
+    if s.volumes[i].detached {
+        return Err(IoError::Detached);
+    }
+    let id = s.volumes[i].id;
+    match s
+        .engine
+        .top_up(id, grant_id, ios, now_ns())
+        .map_err(IoError::Refused)?
+    {
+        TopUp::Duplicate => Ok(IoGrant {
+            duplicate: true,
+            held_ios: 0,
+        }),
+        TopUp::Applied { held_ios } => {
+            s.volumes[i].granted_ios = s.volumes[i].granted_ios.saturating_add(ios);
+            s.granted_ios = s.granted_ios.saturating_add(ios);
+            marker!(
+                "IOGRANT vm={vm} vol={index} grant={grant_id} ios={ios} held={held_ios} volume_granted={} granted_total={}",
+                s.volumes[i].granted_ios,
+                s.granted_ios
+            );
+            Ok(IoGrant {
+                duplicate: false,
+                held_ios,
+            })
+        }
+    }
+}
+
+/// A volume's request for I/O credits ([`credit_needs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoCreditNeed {
+    /// Request id ([`IO_REQUEST_ID_BASE`] + n).
+    pub request_id: u64,
+    /// VM index (the runtime's, = the management channel's VM id) and volume index.
+    pub vm: usize,
+    pub index: usize,
+    /// I/O credits asked for, and the I/Os (earned and granted) the bucket holds now.
+    pub ios: u64,
+    pub balance_ios: u64,
+}
+
+/// The volumes that need I/O credits now (see the module documentation): at most one request per volume per closed
+/// window, so the caller may poll as often as it likes.
+pub fn credit_needs() -> Vec<IoCreditNeed> {
+    let Some(s) = service() else {
+        return Vec::new();
+    };
+    let closed = WINDOWS_CLOSED.load(Ordering::Acquire);
+    if NEEDS_CHECKED.swap(closed, Ordering::AcqRel) == closed {
+        return Vec::new();
+    }
+    let mut s = s.lock();
+    let Service {
+        engine,
+        volumes,
+        capacity,
+        credit_requests,
+        ..
+    } = &mut *s;
+    let mut needs = Vec::new();
+    for v in volumes.iter_mut().filter(|v| !v.detached) {
+        let Some(r) = v.last else { continue };
+        if v.asked_window == Some(r.window) || r.stats.arrived <= r.committed_iops {
+            continue;
+        }
+        let held = engine
+            .burst_bucket(v.id)
+            .ok()
+            .flatten()
+            .map_or(0, |b| b.tokens().saturating_add(b.granted()));
+        if held >= sched::iops::COST_ONE {
+            continue;
+        }
+        v.asked_window = Some(r.window);
+        *credit_requests += 1;
+        needs.push(IoCreditNeed {
+            request_id: IO_REQUEST_ID_BASE + *credit_requests,
+            vm: v.vm,
+            index: v.index,
+            ios: (r.stats.arrived - r.committed_iops)
+                .max(r.committed_iops)
+                .clamp(1, (*capacity).max(1)),
+            balance_ios: held / sched::iops::COST_ONE,
+        });
+    }
+    needs
+}
+
 /// Every volume's figures: configuration in force and its last closed window.
 pub fn volume_stats() -> Vec<VolumeStats> {
     let Some(s) = service() else {
@@ -977,9 +1121,25 @@ pub fn volume_stats() -> Vec<VolumeStats> {
 /// Prints `CV:IOSUM` (end of a run): requests, MMIO exits per request and the hypervisor's CPU time per request
 /// in device emulation, partitioner, driver and copies.
 pub fn summary() {
-    for v in volume_stats() {
+    let grants: Vec<(u64, u64)> = service().map_or_else(Vec::new, |s| {
+        let s = s.lock();
+        s.volumes
+            .iter()
+            .map(|v| {
+                let spent = s
+                    .engine
+                    .burst_bucket(v.id)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |b| b.granted_spent() / sched::iops::COST_ONE);
+                (v.granted_ios, spent)
+            })
+            .collect()
+    });
+    for (i, v) in volume_stats().into_iter().enumerate() {
+        let (granted, grant_spent) = grants.get(i).copied().unwrap_or((0, 0));
         marker!(
-            "IOVOL vm={} vol={} committed={} completed={} failed={} last_window={} last_iops={} wait_p99_us={} service_p99_us={} attached={}",
+            "IOVOL vm={} vol={} committed={} completed={} failed={} last_window={} last_iops={} wait_p99_us={} service_p99_us={} attached={} granted={granted} grant_spent={grant_spent}",
             v.vm,
             v.index,
             v.committed_iops,

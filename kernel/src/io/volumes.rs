@@ -207,6 +207,25 @@ impl Engine {
         Ok(())
     }
 
+    /// Applies an I/O credit grant to a volume's burst bucket, once per grant id (see
+    /// `sched::iops::Partitioner::top_up`).
+    pub fn top_up(
+        &mut self,
+        id: VolumeId,
+        grant_id: u64,
+        ios: u64,
+        now: u64,
+    ) -> Result<iops::TopUp, EngineError> {
+        self.part
+            .top_up(id, grant_id, ios, now)
+            .map_err(EngineError::Iops)
+    }
+
+    /// A volume's burst bucket (earned and grant tokens), if it has one.
+    pub fn burst_bucket(&self, id: VolumeId) -> Result<Option<iops::BurstBucket>, EngineError> {
+        self.part.burst_bucket(id).map_err(EngineError::Iops)
+    }
+
     /// A volume's configuration.
     pub fn volume_config(&self, id: VolumeId) -> Result<VolumeConfig, EngineError> {
         self.part.volume_config(id).map_err(EngineError::Iops)

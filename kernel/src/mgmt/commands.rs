@@ -538,11 +538,8 @@ impl Endpoint {
     }
 
     fn try_grant(&mut self, rt: &Runtime, g: &Grant, now: u64) -> Result<Cached, CommandError> {
-        if g.resource != proto::Resource::Cpu {
-            return Err(err(
-                ErrorCode::Unsupported,
-                format_args!("grant {}: this host takes CPU credits only", g.grant_id),
-            ));
+        if g.resource == proto::Resource::Io {
+            return self.try_io_grant(rt, g);
         }
         let s = slot_of(rt, g.vm, g.unit)?;
         let vm_index = rt.slots[s].vm;
@@ -644,5 +641,75 @@ impl Endpoint {
             applied_now_ns: applied_now,
             pending_ns: pending,
         })
+    }
+
+    /// An I/O credit grant: `unit` is the volume index, the stage amounts are I/O credits (unit I/Os above the
+    /// commitment). Every stage applies at once (the burst bucket has no periods to spread a rate over; the credits
+    /// wait in the bucket until spent anyway); a stage held for an event is refused (nothing applied), since no
+    /// event of this host concerns a volume. The I/O service applies it once per grant id.
+    fn try_io_grant(&mut self, rt: &Runtime, g: &Grant) -> Result<Cached, CommandError> {
+        let (_, v) = vm_of(rt, g.vm)?;
+        if v.stopped() {
+            return Err(err(
+                ErrorCode::NotFound,
+                format_args!("grant {}: VM {} is stopped", g.grant_id, g.vm),
+            ));
+        }
+        if g.stages
+            .iter()
+            .any(|st| matches!(st.instruction, Instruction::AfterEvent(_)))
+        {
+            return Err(err(
+                ErrorCode::Unsupported,
+                format_args!("grant {}: I/O credits cannot wait for an event", g.grant_id),
+            ));
+        }
+        let ios = g.total_ns();
+        if ios == 0 {
+            return Err(err(
+                ErrorCode::Invalid,
+                format_args!("grant {} carries no credits", g.grant_id),
+            ));
+        }
+        let applied = crate::io::service::grant_io(&v.name, usize::from(g.unit), g.grant_id, ios)
+            .map_err(|e| {
+            use crate::io::service::IoError;
+            let code = match e {
+                IoError::Refused(_) => ErrorCode::Invalid,
+                IoError::NoService | IoError::UnknownVolume { .. } => ErrorCode::NotFound,
+                IoError::Detached => ErrorCode::BadState,
+            };
+            err(
+                code,
+                format_args!("grant {}: volume {}: {e}", g.grant_id, g.unit),
+            )
+        })?;
+        if applied.duplicate {
+            self.counters.grant_duplicates += 1;
+        } else {
+            self.counters.grants += 1;
+        }
+        Ok(Cached::Grant {
+            grant_id: g.grant_id,
+            duplicate: applied.duplicate,
+            applied_now_ns: if applied.duplicate { 0 } else { ios },
+            pending_ns: 0,
+        })
+    }
+
+    /// Sends the I/O service's credit requests (volumes with an empty burst bucket and demand above their commitment,
+    /// at most one per volume per window: the next window's request is the retry, so none is kept outstanding).
+    pub(super) fn io_credit_requests(&mut self) {
+        for n in crate::io::service::credit_needs() {
+            self.counters.credit_requests += 1;
+            self.send(&proto::ToAgent::CreditRequest(proto::CreditRequest {
+                request_id: n.request_id,
+                resource: proto::Resource::Io,
+                vm: u32::try_from(n.vm).unwrap_or(u32::MAX),
+                unit: u16::try_from(n.index).unwrap_or(u16::MAX),
+                amount_ns: n.ios,
+                balance_ns: i64::try_from(n.balance_ios).unwrap_or(i64::MAX),
+            }));
+        }
     }
 }

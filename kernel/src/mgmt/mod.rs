@@ -295,6 +295,7 @@ impl Endpoint {
             self.handle(rt, r, now);
         }
         self.drain_sched(rt, now);
+        self.io_credit_requests();
         if self.telemetry_period_ns > 0 && now >= self.next_telemetry {
             self.telemetry(rt, now);
             // On the period's grid (no drift by the poll's lateness); after a long stall, a period from now.
