@@ -12,3 +12,5 @@ extern crate alloc;
 
 pub mod cpu;
 pub mod iops;
+#[cfg(feature = "std")]
+pub mod plot_font;

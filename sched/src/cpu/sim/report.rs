@@ -9,11 +9,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use super::RunReport;
-
-const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 fn pct(ppm: u64) -> f64 {
     ppm as f64 / 10_000.0
@@ -166,24 +163,12 @@ pub fn summary(r: &RunReport) -> String {
     s
 }
 
-fn load_font() -> bool {
-    use std::sync::OnceLock;
-    static LOADED: OnceLock<bool> = OnceLock::new();
-    *LOADED.get_or_init(|| match std::fs::read(FONT_PATH) {
-        Ok(bytes) => {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-        }
-        Err(_) => false,
-    })
-}
-
 /// Draws shares (top) and balances (bottom) over time.
 ///
 /// # Errors
 /// Plotting or I/O errors.
 pub fn plot(r: &RunReport, path: &Path) -> Result<(), String> {
-    let labels = load_font();
+    let labels = crate::plot_font::load();
     let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (top, bottom) = root.split_vertically(400);

@@ -1,8 +1,8 @@
 //! Output of a simulation: printed comparison table, JSON, CSV and a PNG plot.
 //!
 //! The PNG plots completed IOPS per window for each volume, one panel per dispatcher, with each
-//! volume's commitment as a thin line. Text needs a font: DejaVu Sans is loaded at run time from
-//! [`FONT_PATH`] when present; without it the plot is drawn unlabelled (never an error).
+//! volume's commitment as a thin line. Text needs a font ([`crate::plot_font`]); without it the plot is drawn
+//! unlabelled (never an error).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,9 +10,6 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::engine::{RunResult, Scenario};
-
-/// Font used for plot labels when present.
-pub const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// Met fraction of demanding windows (1.0 when none demanded).
 #[must_use]
@@ -177,21 +174,9 @@ pub fn csv(runs: &[RunResult]) -> String {
     s
 }
 
-fn load_font() -> bool {
-    use std::sync::OnceLock;
-    static LOADED: OnceLock<bool> = OnceLock::new();
-    *LOADED.get_or_init(|| match std::fs::read(FONT_PATH) {
-        Ok(bytes) => {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-        }
-        Err(_) => false,
-    })
-}
-
 /// Writes the PNG plot to `path`.
 pub fn plot(sc: &Scenario, runs: &[RunResult], path: &Path) -> Result<(), String> {
-    let labels = load_font();
+    let labels = crate::plot_font::load();
     let height = 320 * u32::try_from(runs.len().max(1)).map_err(|_| "too many runs")?;
     let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
