@@ -642,23 +642,41 @@ pub fn mmio(vm: usize, gpa: u64, size: u8, write: Option<u64>) -> Option<u64> {
 
 /// A register write on volume `i`'s device (a notification parses its queue and enqueues the requests).
 fn device_write(s: &mut Service, i: usize, offset: u64, size: u8, value: u32) {
-    let v = &mut s.volumes[i];
+    // Not attached (yet, or any more): the device must not touch memory; the write is dropped.
+    with_device(s, i, |dev, mem, backend| {
+        dev.mmio_write(mem, backend, offset, size, value);
+    });
+}
+
+/// Runs `f` on volume `i`'s device with its guest memory and a backend onto the engine and the controller
+/// (service -> controller lock order). Does nothing while the device is not attached to its VM's memory.
+fn with_device(
+    s: &mut Service,
+    i: usize,
+    f: impl FnOnce(&mut VirtioBlk, &mut dyn GuestMemory, &mut VolumeBackend<'_>),
+) {
+    let Service {
+        volumes,
+        engine,
+        router,
+        ctrl,
+        ..
+    } = s;
+    let v = &mut volumes[i];
     let Some(mem) = v.mem.as_mut() else {
-        // Not attached (yet, or any more): the device must not touch memory; the write is dropped.
         return;
     };
-    let mut ctrl = s.ctrl.lock();
+    let mut ctrl = ctrl.lock();
     let mut backend = VolumeBackend {
-        engine: &mut s.engine,
+        engine,
         ctrl: &mut ctrl.ctrl,
-        router: &mut s.router,
+        router,
         device: i,
         volume: v.id,
         lba_size: v.lba_size,
         now: now_ns(),
     };
-    v.dev
-        .mmio_write(&mut **mem, &mut backend, offset, size, value);
+    f(&mut v.dev, &mut **mem, &mut backend);
 }
 
 /// Looks at the queue of every attached device that has requests in flight, or still asks its driver not to
@@ -668,24 +686,9 @@ fn device_write(s: &mut Service, i: usize, offset: u64, size: u8, value: u32) {
 /// device whose last request just finished clears its no-notify request before the loops stop pumping.
 fn poll_queues(s: &mut Service) {
     for i in 0..s.volumes.len() {
-        let v = &mut s.volumes[i];
-        let Some(mem) = v.mem.as_mut() else {
-            continue;
-        };
-        if !v.dev.polling() {
-            continue;
+        if s.volumes[i].dev.polling() {
+            with_device(s, i, |dev, mem, backend| dev.poll_queue(mem, backend));
         }
-        let mut ctrl = s.ctrl.lock();
-        let mut backend = VolumeBackend {
-            engine: &mut s.engine,
-            ctrl: &mut ctrl.ctrl,
-            router: &mut s.router,
-            device: i,
-            volume: v.id,
-            lba_size: v.lba_size,
-            now: now_ns(),
-        };
-        v.dev.poll_queue(&mut **mem, &mut backend);
     }
 }
 

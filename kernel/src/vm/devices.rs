@@ -131,9 +131,9 @@ pub fn attach(vm: usize, ram: &GuestRam) {
 /// Serves a decoded access of VM `vm`; returns the value read (0 for a write) or `None` when no device of the
 /// VM covers the address.
 pub fn dispatch(vm: usize, access: &MmioAccess) -> Option<u64> {
-    let size = access.size.bytes();
-    match access.kind {
-        MmioKind::Read => service::mmio(vm, access.gpa, size, None),
-        MmioKind::Write(v) => service::mmio(vm, access.gpa, size, Some(v)),
-    }
+    let write = match access.kind {
+        MmioKind::Read => None,
+        MmioKind::Write(v) => Some(v),
+    };
+    service::mmio(vm, access.gpa, access.size.bytes(), write)
 }
