@@ -35,8 +35,9 @@ pub enum ExitAction {
 pub enum StopCause {
     /// The guest asked to stop (`EXIT` hypercall) with this code.
     GuestExit { code: u64 },
-    /// Triple fault (VMX exit reason 2, SVM `SHUTDOWN`).
-    TripleFault,
+    /// Triple fault (VMX exit reason 2, SVM `SHUTDOWN`), with the guest's RSP at the stop: a fault the guest's own
+    /// handlers could not take usually means its stack pointer was unusable, and the report should show it.
+    TripleFault { rsp: u64 },
     /// An access to guest-physical memory that is neither RAM nor a device.
     WildAccess { access: MemAccess },
     /// A nested-paging fault inside guest RAM: the hypervisor's mapping is wrong, not the guest.
@@ -75,7 +76,7 @@ impl StopCause {
     pub const fn name(&self) -> &'static str {
         match self {
             Self::GuestExit { .. } => "guest-exit",
-            Self::TripleFault => "triple-fault",
+            Self::TripleFault { .. } => "triple-fault",
             Self::WildAccess { .. } => "wild-access",
             Self::FaultInRam { .. } => "fault-in-ram",
             Self::Exception { .. } => "exception",
@@ -132,7 +133,7 @@ impl fmt::Display for ReportLine<'_> {
         f.write_str(" detail=\"")?;
         match r.cause {
             StopCause::GuestExit { code } => write!(f, "exit code {code:#x}")?,
-            StopCause::TripleFault => f.write_str("triple fault")?,
+            StopCause::TripleFault { rsp } => write!(f, "triple fault, rsp={rsp:#x}")?,
             StopCause::WildAccess { access } => write!(
                 f,
                 "{} of guest-physical memory that is neither RAM nor a device",

@@ -215,7 +215,12 @@ impl VmContext {
                 self.stats.count_exit(ExitKind::ExternalInterrupt);
                 ExitAction::Continue
             }
-            VmExit::TripleFault => self.fatal(StopCause::TripleFault, vcpu.rip()),
+            VmExit::TripleFault => self.fatal(
+                StopCause::TripleFault {
+                    rsp: vcpu.gpr(Gpr::Rsp),
+                },
+                vcpu.rip(),
+            ),
             VmExit::Exception { vector, error_code } => {
                 self.fatal(StopCause::Exception { vector, error_code }, vcpu.rip())
             }

@@ -515,11 +515,19 @@ fn hostile_wild_accesses_stop_the_vm_with_the_address() {
 fn hostile_triple_fault_and_unexpected_exits_stop_the_vm() {
     let mut rig = Rig::new();
     rig.vcpu.rip = 0x20_0200;
+    rig.vcpu.set_gpr(Gpr::Rsp, 0xdead_0000_0000);
     let report = Rig::stop_report(rig.exit(VmExit::TripleFault));
+    let line = alloc::format!("{}", report.line("h"));
+    assert!(
+        line.contains("detail=\"triple fault, rsp=0xdead00000000\""),
+        "{line}"
+    );
     assert_eq!(
         report,
         StopReport {
-            cause: StopCause::TripleFault,
+            cause: StopCause::TripleFault {
+                rsp: 0xdead_0000_0000
+            },
             rip: 0x20_0200,
             addr: None
         }
