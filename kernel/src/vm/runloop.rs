@@ -252,13 +252,20 @@ fn run_slice(
             });
         }
         if let Some(vcpu) = guard.as_mut() {
+            // When the last exit arrived: its handling lasts until the next entry (or the end of the slice).
+            let mut exit_at: Option<u64> = None;
             loop {
                 let before = tsc::rdtsc();
+                if let Some(at) = exit_at.take() {
+                    report::note_handling(rt, slot.cpu, before.saturating_sub(at));
+                }
                 let exit = vcpu.run(deadline);
                 last = exit.ok();
                 let now = tsc::rdtsc();
                 guest_ticks += now.saturating_sub(before);
                 exits += 1;
+                exit_at = Some(now);
+                report::note_exit(slot.cpu, s, vcpu, last, now);
                 let mut sink = LogSink;
                 let action = {
                     let mut ctx = vm.ctx.lock();
@@ -287,8 +294,11 @@ fn run_slice(
                         blocked = true;
                         break;
                     }
-                    ExitAction::Stop(report) => {
-                        stop = Some(report);
+                    ExitAction::Stop(r) => {
+                        if matches!(r.cause, virt::StopCause::TripleFault { .. }) {
+                            report::stop_dump(rt, slot.cpu, s, vcpu);
+                        }
+                        stop = Some(r);
                         break;
                     }
                     // A device register: the VM's virtio-blk device answers (I/O service lock, taken with no
@@ -312,6 +322,9 @@ fn run_slice(
                         }
                     }
                 }
+            }
+            if let Some(at) = exit_at {
+                report::note_handling(rt, slot.cpu, tsc::rdtsc().saturating_sub(at));
             }
         }
     } else {
