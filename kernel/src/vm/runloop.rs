@@ -25,6 +25,20 @@
 //! pinned to its CPU (`adopt_new`), creates the new backend vCPUs there and wakes them through `wake_due` (they are
 //! published blocked, due at once), then settles once more in case such a VM was destroyed meanwhile.
 //!
+//! Host turn (QEMU `-icount`, the 1.02 ms late wake-up of `qemu_epyc_smp2_hard_real_time`): QEMU 7.2 runs all
+//! CPUs on one host thread and lets a CPU run until the next timer deadline of any CPU, unless it executes HLT or
+//! PAUSE. The run loop used to disarm the LAPIC timer after each exit and idle halt, so between two entries a CPU had
+//! no deadline of its own; when it then yielded (a PAUSE: in a contended lock's spin, e.g. the scheduler lock both
+//! loops take several times per slice; replacing only the PAUSE of the backend's interrupt window did not remove
+//! the miss), the other CPU entered a guest that spins without PAUSE
+//! (`hostile cli-spin`) and ran to the end of its own slice, and this CPU did not execute for that long while its
+//! TSC ran on. Its real-time vCPU's wake-up, due meanwhile, was handled ~1 ms late; no slice overran (this CPU
+//! was between slices, the other ended its slice on time), so the kernel reported nothing. Proof, with the same
+//! `-icount` run (deterministic): the 5th job misses (first sample 1.022 ms late) with the timer disarmed after
+//! each exit, and with a timer armed 25 us ahead but its LVT masked (same instructions, no QEMU deadline); it does
+//! not miss with that timer unmasked. So the loop keeps a timer armed [`HOST_TURN_US`] ahead whenever it is
+//! outside guest mode; it is re-armed at each entry and idle halt and disarmed when the loop ends.
+//!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
 //! A VM paused by the management channel (`Vm::paused`) is never entered: its vCPUs are blocked in the scheduler at
@@ -43,6 +57,11 @@ use crate::io::service as io;
 
 /// Most console bytes moved per loop iteration (bounds the time the run loop spends on output).
 const CONSOLE_PUMP_BYTES: usize = 256;
+/// How far ahead a CPU outside guest mode keeps its LAPIC timer armed (after every exit, by the SVM backend, and
+/// after every idle halt): half the overrun bound. On hardware it fires only when the host spends longer than this
+/// between two entries; under QEMU's `-icount` round robin it is what gives a CPU its turn back (module doc,
+/// "Host turn").
+pub const HOST_TURN_US: u64 = super::OVERRUN_BOUND_NS / 2_000;
 /// Longest idle halt while console output is waiting (a 16-byte FIFO load takes ~1.4 ms at 115200 baud).
 const CONSOLE_IDLE_NS: u64 = 1_000_000;
 
@@ -67,6 +86,7 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         rt.epoch
     );
     x86_64::instructions::interrupts::disable();
+    lapic::arm_oneshot_us(HOST_TURN_US);
     // Build this CPU's vCPUs before the first decision, so their set-up is not charged to a slice.
     for &s in &mine {
         create_vcpu(rt, s);
@@ -165,10 +185,14 @@ fn adopt_new(rt: &Runtime, cpu: u32, mine: &mut alloc::vec::Vec<usize>) {
         if !mine.contains(&s) {
             create_vcpu(rt, s);
             let slot = &rt.slots[s];
-            log::info!(
-                "vm {}: cpu{cpu} takes vCPU {}",
-                rt.vms[slot.vm].name,
-                slot.index
+            // Deferred: a run loop never waits for the UART (console module doc).
+            console::log_deferred(
+                log::Level::Info,
+                "vm",
+                format_args!(
+                    "vm {}: cpu{cpu} takes vCPU {}",
+                    rt.vms[slot.vm].name, slot.index
+                ),
             );
         }
     }
@@ -209,18 +233,23 @@ fn next_wake(rt: &Runtime, mine: &[usize], except: Option<usize>) -> u64 {
         .unwrap_or(NO_WAKE)
 }
 
-/// Halts until the TSC reaches `until` (or any interrupt). Interrupts are off on entry and on return.
+/// Halts until the TSC reaches `until` (or any interrupt). Interrupts are off on entry and on return; the LAPIC
+/// timer is left armed [`HOST_TURN_US`] ahead (module doc, "Host turn").
 fn idle_until(until: u64) {
     let now = tsc::rdtsc();
     if until <= now {
         return;
     }
+    // A host-turn interrupt already pending would end the halt at once: take it first.
+    x86_64::instructions::interrupts::enable();
+    x86_64::instructions::nop();
+    x86_64::instructions::interrupts::disable();
     if !lapic::arm_deadline(until) {
         lapic::arm_oneshot_us(tsc::ticks_to_us(until - now) + 1);
     }
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
-    lapic::disarm();
+    lapic::arm_oneshot_us(HOST_TURN_US);
 }
 
 /// Runs slot `s` for one decision of `slice_ns` taken at TSC `t0`.

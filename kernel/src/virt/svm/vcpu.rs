@@ -20,9 +20,19 @@
 //! #DB and #AC are intercepted only to guarantee an interrupt window (each re-entry is one); `run` delivers them
 //! back to the guest itself, so the layer above never sees them.
 //!
+//! Host turn: after each exit the LAPIC timer is not disarmed but re-armed [`HOST_TURN_US`] ahead, and a timer
+//! interrupt still pending from that (a host stint that lasted longer) is taken in a short interrupt window before
+//! the next VMRUN, so it does not cause a spurious exit. On hardware it fires only when the host spends longer than
+//! that between two entries. It exists for QEMU's `-icount` round robin (one host thread for all CPUs; a CPU keeps
+//! running until the next timer deadline of any CPU unless it executes HLT or PAUSE): without a deadline of its own,
+//! a CPU whose run loop yielded there (a PAUSE in a contended lock's spin) lost its turn until the other CPU's next
+//! timer, up to a whole slice of a guest that spins without PAUSE. That was the 1.02 ms late real-time wake-up of
+//! `qemu_epyc_smp2_hard_real_time` (analysis in kernel/src/vm/runloop.rs). For the same reason the interrupt window
+//! after a timer exit is `STI; NOP; CLI`, not a PAUSE.
+//!
 //! Invariants: the VMCB always has the VMRUN intercept, a non-zero ASID, EFER.SVME, NP_ENABLE with this VM's nCR3,
 //! and the shared IOPM and the VM's MSRPM; `run` restores the caller's interrupt flag and leaves the LAPIC timer
-//! disarmed.
+//! armed at most [`HOST_TURN_US`] ahead (the run loop re-arms or disarms it).
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -42,6 +52,7 @@ use super::vmcb::{
     Save8, Seg, Segment, Vmcb, NP_ENABLE,
 };
 use crate::arch::x86_64::{lapic, tsc};
+pub use crate::vm::runloop::HOST_TURN_US;
 
 /// EFER.SVME: QEMU and the APM (§15.5.1) require it in the guest's EFER as well.
 const EFER_SVME: u64 = 1 << 12;
@@ -397,6 +408,14 @@ fn clgi_sti() {
     unsafe { core::arch::asm!("clgi", "sti", options(nomem, nostack)) };
 }
 
+/// `STI; NOP; CLI`: lets the host take a pending interrupt (STI's one-instruction shadow ends after the NOP). A
+/// NOP, not a PAUSE: under QEMU's `-icount` round robin a PAUSE hands the host thread to the other CPU until its next
+/// timer deadline (module doc).
+fn interrupt_window() {
+    // SAFETY: the kernel's IDT handles every vector a LAPIC can raise here (timer, IPI); IF is clear again on return.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
 /// `CLI; STGI`: back to normal interrupt gating with interrupts masked by IF.
 fn cli_stgi() {
     // SAFETY: STGI requires EFER.SVME (still set); IF = 0 first so nothing is taken inside this sequence.
@@ -562,6 +581,9 @@ impl SvmVcpu {
         self.vmcb
             .set_ctl64(Ctl64::EventInj, self.pending_event.take().unwrap_or(0));
         let before = check::Snapshot::capture(&self.vmcb);
+        // The host-turn timer of the last exit may have fired meanwhile (module doc): take it here, not as an
+        // INTR exit right after VMRUN.
+        interrupt_window();
         Self::arm_timer(deadline, now);
         clgi_sti();
         // SAFETY: GIF = 0 (above); SVM is enabled on this CPU and `host_page` is its host page (`this_cpu`); the VMCB
@@ -569,14 +591,12 @@ impl SvmVcpu {
         // the GPR block and the FXSAVE area are owned by `self`.
         unsafe { svm_enter(self.vmcb.pa(), &mut self.gprs, host_page, &mut *self.fx) };
         cli_stgi();
-        lapic::disarm();
+        lapic::arm_oneshot_us(HOST_TURN_US);
         self.vmcb.set_ctl8(Ctl8::TlbControl, 0);
         let exit = self.decode(deadline, &before);
         if matches!(exit, Ok(VmExit::SliceExpired | VmExit::ExternalInterrupt)) {
             // Let the host take the interrupt that caused the exit (it is still pending in the LAPIC).
-            interrupts::enable();
-            core::hint::spin_loop();
-            interrupts::disable();
+            interrupt_window();
         }
         exit
     }
