@@ -26,8 +26,9 @@
 //!
 //! A stall is a platform fault the kernel sees and reports: every slice that ends more than the overrun bound
 //! late is counted (`overruns=` and `max_overrun_us=` in `CV:VMSUM`). So each guest-side judgement is exact up
-//! to the time the kernel reported as stalled, [`stall_ms`] (at most `overruns x max_overrun_us`), and a
-//! real-time miss is accepted only against a reported overrun. On Bochs and one-CPU QEMU that allowance is 0 or
+//! to the time the kernel reported as stalled, [`stall_ms`] (at most `overruns x max_overrun_us`). A real-time
+//! miss is accepted only on a target that does not keep the bound (Bochs with one CPU), and only when another VM's
+//! reported overrun on the same CPU overlaps the missed job's period ([`explained_misses`]). On Bochs and one-CPU QEMU that allowance is 0 or
 //! a fraction of a millisecond (Bochs interleaves its CPUs a few instructions at a time, so two-CPU Bochs is as
 //! exact as one); on two-CPU QEMU it is what the guests' spin loops make it.
 
@@ -82,6 +83,16 @@ impl Target {
     /// hostile behaviours are left out on `ryzen` (Bochs limitations; QEMU `-cpu EPYC` checks both on SVM).
     fn preempts_cli(self) -> bool {
         !matches!(self, Self::Bochs { model: "ryzen", .. })
+    }
+
+    /// Whether every slice ends within the overrun bound here, so a real-time miss is a defect whatever else
+    /// happened (QEMU with `-icount`; Bochs runs two CPUs a few instructions each in turn, as exact as one). Bochs
+    /// with one CPU is not: its port-probe exits overran the bound (kernel/src/vm/sink.rs).
+    fn keeps_overrun_bound(self) -> bool {
+        match self {
+            Self::Qemu { icount, .. } => icount,
+            Self::Bochs { smp, .. } => smp > 1,
+        }
     }
 
     fn cpus(self) -> u64 {
@@ -490,6 +501,78 @@ baseline = 10%
 args = report_ms=1000
 ";
 
+/// The periodic guest's period in [`REALTIME`] (`period_us=`).
+const RT_PERIOD_US: u64 = 1000;
+/// How far a miss's release, placed on the kernel's clock from the guest's start, may be off: the guest starts at
+/// its vCPU's first entry, a few exits after its CPU's `vm: cpuN runs` line.
+const RT_PLACEMENT_SLACK_US: f64 = 100.0;
+
+/// Seconds-since-boot stamp of a log line (`[    1.234567] ...`).
+fn stamp_s(line: &str) -> Option<f64> {
+    let (_, rest) = line.split_once('[')?;
+    rest.split_once(']')?.0.trim().parse().ok()
+}
+
+/// The `key=` number in a line of `key=value` words.
+fn word_num(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The periodic guest's printed misses (`periodic: miss period=.. release_us=..`, the first four) that coincide
+/// with an overrun past the bound that the kernel logged for another VM on `cpu` (`WARN  cpuN vm: vm X: vCPU i ran
+/// N us past ...`, logged at the slice's end): the late part of that slice overlaps the missed job's period, placed
+/// on the kernel's clock from the `vm: cpuN runs` line (± [`RT_PLACEMENT_SLACK_US`]). Returns (period, the VM).
+fn explained_misses(report: &Report, cpu: u64, period_us: u64) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(&report.serial_log).expect("serial log");
+    let runs = format!("vm: cpu{cpu} runs ");
+    let Some(start_us) = text
+        .lines()
+        .find(|l| l.contains(&runs))
+        .and_then(stamp_s)
+        .map(|s| s * 1e6)
+    else {
+        return Vec::new();
+    };
+    let on_cpu = format!(" cpu{cpu} vm: vm ");
+    let overruns: Vec<(f64, f64, String)> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains(&on_cpu) && l.contains(" us past "))
+        .filter_map(|l| {
+            let end = stamp_s(l)? * 1e6;
+            let rest = l.split_once(&on_cpu)?.1;
+            let (vm, rest) = rest.split_once(": vCPU ")?;
+            let us: f64 = rest
+                .split_once(" ran ")?
+                .1
+                .split_once(" us past")?
+                .0
+                .parse()
+                .ok()?;
+            Some((end - us, end, vm.to_string()))
+        })
+        .filter(|(_, _, vm)| vm != "rt")
+        .collect();
+    // Release times are microseconds well inside f64's exact range.
+    #[allow(clippy::cast_precision_loss)]
+    let window = |release_us: u64| {
+        let from = start_us + release_us as f64 - RT_PLACEMENT_SLACK_US;
+        (from, from + period_us as f64 + 2.0 * RT_PLACEMENT_SLACK_US)
+    };
+    text.lines()
+        .filter(|l| l.contains("periodic: miss "))
+        .filter_map(|l| {
+            let period = word_num(l, "period")?;
+            let (from, to) = window(word_num(l, "release_us")?);
+            overruns
+                .iter()
+                .find(|(late_from, end, _)| *late_from < to && *end > from)
+                .map(|(_, _, vm)| (period, vm.clone()))
+        })
+        .collect()
+}
+
 /// Test 3: a `periodic` VM (20% at 1 ms; its job needs 120 us, the baseline minus the hypervisor's exit costs
 /// and the overrun bound) next to a `cli`-spinning hostile VM and two burners misses 0 of 1500 periods. On two
 /// CPUs the periodic VM and the spinner share the last CPU, and the burners and a second spinner run on CPU 0.
@@ -525,21 +608,32 @@ fn hard_real_time(name: &str, target: Target) {
         "periodic did not finish: {}",
         rt.line
     );
-    // The guarantee holds while every slice ends within the overrun bound (the scheduler's contract 1). The
-    // kernel counts the slices the platform let run past it (`overruns=`, each logged with its vCPU); a miss is
-    // allowed only for such a reported violation, never otherwise.
+    // The guarantee holds while every slice ends within the overrun bound (the scheduler's contract 1). A miss is
+    // therefore a defect unless the platform broke that contract against rt: another VM on rt's CPU ran past the
+    // bound (so rt's time went to it) during the missed job's period. An overrun elsewhere in the run, or on the
+    // other CPU, or rt's own, explains nothing (the old tolerance, misses <= overruns anywhere, hid the QEMU -smp 2
+    // miss that kernel/src/vm/runloop.rs's "Host turn" fixed). Where the platform keeps the bound (QEMU with
+    // -icount on one or two CPUs, Bochs with two CPUs; Bochs VMX below) no miss is accepted at all.
     let overruns = num(&summary(&report), "overruns");
     let misses = num(rt, "rt_misses");
     let (logged, worst) = reported_overruns(&report, "rt");
     println!(
         "[cv-figure] {name}: misses {misses}, platform overruns past the bound {overruns} \
-         (rt's own logged: {logged}, worst {worst} us)"
+         (rt's own logged: {logged}, worst {worst} us), max overrun {} us",
+        num(&summary(&report), "max_overrun_us")
     );
-    assert!(
-        misses <= overruns,
-        "{misses} real-time misses with {overruns} reported overruns: {}",
-        rt.line
-    );
+    if target.keeps_overrun_bound() {
+        assert_eq!(misses, 0, "{name}: real-time misses: {}", rt.line);
+    } else {
+        let explained = explained_misses(&report, last, RT_PERIOD_US);
+        assert_eq!(
+            misses,
+            i64::try_from(explained.len()).unwrap_or(i64::MAX),
+            "{name}: {misses} real-time misses, only these coincide with another VM's overrun on cpu{last}: \
+             {explained:?} ({})",
+            rt.line
+        );
+    }
     if matches!(
         target,
         Target::Bochs {

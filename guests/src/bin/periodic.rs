@@ -7,7 +7,9 @@
 //!
 //! While it runs it prints nothing (console output costs a VM exit per byte, which would eat its own budget):
 //! progress goes out through `REPORT` hypercalls every 1000 periods, and the first misses are kept and printed
-//! with the summary.
+//! with the summary. Each printed miss names its period, what it received, how late its first sample came and
+//! when it was released (`release_us`, guest time since the guest started), so a test can line it up with the
+//! hypervisor's log.
 #![no_std]
 #![no_main]
 
@@ -29,8 +31,10 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
     let mut done: u64 = 0;
     let mut misses: u64 = 0;
     let mut min_received = u64::MAX;
-    // (period number, received ns, lateness of the first sample in ns) of the first misses.
-    let mut first_misses = [(0u64, 0u64, 0u64); 4];
+    let start = rdtsc();
+    // (period number, received ns, lateness of the first sample in ns, release in ns since `start`) of the first
+    // misses.
+    let mut first_misses = [(0u64, 0u64, 0u64, 0u64); 4];
     // Releases at multiples of the period in guest TSC: the hypervisor starts the guest TSC at the beginning of
     // the vCPU's first baseline period (docs/guest-abi.md), so each job lines up with one guaranteed period.
     let mut release = (rdtsc() / period.max(1) + 1) * period;
@@ -48,6 +52,7 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
                     done + 1,
                     received,
                     ticks_to_ns(meter.first_sample().wrapping_sub(release)),
+                    ticks_to_ns(release.wrapping_sub(start)),
                 );
             }
             misses += 1;
@@ -67,12 +72,13 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
         }
     }
     report_figures(done, misses, min_received);
-    for &(period, received, late) in first_misses
+    for &(period, received, late, released) in first_misses
         .iter()
         .take(usize::try_from(misses).unwrap_or(usize::MAX))
     {
         println!(
-            "periodic: miss period={period} received_ns={received} first_sample_late_ns={late}"
+            "periodic: miss period={period} received_ns={received} first_sample_late_ns={late} release_us={}",
+            released / 1000
         );
     }
     println!(
