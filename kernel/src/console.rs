@@ -255,13 +255,27 @@ pub fn log_deferred(level: log::Level, module: &str, args: fmt::Arguments<'_>) {
     if level > log::max_level() {
         return;
     }
-    let micros = tsc::uptime_us();
+    log_deferred_at(level, tsc::uptime_us(), percpu::current_id(), module, args);
+}
+
+/// [`log_deferred`] for something that happened earlier, at `micros` since boot on CPU `cpu` (events recorded
+/// on a hot path and formatted later, `crate::vm::sink`).
+pub fn log_deferred_at(
+    level: log::Level,
+    micros: u64,
+    cpu: u32,
+    module: &str,
+    args: fmt::Arguments<'_>,
+) {
+    if level > log::max_level() {
+        return;
+    }
     write_line_deferred(format_args!(
         "[{:5}.{:06}] {:<5} cpu{} {}: {}",
         micros / 1_000_000,
         micros % 1_000_000,
         level,
-        percpu::current_id(),
+        cpu,
         module,
         args
     ));

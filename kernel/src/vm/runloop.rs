@@ -36,8 +36,10 @@
 //! was between slices, the other ended its slice on time), so the kernel reported nothing. Proof, with the same
 //! `-icount` run (deterministic): the 5th job misses (first sample 1.022 ms late) with the timer disarmed after
 //! each exit, and with a timer armed 25 us ahead but its LVT masked (same instructions, no QEMU deadline); it does
-//! not miss with that timer unmasked. So the loop keeps a timer armed [`HOST_TURN_US`] ahead whenever it is
-//! outside guest mode; it is re-armed at each entry and idle halt and disarmed when the loop ends.
+//! not miss with that timer unmasked. So the SVM backend leaves the timer armed `HOST_TURN_US` (25 us) ahead after
+//! every exit (kernel/src/virt/svm/vcpu.rs); the next entry or idle halt re-arms it. (Not after an idle halt: the
+//! VMX backend never opens an interrupt window, so a host timer left pending there would make every VM entry
+//! exit at once; VMX runs on Bochs, which has no such round robin.)
 //!
 //! Invariant: a vCPU is only ever entered on `slot.cpu`; only that CPU changes `slot.blocked`/`slot.wake_at`,
 //! except [`stop_vm`], which parks every vCPU of a stopped VM for good (`NO_WAKE`) from whichever CPU stops it.
@@ -57,11 +59,6 @@ use crate::io::service as io;
 
 /// Most console bytes moved per loop iteration (bounds the time the run loop spends on output).
 const CONSOLE_PUMP_BYTES: usize = 256;
-/// How far ahead a CPU outside guest mode keeps its LAPIC timer armed (after every exit, by the SVM backend, and
-/// after every idle halt): half the overrun bound. On hardware it fires only when the host spends longer than this
-/// between two entries; under QEMU's `-icount` round robin it is what gives a CPU its turn back (module doc,
-/// "Host turn").
-pub const HOST_TURN_US: u64 = super::OVERRUN_BOUND_NS / 2_000;
 /// Longest idle halt while console output is waiting (a 16-byte FIFO load takes ~1.4 ms at 115200 baud).
 const CONSOLE_IDLE_NS: u64 = 1_000_000;
 
@@ -86,7 +83,6 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         rt.epoch
     );
     x86_64::instructions::interrupts::disable();
-    lapic::arm_oneshot_us(HOST_TURN_US);
     // Build this CPU's vCPUs before the first decision, so their set-up is not charged to a slice.
     for &s in &mine {
         create_vcpu(rt, s);
@@ -108,8 +104,10 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
             stops_seen = stops;
         }
         reclaim_step(rt, rt.after(tsc::rdtsc(), RECLAIM_STEP_NS));
-        // Guest output and reports leave through the console ring, a FIFO load at a time, never waiting.
-        let console_pending = console::pump(CONSOLE_PUMP_BYTES);
+        // Guest events recorded in exit handling are formatted here, one per iteration (sink module doc); guest
+        // output and reports leave through the console ring, a FIFO load at a time, never waiting.
+        let events_pending = super::sink::format_pending(1);
+        let console_pending = console::pump(CONSOLE_PUMP_BYTES) || events_pending;
         // NVMe completions into the guests, and the next requests onto the device (io::service).
         if io::outstanding() > 0 {
             io::pump();
@@ -150,7 +148,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 if io::outstanding() > 0 {
                     until = until.min(rt.after(now, io::IDLE_POLL_NS));
                 }
-                // Nothing to run: a reclaim's RAM is freed in this idle time first.
+                // Nothing to run: recorded guest events are formatted and a reclaim's RAM is freed in this idle
+                // time first.
+                while events_pending && tsc::rdtsc() < until && super::sink::format_pending(1) {}
                 reclaim_step(rt, until);
                 idle_until(until);
                 stats
@@ -170,6 +170,7 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     if let Some(m) = mgmt.as_mut() {
         m.finish(rt);
     }
+    super::sink::format_pending(usize::MAX);
     trace_report(rt, &mine);
     lapic::disarm();
     stats.finished.store(true, Ordering::Release);
@@ -234,13 +235,13 @@ fn next_wake(rt: &Runtime, mine: &[usize], except: Option<usize>) -> u64 {
 }
 
 /// Halts until the TSC reaches `until` (or any interrupt). Interrupts are off on entry and on return; the LAPIC
-/// timer is left armed [`HOST_TURN_US`] ahead (module doc, "Host turn").
+/// timer is disarmed on return.
 fn idle_until(until: u64) {
     let now = tsc::rdtsc();
     if until <= now {
         return;
     }
-    // A host-turn interrupt already pending would end the halt at once: take it first.
+    // A host-turn interrupt of the SVM backend already pending would end the halt at once: take it first.
     x86_64::instructions::interrupts::enable();
     x86_64::instructions::nop();
     x86_64::instructions::interrupts::disable();
@@ -249,7 +250,7 @@ fn idle_until(until: u64) {
     }
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
-    lapic::arm_oneshot_us(HOST_TURN_US);
+    lapic::disarm();
 }
 
 /// Runs slot `s` for one decision of `slice_ns` taken at TSC `t0`.

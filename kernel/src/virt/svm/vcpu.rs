@@ -27,7 +27,7 @@
 //! running until the next timer deadline of any CPU unless it executes HLT or PAUSE): without a deadline of its own,
 //! a CPU whose run loop yielded there (a PAUSE in a contended lock's spin) lost its turn until the other CPU's next
 //! timer, up to a whole slice of a guest that spins without PAUSE. That was the 1.02 ms late real-time wake-up of
-//! `qemu_epyc_smp2_hard_real_time` (analysis in kernel/src/vm/runloop.rs). For the same reason the interrupt window
+//! `qemu_epyc_smp2_hard_real_time` (analysis in kernel/src/vm/runloop.rs, "Host turn"). For the same reason the interrupt window
 //! after a timer exit is `STI; NOP; CLI`, not a PAUSE.
 //!
 //! Invariants: the VMCB always has the VMRUN intercept, a non-zero ASID, EFER.SVME, NP_ENABLE with this VM's nCR3,
@@ -52,7 +52,10 @@ use super::vmcb::{
     Save8, Seg, Segment, Vmcb, NP_ENABLE,
 };
 use crate::arch::x86_64::{lapic, tsc};
-pub use crate::vm::runloop::HOST_TURN_US;
+
+/// How far ahead the LAPIC timer stays armed after an exit (module doc, "Host turn"): half the run loop's 50 us
+/// overrun bound, so a CPU that yielded under QEMU's round robin gets its turn back well within it.
+pub const HOST_TURN_US: u64 = 25;
 
 /// EFER.SVME: QEMU and the APM (§15.5.1) require it in the guest's EFER as well.
 const EFER_SVME: u64 = 1 << 12;
