@@ -44,8 +44,12 @@ pub struct AgentConfig {
     pub ready_file: Option<PathBuf>,
     /// Re-send an unanswered command after this long.
     pub retry: Duration,
-    /// Give up on an API command after this many sends.
+    /// Unanswered sends of the first page of a VM listing after which the agent asks with `ListVms` instead
+    /// (a host that predates paging).
     pub max_attempts: u32,
+    /// Give up on an API (or fire-and-forget) command this long after its first send; it is re-sent every
+    /// `retry` until then.
+    pub command_timeout: Duration,
     /// Automatic tier policy.
     pub tiers: TierPolicy,
     /// Price of one committed IOPS-month, micro-dollars.
@@ -79,6 +83,15 @@ pub struct Metrics {
     pub telemetry: AtomicU64,
     /// API commands the host refused.
     pub command_errors: AtomicU64,
+    /// Commands answered (any origin).
+    pub answered: AtomicU64,
+    /// Sends (first sends and re-sends) of the answered commands: `answered / answered_sends` is the measured
+    /// chance that one attempt's round trip arrived intact.
+    pub answered_sends: AtomicU64,
+    /// Parts of long answers received (`proto::parts`).
+    pub parts: AtomicU64,
+    /// Parts refused (invalid, inconsistent, or a complete set that failed its digest).
+    pub parts_refused: AtomicU64,
 }
 
 /// Live status of one host address.

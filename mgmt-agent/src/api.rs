@@ -68,7 +68,7 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         let status = match &e {
             CallError::NotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::Host(code, _) => match code {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
                 ErrorCode::Admission | ErrorCode::BadState | ErrorCode::Stale => {
@@ -143,11 +143,16 @@ async fn call_host(
             format!("host '{host}' task stopped"),
         )
     })?;
-    let budget = s.cfg.retry * (s.cfg.max_attempts + 1) + std::time::Duration::from_secs(1);
+    // The host task answers by the command's budget; this is only a backstop.
+    let budget = s.cfg.command_timeout + s.cfg.retry * 2 + std::time::Duration::from_secs(1);
     match tokio::time::timeout(budget, rx).await {
         Ok(Ok(r)) => Ok(r?),
         Ok(Err(_)) => Err(CallError::NotConnected(host.into()).into()),
-        Err(_) => Err(CallError::Timeout(s.cfg.max_attempts).into()),
+        Err(_) => Err(CallError::Timeout {
+            attempts: 0,
+            waited_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+        }
+        .into()),
     }
 }
 
@@ -530,6 +535,26 @@ async fn metrics(State(s): St) -> Result<String, ApiError> {
             "cv_command_errors_total",
             "API commands refused by hosts",
             &m.command_errors,
+        ),
+        (
+            "cv_commands_answered_total",
+            "Commands answered by hosts",
+            &m.answered,
+        ),
+        (
+            "cv_answered_command_sends_total",
+            "Sends (first and re-sends) of the answered commands",
+            &m.answered_sends,
+        ),
+        (
+            "cv_answer_parts_total",
+            "Parts of long answers received",
+            &m.parts,
+        ),
+        (
+            "cv_answer_parts_refused_total",
+            "Parts of long answers refused",
+            &m.parts_refused,
         ),
     ];
     for (name, help, v) in counters {

@@ -12,7 +12,10 @@
 //! Ack: until a Hello has arrived, every Ack to an Attach sends a fresh Attach, and an unanswered Attach is re-sent
 //! for as long as the session lasts (it never expires). The same holds for the resynchronisation's list and
 //! describe commands: without them the session is connected but useless, so they are retried until answered
-//! (only API commands and fire-and-forget commands give up after `max_attempts`).
+//! (only API commands and fire-and-forget commands give up, `command_timeout` after their first send).
+//!
+//! Long answers come in parts (`proto::parts`): the parts are kept per request id across retries, and the answer
+//! is handled once one answer's parts are all there, so a retry only has to bring the parts still missing.
 //!
 //! Invariants:
 //! - A credit request is answered only from a committed database transaction ([`crate::db::Store`]), so the
@@ -40,9 +43,14 @@ pub enum CallError {
     /// The host is not connected.
     #[error("host not connected: {0}")]
     NotConnected(String),
-    /// No answer after all retries.
-    #[error("no answer from the host after {0} attempts")]
-    Timeout(u32),
+    /// No intact answer within the command's time budget (`--command-timeout-ms`), after this many sends.
+    #[error("no answer from the host within {waited_ms} ms ({attempts} attempts)")]
+    Timeout {
+        /// Sends of the command (the first one and the re-sends).
+        attempts: u32,
+        /// Time since the first send.
+        waited_ms: u64,
+    },
     /// The host answered with an error.
     #[error("host refused: {0:?}: {1}")]
     Host(ErrorCode, String),
@@ -83,6 +91,9 @@ enum Origin {
 struct Pending {
     command: Command,
     origin: Origin,
+    /// First send: API and fire-and-forget commands give up `command_timeout` after it.
+    first: Instant,
+    /// Latest send.
     sent: Instant,
     attempts: u32,
 }
@@ -139,6 +150,8 @@ struct Session<'a> {
     destroyed: HashSet<u32>,
     host: Option<(String, u64)>,
     listing: Listing,
+    /// Parts of long answers to pending requests (`proto::parts`), kept across retries.
+    parts: proto::Reassembly,
     me: &'a mpsc::Sender<HostCall>,
 }
 
@@ -193,6 +206,7 @@ async fn session(
         destroyed: HashSet::new(),
         host: None,
         listing: Listing::default(),
+        parts: proto::Reassembly::new(),
         me,
     };
     s.send(Command::Attach, Origin::Attach);
@@ -244,6 +258,7 @@ impl Session<'_> {
             Pending {
                 command,
                 origin,
+                first: Instant::now(),
                 sent: Instant::now(),
                 attempts: 1,
             },
@@ -253,14 +268,17 @@ impl Session<'_> {
     fn retry(&mut self) {
         let retry = self.shared.cfg.retry;
         let max = self.shared.cfg.max_attempts;
+        let budget = self.shared.cfg.command_timeout;
         let mut expired = Vec::new();
         for (id, p) in &mut self.pending {
             if p.sent.elapsed() < retry {
                 continue;
             }
             // The handshake and the resynchronisation never expire (see the module docs); grants and
-            // commitment changes are settled by their own ids and re-sent until answered.
-            if p.attempts >= max && matches!(p.origin, Origin::Api(_) | Origin::Fire) {
+            // commitment changes are settled by their own ids and re-sent until answered. API commands are
+            // re-sent for a time, not a number of attempts: on a noisy link an attempt may fail many times in a
+            // row (a long answer more often than a short one), while the host still answers every one.
+            if p.first.elapsed() >= budget && matches!(p.origin, Origin::Api(_) | Origin::Fire) {
                 expired.push(*id);
                 continue;
             }
@@ -285,13 +303,28 @@ impl Session<'_> {
             }));
         }
         for id in expired {
+            self.parts.forget(id);
             match self.pending.remove(&id) {
                 Some(Pending {
                     origin: Origin::Api(tx),
                     attempts,
+                    first,
+                    command,
                     ..
                 }) => {
-                    let _ = tx.send(Err(CallError::Timeout(attempts)));
+                    let waited_ms = u64::try_from(first.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    tracing::warn!(
+                        host = %self.key,
+                        id,
+                        attempts,
+                        waited_ms,
+                        "API command {} given up: no intact answer",
+                        command_name(&command)
+                    );
+                    let _ = tx.send(Err(CallError::Timeout {
+                        attempts,
+                        waited_ms,
+                    }));
                 }
                 Some(Pending {
                     command, attempts, ..
@@ -347,6 +380,7 @@ impl Session<'_> {
             ToAgent::Response(r) => self.response(r, now),
             ToAgent::LinkStats(l) => self.shared.set_host_link(self.key, l),
             ToAgent::VmDestroyed(d) => self.vm_destroyed(d, now),
+            ToAgent::ResponsePart(p) => self.response_part(p, now),
         }
     }
 
@@ -593,10 +627,44 @@ impl Session<'_> {
         }
     }
 
+    /// A part of a long answer: kept until every part of one answer is there (from any of the attempts).
+    fn response_part(&mut self, part: proto::ResponsePart, now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.pending.contains_key(&part.id) {
+            return; // answer to a retry already answered (or never asked)
+        }
+        self.shared.metrics.parts.fetch_add(1, Relaxed);
+        let id = part.id;
+        match self.parts.push(part) {
+            Ok(Some(r)) => self.response(r, now),
+            Ok(None) => {}
+            Err(e) => {
+                self.shared.metrics.parts_refused.fetch_add(1, Relaxed);
+                tracing::warn!(host = %self.key, id, "part of an answer refused: {e:?}");
+            }
+        }
+    }
+
     fn response(&mut self, r: Response, now: i64) {
+        self.parts.forget(r.id);
         let Some(p) = self.pending.remove(&r.id) else {
             return; // answer to a retry already answered
         };
+        let m = &self.shared.metrics;
+        m.answered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.answered_sends
+            .fetch_add(u64::from(p.attempts), std::sync::atomic::Ordering::Relaxed);
+        if matches!(p.origin, Origin::Api(_)) {
+            tracing::info!(
+                host = %self.key,
+                id = r.id,
+                attempts = p.attempts,
+                ok = r.result.is_ok(),
+                "API command {} answered",
+                command_name(&p.command)
+            );
+        }
         let stale = matches!(&r.result, Err(e) if e.code == ErrorCode::Stale);
         if stale {
             // The host cannot tell whether it ran this id: send the same intent under a fresh id. Only
@@ -721,4 +789,13 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// The variant name of a command (for logs; the payload may be long).
+fn command_name(c: &Command) -> String {
+    let s = format!("{c:?}");
+    s.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }

@@ -57,9 +57,12 @@ enum Cmd {
         /// Re-send unanswered commands after this many milliseconds.
         #[arg(long, default_value_t = 300)]
         retry_ms: u64,
-        /// Give up on an API command after this many sends.
+        /// Ask for the VM list with ListVms (one page) after this many unanswered ListVmsFrom sends.
         #[arg(long, default_value_t = 20)]
         max_attempts: u32,
+        /// Give up on an API command this many milliseconds after its first send (re-sent every retry-ms).
+        #[arg(long, default_value_t = 20_000)]
+        command_timeout_ms: u64,
         /// Automatic IOPS tiers, ascending, comma separated.
         #[arg(long, default_value = "200,350,500")]
         tiers: String,
@@ -168,6 +171,10 @@ enum Cmd {
         /// Chunk replays per million chunks.
         #[arg(long, default_value_t = 5000)]
         replay_ppm: u32,
+        /// Cut the target's output into chunks of at most this many bytes before the faults (0 = as read; 1 = the
+        /// worst case, the same in every run).
+        #[arg(long, default_value_t = 0)]
+        target_chunk: usize,
         /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -818,6 +825,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             ready_file,
             retry_ms,
             max_attempts,
+            command_timeout_ms,
             tiers,
             iops_month_price,
             overage_price,
@@ -830,8 +838,11 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 .split(',')
                 .map(|t| num(t.trim(), "tier"))
                 .collect::<Result<_, _>>()?;
-            if tiers.is_empty() || retry_ms == 0 || max_attempts == 0 {
-                return Err("tiers, retry-ms and max-attempts must be non-empty / positive".into());
+            if tiers.is_empty() || retry_ms == 0 || max_attempts == 0 || command_timeout_ms == 0 {
+                return Err(
+                    "tiers, retry-ms, max-attempts and command-timeout-ms must be non-empty / positive"
+                        .into(),
+                );
             }
             let cfg = AgentConfig {
                 db,
@@ -840,6 +851,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 ready_file,
                 retry: Duration::from_millis(retry_ms),
                 max_attempts,
+                command_timeout: Duration::from_millis(command_timeout_ms),
                 tiers: TierPolicy {
                     tiers,
                     ..TierPolicy::default()
@@ -872,6 +884,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             drop_ppm,
             dup_ppm,
             replay_ppm,
+            target_chunk,
             seed,
         } => {
             let (l, t): (Address, Address) = (listen.parse()?, target.parse()?);
@@ -881,6 +894,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                     drop_ppm,
                     dup_ppm,
                     replay_ppm,
+                    target_chunk,
                     seed,
                 };
                 let (_, stats) = proxy::spawn(&l, t, faults).await?;

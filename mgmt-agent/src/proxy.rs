@@ -27,6 +27,12 @@ pub struct Faults {
     pub dup_ppm: u32,
     /// Per chunk: send the chunk twice.
     pub replay_ppm: u32,
+    /// Cut what the target (the host) sends into chunks of at most this many bytes before the faults (0 = as read).
+    /// A chunk is otherwise what one read returned, which follows the sender's writes and the scheduling: QEMU's
+    /// 16550 writes each byte on its own, so the proxy reads 1 to 16 bytes at a time and the replay rate per byte
+    /// varies from run to run. `1` makes it the worst case, the same in every run: every byte replayed with
+    /// `replay_ppm`.
+    pub target_chunk: usize,
     /// Generator seed.
     pub seed: u64,
 }
@@ -44,6 +50,13 @@ pub struct ProxyStats {
     pub duplicated: AtomicU64,
     /// Chunks replayed.
     pub replayed: AtomicU64,
+    /// Chunks read from the agent (towards the host).
+    pub chunks_to_host: AtomicU64,
+    /// Chunks read from the host (towards the agent). A chunk is what one read returned, so its size follows the
+    /// sender's write pattern (a 16550 in QEMU writes one byte per write), and a replay costs one chunk.
+    pub chunks_to_agent: AtomicU64,
+    /// Bytes read from the host (towards the agent).
+    pub bytes_to_agent: AtomicU64,
 }
 
 struct Rng(u64);
@@ -94,6 +107,7 @@ async fn pump(
     f: Faults,
     seed: u64,
     stats: Arc<ProxyStats>,
+    to_agent: bool,
 ) {
     let mut rng = Rng(seed | 1);
     let mut buf = vec![0u8; 4096];
@@ -102,10 +116,30 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        stats
-            .bytes
-            .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
-        let out = mutate(&mut rng, &f, &stats, &buf[..n]);
+        let bytes = u64::try_from(n).unwrap_or(0);
+        stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if to_agent {
+            let chunks = if f.target_chunk > 0 {
+                n.div_ceil(f.target_chunk)
+            } else {
+                1
+            };
+            stats
+                .chunks_to_agent
+                .fetch_add(u64::try_from(chunks).unwrap_or(0), Ordering::Relaxed);
+            stats.bytes_to_agent.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            stats.chunks_to_host.fetch_add(1, Ordering::Relaxed);
+        }
+        let chunk = if to_agent && f.target_chunk > 0 {
+            f.target_chunk
+        } else {
+            n
+        };
+        let mut out = Vec::with_capacity(n + 8);
+        for piece in buf[..n].chunks(chunk) {
+            out.extend(mutate(&mut rng, &f, &stats, piece));
+        }
         if to.write_all(&out).await.is_err() {
             return;
         }
@@ -141,6 +175,7 @@ pub async fn spawn(
                 f,
                 f.seed ^ conn.wrapping_mul(0x9e37_79b9),
                 st.clone(),
+                false,
             ));
             tokio::spawn(pump(
                 br,
@@ -148,6 +183,7 @@ pub async fn spawn(
                 f,
                 f.seed ^ conn.wrapping_mul(0x85eb_ca6b) ^ 1,
                 st.clone(),
+                true,
             ));
         }
     });

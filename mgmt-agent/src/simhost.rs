@@ -95,6 +95,9 @@ pub struct SimConfig {
     pub committable_pct: u32,
     /// VMs at start (all running).
     pub vms: Vec<SimVmSpec>,
+    /// Send long answers whole, as hosts did before `proto::parts` (tests compare the two).
+    #[serde(default)]
+    pub whole_answers: bool,
 }
 
 impl SimConfig {
@@ -159,6 +162,7 @@ impl SimConfig {
                     }],
                 },
             ],
+            whole_answers: false,
         }
     }
 }
@@ -1120,6 +1124,7 @@ pub async fn spawn(cfg: SimConfig, listen: &Address) -> std::io::Result<SimHandl
             }
         }
     });
+    let whole_answers = state.lock().map(|s| s.cfg.whole_answers).unwrap_or(false);
     let acc = state.clone();
     tokio::spawn(async move {
         let mut session = 0u32;
@@ -1138,7 +1143,7 @@ pub async fn spawn(cfg: SimConfig, listen: &Address) -> std::io::Result<SimHandl
             };
             let st = acc.clone();
             let seed = u32::try_from(now_ms().rem_euclid(1 << 30)).unwrap_or(0) ^ session;
-            tokio::spawn(serve(stream, st, rx, hello, seed));
+            tokio::spawn(serve(stream, st, rx, hello, seed, whole_answers));
         }
     });
     Ok(SimHandle { state, address })
@@ -1150,6 +1155,7 @@ async fn serve(
     mut rx: mpsc::UnboundedReceiver<ToAgent>,
     hello: Hello,
     session: u32,
+    whole_answers: bool,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let writer = tokio::spawn(async move {
@@ -1159,10 +1165,25 @@ async fn serve(
                 return;
             }
         }
+        let mut scratch = vec![0u8; proto::MAX_PAYLOAD];
         while let Some(m) = rx.recv().await {
-            let Ok(bytes) = enc.encode_vec(&m) else {
-                continue;
-            };
+            // Long answers go in parts, as the kernel sends them (`proto::parts`).
+            let mut bytes = Vec::new();
+            match &m {
+                ToAgent::Response(r) if !whole_answers => match proto::outgoing(r, &mut scratch) {
+                    Ok(proto::Outgoing::Parts(parts)) => {
+                        for p in parts {
+                            if let Ok(b) = enc.encode_vec(&ToAgent::ResponsePart(p)) {
+                                bytes.extend(b);
+                            }
+                        }
+                    }
+                    Ok(proto::Outgoing::Whole) | Err(_) => {
+                        bytes = enc.encode_vec(&m).unwrap_or_default();
+                    }
+                },
+                _ => bytes = enc.encode_vec(&m).unwrap_or_default(),
+            }
             if wr.write_all(&bytes).await.is_err() {
                 return;
             }

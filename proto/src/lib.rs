@@ -7,6 +7,7 @@
 //! - [`msg`]: the versioned message catalogue ([`ToAgent`], [`ToHost`]).
 //! - [`frame`]: [`FrameEncoder`] / [`FrameDecoder`] (COBS + CRC-32, resync on zero, counters, replay window).
 //! - [`dedup`]: [`DedupWindow`], the host-side request-id window that makes commands idempotent.
+//! - [`parts`]: long [`Response`]s in [`ResponsePart`]s, put together on the agent from parts of any attempt.
 //!
 //! Invariant: a byte stream that was corrupted, truncated or replayed never yields a message that the sender did
 //! not send in that order; rejected frames are counted in [`DecodeStats`].
@@ -24,6 +25,8 @@
 //!   (`credit_request_id`) or a [`Command::DenyCredit`] arrives.
 //! - Number [`VmTelemetry`] snapshots with `seq` +1 per snapshot across the host; answer admission failures
 //!   with [`ErrorCode::Admission`] and the numbers in the reason.
+//! - Send a [`Response`] whose postcard body is longer than [`SPLIT_ABOVE`] bytes as [`ResponsePart`]s
+//!   ([`outgoing`]), so one corrupt byte costs one part, not the whole answer.
 //! - Send [`ToAgent::LinkStats`] (the host decoder's counters, overruns, dedup answers) with every telemetry
 //!   round, so rejected frames are visible on the agent for both directions.
 //! - Send one [`ToAgent::VmDestroyed`] after the last snapshot of a VM that stopped for good, and no telemetry for
@@ -39,6 +42,7 @@ extern crate std;
 pub mod dedup;
 pub mod frame;
 pub mod msg;
+pub mod parts;
 
 pub use dedup::{DedupWindow, Seen};
 pub use frame::{
@@ -46,3 +50,6 @@ pub use frame::{
     MAX_WIRE,
 };
 pub use msg::*;
+#[cfg(feature = "std")]
+pub use parts::Reassembly;
+pub use parts::{outgoing, Outgoing, PartError, Parts, ResponsePart, PART_BYTES, SPLIT_ABOVE};

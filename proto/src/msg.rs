@@ -72,6 +72,9 @@ pub enum ToAgent {
     /// A VM has stopped for good (destroyed over the channel, or stopped by its own fault): sent once, after the
     /// VM's last [`VmTelemetry`] snapshot (its final window); no later snapshot names the VM.
     VmDestroyed(VmDestroyed),
+    /// One part of a long [`Response`] (see [`crate::parts`]); the agent answers the request once it holds
+    /// every part of one digest.
+    ResponsePart(crate::parts::ResponsePart),
 }
 
 /// The end of a VM's telemetry.

@@ -8,6 +8,7 @@
 //! (per vCPU from the scheduler, per volume from `io::service::volume_stats`, then the link's counters as
 //! `LinkStats`) when one is due, re-sends unanswered credit requests, and moves queued output to the transmitter
 //! only while its holding register is empty (one FIFO load per poll). Output frames wait in a bounded ring; a frame that does not fit is dropped whole and counted.
+//! Answers longer than `proto::SPLIT_ABOVE` bytes go out as `proto::ResponsePart`s (`proto::parts`).
 //! The endpoint is enabled with `mgmt=com2` on the command line (docs/console.md) and prints `CV:MGMT` when it
 //! comes up and `CV:MGMTSTAT` every second. While it is up an idle BSP halts at most [`IDLE_POLL_NS`] (the
 //! receiver is polled, not interrupt driven).
@@ -124,6 +125,10 @@ pub struct Counters {
     pub tx_frames: u64,
     /// Output frames dropped because the ring was full.
     pub tx_dropped: u64,
+    /// Answers sent in parts (`proto::parts`).
+    pub answers_in_parts: u64,
+    /// Parts sent.
+    pub parts: u64,
     pub requests: u64,
     /// State-changing requests executed.
     pub executed: u64,
@@ -156,7 +161,11 @@ pub struct Endpoint {
     enc: FrameEncoder,
     dedup: DedupWindow<Cached, DEDUP>,
     tx: VecDeque<u8>,
+    /// Most bytes queued in `tx` at once since boot.
+    tx_high: usize,
     wire: Vec<u8>,
+    /// Postcard bytes of a response being cut into parts.
+    scratch: Vec<u8>,
     boot_id: u64,
     /// Telemetry period, ns (0 = off).
     telemetry_period_ns: u64,
@@ -221,7 +230,9 @@ impl Endpoint {
             enc: FrameEncoder::new(session, 1),
             dedup: DedupWindow::new(),
             tx: VecDeque::with_capacity(TX_RING),
+            tx_high: 0,
             wire: vec![0; MAX_WIRE],
+            scratch: vec![0; proto::MAX_PAYLOAD],
             boot_id,
             telemetry_period_ns: period_ns,
             next_telemetry: rt.after(now, period_ns),
@@ -334,6 +345,7 @@ impl Endpoint {
                     return;
                 }
                 self.tx.extend(&self.wire[..n]);
+                self.tx_high = self.tx_high.max(self.tx.len());
                 self.counters.tx_frames += 1;
             }
             Err(e) => {
@@ -382,11 +394,26 @@ impl Endpoint {
         self.answer(req.id, result);
     }
 
+    /// Sends the answer to request `id`: whole when short, else in parts (`proto::parts`: on a noisy line one
+    /// corrupt byte then costs one part, and the agent completes the answer from the parts of its retries).
     fn answer(&mut self, id: u64, result: Result<proto::Reply, CommandError>) {
         if result.is_err() {
             self.counters.errors += 1;
         }
-        self.send(&ToAgent::Response(Response { id, result }));
+        let response = Response { id, result };
+        let mut scratch = core::mem::take(&mut self.scratch);
+        match proto::outgoing(&response, &mut scratch) {
+            Ok(proto::Outgoing::Parts(parts)) => {
+                self.counters.answers_in_parts += 1;
+                for part in parts {
+                    self.counters.parts += 1;
+                    self.send(&ToAgent::ResponsePart(part));
+                }
+            }
+            // Short (or not encodable: `send` counts and logs that).
+            Ok(proto::Outgoing::Whole) | Err(_) => self.send(&ToAgent::Response(response)),
+        }
+        self.scratch = scratch;
     }
 
     /// Takes the scheduler's closed-period records into the windows and its new credit requests into the
@@ -547,7 +574,8 @@ impl Endpoint {
             "CV:MGMTSTAT t_ms={} grants={} grant_duplicates={} granted_ns={} applied_now_ns={} staged_ns={} \
              credit_requests={} credit_resends={} outstanding={} requests={} executed={} duplicates={} stale={} \
              errors={} telemetry={} frames={} rejected={} crc={} cobs={} truncated={} oversized={} malformed={} \
-             replays={} rx_bytes={} rx_overruns={} tx_bytes={} tx_frames={} tx_dropped={}",
+             replays={} rx_bytes={} rx_overruns={} tx_bytes={} tx_frames={} tx_dropped={} tx_queued={} tx_high={} \
+             answers_in_parts={} parts={}",
             rt.ns(tsc::rdtsc()) / 1_000_000,
             c.grants,
             c.grant_duplicates,
@@ -575,7 +603,11 @@ impl Endpoint {
             c.rx_overruns,
             c.tx_bytes,
             c.tx_frames,
-            c.tx_dropped
+            c.tx_dropped,
+            self.tx.len(),
+            self.tx_high,
+            c.answers_in_parts,
+            c.parts
         ));
     }
 
