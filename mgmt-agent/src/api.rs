@@ -279,9 +279,49 @@ async fn set_sched(
     )
 }
 
+/// Most pages one balance listing reads (a host's table holds 256 vCPUs: 8 pages; the margin bounds a host that
+/// never ends its listing).
+const MAX_BALANCE_PAGES: usize = 64;
+
+/// Every vCPU's balance on `host`, read page by page (`ReadBalancesFrom`), answered as one `Balances` list.
 async fn balances(State(s): St, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let Path(host) = p?;
-    reply_json(&call_host(&s, &host, Command::ReadBalances { vm: None }, None).await?)
+    let mut all: Vec<proto::VcpuBalance> = Vec::new();
+    let mut from = (0, 0);
+    for _ in 0..MAX_BALANCE_PAGES {
+        let command = Command::ReadBalancesFrom {
+            vm: from.0,
+            vcpu: from.1,
+        };
+        match call_host(&s, &host, command, None).await? {
+            Reply::BalancePage { balances, next } => {
+                all.extend(balances);
+                match next {
+                    // A page must move forward, or the listing would never end.
+                    Some(n) if n > from => from = n,
+                    Some(n) => {
+                        return Err(ApiError(
+                            StatusCode::BAD_GATEWAY,
+                            format!(
+                            "host '{host}' sent a balance page that does not move forward ({n:?})"
+                        ),
+                        ))
+                    }
+                    None => return Ok(Json(json!({ "Balances": all }))),
+                }
+            }
+            other => {
+                return Err(ApiError(
+                    StatusCode::BAD_GATEWAY,
+                    format!("host '{host}' answered a balance page with {other:?}"),
+                ))
+            }
+        }
+    }
+    Err(ApiError(
+        StatusCode::BAD_GATEWAY,
+        format!("host '{host}' listed more than {MAX_BALANCE_PAGES} pages of balances"),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -968,21 +968,14 @@ impl SimState {
                 Ok(Reply::Ack)
             }
             Command::ReadBalances { vm } => Ok(Reply::Balances(
-                self.vms
-                    .iter()
-                    .filter(|v| vm.is_none_or(|f| f == v.id))
-                    .flat_map(|v| {
-                        v.vcpus.iter().enumerate().map(move |(i, c)| VcpuBalance {
-                            vm: v.id,
-                            vcpu: u16::try_from(i).unwrap_or(u16::MAX),
-                            balance_ns: c.balance_ns,
-                            pending_ns: c.pending.iter().map(|p| p.remaining_ns).sum(),
-                            granted_total_ns: c.granted_total_ns,
-                        })
-                    })
+                self.balances()
+                    .filter(|b| vm.is_none_or(|f| f == b.vm))
                     .take(proto::MAX_VMS)
                     .collect(),
             )),
+            Command::ReadBalancesFrom { vm, vcpu } => {
+                Ok(proto::balance_page(self.balances(), vm, vcpu))
+            }
             Command::SetTelemetryPeriod { period_ms } => {
                 if period_ms == 0 {
                     return Err(err(
@@ -995,6 +988,19 @@ impl SimState {
                 Ok(Reply::Ack)
             }
         }
+    }
+
+    /// Every vCPU's balance, VMs in id order.
+    fn balances(&self) -> impl Iterator<Item = VcpuBalance> + '_ {
+        self.vms.iter().flat_map(|v| {
+            v.vcpus.iter().enumerate().map(move |(i, c)| VcpuBalance {
+                vm: v.id,
+                vcpu: u16::try_from(i).unwrap_or(u16::MAX),
+                balance_ns: c.balance_ns,
+                pending_ns: c.pending.iter().map(|p| p.remaining_ns).sum(),
+                granted_total_ns: c.granted_total_ns,
+            })
+        })
     }
 
     fn transition(

@@ -940,6 +940,18 @@ fn full_host_is_listed_completely() {
         );
         assert_eq!(v["vcpus"], 1, "{v}");
     }
+    // Balances of all 64 vCPUs (one page holds 32): every one once, in (vm, vcpu) order.
+    let b = agent.client.get("/v1/balances/sim0").unwrap();
+    let list = b["Balances"].as_array().unwrap();
+    assert_eq!(list.len(), proto::MAX_HOST_VMS, "{b}");
+    let ids: Vec<u64> = list.iter().map(|x| x["vm"].as_u64().unwrap()).collect();
+    let listed: Vec<u64> = vms["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, listed);
     drop(agent);
     drop(sim);
     let _ = std::fs::remove_dir_all(&dir);

@@ -472,6 +472,16 @@ pub enum Command {
         /// Lowest VM id wanted.
         first: VmId,
     },
+    /// The balances of every VM's vCPUs from (`vm`, `vcpu`) on, in increasing (vm, vcpu) order, at most
+    /// [`MAX_VMS`] of them: answered by [`Reply::BalancePage`], whose `next` names where the following page starts.
+    /// `ReadBalancesFrom { vm: 0, vcpu: 0 }` and then `next` until it is `None` reads every vCPU of the host
+    /// ([`Command::ReadBalances`] with no VM answers only the first [`MAX_VMS`]).
+    ReadBalancesFrom {
+        /// VM of the first vCPU wanted.
+        vm: VmId,
+        /// First vCPU wanted within `vm` (later VMs from vCPU 0).
+        vcpu: u16,
+    },
 }
 
 impl Command {
@@ -485,6 +495,7 @@ impl Command {
                 | Self::ListVmsFrom { .. }
                 | Self::DescribeVm { .. }
                 | Self::ReadBalances { .. }
+                | Self::ReadBalancesFrom { .. }
         )
     }
 }
@@ -534,6 +545,14 @@ pub enum Reply {
         /// Id to ask for next (`ListVmsFrom { first: next }`); `None` when this page ends the listing.
         next: Option<VmId>,
     },
+    /// One page of the host's vCPU balances (the answer to [`Command::ReadBalancesFrom`]), in increasing
+    /// (vm, vcpu) order.
+    BalancePage {
+        /// The balances of this page.
+        balances: Vec<VcpuBalance, MAX_VMS>,
+        /// (vm, vcpu) to ask for next; `None` when this page ends the listing.
+        next: Option<(VmId, u16)>,
+    },
 }
 
 /// The host side of [`Command::ListVmsFrom`]: the page starting at `first` of `vms` (the host's VMs in
@@ -549,6 +568,42 @@ pub fn vm_page(vms: impl IntoIterator<Item = VmSummary>, first: VmId) -> Reply {
         }
     }
     Reply::VmPage { vms: page, next }
+}
+
+/// The host side of [`Command::ReadBalancesFrom`]: the page of `balances` (the host's vCPUs, in any order) that
+/// starts at (`vm`, `vcpu`): the [`MAX_VMS`] smallest (vm, vcpu) at or after it, in order; `next` is the smallest
+/// one left out, if any.
+#[must_use]
+pub fn balance_page(balances: impl IntoIterator<Item = VcpuBalance>, vm: VmId, vcpu: u16) -> Reply {
+    let key = |b: &VcpuBalance| (b.vm, b.vcpu);
+    let mut page: Vec<VcpuBalance, MAX_VMS> = Vec::new();
+    let mut next: Option<(VmId, u16)> = None;
+    for b in balances.into_iter().filter(|b| key(b) >= (vm, vcpu)) {
+        let at = page
+            .iter()
+            .position(|p| key(p) > key(&b))
+            .unwrap_or(page.len());
+        let left_out = if page.is_full() {
+            if at == page.len() {
+                Some(key(&b))
+            } else {
+                let last = page.pop().map(|p| key(&p));
+                // Room was made above: the insert cannot fail.
+                let _ = page.insert(at, b);
+                last
+            }
+        } else {
+            let _ = page.insert(at, b);
+            None
+        };
+        if let Some(k) = left_out {
+            next = Some(next.map_or(k, |n| n.min(k)));
+        }
+    }
+    Reply::BalancePage {
+        balances: page,
+        next,
+    }
 }
 
 /// Why a command failed.

@@ -622,3 +622,74 @@ fn vm_listing_edges() {
         }
     );
 }
+
+/// A balance of vCPU `vcpu` of VM `vm` with large values (the largest encoding).
+fn big_balance(vm: u32, vcpu: u16) -> VcpuBalance {
+    VcpuBalance {
+        vm,
+        vcpu,
+        balance_ns: i64::MIN,
+        pending_ns: u64::MAX,
+        granted_total_ns: u64::MAX,
+    }
+}
+
+/// `ReadBalancesFrom` pages: a full host (256 vCPUs, given in any order) is read completely, each vCPU once and in
+/// (vm, vcpu) order, from any start; the largest page fits the wire.
+#[test]
+fn balance_pages_cover_a_full_host() {
+    let mut host: Vec<VcpuBalance> = (0..64u32)
+        .flat_map(|vm| (0..4u16).map(move |c| big_balance(vm * 3, c)))
+        .collect();
+    // Any order in, sorted out: the list starts in the middle of a VM.
+    host.rotate_left(77);
+    let mut want: Vec<(u32, u16)> = host.iter().map(|b| (b.vm, b.vcpu)).collect();
+    want.sort_unstable();
+    for n in [0usize, 1, 31, 32, 33, 64, 256] {
+        let some = &host[..n];
+        let mut want_n: Vec<(u32, u16)> = some.iter().map(|b| (b.vm, b.vcpu)).collect();
+        want_n.sort_unstable();
+        let (mut got, mut from, mut pages) = (Vec::new(), (0u32, 0u16), 0);
+        loop {
+            let Reply::BalancePage { balances, next } =
+                balance_page(some.iter().cloned(), from.0, from.1)
+            else {
+                panic!("a page");
+            };
+            pages += 1;
+            assert!(balances.len() <= MAX_VMS);
+            got.extend(balances.iter().map(|b| (b.vm, b.vcpu)));
+            let mut enc = FrameEncoder::new(1, 1);
+            let wire = enc
+                .encode_vec(&ToAgent::Response(Response {
+                    id: u64::MAX,
+                    result: Ok(Reply::BalancePage { balances, next }),
+                }))
+                .unwrap();
+            assert!(wire.len() <= MAX_WIRE);
+            match next {
+                Some(n) => {
+                    assert!(n > from, "pages move forward");
+                    from = n;
+                }
+                None => break,
+            }
+        }
+        assert_eq!(got, want_n, "{n} vCPUs");
+        assert_eq!(pages, n.div_ceil(MAX_VMS).max(1), "{n} vCPUs");
+    }
+    // From the middle of a VM, and past the end.
+    let Reply::BalancePage { balances, next } = balance_page(host.iter().cloned(), 3, 2) else {
+        panic!("a page");
+    };
+    assert_eq!((balances[0].vm, balances[0].vcpu), (3, 2));
+    assert_eq!(
+        next,
+        Some(want[want.iter().position(|k| *k == (3, 2)).unwrap() + MAX_VMS])
+    );
+    let Reply::BalancePage { balances, next } = balance_page(host.iter().cloned(), u32::MAX, 0)
+    else {
+        panic!("a page");
+    };
+    assert!(balances.is_empty() && next.is_none());
+}

@@ -275,27 +275,12 @@ impl Endpoint {
                 }))
             }
             Command::ReadBalances { vm } => {
-                let mut out = heapless::Vec::new();
-                let sched = rt.sched.lock();
-                for (s, slot) in rt.slots.iter().enumerate() {
-                    let id = u32::try_from(slot.vm).unwrap_or(u32::MAX);
-                    if vm.is_some_and(|want| want != id) {
-                        continue;
-                    }
-                    let Ok(st) = sched.status(slot.id) else {
-                        continue;
-                    };
-                    let b = VcpuBalance {
-                        vm: id,
-                        vcpu: u16::try_from(slot.index).unwrap_or(u16::MAX),
-                        balance_ns: st.balance_ns,
-                        pending_ns: st.staged_grant_ns,
-                        granted_total_ns: self.granted_total[s],
-                    };
-                    if out.push(b).is_err() {
-                        break;
-                    }
-                }
+                let out: heapless::Vec<VcpuBalance, { proto::MAX_VMS }> = self
+                    .balances(rt)
+                    .into_iter()
+                    .filter(|b| vm.is_none_or(|want| want == b.vm))
+                    .take(proto::MAX_VMS)
+                    .collect();
                 if let Some(want) = vm {
                     if out.is_empty() {
                         vm_of(rt, want)?;
@@ -303,11 +288,33 @@ impl Endpoint {
                 }
                 Ok(Reply::Balances(out))
             }
+            Command::ReadBalancesFrom { vm, vcpu } => {
+                Ok(proto::balance_page(self.balances(rt), vm, vcpu))
+            }
             _ => Err(err(
                 ErrorCode::Invalid,
                 format_args!("not a query: {cmd:?}"),
             )),
         }
+    }
+
+    /// Every vCPU's balance, in slot order (VMs in creation order, vCPUs in index order).
+    fn balances(&self, rt: &Runtime) -> alloc::vec::Vec<VcpuBalance> {
+        let sched = rt.sched.lock();
+        rt.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(s, slot)| {
+                let st = sched.status(slot.id).ok()?;
+                Some(VcpuBalance {
+                    vm: u32::try_from(slot.vm).unwrap_or(u32::MAX),
+                    vcpu: u16::try_from(slot.index).unwrap_or(u16::MAX),
+                    balance_ns: st.balance_ns,
+                    pending_ns: st.staged_grant_ns,
+                    granted_total_ns: self.granted_total.get(s).copied().unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// Runs a state-changing command (the caller deduplicates by request id).
@@ -384,7 +391,8 @@ impl Endpoint {
             | Command::ListVms
             | Command::ListVmsFrom { .. }
             | Command::DescribeVm { .. }
-            | Command::ReadBalances { .. } => Err(err(
+            | Command::ReadBalances { .. }
+            | Command::ReadBalancesFrom { .. } => Err(err(
                 ErrorCode::Invalid,
                 format_args!("not a state change: {cmd:?}"),
             )),
