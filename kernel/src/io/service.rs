@@ -9,15 +9,19 @@
 //! devices its guest memory once the RAM exists; [`remove_vm`] undoes a VM whose build failed later.
 //!
 //! At run time guest accesses to a device window arrive through [`mmio`]. A queue notification (the hot access)
-//! only marks the queue pending and, if the service lock is free, pumps at once; a pump first processes pending
-//! queues (parse the virtqueue, copy write data, enqueue with the partitioner), then reaps NVMe completions
-//! (scatter read data into the guest, write the status, push the used ring) and feeds the device in the
-//! partitioner's order. While a device has requests in flight it asks its driver not to notify
-//! (VIRTQ_USED_F_NO_NOTIFY) and every pump looks at its queue instead (`poll_queues`); the request is withdrawn
-//! when its last request completes, with one more look. Every CPU's run loop calls [`pump`] while anything is
-//! outstanding or pending. An idle
-//! CPU with requests outstanding ([`outstanding`]) wakes every [`IDLE_POLL_NS`] to pump. Closed telemetry windows
-//! are printed as `CV:IOWIN` lines and kept for [`volume_stats`].
+//! only marks the queue pending: no I/O work is ever done inside a vCPU's exit, so an exit's handling stays within
+//! the scheduler's overrun bound and the I/O work is not charged to whichever vCPU happened to notify. The run
+//! loops do the work between slices, as hypervisor time, in [`pump`]s bounded by a time budget (`Budget`,
+//! `PUMP_BUDGET_NS`, with a floor of one item of each kind so neither direction starves): a pump processes pending
+//! queues a batch at a time (parse the virtqueue, copy write data, enqueue with the partitioner), then runs the
+//! engine (reap NVMe completions into a backlog, feed the device in the partitioner's order), then finishes
+//! completions from the backlog (scatter read data into the guest, write the status, push the used ring). While
+//! a device has requests in flight it asks its driver not to notify (VIRTQ_USED_F_NO_NOTIFY) and every pump looks
+//! at its queue instead (`poll_queues`); the request is withdrawn when its last request completes, with one more
+//! look. Work left over (a pending queue, the backlog, a ring with more requests) keeps [`outstanding`] above 0, so
+//! every CPU's run loop pumps again within `PUMP_INTERVAL_NS`, and an idle CPU wakes every [`IDLE_POLL_NS`] to
+//! pump. Closed telemetry windows are printed as `CV:IOWIN` lines and kept for [`volume_stats`]. `CV:IOSUM`
+//! carries the longest pump and the longest MMIO exit (`max_pump_us`, `max_mmio_us`).
 //!
 //! I/O credits (issue 8): an I/O credit is one unit I/O above a volume's commitment. [`grant_io`] applies a pool
 //! grant to the volume's burst bucket through the partitioner (`Partitioner::top_up`: exactly once per grant id,
@@ -40,14 +44,15 @@
 //! while VMs are built) is read by notifications without the service lock and by pumps under it: *service ->
 //! windows*. A notification never waits for the service lock (see [`mmio`]). Neither is held while a guest runs; the run loop takes the
 //! service lock after releasing its VM context lock, and `pump` only try-locks (a CPU that finds another pumping
-//! goes on with its own work instead of spinning). [`OUTSTANDING`] mirrors the engine's count for lock-free
-//! checks.
+//! goes on with its own work instead of spinning). [`OUTSTANDING`] mirrors the work left (engine requests,
+//! the completion backlog, a ring known to hold more) for lock-free checks.
 
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use drivers::nvme::{Dma, Namespace};
 use sched::iops::{
@@ -190,11 +195,15 @@ struct Overhead {
     lock_wait_ticks: u64,
     completed: u64,
     discarded: u64,
+    /// The longest pump (TSC ticks), any caller.
+    max_pump_ticks: u64,
 }
 
 struct Service {
     engine: Engine,
     router: Router,
+    /// Engine results not yet finished into their guests (a pump finishes a budget's worth).
+    backlog: VecDeque<Done>,
     volumes: Vec<Volume>,
     capacity: u64,
     namespaces: Vec<Namespace>,
@@ -219,6 +228,10 @@ struct WindowEntry {
     base: u64,
     /// The guest wrote QUEUE_NOTIFY and the queue has not been processed since.
     pending: AtomicBool,
+    /// The device's `Status` register as of the end of the last locked operation on the service (see
+    /// `mirror_status`): the `io` guest reads it every 100 ms while requests are in flight, and answering from here
+    /// keeps that exit from waiting behind a pump for the service lock.
+    status: AtomicU32,
 }
 
 /// The windows (written only while VMs are built, under the service lock: order service -> windows).
@@ -227,8 +240,10 @@ static WINDOWS: RwLock<Vec<WindowEntry>> = RwLock::new(Vec::new());
 static NOTIFY_PENDING: AtomicBool = AtomicBool::new(false);
 /// MMIO exits served (both paths).
 static MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
-/// Notifies that found the service busy and were left to its holder (or the next pump).
+/// Notifies left to the next run-loop pump (all of them: an exit never processes a queue).
 static NOTIFIES_DEFERRED: AtomicU64 = AtomicU64::new(0);
+/// The longest time (TSC ticks) one MMIO exit spent in this service: the I/O work a vCPU's slice pays for.
+static MAX_MMIO_TICKS: AtomicU64 = AtomicU64::new(0);
 /// Time (ns) of the last run-loop call of [`pump`], any CPU, and the largest gap per window (ring of 64 windows,
 /// each slot tagged with its window); see `note_gap`.
 static LAST_CALL_NS: AtomicU64 = AtomicU64::new(0);
@@ -239,6 +254,9 @@ static STALL_WINDOW: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64];
 static LAST_PUMP: AtomicU64 = AtomicU64::new(0);
 /// Smallest spacing of run-loop pumps.
 const PUMP_INTERVAL_NS: u64 = 25_000;
+/// Time budget of one pump (see `Budget`): with the engine step and the one-item floors, a pump stays near this
+/// on hardware; under emulation one item alone can exceed it.
+const PUMP_BUDGET_NS: u64 = 20_000;
 /// Pumps skipped because another CPU held the lock (contention figure).
 static CONTENDED: AtomicU64 = AtomicU64::new(0);
 /// Volume windows closed so far, and the count [`credit_needs`] last looked at (it takes the service lock only after
@@ -347,6 +365,7 @@ fn build() -> Result<Service, String> {
     Ok(Service {
         engine,
         router: Router::default(),
+        backlog: VecDeque::new(),
         volumes: Vec::new(),
         capacity,
         namespaces,
@@ -479,6 +498,7 @@ pub fn add_volume(
         vm,
         base,
         pending: AtomicBool::new(false),
+        status: AtomicU32::new(0),
     });
     s.volumes.push(Volume {
         vm,
@@ -569,7 +589,7 @@ pub fn detach_vm(vm: usize) {
             s.router.in_flight()
         );
     }
-    OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
+    publish_outstanding(s, false);
 }
 
 /// Requests accepted and not yet completed, plus one while a queue notification waits to be processed (a hint
@@ -581,35 +601,49 @@ pub fn outstanding() -> usize {
 /// A guest access to VM `vm`'s device windows: `write` is `Some(value)` for a store. Returns the value read
 /// (0 for a store), or `None` when no device of this VM covers `gpa`.
 ///
-/// The hot access, a queue notification, never waits for the service lock: it marks the queue pending and
-/// processes it at once if the lock is free; otherwise the CPU holding the lock (or the next run-loop pump, at most
-/// [`PUMP_INTERVAL_NS`] or [`IDLE_POLL_NS`] later) processes it. virtio lets a device process its queue after the
-/// notification's write completes, so the guest sees no difference but a CPU that does not spin behind another's
-/// pump. Other registers (status, features, queue set-up: driver initialisation) are served under the lock.
+/// The hot access, a queue notification, never takes the service lock: it marks the queue pending and returns;
+/// the next run-loop pump (any CPU, at most [`PUMP_INTERVAL_NS`] or [`IDLE_POLL_NS`] later) processes it. virtio
+/// lets a device process its queue after the notification's write completes, so the guest sees no difference
+/// but an exit that costs the same whatever the I/O load. A read of the `Status` register (the `io` guest's
+/// periodic health check) is answered from a mirror without the lock too. Other registers (features, queue set-up:
+/// driver initialisation) are served under the lock; they do no queue work.
 pub fn mmio(vm: usize, gpa: u64, size: u8, write: Option<u64>) -> Option<u64> {
     let s = service()?;
+    let entered = tsc::rdtsc();
+    let r = serve_mmio(s, vm, gpa, size, write);
+    MAX_MMIO_TICKS.fetch_max(tsc::rdtsc().saturating_sub(entered), Ordering::Relaxed);
+    r
+}
+
+/// [`mmio`] itself.
+fn serve_mmio(
+    s: &'static Mutex<Service>,
+    vm: usize,
+    gpa: u64,
+    size: u8,
+    write: Option<u64>,
+) -> Option<u64> {
     MMIO_EXITS.fetch_add(1, Ordering::Relaxed);
+    if write.is_none() && size == 4 {
+        let table = WINDOWS.read();
+        let status = table
+            .iter()
+            .find(|e| e.vm == vm && gpa == e.base + virt::virtio::mmio::reg::STATUS);
+        if let Some(e) = status {
+            return Some(u64::from(e.status.load(Ordering::Acquire)));
+        }
+    }
     if write == Some(0) && size == 4 {
         let table = WINDOWS.read();
         let notify = table
             .iter()
             .find(|e| e.vm == vm && gpa == e.base + virt::virtio::mmio::reg::QUEUE_NOTIFY);
         if let Some(e) = notify {
+            // Enqueue only: the queue is processed by the next run-loop pump (any CPU, within PUMP_INTERVAL_NS
+            // or IDLE_POLL_NS), as hypervisor time with a bounded budget, never inside this vCPU's exit.
             e.pending.store(true, Ordering::Release);
             NOTIFY_PENDING.store(true, Ordering::Release);
-            drop(table);
-            match s.try_lock() {
-                Some(mut guard) => {
-                    let t0 = tsc::rdtsc();
-                    pump_locked(&mut guard);
-                    let t = tsc::rdtsc().saturating_sub(t0);
-                    guard.ovh.ticks += t;
-                    guard.ovh.pump_ticks += t;
-                }
-                None => {
-                    NOTIFIES_DEFERRED.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            NOTIFIES_DEFERRED.fetch_add(1, Ordering::Relaxed);
             return Some(0);
         }
     }
@@ -628,12 +662,10 @@ pub fn mmio(vm: usize, gpa: u64, size: u8, write: Option<u64>) -> Option<u64> {
             // Registers are 32 bits wide (virtio 1.2 section 4.2.2); the device ignores other sizes.
             let value = u32::try_from(value & 0xFFFF_FFFF).unwrap_or(0);
             device_write(s, i, offset, size, value);
-            if offset == virt::virtio::mmio::reg::QUEUE_NOTIFY {
-                pump_locked(s);
-            }
             0
         }
     };
+    mirror_status(s);
     let t = tsc::rdtsc().saturating_sub(t0);
     s.ovh.ticks += t;
     s.ovh.device_ticks += t;
@@ -679,31 +711,85 @@ fn with_device(
     f(&mut v.dev, &mut **mem, &mut backend);
 }
 
+/// The work one pump may do ([`pump_locked`]): a time budget, checked between items, with a floor of one item of
+/// each kind (a request taken from a queue, a completion finished into a guest) so neither side starves when one
+/// item alone costs more than the budget (under emulation it does: ~20-40 us each). Work left over stays queued
+/// (notification pending, completion backlog, the available ring) and [`outstanding`] stays above 0, so the run
+/// loops pump again within `PUMP_INTERVAL_NS` (busy CPU) or [`IDLE_POLL_NS`] (idle CPU).
+struct Budget {
+    until: u64,
+}
+
+impl Budget {
+    fn new(now: u64) -> Self {
+        Self {
+            until: now.saturating_add(tsc::hz() / (1_000_000_000 / PUMP_BUDGET_NS)),
+        }
+    }
+
+    fn spent(&self) -> bool {
+        tsc::rdtsc() >= self.until
+    }
+}
+
+/// Requests taken from one queue per look (between budget checks).
+const INTAKE_BATCH: usize = 4;
+
 /// Looks at the queue of every attached device that has requests in flight, or still asks its driver not to
 /// notify (`VirtioBlk::poll_queue`: notification suppression). While a device has requests in flight the run
 /// loops pump anyway (they are outstanding), so its driver need not notify: each notification is a trapped MMIO
 /// store, an exit, and a pass through this service. Called at the end of every pump, after completions, so a
-/// device whose last request just finished clears its no-notify request before the loops stop pumping.
-fn poll_queues(s: &mut Service) {
+/// device whose last request just finished clears its no-notify request before the loops stop pumping. Every
+/// polling device is looked at (its no-notify flag kept right); once the budget is spent a look takes no request
+/// and only notes that the ring holds some. Returns (requests taken, whether any ring still holds requests).
+fn poll_queues(s: &mut Service, budget: &Budget, mut floor: bool) -> (usize, bool) {
+    let (mut taken, mut more) = (0, false);
     for i in 0..s.volumes.len() {
         if s.volumes[i].dev.polling() {
-            with_device(s, i, |dev, mem, backend| dev.poll_queue(mem, backend));
+            let max = if floor || !budget.spent() {
+                INTAKE_BATCH
+            } else {
+                0
+            };
+            let mut got = virt::virtio::blk::Intake::default();
+            with_device(s, i, |dev, mem, backend| {
+                got = dev.poll_queue(mem, backend, max);
+            });
+            floor &= got.taken == 0;
+            taken += got.taken;
+            more |= got.more;
         }
     }
+    (taken, more)
 }
 
-/// Processes the queues whose notification is pending (under the service lock); returns how many.
-fn take_notifies(s: &mut Service) -> usize {
+/// Processes the queues whose notification is pending (under the service lock), a bounded batch each while the
+/// budget lasts; a queue with requests left stays pending. Returns the requests taken.
+fn take_notifies(s: &mut Service, budget: &Budget) -> usize {
     if !NOTIFY_PENDING.swap(false, Ordering::AcqRel) {
         return 0;
     }
     let mut n = 0;
     let table = WINDOWS.read();
     for (i, e) in table.iter().enumerate() {
-        if e.pending.swap(false, Ordering::AcqRel) && i < s.volumes.len() {
-            s.ovh.notifies += 1;
-            n += 1;
-            device_write(s, i, virt::virtio::mmio::reg::QUEUE_NOTIFY, 4, 0);
+        if i >= s.volumes.len() || !e.pending.load(Ordering::Acquire) {
+            continue;
+        }
+        if n > 0 && budget.spent() {
+            // Left for the next pump.
+            NOTIFY_PENDING.store(true, Ordering::Release);
+            continue;
+        }
+        e.pending.store(false, Ordering::Release);
+        s.ovh.notifies += 1;
+        let mut got = virt::virtio::blk::Intake::default();
+        with_device(s, i, |dev, mem, backend| {
+            got = dev.take_notified(mem, backend, INTAKE_BATCH);
+        });
+        n += got.taken.max(1);
+        if got.more {
+            e.pending.store(true, Ordering::Release);
+            NOTIFY_PENDING.store(true, Ordering::Release);
         }
     }
     n
@@ -789,24 +875,32 @@ fn window_stall_ns(w: u64) -> u64 {
     }
 }
 
-/// One pump under the service lock: pending notifications, then the engine; returns the notifications and
-/// completions handled.
+/// One pump under the service lock, bounded by a [`Budget`]: pending notifications (a batch per queue), then
+/// the engine (reap NVMe completions into the backlog, submit what the partitioner dispatches: at most the
+/// device's in-flight limit), then completions from the backlog into the guests (at least one), then the polled
+/// queues. Returns the requests taken and completions handled (0: the pump found nothing to do).
 fn pump_locked(s: &mut Service) -> usize {
+    let t0 = tsc::rdtsc();
+    let budget = Budget::new(t0);
     s.started_ns.get_or_insert_with(now_ns);
-    let n0 = tsc::rdtsc();
-    let notified = take_notifies(s);
-    s.ovh.notify_ticks += tsc::rdtsc().saturating_sub(n0);
-    let mut finished: Vec<Done> = Vec::new();
+    let notified = take_notifies(s, &budget);
     let mut ctrl = s.ctrl.lock();
     let e0 = tsc::rdtsc();
+    s.ovh.notify_ticks += e0.saturating_sub(t0);
+    let before = s.backlog.len();
+    let backlog = &mut s.backlog;
     s.engine
-        .pump(&mut ctrl.ctrl, &mut now_ns, &mut |d| finished.push(d));
-    let n = finished.len();
+        .pump(&mut ctrl.ctrl, &mut now_ns, &mut |d| backlog.push_back(d));
     let f0 = tsc::rdtsc();
-    if n > 0 {
+    if s.backlog.len() > before {
         s.ovh.engine_ticks += f0.saturating_sub(e0);
     }
-    for d in finished {
+    let mut n = 0;
+    while n == 0 || !budget.spent() {
+        let Some(d) = s.backlog.pop_front() else {
+            break;
+        };
+        n += 1;
         let Some(i) = s.router.device_of(d.token) else {
             continue;
         };
@@ -838,10 +932,7 @@ fn pump_locked(s: &mut Service) -> usize {
     drop(ctrl);
     let p0 = tsc::rdtsc();
     s.ovh.finish_ticks += p0.saturating_sub(f0);
-    let before = s.router.in_flight();
-    poll_queues(s);
-    // Requests taken from the queues without a notification (this pump did work).
-    let polled = s.router.in_flight().saturating_sub(before);
+    let (polled, more) = poll_queues(s, &budget, notified == 0);
     s.ovh.notify_ticks += tsc::rdtsc().saturating_sub(p0);
     let volumes = &mut s.volumes;
     s.engine.drain_reports(&mut |r| {
@@ -862,8 +953,33 @@ fn pump_locked(s: &mut Service) -> usize {
             WINDOWS_CLOSED.fetch_add(1, Ordering::Release);
         }
     });
-    OUTSTANDING.store(s.engine.outstanding(), Ordering::Release);
+    publish_outstanding(s, more);
+    mirror_status(s);
+    let t = tsc::rdtsc().saturating_sub(t0);
+    s.ovh.max_pump_ticks = s.ovh.max_pump_ticks.max(t);
     n + notified + polled
+}
+
+/// Copies every device's `Status` register into its window entry (under the service lock, after anything that
+/// may have changed one: a register write, a pump that broke or completed into a device), for the lock-free read
+/// in [`mmio`]. A read racing with a locked operation sees the status from before it, as if it came first.
+fn mirror_status(s: &Service) {
+    let table = WINDOWS.read();
+    for (e, v) in table.iter().zip(&s.volumes) {
+        e.status.store(
+            v.dev.mmio_read(virt::virtio::mmio::reg::STATUS, 4),
+            Ordering::Release,
+        );
+    }
+}
+
+/// Mirrors the work left for the run loops into [`OUTSTANDING`]: requests on the engine, completions not yet
+/// finished into their guests, and one if a polled queue still holds requests (`ring_more`).
+fn publish_outstanding(s: &Service, ring_more: bool) {
+    OUTSTANDING.store(
+        s.engine.outstanding() + s.backlog.len() + usize::from(ring_more),
+        Ordering::Release,
+    );
 }
 
 /// The scripted commitment changes that are due (`elapsed` ns after the first request), marked done:
@@ -1161,7 +1277,7 @@ pub fn summary() {
     let done = o.completed.max(1);
     let per_req = |ticks: u64| tsc::ticks_to_us(ticks.saturating_mul(1000)) / done;
     marker!(
-        "IOSUM capacity={} completed={} discarded={} mmio_exits={} notifies={} notifies_deferred={} exits_per_req_x100={} ovh_ns_per_req={} device_ns_per_req={} pump_ns_per_req={} lock_wait_ns_per_req={} engine_ns_per_req={} refused={} pumps={} ns_per_pump={} contended_pumps={}",
+        "IOSUM capacity={} completed={} discarded={} mmio_exits={} notifies={} notifies_deferred={} exits_per_req_x100={} ovh_ns_per_req={} device_ns_per_req={} pump_ns_per_req={} lock_wait_ns_per_req={} engine_ns_per_req={} refused={} pumps={} ns_per_pump={} contended_pumps={} max_pump_us={} max_mmio_us={} backlog={}",
         s.capacity,
         o.completed,
         o.discarded,
@@ -1177,7 +1293,10 @@ pub fn summary() {
         s.router.refused,
         o.pumps,
         tsc::ticks_to_us(o.all_pump_ticks.saturating_mul(1000)) / o.pumps.max(1),
-        CONTENDED.load(Ordering::Relaxed)
+        CONTENDED.load(Ordering::Relaxed),
+        tsc::ticks_to_us(o.max_pump_ticks),
+        tsc::ticks_to_us(MAX_MMIO_TICKS.load(Ordering::Relaxed)),
+        s.backlog.len()
     );
     // The engine's share broken down (every engine pump, empty ones included, so polling shows), and the
     // controller's register accesses (doorbells, CSTS): each one an exit to the device model under emulation.

@@ -104,6 +104,15 @@ impl BlockRequest {
     }
 }
 
+/// What one bounded look at the available ring did ([`VirtioBlk::take_notified`], [`VirtioBlk::poll_queue`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Intake {
+    /// Requests taken from the ring (handed to the backend, or answered at once).
+    pub taken: usize,
+    /// The budget ran out with requests still in the ring: look again.
+    pub more: bool,
+}
+
 /// Whether the backend finished a request at once or will complete it later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Submitted {
@@ -291,8 +300,26 @@ impl VirtioBlk {
                 self.in_flight.iter_mut().for_each(|f| *f = None);
                 self.in_flight_count = 0;
             }
-            Effect::Notify(_) => self.process(mem, backend),
+            Effect::Notify(_) => {
+                self.process(mem, backend, usize::MAX);
+            }
         }
+    }
+
+    /// Serves a queue notification with bounded work: takes at most `max` requests from the available ring (a
+    /// notification handled this way need not be processed at the register write: virtio lets the device look at
+    /// the ring after the write completes). `Intake::more` says the ring still holds requests, so the owner must
+    /// call again. Does nothing unless the device is live with its queue ready.
+    pub fn take_notified(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        backend: &mut dyn BlockBackend,
+        max: usize,
+    ) -> Intake {
+        if !self.transport.live() || self.transport.queue_mut(0).is_none() {
+            return Intake::default();
+        }
+        self.process(mem, backend, max)
     }
 
     /// Whether [`VirtioBlk::poll_queue`] has anything to do: requests in flight, or the no-notify request still
@@ -305,51 +332,83 @@ impl VirtioBlk {
     /// with the backend then anyway): with requests in flight, asks the driver not to notify
     /// (VIRTQ_USED_F_NO_NOTIFY) and takes whatever the driver made available; with none, clears the request and
     /// looks once more, since a driver that saw the flag set before it was cleared did not notify. A notification
-    /// costs the guest a trapped MMIO store; a look costs one read of the available index. Does nothing unless the
-    /// device is live with its queue ready.
-    pub fn poll_queue(&mut self, mem: &mut dyn GuestMemory, backend: &mut dyn BlockBackend) {
+    /// costs the guest a trapped MMIO store; a look costs one read of the available index. Takes at most `max`
+    /// requests (`Intake::more`: the ring holds more, look again). Does nothing unless the device is live with its
+    /// queue ready.
+    pub fn poll_queue(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        backend: &mut dyn BlockBackend,
+        max: usize,
+    ) -> Intake {
         if !self.transport.live() {
-            return;
+            return Intake::default();
         }
         let busy = self.in_flight() > 0;
         let Some(q) = self.transport.queue_mut(0) else {
-            return;
+            return Intake::default();
         };
         let was = q.no_notify;
         if let Err(e) = q.set_no_notify(mem, busy) {
-            return self.transport.break_device(e);
+            self.transport.break_device(e);
+            return Intake::default();
         }
         if busy || was {
             // Clearing the flag must be visible before the available index is read again (store-load order).
             core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            self.process(mem, backend);
+            return self.process(mem, backend, max);
         }
+        Intake::default()
     }
 
-    /// Takes every available request from the queue.
-    fn process(&mut self, mem: &mut dyn GuestMemory, backend: &mut dyn BlockBackend) {
+    /// Takes up to `max` available requests from the queue.
+    fn process(
+        &mut self,
+        mem: &mut dyn GuestMemory,
+        backend: &mut dyn BlockBackend,
+        max: usize,
+    ) -> Intake {
+        let mut taken = 0;
         loop {
             if !self.transport.live() {
-                return;
+                return Intake { taken, more: false };
             }
             let Some(q) = self.transport.queue_mut(0) else {
-                return;
+                return Intake { taken, more: false };
             };
+            if taken >= max {
+                // The budget is spent: only tell whether the ring holds more (one read of its index).
+                return match q.pending(mem) {
+                    Ok(n) => Intake { taken, more: n > 0 },
+                    Err(e) => {
+                        self.transport.break_device(e);
+                        Intake { taken, more: false }
+                    }
+                };
+            }
             let chain = match q.pop(mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => return,
-                Err(e) => return self.transport.break_device(e),
+                Ok(None) => return Intake { taken, more: false },
+                Err(e) => {
+                    self.transport.break_device(e);
+                    return Intake { taken, more: false };
+                }
             };
+            taken += 1;
             let head = chain.head;
             if self
                 .in_flight
                 .get(usize::from(head))
                 .is_none_or(Option::is_some)
             {
-                return self.transport.break_device(ChainError::HeadInFlight(head));
+                self.transport.break_device(ChainError::HeadInFlight(head));
+                return Intake { taken, more: false };
             }
             match self.parse(mem, chain) {
-                Err(e) => return self.transport.break_device(e),
+                Err(e) => {
+                    self.transport.break_device(e);
+                    return Intake { taken, more: false };
+                }
                 Ok(Parsed::Answer(status, status_gpa)) => {
                     self.finish(mem, head, status_gpa, status, 1);
                 }

@@ -522,12 +522,12 @@ fn polling_mode_suppresses_notifications_while_busy_and_catches_late_requests() 
     };
     // Idle: polling does nothing and asks nothing of the driver.
     assert!(!rig.dev.polling());
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(used_flags(&rig), 0);
     // One request in flight: the device asks not to be notified.
     rig.request(0, req_type::IN, 1, 0x10000, 512);
     assert!(rig.dev.polling());
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(used_flags(&rig), USED_F_NO_NOTIFY);
     // The driver publishes a second request without notifying: the next poll takes it.
     rig.header(0x8100, req_type::IN, 2);
@@ -543,7 +543,7 @@ fn polling_mode_suppresses_notifications_while_busy_and_catches_late_requests() 
     rig.mem
         .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
         .unwrap();
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(rig.disk.held.len(), 2, "taken without a notification");
     // Both complete: the next poll clears the request and still looks at the ring (a third request published
     // while the flag was set, without a notification, is taken).
@@ -566,17 +566,17 @@ fn polling_mode_suppresses_notifications_while_busy_and_catches_late_requests() 
     rig.mem
         .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
         .unwrap();
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(rig.disk.held.len(), 1, "the late request was taken");
     assert_eq!(used_flags(&rig), 0, "cleared before the last look");
     // It is in flight, so the next poll sets the flag again; once it completes, a poll clears it for good.
     assert!(rig.dev.polling());
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(used_flags(&rig), USED_F_NO_NOTIFY);
     let req = rig.disk.held.pop().unwrap();
     let status = rig.disk.run(&mut rig.mem, &req);
     assert!(rig.dev.complete(&mut rig.mem, req.id, status));
-    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     assert_eq!(used_flags(&rig), 0);
     assert!(!rig.dev.polling());
     assert_eq!(rig.used().0, 3);
@@ -616,4 +616,81 @@ mod prop {
             prop_assert_eq!(rig.dev.in_flight(), rig.disk.held.len());
         }
     }
+}
+
+#[test]
+fn a_notification_is_served_in_bounded_batches() {
+    let mut rig = Rig::up();
+    rig.disk.hold = true;
+    // Four requests published behind one notification the device did not process at the register write (the
+    // kernel only marks the queue pending there). Two descriptors each: the header, then data and status byte in
+    // one device-writable buffer (513 bytes), so four chains fill the 8-entry queue.
+    for r in 0..4u16 {
+        let base = 2 * r;
+        let hdr = 0x8000 + u64::from(base) * 0x20;
+        let data = 0x10000 + 0x1000 * u64::from(r);
+        rig.header(hdr, req_type::IN, u64::from(r));
+        rig.mem.write(data + 512, &[0xFF]).unwrap();
+        rig.desc(base, hdr, 16, DESC_F_NEXT, base + 1);
+        rig.desc(base + 1, data, 513, DESC_F_WRITE, 0);
+        let slot = u64::from(rig.avail_idx % QSIZE);
+        rig.mem
+            .write(AVAIL + 4 + 2 * slot, &base.to_le_bytes())
+            .unwrap();
+        rig.avail_idx += 1;
+    }
+    rig.mem
+        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
+        .unwrap();
+    let first = rig.dev.take_notified(&mut rig.mem, &mut rig.disk, 1);
+    assert_eq!(
+        first,
+        Intake {
+            taken: 1,
+            more: true
+        }
+    );
+    assert_eq!(
+        rig.disk.held.len(),
+        1,
+        "no more than the budget reached the backend"
+    );
+    // With requests in flight, a polling look takes the next batch, and a zero budget only tells what is left.
+    let none = rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, 0);
+    assert_eq!(
+        none,
+        Intake {
+            taken: 0,
+            more: true
+        }
+    );
+    assert_eq!(rig.disk.held.len(), 1);
+    let second = rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, 2);
+    assert_eq!(
+        second,
+        Intake {
+            taken: 2,
+            more: true
+        }
+    );
+    let last = rig.dev.take_notified(&mut rig.mem, &mut rig.disk, 2);
+    assert_eq!(
+        last,
+        Intake {
+            taken: 1,
+            more: false
+        }
+    );
+    let sectors: Vec<u64> = rig.disk.held.iter().map(|r| r.sector).collect();
+    assert_eq!(sectors, [0, 1, 2, 3], "in ring order, each once");
+    assert_eq!(rig.dev.in_flight(), 4);
+    assert!(rig.broken().is_none());
+}
+
+#[test]
+fn a_device_not_live_takes_nothing_when_notified() {
+    let mut rig = Rig::new(false);
+    let got = rig.dev.take_notified(&mut rig.mem, &mut rig.disk, 8);
+    assert_eq!(got, Intake::default());
+    assert_eq!(rig.disk.seen, 0);
 }
