@@ -138,8 +138,16 @@ const IO_ERR: u32 = 10;
 const IO_VERIFY_FAIL: u32 = 11;
 
 /// The guests' data checks: every VM's guest completed requests, verified everything it read back, and (unless
-/// `errors_ok`) saw no I/O error.
+/// `errors_ok`) saw no I/O error. Each guest's string port input check passed too (`io: ins check ok`: `REP INSB`
+/// from its COM1 scratch register stored into its memory by the hypervisor's exit handling).
 fn check_guests(report: &Report, vms: &[&str], errors_ok: &[&str]) {
+    let serial = std::fs::read_to_string(&report.serial_log).expect("read the serial log");
+    for vm in vms {
+        assert!(
+            serial.contains(&format!("{vm}: io: ins check ok")),
+            "{vm}: no 'io: ins check ok' line (INS emulation)"
+        );
+    }
     let last = final_vms(report);
     for vm in vms {
         let m = last

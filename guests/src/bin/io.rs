@@ -212,6 +212,28 @@ fn free_ram(boot: &BootInfo) -> (u64, u64) {
     (start, end.max(start))
 }
 
+/// Checks string port input (`INS`): a pattern written to COM1's scratch register (0x3ff, PC16550D) with `OUT`
+/// must come back eight times through `REP INSB` into memory. The hypervisor emulates it through the guest page
+/// walk and stores into guest RAM; the result is logged (`io: ins check ok` or `... failed`), never fatal here.
+fn ins_check() -> bool {
+    const SCR: u16 = 0x3ff;
+    const PATTERN: u8 = 0x5a;
+    let mut buf = [0u8; 8];
+    // SAFETY: port 0x3ff is the VM's own COM1 scratch register (docs/guest-abi.md); `REP INSB` stores RCX = 8 bytes
+    // at RDI, which points at `buf` (8 bytes, on this vCPU's stack), with DF clear (the Rust ABI guarantees it).
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") SCR, in("al") PATTERN, options(nomem, nostack));
+        core::arch::asm!(
+            "rep insb",
+            inout("rdi") buf.as_mut_ptr() => _,
+            inout("rcx") buf.len() => _,
+            in("dx") SCR,
+            options(nostack)
+        );
+    }
+    buf == [PATTERN; 8]
+}
+
 #[no_mangle]
 pub fn guest_main(boot: &'static BootInfo) -> ! {
     if boot.vcpu_id != 0 {
@@ -221,6 +243,11 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
         }
     }
     let a = parse_args(boot.cmdline());
+    if ins_check() {
+        log("io: ins check ok");
+    } else {
+        log("io: ins check failed: REP INSB did not store the scratch register's value");
+    }
     let devices = boot.devices();
     let Some(info) = devices.get(a.device).copied() else {
         logf!(

@@ -8,7 +8,7 @@
 //! Invariants: `frames[i]` backs guest-physical `[i * 4 KiB, (i + 1) * 4 KiB)`; every access is bounds-checked by
 //! `virt::memory::check_range` before any byte is touched. Guest vCPUs may write the same bytes concurrently; the
 //! hypervisor only copies plain bytes out (never forms references into guest memory), so a racing guest can only
-//! change what it logs. Frames are returned to the allocator only by [`GuestRam::release`] (a VM that never ran) or
+//! change what it logs. [`RamWriter`] lets exit handling write through a shared reference (`INS`). Frames are returned to the allocator only by [`GuestRam::release`] (a VM that never ran) or
 //! [`GuestRam::reclaim`] (a stopped VM, once its vCPUs and nested page table are gone: `runloop`'s reclaim).
 //! The frame list sits behind a reader-writer lock: accesses hold it shared for the copy, [`GuestRam::reclaim`]
 //! takes it exclusively and empties it, so an access racing with a reclaim either completes before the frames are
@@ -200,6 +200,31 @@ impl GuestMemory for GuestRam {
         let src = data.as_ptr();
         self.pieces(gpa, data.len() as u64, |host, off, len| {
             // SAFETY: as in `read`, in the other direction.
+            unsafe { core::ptr::copy_nonoverlapping(src.add(off), host, len) };
+        })
+    }
+}
+
+/// A writable view of a VM's [`GuestRam`] through a shared reference, for exit handling that stores into guest
+/// memory (`INS` through `virt::VmContext::handle_exit_rw`). Writing needs no exclusive access: the frames are
+/// reached through the direct map under the frame list's read lock, exactly as the guest's own vCPUs write them,
+/// and the I/O service's `devices::RamView` writes the same frames the same way.
+pub struct RamWriter<'a>(pub &'a GuestRam);
+
+impl GuestMemory for RamWriter<'_> {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        self.0.read(gpa, buf)
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        let src = data.as_ptr();
+        self.0.pieces(gpa, data.len() as u64, |host, off, len| {
+            // SAFETY: as in `GuestRam::write`: `host..host+len` lies inside one frame of the VM's RAM, `src+off..+len`
+            // inside `data`; they never overlap.
             unsafe { core::ptr::copy_nonoverlapping(src.add(off), host, len) };
         })
     }

@@ -300,7 +300,15 @@ fn run_slice(
                 let action = {
                     let mut ctx = vm.ctx.lock();
                     match exit {
-                        Ok(e) => ctx.handle_exit(e, vcpu, slot.index, &vm.ram, &mut sink, now),
+                        // Writable RAM: a string port input (`INS`) stores into guest memory.
+                        Ok(e) => ctx.handle_exit_rw(
+                            e,
+                            vcpu,
+                            slot.index,
+                            &mut super::ram::RamWriter(&vm.ram),
+                            &mut sink,
+                            now,
+                        ),
                         Err(f) => {
                             let rip = vcpu.rip();
                             ctx.entry_failed(f, rip, &mut sink)
