@@ -278,7 +278,8 @@ fn svm_of(vcpu: &BackendVcpu) -> Option<&crate::virt::svm::SvmVcpu> {
 
 /// A guest fault its own handlers could not take (triple fault): logs what the next engineer needs to tell a bad
 /// stack pointer from corrupted guest memory: the registers, the stack words at RSP, the guest page-table entries
-/// that map RIP and RSP (read through CR3 from guest RAM, 4-level paging), and this CPU's last exits (`cpu`).
+/// that map RIP and RSP (read through CR3 from guest RAM, 4-level paging), and the last exits of this CPU (`cpu`)
+/// and then of every other CPU.
 /// Lines start `vm <name>: stop dump:`. Runs only on the stop path.
 pub fn stop_dump(rt: &Runtime, cpu: u32, slot: usize, vcpu: &BackendVcpu) {
     let s = &rt.slots[slot];
@@ -365,25 +366,29 @@ pub fn stop_dump(rt: &Runtime, cpu: u32, slot: usize, vcpu: &BackendVcpu) {
         }
         crate::console::write_line_deferred(format_args!("{}", line.0));
     }
-    let Some(trail) = usize::try_from(cpu).ok().and_then(|c| TRAILS.get(c)) else {
-        return;
-    };
-    let t = trail.lock();
-    for k in 0..TRAIL_LEN {
-        let Some(e) = t.entries[(t.next.wrapping_add(k)) % TRAIL_LEN] else {
+    // This CPU's last exits, then every other CPU's (what the rest of the machine was doing at the time).
+    let others = (0..rt.cpus.min(TRAIL_CPUS)).filter_map(|c| u32::try_from(c).ok());
+    for c in core::iter::once(cpu).chain(others.filter(|&c| c != cpu)) {
+        let Some(trail) = usize::try_from(c).ok().and_then(|i| TRAILS.get(i)) else {
             continue;
         };
-        let who = &rt.slots[e.slot];
-        crate::console::write_line_deferred(format_args!(
-            "vm {name}: stop dump: cpu{cpu} exit tsc={} vm={} vcpu={} rip={:#x} rsp={:#x} rax={:#x} int_info={:#x} {:?}",
-            e.tsc,
-            rt.vms[who.vm].name,
-            who.index,
-            e.rip,
-            e.rsp,
-            e.rax,
-            e.int_info,
-            e.exit
-        ));
+        let t = trail.lock();
+        for k in 0..TRAIL_LEN {
+            let Some(e) = t.entries[(t.next.wrapping_add(k)) % TRAIL_LEN] else {
+                continue;
+            };
+            let who = &rt.slots[e.slot];
+            crate::console::write_line_deferred(format_args!(
+                "vm {name}: stop dump: cpu{c} exit tsc={} vm={} vcpu={} rip={:#x} rsp={:#x} rax={:#x} int_info={:#x} {:?}",
+                e.tsc,
+                rt.vms[who.vm].name,
+                who.index,
+                e.rip,
+                e.rsp,
+                e.rax,
+                e.int_info,
+                e.exit
+            ));
+        }
     }
 }
