@@ -9,7 +9,8 @@
 //! progress goes out through `REPORT` hypercalls every 1000 periods, and the first misses are kept and printed
 //! with the summary. Each printed miss names its period, what it received, how late its first sample came and
 //! when it was released (`release_us`, guest time since the guest started), so a test can line it up with the
-//! hypervisor's log.
+//! hypervisor's log: the guest then announces `exit_at_us`, sleeps until that time and exits, which the kernel logs
+//! with its own timestamp (`vm <name>: released ...`).
 #![no_std]
 #![no_main]
 
@@ -86,8 +87,20 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
          elapsed_ms={}",
         ticks_to_ns(rdtsc()) / 1_000_000
     );
+    // The anchor that places `release_us` on the hypervisor's clock: announce a guest time, sleep until it and
+    // exit at once, so the kernel's `vm <name>: released ...` line (logged as the exit is handled) carries its host
+    // time. The margin covers printing this line (a VM exit per byte: up to ~2 ms on Bochs).
+    let exit_at = rdtsc().wrapping_add(ns_to_ticks(EXIT_MARGIN_NS));
+    println!(
+        "periodic: exit_at_us={}",
+        ticks_to_ns(exit_at.wrapping_sub(start)) / 1000
+    );
+    sleep_until(exit_at);
     guest::exit(u64::from(misses != 0))
 }
+
+/// Time between announcing the exit time and exiting (see the end of [`guest_main`]).
+const EXIT_MARGIN_NS: u64 = 10_000_000;
 
 fn report_figures(done: u64, misses: u64, min_received: u64) {
     report(Counter::RtPeriods, done);
