@@ -66,6 +66,8 @@ const TX_FIFO: usize = 16;
 const TX_RING: usize = 16 * 1024;
 /// Request ids remembered by the dedup window.
 const DEDUP: usize = 64;
+/// Answers remembered to skip re-answering a retry while its answer is still queued.
+const RECENT_ANSWERS: usize = 16;
 /// Unanswered credit requests remembered for re-sending.
 const MAX_OUTSTANDING: usize = 32;
 /// Re-send interval of an unanswered credit request.
@@ -129,6 +131,8 @@ pub struct Counters {
     pub answers_in_parts: u64,
     /// Parts sent.
     pub parts: u64,
+    /// Retries not answered again because their answer was still queued.
+    pub answers_queued_already: u64,
     pub requests: u64,
     /// State-changing requests executed.
     pub executed: u64,
@@ -163,6 +167,12 @@ pub struct Endpoint {
     tx: VecDeque<u8>,
     /// Most bytes queued in `tx` at once since boot.
     tx_high: usize,
+    /// Bytes ever queued in `tx` (`counters.tx_bytes` of them have left): a byte queued at `k` is out once
+    /// `tx_bytes >= k`.
+    tx_queued_total: u64,
+    /// Recent answers: (request id, `tx_queued_total` after its last byte). A retry whose answer is still waiting
+    /// in the ring is not answered again (see [`Endpoint::answer`]).
+    recent_answers: heapless::Deque<(u64, u64), RECENT_ANSWERS>,
     wire: Vec<u8>,
     /// Postcard bytes of a response being cut into parts.
     scratch: Vec<u8>,
@@ -231,6 +241,8 @@ impl Endpoint {
             dedup: DedupWindow::new(),
             tx: VecDeque::with_capacity(TX_RING),
             tx_high: 0,
+            tx_queued_total: 0,
+            recent_answers: heapless::Deque::new(),
             wire: vec![0; MAX_WIRE],
             scratch: vec![0; proto::MAX_PAYLOAD],
             boot_id,
@@ -346,6 +358,7 @@ impl Endpoint {
                 }
                 self.tx.extend(&self.wire[..n]);
                 self.tx_high = self.tx_high.max(self.tx.len());
+                self.tx_queued_total += u64::try_from(n).unwrap_or(u64::MAX);
                 self.counters.tx_frames += 1;
             }
             Err(e) => {
@@ -396,9 +409,22 @@ impl Endpoint {
 
     /// Sends the answer to request `id`: whole when short, else in parts (`proto::parts`: on a noisy line one
     /// corrupt byte then costs one part, and the agent completes the answer from the parts of its retries).
+    ///
+    /// A retry that arrives while the previous answer to the same id is still queued is not answered again: that
+    /// answer is on its way, and a long one (a page in parts takes up to ~0.4 s of line time) would otherwise be
+    /// queued once per retry and fill the ring.
     fn answer(&mut self, id: u64, result: Result<proto::Reply, CommandError>) {
         if result.is_err() {
             self.counters.errors += 1;
+        }
+        let sent = self.counters.tx_bytes;
+        if self
+            .recent_answers
+            .iter()
+            .any(|&(i, end)| i == id && end > sent)
+        {
+            self.counters.answers_queued_already += 1;
+            return;
         }
         let response = Response { id, result };
         let mut scratch = core::mem::take(&mut self.scratch);
@@ -414,6 +440,11 @@ impl Endpoint {
             Ok(proto::Outgoing::Whole) | Err(_) => self.send(&ToAgent::Response(response)),
         }
         self.scratch = scratch;
+        if self.recent_answers.is_full() {
+            self.recent_answers.pop_front();
+        }
+        // Room was made above.
+        let _ = self.recent_answers.push_back((id, self.tx_queued_total));
     }
 
     /// Takes the scheduler's closed-period records into the windows and its new credit requests into the
@@ -575,7 +606,7 @@ impl Endpoint {
              credit_requests={} credit_resends={} outstanding={} requests={} executed={} duplicates={} stale={} \
              errors={} telemetry={} frames={} rejected={} crc={} cobs={} truncated={} oversized={} malformed={} \
              replays={} rx_bytes={} rx_overruns={} tx_bytes={} tx_frames={} tx_dropped={} tx_queued={} tx_high={} \
-             answers_in_parts={} parts={}",
+             answers_in_parts={} parts={} answers_queued_already={}",
             rt.ns(tsc::rdtsc()) / 1_000_000,
             c.grants,
             c.grant_duplicates,
@@ -607,7 +638,8 @@ impl Endpoint {
             self.tx.len(),
             self.tx_high,
             c.answers_in_parts,
-            c.parts
+            c.parts,
+            c.answers_queued_already
         ));
     }
 
