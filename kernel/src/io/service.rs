@@ -162,6 +162,8 @@ struct Volume {
     change: Option<Change>,
     /// Requests the device failed (media or controller errors).
     failures: u64,
+    /// The device's break (DEVICE_NEEDS_RESET) has been logged.
+    broken_logged: bool,
     /// I/O credits applied from grants since boot.
     granted_ios: u64,
     /// The window the volume last asked for I/O credits after.
@@ -518,6 +520,7 @@ pub fn add_volume(
         detached: false,
         last: None,
         failures: 0,
+        broken_logged: false,
         granted_ios: 0,
         asked_window: None,
         change: spec.change.map(|(at_ns, rate)| Change {
@@ -963,13 +966,26 @@ fn pump_locked(s: &mut Service) -> usize {
 /// Copies every device's `Status` register into its window entry (under the service lock, after anything that
 /// may have changed one: a register write, a pump that broke or completed into a device), for the lock-free read
 /// in [`mmio`]. A read racing with a locked operation sees the status from before it, as if it came first.
-fn mirror_status(s: &Service) {
+/// A device that broke (a virtqueue rule violated: DEVICE_NEEDS_RESET) is logged once, with the reason.
+fn mirror_status(s: &mut Service) {
     let table = WINDOWS.read();
-    for (e, v) in table.iter().zip(&s.volumes) {
+    for (e, v) in table.iter().zip(s.volumes.iter_mut()) {
         e.status.store(
             v.dev.mmio_read(virt::virtio::mmio::reg::STATUS, 4),
             Ordering::Release,
         );
+        match v.dev.transport().broken() {
+            Some(why) if !v.broken_logged => {
+                v.broken_logged = true;
+                log::warn!(
+                    "io: vm {} volume {}: device broken ({why:?}); DEVICE_NEEDS_RESET until the driver resets it",
+                    v.vm_name,
+                    v.index
+                );
+            }
+            None => v.broken_logged = false,
+            Some(_) => {}
+        }
     }
 }
 
