@@ -377,8 +377,15 @@ fn faulty_link_runs_no_wrong_command_and_ledger_balances() {
         }
         other => panic!("admission must refuse with the numbers: {other:?}"),
     }
+    // The refused commitment is recorded refused, unless a resynchronisation that was already under way (the
+    // describe after resume, retried through the faults) has since put the host's own value back: the 5000 is never
+    // in force.
     let rows = c.get("/v1/commitments").unwrap();
-    assert_eq!(rows["commitments"][0]["status"], "refused");
+    let row = &rows["commitments"][0];
+    assert!(
+        row["status"] == "refused" || (row["status"] == "accepted" && row["committed_iops"] == 300),
+        "{row}"
+    );
 
     let (l, r) = drain(&sim, c);
     check_exact(&l, &r, bought, c);
