@@ -99,7 +99,10 @@ pub fn start(
     // With the management channel on, a VM with a volume may be created at run time: calibrating then (inside the
     // create, on CPU 0's run loop) held CPU 0's VMs off for ~7 s in QEMU, so a present controller is calibrated now.
     let volumes_later = crate::config().mgmt
-        && !matches!(crate::io::nvme::controller(), crate::io::nvme::Probe::Absent);
+        && !matches!(
+            crate::io::nvme::controller(),
+            crate::io::nvme::Probe::Absent
+        );
     if configs.iter().any(|c| !c.volumes.is_empty()) || volumes_later {
         // Bring NVMe up and calibrate it (a few seconds of reads) before the runtime's clock starts; a failure is
         // reported here and again for each VM with a volume.
