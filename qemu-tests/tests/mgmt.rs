@@ -164,8 +164,10 @@ impl Daemon {
     }
 
     /// `cvctl proxy` from `listen` to `target` with bit flips, drops and duplications (`ppm` per byte each) and
-    /// chunk replays.
+    /// chunk replays. `CV_PROXY_TARGET_CHUNK=1` cuts the host's output into 1-byte chunks before the faults (every
+    /// byte replayed with 2 %: the worst case of QEMU's byte-by-byte 16550 output, the same in every run).
     fn proxy(cvctl: &Path, work: &Path, listen: &Path, target: &Path, ppm: u32) -> Self {
+        let target_chunk = std::env::var("CV_PROXY_TARGET_CHUNK").unwrap_or_else(|_| "0".into());
         let out = std::fs::File::create(work.join("proxy.log")).expect("proxy log");
         let err = out.try_clone().expect("proxy log");
         let child = Command::new(cvctl)
@@ -178,6 +180,7 @@ impl Daemon {
             .args(["--drop-ppm", &ppm.to_string()])
             .args(["--dup-ppm", &ppm.to_string()])
             .args(["--replay-ppm", "20000", "--seed", "8"])
+            .args(["--target-chunk", &target_chunk])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
