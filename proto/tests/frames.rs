@@ -173,6 +173,42 @@ fn to_agent() -> impl Strategy<Value = ToAgent> {
             last_seq: c[1],
             time_ns: c[2],
         })),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<[u16; 2]>(),
+            proptest::collection::vec(any::<u8>(), 0..=PART_BYTES)
+        )
+            .prop_map(
+                |(id, digest, at, bytes)| ToAgent::ResponsePart(ResponsePart {
+                    id,
+                    digest,
+                    index: at[0],
+                    count: at[1],
+                    bytes: heapless::Vec::from_slice(&bytes).unwrap_or_default(),
+                })
+            ),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u32>(), any::<u16>(), any::<i64>()), 0..=MAX_VMS),
+            any::<Option<(u32, u16)>>()
+        )
+            .prop_map(|(id, bs, next)| ToAgent::Response(Response {
+                id,
+                result: Ok(Reply::BalancePage {
+                    balances: bs
+                        .into_iter()
+                        .map(|(vm, vcpu, b)| VcpuBalance {
+                            vm,
+                            vcpu,
+                            balance_ns: b,
+                            pending_ns: b.unsigned_abs(),
+                            granted_total_ns: b.unsigned_abs() / 2,
+                        })
+                        .collect(),
+                    next,
+                }),
+            })),
     ]
 }
 
@@ -189,6 +225,7 @@ fn to_host() -> impl Strategy<Value = ToHost> {
         }),
         (any::<u32>(), any::<u16>(), params())
             .prop_map(|(vm, vcpu, params)| Command::SetSchedParams { vm, vcpu, params }),
+        (any::<u32>(), any::<u16>()).prop_map(|(vm, vcpu)| Command::ReadBalancesFrom { vm, vcpu }),
         "[ -~\n]{0,1024}".prop_map(|t| Command::CreateVmConfig {
             config: truncated(&t)
         }),
