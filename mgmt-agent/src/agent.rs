@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub iops_month_micros: u64,
     /// Price of one overage IOPS-month, micro-dollars.
     pub overage_iops_month_micros: u64,
+    /// Send `Command::AgentHello` after every Hello (so hosts send long answers in parts). Off only to behave as
+    /// an agent from before it (compatibility tests).
+    pub announce: bool,
 }
 
 /// Counters exported on `/metrics`.
@@ -94,6 +97,19 @@ pub struct Metrics {
     pub parts_refused: AtomicU64,
 }
 
+/// Whether a host can work with this agent (the compatibility rule of the `proto` crate docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compat {
+    /// No Hello and no frame of another version yet on this connection.
+    #[default]
+    Unknown,
+    /// The host's Hello has this agent's protocol version.
+    Ok,
+    /// The host speaks another protocol version: commands for it are refused at once.
+    Incompatible,
+}
+
 /// Live status of one host address.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostStatus {
@@ -115,6 +131,17 @@ pub struct HostStatus {
     pub last_seq: Option<u64>,
     /// The host's own link counters (its decoder, overruns, dedup answers), as last reported.
     pub host_link: Option<proto::LinkStats>,
+    /// Compatibility with this agent: `unknown` (no Hello yet), `ok`, or `incompatible` (see `incompatible`).
+    pub compat: Compat,
+    /// Why the host is incompatible (protocol versions of both sides), while it is.
+    pub incompatible: Option<String>,
+    /// Protocol version of the host's last Hello (or of its frames, when they were refused for it).
+    pub protocol: Option<u8>,
+    /// The host's capability bits (`proto::caps`) from its last Hello.
+    pub capabilities: u32,
+    /// Whether the host acknowledged the agent's `AgentHello` this session (`false`: a host from before it, which
+    /// answers whole; `None`: not known yet).
+    pub agent_hello_acked: Option<bool>,
 }
 
 /// Latest telemetry of a VM.
@@ -212,6 +239,9 @@ impl Shared {
             if connected {
                 h.connects += 1;
                 h.decode = DecodeStats::default();
+                h.compat = Compat::Unknown;
+                h.incompatible = None;
+                h.agent_hello_acked = None;
             }
         });
     }
@@ -222,6 +252,52 @@ impl Shared {
             h.host_id = Some(host.into());
             h.boot_id = boot_id;
         });
+    }
+
+    /// Records a compatible Hello: its version and capabilities.
+    pub fn set_hello(&self, key: &str, version: u8, capabilities: u32) {
+        self.with_host(key, |h| {
+            h.compat = Compat::Ok;
+            h.incompatible = None;
+            h.protocol = Some(version);
+            h.capabilities = capabilities;
+            h.agent_hello_acked = None;
+        });
+    }
+
+    /// Records a host speaking another protocol version.
+    pub fn set_incompatible(&self, key: &str, version: u8, reason: &str) {
+        self.with_host(key, |h| {
+            h.compat = Compat::Incompatible;
+            h.incompatible = Some(reason.into());
+            h.protocol = Some(version);
+            h.capabilities = 0;
+            h.agent_hello_acked = None;
+        });
+    }
+
+    /// Records whether the host acknowledged `AgentHello`.
+    pub fn set_agent_hello_acked(&self, key: &str, acked: bool) {
+        self.with_host(key, |h| h.agent_hello_acked = Some(acked));
+    }
+
+    /// The capability bits announced by host `host` (by host id) in its last Hello, if it is connected.
+    pub fn host_capabilities(&self, host: &str) -> Option<u32> {
+        let hosts = self.hosts.lock().ok()?;
+        hosts
+            .values()
+            .find(|h| h.connected && h.host_id.as_deref() == Some(host) && h.compat == Compat::Ok)
+            .map(|h| h.capabilities)
+    }
+
+    /// Why host `host` (by host id) cannot be used, when it was identified before and speaks another protocol
+    /// version now.
+    pub fn host_incompatible(&self, host: &str) -> Option<String> {
+        let hosts = self.hosts.lock().ok()?;
+        hosts
+            .values()
+            .find(|h| h.host_id.as_deref() == Some(host) && h.incompatible.is_some())
+            .and_then(|h| h.incompatible.clone())
     }
 
     /// Records decoder counters.

@@ -68,6 +68,7 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         let status = match &e {
             CallError::NotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Incompatible(_) => StatusCode::BAD_GATEWAY,
             CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::Host(code, _) => match code {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
@@ -124,12 +125,15 @@ async fn call_host(
     command: Command,
     commitment: Option<CommitmentView>,
 ) -> Result<Reply, ApiError> {
-    let link = s.link(host).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("host '{host}' is unknown or not connected"),
-        )
-    })?;
+    let link = s
+        .link(host)
+        .ok_or_else(|| match s.host_incompatible(host) {
+            Some(why) => CallError::Incompatible(why).into(),
+            None => ApiError(
+                StatusCode::NOT_FOUND,
+                format!("host '{host}' is unknown or not connected"),
+            ),
+        })?;
     let (reply, rx) = oneshot::channel();
     link.send(HostCall {
         command,
@@ -283,9 +287,17 @@ async fn set_sched(
 /// never ends its listing).
 const MAX_BALANCE_PAGES: usize = 64;
 
-/// Every vCPU's balance on `host`, read page by page (`ReadBalancesFrom`), answered as one `Balances` list.
+/// Every vCPU's balance on `host`, answered as one `Balances` list: read page by page (`ReadBalancesFrom`) from a
+/// host that announced `caps::BALANCE_PAGES`, else VM by VM (`ReadBalances`) over the host's VMs as the agent
+/// last listed them (a host from before pages drops `ReadBalancesFrom` and would never answer).
 async fn balances(State(s): St, p: Result<Path<String>, PathRejection>) -> ApiResult {
     let Path(host) = p?;
+    let paged = s
+        .host_capabilities(&host)
+        .is_some_and(|c| c & proto::caps::BALANCE_PAGES != 0);
+    if !paged {
+        return balances_by_vm(&s, &host).await;
+    }
     let mut all: Vec<proto::VcpuBalance> = Vec::new();
     let mut from = (0, 0);
     for _ in 0..MAX_BALANCE_PAGES {
@@ -322,6 +334,33 @@ async fn balances(State(s): St, p: Result<Path<String>, PathRejection>) -> ApiRe
         StatusCode::BAD_GATEWAY,
         format!("host '{host}' listed more than {MAX_BALANCE_PAGES} pages of balances"),
     ))
+}
+
+/// The balances of `host` one VM at a time, for a host without balance pages. A VM destroyed meanwhile
+/// (`NotFound`) has no balances left and is skipped.
+async fn balances_by_vm(s: &Shared, host: &str) -> ApiResult {
+    let destroyed = format!("{:?}", proto::VmState::Destroyed);
+    let vms: Vec<u32> = s
+        .with_store(|st| st.vms())?
+        .iter()
+        .filter(|v| v["host_id"] == host && v["state"] != destroyed.as_str())
+        .filter_map(|v| v["vm"].as_u64().and_then(|id| u32::try_from(id).ok()))
+        .collect();
+    let mut all: Vec<proto::VcpuBalance> = Vec::new();
+    for vm in vms {
+        match call_host(s, host, Command::ReadBalances { vm: Some(vm) }, None).await {
+            Ok(Reply::Balances(b)) => all.extend(b.into_iter().filter(|b| b.vm == vm)),
+            Ok(other) => {
+                return Err(ApiError(
+                    StatusCode::BAD_GATEWAY,
+                    format!("host '{host}' answered the balances of VM {vm} with {other:?}"),
+                ))
+            }
+            Err(ApiError(StatusCode::NOT_FOUND, _)) if s.link(host).is_some() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Json(json!({ "Balances": all })))
 }
 
 #[derive(Deserialize)]

@@ -14,6 +14,13 @@
 //! describe commands: without them the session is connected but useless, so they are retried until answered
 //! (only API commands and fire-and-forget commands give up, `command_timeout` after their first send).
 //!
+//! Compatibility (the rule in the `proto` crate docs): after every Hello the agent announces what it reads with
+//! `Command::AgentHello` (a host from before it never answers; it is given up after a few retry intervals and
+//! nothing waits on it, since such a host answers whole). The host's capability bits are kept in the host status,
+//! so the API uses optional commands (balance pages) only with hosts that announced them. A host whose intact
+//! frames or Hello carry another protocol version is marked `incompatible`, logged once, and its commands fail at
+//! once ([`CallError::Incompatible`]) instead of timing out; its first compatible Hello clears that.
+//!
 //! Long answers come in parts (`proto::parts`): the parts are kept per request id across retries, and the answer
 //! is handled once one answer's parts are all there, so a retry only has to bring the parts still missing.
 //!
@@ -54,6 +61,9 @@ pub enum CallError {
     /// The host answered with an error.
     #[error("host refused: {0:?}: {1}")]
     Host(ErrorCode, String),
+    /// The host speaks another protocol version (the reason names both); nothing was sent.
+    #[error("host incompatible: {0}")]
+    Incompatible(String),
 }
 
 impl From<CommandError> for CallError {
@@ -86,6 +96,15 @@ enum Origin {
     Describe,
     Commitment(CommitmentView, Option<oneshot::Sender<CallResult>>),
     Fire,
+    /// The agent's capabilities after a Hello: a host from before `AgentHello` never answers, so it is given up
+    /// after [`agent_hello_wait`] (the host then sends whole answers, which the agent reads as well).
+    AgentHello,
+}
+
+/// How long the agent waits for the answer to its `AgentHello` before taking the host for one from before it:
+/// a few re-sends, and never longer than an API command's budget.
+fn agent_hello_wait(cfg: &crate::agent::AgentConfig) -> Duration {
+    (cfg.retry * 4).min(cfg.command_timeout)
 }
 
 struct Pending {
@@ -97,6 +116,9 @@ struct Pending {
     sent: Instant,
     attempts: u32,
 }
+
+/// What this agent understands beyond the first catalogue (`proto::caps`), announced with `AgentHello`.
+pub const AGENT_CAPABILITIES: u32 = proto::caps::ANSWER_PARTS;
 
 /// Runs the connection loop of one host address forever.
 pub async fn run(
@@ -153,6 +175,10 @@ struct Session<'a> {
     /// Parts of long answers to pending requests (`proto::parts`), kept across retries.
     parts: proto::Reassembly,
     me: &'a mpsc::Sender<HostCall>,
+    /// Set while the host speaks another protocol version: why (both versions). Commands are refused at once.
+    incompatible: Option<String>,
+    /// The decoder's `bad_version` count already looked at.
+    bad_version_seen: u64,
 }
 
 /// Most VMs one listing accepts (a host's table holds [`proto::MAX_HOST_VMS`]; the margin leaves room for larger
@@ -208,6 +234,8 @@ async fn session(
         listing: Listing::default(),
         parts: proto::Reassembly::new(),
         me,
+        incompatible: None,
+        bad_version_seen: 0,
     };
     s.send(Command::Attach, Origin::Attach);
     let mut dec = FrameDecoder::new();
@@ -220,13 +248,23 @@ async fn session(
                 let mut msgs = Vec::new();
                 dec.push_slice::<ToAgent>(&buf[..n], |f| msgs.push(f.msg));
                 shared.set_decode_stats(key, dec.stats());
+                let bad_version = dec.stats().bad_version;
+                if bad_version > s.bad_version_seen {
+                    s.bad_version_seen = bad_version;
+                    if let Some(v) = dec.foreign_version() {
+                        s.incompatible_with(v);
+                    }
+                }
                 for m in msgs {
                     s.handle(m);
                 }
             }
-            Some(call) = calls.recv() => match call.commitment {
-                Some(c) => s.send_commitment(c, Some(call.reply)),
-                None => s.send(call.command, Origin::Api(call.reply)),
+            Some(call) = calls.recv() => match (&s.incompatible, call.commitment) {
+                (Some(why), _) => {
+                    let _ = call.reply.send(Err(CallError::Incompatible(why.clone())));
+                }
+                (None, Some(c)) => s.send_commitment(c, Some(call.reply)),
+                (None, None) => s.send(call.command, Origin::Api(call.reply)),
             },
             _ = retry.tick() => s.retry(),
             _ = &mut writer => break,
@@ -282,6 +320,12 @@ impl Session<'_> {
                 expired.push(*id);
                 continue;
             }
+            if matches!(p.origin, Origin::AgentHello)
+                && p.first.elapsed() >= agent_hello_wait(&self.shared.cfg)
+            {
+                expired.push(*id);
+                continue;
+            }
             if p.attempts == max
                 && matches!(p.origin, Origin::Resync(_))
                 && p.command == (Command::ListVmsFrom { first: 0 })
@@ -325,6 +369,18 @@ impl Session<'_> {
                         attempts,
                         waited_ms,
                     }));
+                }
+                Some(Pending {
+                    origin: Origin::AgentHello,
+                    attempts,
+                    ..
+                }) => {
+                    tracing::info!(
+                        host = %self.key,
+                        attempts,
+                        "AgentHello not answered: a host from before it; it sends whole answers, which this agent reads"
+                    );
+                    self.shared.set_agent_hello_acked(self.key, false);
                 }
                 Some(Pending {
                     command, attempts, ..
@@ -419,10 +475,60 @@ impl Session<'_> {
         }
     }
 
+    /// The host speaks protocol `version`, not this agent's: says so once (log line, host listing), refuses the
+    /// API commands waiting for it and every later one at once, and keeps the session open (the `Attach` re-sends
+    /// go on), so a host restarted with a compatible build is taken up again by its first Hello.
+    fn incompatible_with(&mut self, version: u8) {
+        let why = format!(
+            "host at {} speaks management protocol version {version}, this agent speaks version {}; upgrade the older side",
+            self.key,
+            proto::PROTOCOL_VERSION
+        );
+        if self.incompatible.as_deref() == Some(why.as_str()) {
+            return;
+        }
+        tracing::error!(host = %self.key, "{why}");
+        self.shared.set_incompatible(self.key, version, &why);
+        if let Some((host, _)) = self.host.take() {
+            if let Ok(mut l) = self.shared.links.lock() {
+                l.remove(&host);
+            }
+        }
+        let refused: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.origin, Origin::Api(_) | Origin::Commitment(_, Some(_))))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in refused {
+            if let Some(p) = self.pending.remove(&id) {
+                if let Origin::Api(tx) | Origin::Commitment(_, Some(tx)) = p.origin {
+                    let _ = tx.send(Err(CallError::Incompatible(why.clone())));
+                }
+            }
+        }
+        self.incompatible = Some(why);
+    }
+
     fn hello(&mut self, h: &proto::Hello, now: i64) {
         if h.version != proto::PROTOCOL_VERSION {
-            tracing::error!(host = %self.key, "host speaks protocol {} (agent {})", h.version, proto::PROTOCOL_VERSION);
+            self.incompatible_with(h.version);
             return;
+        }
+        if self.incompatible.take().is_some() {
+            tracing::info!(host = %self.key, "host now speaks protocol {}: compatible again", h.version);
+        }
+        self.shared.set_hello(self.key, h.version, h.capabilities);
+        // Every Hello may come from a restarted host (or follow an Attach), which forgets what this agent reads.
+        if self.shared.cfg.announce {
+            self.pending
+                .retain(|_, p| !matches!(p.origin, Origin::AgentHello));
+            self.send(
+                Command::AgentHello {
+                    capabilities: AGENT_CAPABILITIES,
+                },
+                Origin::AgentHello,
+            );
         }
         let host = h.host_id.as_str().to_string();
         let first = self.host.as_ref() != Some(&(host.clone(), h.boot_id));
@@ -679,6 +785,7 @@ impl Session<'_> {
                 | Origin::Commitment(..)
                 | Origin::Resync(_)
                 | Origin::Describe
+                | Origin::AgentHello
                 | Origin::Fire => {
                     self.send(p.command, p.origin);
                     return;
@@ -781,6 +888,10 @@ impl Session<'_> {
                     tracing::warn!(host = %self.key, "Attach answered but its Hello was lost; attaching again");
                     self.send(Command::Attach, Origin::Attach);
                 }
+            }
+            Origin::AgentHello => {
+                self.shared
+                    .set_agent_hello_acked(self.key, r.result.is_ok());
             }
             Origin::Fire => {
                 if let Err(e) = r.result {

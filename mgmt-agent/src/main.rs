@@ -72,6 +72,9 @@ enum Cmd {
         /// Price of an overage IOPS-month in dollars.
         #[arg(long, default_value = "0.10")]
         overage_price: String,
+        /// Never send AgentHello: behave as an agent from before it, so hosts answer whole (compatibility tests).
+        #[arg(long)]
+        no_agent_hello: bool,
     },
     /// Connected hosts.
     Hosts,
@@ -420,6 +423,7 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     "REJECTED",
                     "TEL_GAPS",
                     "HOST_REJECTED",
+                    "COMPAT",
                 ],
                 &v["links"]
                     .as_array()
@@ -440,11 +444,20 @@ fn client_cmd(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                             } else {
                                 "-".to_string()
                             },
+                            field(h, "compat"),
                         ]
                     })
                     .collect::<Vec<_>>(),
             );
-            out(&v, t);
+            // Say why an incompatible host cannot be used (both protocol versions), under the table.
+            let why: String = v["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h["incompatible"].as_str())
+                .map(|w| format!("incompatible: {w}\n"))
+                .collect();
+            out(&v, t + &why);
         }
         Cmd::Vms => {
             let v = c.get("/v1/vms")?;
@@ -829,6 +842,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             tiers,
             iops_month_price,
             overage_price,
+            no_agent_hello,
         } => {
             let hosts = hosts
                 .iter()
@@ -858,6 +872,7 @@ fn daemon(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 },
                 iops_month_micros: parse_money(&iops_month_price)?,
                 overage_iops_month_micros: parse_money(&overage_price)?,
+                announce: !no_agent_hello,
             };
             runtime()?.block_on(agent::run(cfg))?;
         }

@@ -14,6 +14,9 @@
 //! - A grant id is applied at most once; `applied_ns + pending_ns == received_ns` at all times, and pool grants
 //!   are added to the balance without the cap, so every credit the agent debits is accounted for exactly.
 //! - State-changing commands go through a [`proto::DedupWindow`]; a duplicate gets the cached response.
+//! - Answers go in parts only on a connection whose agent announced `caps::ANSWER_PARTS` (`AgentHello`) since
+//!   its last `Attach`, as on the kernel. [`SimConfig::old_host`] and [`SimConfig::protocol_version`] make it a
+//!   host from before the negotiation or of another protocol version, for the compatibility tests.
 //! - Every executed command is logged (request id and command) so tests can prove no wrong command ran.
 
 use std::collections::HashSet;
@@ -98,6 +101,15 @@ pub struct SimConfig {
     /// Send long answers whole, as hosts did before `proto::parts` (tests compare the two).
     #[serde(default)]
     pub whole_answers: bool,
+    /// Behave as a host from before answer parts, balance pages and `AgentHello`: its Hello announces none of
+    /// them, it drops `AgentHello` and `ReadBalancesFrom` as malformed frames (its decoder does not know them) and
+    /// answers whole (compatibility tests).
+    #[serde(default)]
+    pub old_host: bool,
+    /// Protocol version stamped on frames and Hello (`None`: `proto::PROTOCOL_VERSION`). Any other value stands
+    /// for a host of another protocol version: it also refuses every frame of this build.
+    #[serde(default)]
+    pub protocol_version: Option<u8>,
 }
 
 impl SimConfig {
@@ -163,6 +175,8 @@ impl SimConfig {
                 },
             ],
             whole_answers: false,
+            old_host: false,
+            protocol_version: None,
         }
     }
 }
@@ -447,11 +461,16 @@ impl SimState {
         Hello {
             host_id: proto::truncated(&self.cfg.host_id),
             boot_id: self.cfg.boot_id,
-            version: proto::PROTOCOL_VERSION,
+            version: self.cfg.protocol_version.unwrap_or(proto::PROTOCOL_VERSION),
             capabilities: proto::caps::TELEMETRY
                 | proto::caps::CREDIT_REQUESTS
                 | proto::caps::IOPS
-                | proto::caps::CREATE_VM,
+                | proto::caps::CREATE_VM
+                | if self.cfg.old_host {
+                    0
+                } else {
+                    proto::caps::ANSWER_PARTS | proto::caps::BALANCE_PAGES
+                },
             telemetry_period_ms: u32::try_from(u64::from(self.telemetry_ticks) * self.cfg.tick_ms)
                 .unwrap_or(u32::MAX),
         }
@@ -775,6 +794,8 @@ impl SimState {
                 self.send(ToAgent::Hello(self.hello()));
                 Ok(Reply::Ack)
             }
+            // What the agent reads is kept per connection by `serve`, which sees the command first.
+            Command::AgentHello { .. } => Ok(Reply::Ack),
             // Destroyed VMs stay listed as `Destroyed`, as on the kernel (their ids are not reused).
             Command::ListVms => Ok(Reply::VmList(
                 self.vms
@@ -1130,7 +1151,14 @@ pub async fn spawn(cfg: SimConfig, listen: &Address) -> std::io::Result<SimHandl
             }
         }
     });
-    let whole_answers = state.lock().map(|s| s.cfg.whole_answers).unwrap_or(false);
+    let mode = state
+        .lock()
+        .map(|s| Mode {
+            whole_answers: s.cfg.whole_answers || s.cfg.old_host,
+            old_host: s.cfg.old_host,
+            version: s.cfg.protocol_version.unwrap_or(proto::PROTOCOL_VERSION),
+        })
+        .unwrap_or_default();
     let acc = state.clone();
     tokio::spawn(async move {
         let mut session = 0u32;
@@ -1149,10 +1177,34 @@ pub async fn spawn(cfg: SimConfig, listen: &Address) -> std::io::Result<SimHandl
             };
             let st = acc.clone();
             let seed = u32::try_from(now_ms().rem_euclid(1 << 30)).unwrap_or(0) ^ session;
-            tokio::spawn(serve(stream, st, rx, hello, seed, whole_answers));
+            tokio::spawn(serve(stream, st, rx, hello, seed, mode));
         }
     });
     Ok(SimHandle { state, address })
+}
+
+/// How one simulated host talks (from its [`SimConfig`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    /// Never send parts (`whole_answers`, or an old host).
+    whole_answers: bool,
+    /// A host from before parts, balance pages and `AgentHello`.
+    old_host: bool,
+    /// Version of its frames.
+    version: u8,
+}
+
+impl Mode {
+    /// What this host's decoder would refuse: every frame of another protocol version, and for an old host the
+    /// commands appended after it was built.
+    fn refuses(&self, cmd: &Command) -> bool {
+        self.version != proto::PROTOCOL_VERSION
+            || (self.old_host
+                && matches!(
+                    cmd,
+                    Command::AgentHello { .. } | Command::ReadBalancesFrom { .. }
+                ))
+    }
 }
 
 async fn serve(
@@ -1161,11 +1213,15 @@ async fn serve(
     mut rx: mpsc::UnboundedReceiver<ToAgent>,
     hello: Hello,
     session: u32,
-    whole_answers: bool,
+    mode: Mode,
 ) {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let (mut rd, mut wr) = tokio::io::split(stream);
+    // What the agent on this connection reads (`AgentHello`); reset by `Attach`, as on the kernel.
+    let agent_caps = Arc::new(AtomicU32::new(0));
+    let reads = agent_caps.clone();
     let writer = tokio::spawn(async move {
-        let mut enc = FrameEncoder::new(session, 1);
+        let mut enc = FrameEncoder::with_version(session, 1, mode.version);
         if let Ok(bytes) = enc.encode_vec(&ToAgent::Hello(hello)) {
             if wr.write_all(&bytes).await.is_err() {
                 return;
@@ -1176,18 +1232,23 @@ async fn serve(
             // Long answers go in parts, as the kernel sends them (`proto::parts`).
             let mut bytes = Vec::new();
             match &m {
-                ToAgent::Response(r) if !whole_answers => match proto::outgoing(r, &mut scratch) {
-                    Ok(proto::Outgoing::Parts(parts)) => {
-                        for p in parts {
-                            if let Ok(b) = enc.encode_vec(&ToAgent::ResponsePart(p)) {
-                                bytes.extend(b);
+                ToAgent::Response(r)
+                    if !mode.whole_answers
+                        && reads.load(Ordering::Relaxed) & proto::caps::ANSWER_PARTS != 0 =>
+                {
+                    match proto::outgoing(r, &mut scratch) {
+                        Ok(proto::Outgoing::Parts(parts)) => {
+                            for p in parts {
+                                if let Ok(b) = enc.encode_vec(&ToAgent::ResponsePart(p)) {
+                                    bytes.extend(b);
+                                }
                             }
                         }
+                        Ok(proto::Outgoing::Whole) | Err(_) => {
+                            bytes = enc.encode_vec(&m).unwrap_or_default();
+                        }
                     }
-                    Ok(proto::Outgoing::Whole) | Err(_) => {
-                        bytes = enc.encode_vec(&m).unwrap_or_default();
-                    }
-                },
+                }
                 _ => bytes = enc.encode_vec(&m).unwrap_or_default(),
             }
             if wr.write_all(&bytes).await.is_err() {
@@ -1213,6 +1274,17 @@ async fn serve(
         s.totals.frames_rejected += rej - rejected_seen;
         rejected_seen = rej;
         for r in reqs {
+            if mode.refuses(&r.command) {
+                s.totals.frames_rejected += 1;
+                continue;
+            }
+            match r.command {
+                Command::Attach => agent_caps.store(0, Ordering::Relaxed),
+                Command::AgentHello { capabilities } => {
+                    agent_caps.store(capabilities, Ordering::Relaxed);
+                }
+                _ => {}
+            }
             s.handle_request(r);
         }
     }

@@ -63,6 +63,7 @@ impl std::error::Error for EncodeError {}
 pub struct FrameEncoder {
     session: u32,
     next_seq: u64,
+    version: u8,
 }
 
 impl FrameEncoder {
@@ -73,6 +74,17 @@ impl FrameEncoder {
         Self {
             session,
             next_seq: first_seq.max(1),
+            version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// A sender that stamps `version` instead of [`PROTOCOL_VERSION`] on its frames: it stands in for a peer of
+    /// another protocol version (the simulated host of the agent's compatibility tests).
+    #[must_use]
+    pub fn with_version(session: u32, first_seq: u64, version: u8) -> Self {
+        Self {
+            version,
+            ..Self::new(session, first_seq)
         }
     }
 
@@ -88,7 +100,7 @@ impl FrameEncoder {
     /// [`EncodeError`] when the body or the buffer is too small; the sequence number is then not consumed.
     pub fn encode<T: Serialize>(&mut self, msg: &T, out: &mut [u8]) -> Result<usize, EncodeError> {
         let mut raw = [0u8; MAX_RAW];
-        raw[0] = PROTOCOL_VERSION;
+        raw[0] = self.version;
         raw[1..5].copy_from_slice(&self.session.to_le_bytes());
         raw[5..HEADER_LEN].copy_from_slice(&self.next_seq.to_le_bytes());
         let body_len = postcard::to_slice(msg, &mut raw[HEADER_LEN..HEADER_LEN + MAX_PAYLOAD])
@@ -178,6 +190,7 @@ pub struct FrameDecoder {
     overflow: bool,
     last: Option<(u32, u64)>,
     stats: DecodeStats,
+    foreign_version: Option<u8>,
 }
 
 impl Default for FrameDecoder {
@@ -196,6 +209,7 @@ impl FrameDecoder {
             overflow: false,
             last: None,
             stats: DecodeStats::default(),
+            foreign_version: None,
         }
     }
 
@@ -203,6 +217,14 @@ impl FrameDecoder {
     #[must_use]
     pub fn stats(&self) -> DecodeStats {
         self.stats
+    }
+
+    /// The version byte of the latest intact frame (CRC good) whose version was not [`PROTOCOL_VERSION`]: the
+    /// peer speaks another protocol version (counted in `bad_version`; a corrupt byte cannot produce this, the
+    /// CRC would not match).
+    #[must_use]
+    pub fn foreign_version(&self) -> Option<u8> {
+        self.foreign_version
     }
 
     /// Forgets the replay window (call when the transport is reopened to a possibly different peer).
@@ -264,6 +286,7 @@ impl FrameDecoder {
         }
         if data[0] != PROTOCOL_VERSION {
             self.stats.bad_version += 1;
+            self.foreign_version = Some(data[0]);
             return None;
         }
         let session = u32::from_le_bytes([data[1], data[2], data[3], data[4]]);

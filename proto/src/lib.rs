@@ -31,8 +31,31 @@
 //!   round, so rejected frames are visible on the agent for both directions.
 //! - Send one [`ToAgent::VmDestroyed`] after the last snapshot of a VM that stopped for good, and no telemetry for
 //!   it afterwards.
+//! - Announce [`caps::ANSWER_PARTS`] and [`caps::BALANCE_PAGES`] in the `Hello`; forget the agent's capabilities
+//!   on every [`Command::Attach`] and take them from [`Command::AgentHello`] (a query: run it every time).
 //! - Buffers: one [`MAX_WIRE`]-byte encode buffer; the encoder also uses [`MAX_RAW`] bytes of stack and the decoder
 //!   holds [`MAX_ENCODED`] bytes.
+//!
+//! # Compatibility (agent and hosts of different builds)
+//! Operators upgrade the agent and the hosts at different times, so every pair one change apart must work, and a
+//! pair that cannot must say so at once instead of timing out.
+//! - [`PROTOCOL_VERSION`] is the version byte of every frame and of [`Hello::version`]. It changes only when a
+//!   field or a variant changes meaning; peers of different versions do not talk. The decoder drops their frames
+//!   (`bad_version`) and names the peer's version ([`FrameDecoder::foreign_version`], from intact frames only);
+//!   the agent then reports the host as `incompatible` (with both versions) in its host listing and refuses
+//!   commands for it at once.
+//! - Within one version, messages only grow at the end: new variants of [`Command`], [`Reply`] and [`ToAgent`]
+//!   are appended, never inserted, and existing fields keep their encoding. A peer that meets a variant it does
+//!   not know drops the frame as malformed (counted), so nothing new may be sent before the other side said it
+//!   understands it:
+//!   - host -> agent: the host lists what it answers and sends in [`Hello::capabilities`] ([`caps`]). The agent
+//!     uses [`Command::ReadBalancesFrom`] only with [`caps::BALANCE_PAGES`] (otherwise [`Command::ReadBalances`]
+//!     VM by VM), and so on for every later optional command;
+//!   - agent -> host: after every `Hello` the agent sends [`Command::AgentHello`] with its own bits; the host
+//!     sends [`ToAgent::ResponsePart`]s only to an agent that announced [`caps::ANSWER_PARTS`], and whole answers
+//!     until then (and after every [`Command::Attach`], which may come from an older agent). A host that does
+//!     not know `AgentHello` never answers it; the agent stops waiting after a short bounded time and carries on.
+//! - A new optional message gets a new [`caps`] bit in the same change; a bit is never reused.
 #![no_std]
 #![forbid(unsafe_code)]
 

@@ -11,7 +11,8 @@
 //! - Every agent -> host [`Request`] carries a request id; state-changing commands are idempotent by that id
 //!   (the host keeps a [`crate::DedupWindow`] of recent ids and replays the cached [`Response`]). Credit grants
 //!   additionally carry a grant id that the host applies at most once, whatever the request id.
-//! - Variants are only ever appended; changing the meaning of a field bumps [`PROTOCOL_VERSION`].
+//! - Variants are only ever appended; changing the meaning of a field bumps [`PROTOCOL_VERSION`]. What a peer
+//!   may send beyond the first catalogue is negotiated with [`caps`] (see the crate docs, "Compatibility").
 
 use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,12 @@ pub mod caps {
     pub const IOPS: u32 = 1 << 2;
     /// The host can create VMs from loaded modules.
     pub const CREATE_VM: u32 = 1 << 3;
+    /// Long answers as [`crate::ResponsePart`]s. From a host: it can send them (and does so only to an agent
+    /// that announced this bit in [`super::Command::AgentHello`]). From an agent: it reads them.
+    pub const ANSWER_PARTS: u32 = 1 << 4;
+    /// The host answers [`super::Command::ReadBalancesFrom`] with [`super::Reply::BalancePage`]s; a host
+    /// without this bit drops that command as a malformed frame, so the agent reads balances VM by VM.
+    pub const BALANCE_PAGES: u32 = 1 << 5;
 }
 
 /// Hypervisor -> agent.
@@ -482,6 +489,15 @@ pub enum Command {
         /// First vCPU wanted within `vm` (later VMs from vCPU 0).
         vcpu: u16,
     },
+    /// The agent's own [`caps`], sent after every [`ToAgent::Hello`]; answered by `Reply::Ack`. Until it
+    /// arrives (and again after every [`Command::Attach`], which may come from another agent) the host assumes
+    /// an agent that knows none of the optional bits, so it sends every answer whole. A host older than this
+    /// command drops the frame as malformed and never answers: the agent gives up after a short bounded wait
+    /// and carries on (the host then answers whole anyway).
+    AgentHello {
+        /// Bitset of [`caps`] the agent understands (today only [`caps::ANSWER_PARTS`] means anything).
+        capabilities: u32,
+    },
 }
 
 impl Command {
@@ -496,6 +512,7 @@ impl Command {
                 | Self::DescribeVm { .. }
                 | Self::ReadBalances { .. }
                 | Self::ReadBalancesFrom { .. }
+                | Self::AgentHello { .. }
         )
     }
 }

@@ -226,6 +226,7 @@ fn to_host() -> impl Strategy<Value = ToHost> {
         (any::<u32>(), any::<u16>(), params())
             .prop_map(|(vm, vcpu, params)| Command::SetSchedParams { vm, vcpu, params }),
         (any::<u32>(), any::<u16>()).prop_map(|(vm, vcpu)| Command::ReadBalancesFrom { vm, vcpu }),
+        any::<u32>().prop_map(|capabilities| Command::AgentHello { capabilities }),
         "[ -~\n]{0,1024}".prop_map(|t| Command::CreateVmConfig {
             config: truncated(&t)
         }),
@@ -729,4 +730,40 @@ fn balance_pages_cover_a_full_host() {
         panic!("a page");
     };
     assert!(balances.is_empty() && next.is_none());
+}
+
+/// A peer of another protocol version: its intact frames are refused (`bad_version`) and its version is named
+/// by `foreign_version`; corrupt frames never set it, and frames of our version are still delivered.
+#[test]
+fn foreign_version_is_reported_not_delivered() {
+    let hello = ToAgent::Hello(Hello {
+        host_id: truncated("h"),
+        boot_id: 7,
+        version: PROTOCOL_VERSION + 1,
+        capabilities: 0,
+        telemetry_period_ms: 0,
+    });
+    let mut dec = FrameDecoder::new();
+    let mut corrupt = FrameEncoder::with_version(1, 1, PROTOCOL_VERSION + 1)
+        .encode_vec(&hello)
+        .unwrap();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x40;
+    let mut got = 0;
+    dec.push_slice::<ToAgent>(&corrupt, |_| got += 1);
+    assert_eq!(
+        dec.foreign_version(),
+        None,
+        "a corrupt frame proves nothing"
+    );
+    let foreign = FrameEncoder::with_version(2, 1, PROTOCOL_VERSION + 1)
+        .encode_vec(&hello)
+        .unwrap();
+    dec.push_slice::<ToAgent>(&foreign, |_| got += 1);
+    assert_eq!(got, 0);
+    assert_eq!(dec.stats().bad_version, 1);
+    assert_eq!(dec.foreign_version(), Some(PROTOCOL_VERSION + 1));
+    let ours = FrameEncoder::new(3, 1).encode_vec(&hello).unwrap();
+    dec.push_slice::<ToAgent>(&ours, |_| got += 1);
+    assert_eq!(got, 1);
 }

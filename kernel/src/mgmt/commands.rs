@@ -231,6 +231,10 @@ impl Endpoint {
     ) -> Result<Reply, CommandError> {
         match *cmd {
             Command::Attach => Ok(Reply::Ack),
+            Command::AgentHello { capabilities } => {
+                self.agent_caps = capabilities;
+                Ok(Reply::Ack)
+            }
             Command::ListVms => {
                 // The first page only (the whole table takes `ListVmsFrom`).
                 let mut list = heapless::Vec::new();
@@ -392,7 +396,8 @@ impl Endpoint {
             | Command::ListVmsFrom { .. }
             | Command::DescribeVm { .. }
             | Command::ReadBalances { .. }
-            | Command::ReadBalancesFrom { .. } => Err(err(
+            | Command::ReadBalancesFrom { .. }
+            | Command::AgentHello { .. } => Err(err(
                 ErrorCode::Invalid,
                 format_args!("not a state change: {cmd:?}"),
             )),

@@ -8,7 +8,9 @@
 //! (per vCPU from the scheduler, per volume from `io::service::volume_stats`, then the link's counters as
 //! `LinkStats`) when one is due, re-sends unanswered credit requests, and moves queued output to the transmitter
 //! only while its holding register is empty (one FIFO load per poll). Output frames wait in a bounded ring; a frame that does not fit is dropped whole and counted.
-//! Answers longer than `proto::SPLIT_ABOVE` bytes go out as `proto::ResponsePart`s (`proto::parts`).
+//! Answers longer than `proto::SPLIT_ABOVE` bytes go out as `proto::ResponsePart`s (`proto::parts`), but only to
+//! an agent that announced `caps::ANSWER_PARTS` with `Command::AgentHello` since the last `Attach`; until then
+//! every answer goes whole, as an agent from before parts expects (the compatibility rule in the `proto` docs).
 //! The endpoint is enabled with `mgmt=com2` on the command line (docs/console.md) and prints `CV:MGMT` when it
 //! comes up and `CV:MGMTSTAT` every second. While it is up an idle BSP halts at most [`IDLE_POLL_NS`] (the
 //! receiver is polled, not interrupt driven).
@@ -176,6 +178,8 @@ pub struct Endpoint {
     wire: Vec<u8>,
     /// Postcard bytes of a response being cut into parts.
     scratch: Vec<u8>,
+    /// The capabilities the agent announced (`Command::AgentHello`) since the last `Attach`; 0 until then.
+    agent_caps: u32,
     boot_id: u64,
     /// Telemetry period, ns (0 = off).
     telemetry_period_ns: u64,
@@ -245,6 +249,7 @@ impl Endpoint {
             recent_answers: heapless::Deque::new(),
             wire: vec![0; MAX_WIRE],
             scratch: vec![0; proto::MAX_PAYLOAD],
+            agent_caps: 0,
             boot_id,
             telemetry_period_ns: period_ns,
             next_telemetry: rt.after(now, period_ns),
@@ -277,7 +282,11 @@ impl Endpoint {
             host_id: proto::truncated(HOST_ID),
             boot_id: self.boot_id,
             version: proto::PROTOCOL_VERSION,
-            capabilities: caps::TELEMETRY | caps::CREDIT_REQUESTS | caps::IOPS,
+            capabilities: caps::TELEMETRY
+                | caps::CREDIT_REQUESTS
+                | caps::IOPS
+                | caps::ANSWER_PARTS
+                | caps::BALANCE_PAGES,
             telemetry_period_ms: u32::try_from(self.telemetry_period_ns / 1_000_000)
                 .unwrap_or(u32::MAX),
         }
@@ -399,6 +408,8 @@ impl Endpoint {
             result
         } else {
             if matches!(req.command, proto::Command::Attach) {
+                // Possibly another (older) agent: whole answers until it announces what it reads.
+                self.agent_caps = 0;
                 let hello = self.hello();
                 self.send(&ToAgent::Hello(hello));
             }
@@ -428,7 +439,13 @@ impl Endpoint {
         }
         let response = Response { id, result };
         let mut scratch = core::mem::take(&mut self.scratch);
-        match proto::outgoing(&response, &mut scratch) {
+        let outgoing = if self.agent_caps & caps::ANSWER_PARTS == 0 {
+            // An agent that did not say it reads parts (one from before them) would lose every long answer.
+            Ok(proto::Outgoing::Whole)
+        } else {
+            proto::outgoing(&response, &mut scratch)
+        };
+        match outgoing {
             Ok(proto::Outgoing::Parts(parts)) => {
                 self.counters.answers_in_parts += 1;
                 for part in parts {
