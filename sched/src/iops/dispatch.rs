@@ -767,7 +767,13 @@ impl Partitioner {
             | ServiceClass::Boost => {
                 let p = keys.share.unwrap_or_else(|| vol.p.tag_for(vtime));
                 vol.p.charge(p, q.cost, Rate::Weight(cfg.weight));
-                new_vtime = vtime.max(p);
+                // Virtual time follows weight-ordered dispatches only. Burst, borrow and boost service is
+                // taken out of `P` order (ahead of best effort), so its `P` can be far ahead of the best-effort
+                // frontier; moving `V` there would re-anchor every best-effort volume at the same tag and
+                // share spare capacity equally instead of by weight.
+                if class == ServiceClass::Share {
+                    new_vtime = vtime.max(p);
+                }
                 match class {
                     ServiceClass::Burst => {
                         if let Some(b) = vol.bucket.as_mut() {
