@@ -247,6 +247,12 @@ impl<R: Regs> BlkDriver<R> {
         self.features & F_RO != 0
     }
 
+    /// Forgets that the device announced `VIRTIO_BLK_F_RO`, so writes are submitted anyway: a misbehaving guest,
+    /// for tests of the device's side (it must fail every write to a read-only volume with IOERR).
+    pub fn submit_writes_anyway(&mut self) {
+        self.features &= !F_RO;
+    }
+
     /// Requests submitted and not yet returned by [`Self::poll`].
     pub fn in_flight(&self) -> usize {
         self.in_flight

@@ -6,7 +6,10 @@
 //! to 131072; `read_pct` (50) share of reads; `lba_start` (0) and `lba_count` (0 = to the end of the volume) the
 //! 512-byte sector range used; `seed` (1); `duration_s` (0 = forever) after which it stops issuing, drains and
 //! exits; `verify` (1) check read data; `poll_us` (100) shortest sleep between polls; `stall_s` (10) give up when
-//! requests are in flight and none completes for that long.
+//! requests are in flight and none completes for that long; `start_ms` (0) idle time after the device is set up and
+//! before the first request (the volume is idle meanwhile: a burst bucket fills, a commitment is lendable);
+//! `ro_writes` (0) with 1 on a read-only volume, ignore `VIRTIO_BLK_F_RO` and write anyway (the device must fail
+//! every write with IOERR).
 //!
 //! Design: the workload (`guest::virtio_workload`, host-tested) cuts the range into units of `bytes` and tracks
 //! the pass last written to each, so requests never overlap and every read knows which pattern to expect (block
@@ -92,6 +95,8 @@ struct Args {
     verify: bool,
     poll_us: u64,
     stall_s: u64,
+    start_ms: u64,
+    ro_writes: bool,
 }
 
 fn parse_args(cmdline: &str) -> Args {
@@ -124,6 +129,8 @@ fn parse_args(cmdline: &str) -> Args {
         verify: get("verify", 1) != 0,
         poll_us: get("poll_us", 100).max(1),
         stall_s: get("stall_s", 10).max(1),
+        start_ms: get("start_ms", 0),
+        ro_writes: get("ro_writes", 0) != 0,
     }
 }
 
@@ -277,7 +284,7 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
     let Some(mut dma) = (unsafe { Dma::new(start as *mut u8, start, len) }) else {
         die(NO_MEMORY, "free RAM is not page aligned")
     };
-    let drv = match BlkDriver::init(regs, &mut dma, a.depth, a.bytes) {
+    let mut drv = match BlkDriver::init(regs, &mut dma, a.depth, a.bytes) {
         Ok(d) => d,
         Err(e) => {
             let code = init_error_code(e);
@@ -320,7 +327,10 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
     // SAFETY: the region was just allocated for this table alone (zeroed: every unit UNKNOWN, not busy), 8-byte
     // aligned and `nunits * 4` bytes long; no device is ever given its address.
     let units = unsafe { core::slice::from_raw_parts_mut(table.ptr.cast::<u32>(), nunits) };
-    if drv.read_only() && (a.verify || a.read_pct != 100) {
+    if drv.read_only() && a.ro_writes {
+        log("io: the volume is read-only (VIRTIO_BLK_F_RO); ro_writes=1: writing anyway");
+        drv.submit_writes_anyway();
+    } else if drv.read_only() && (a.verify || a.read_pct != 100) {
         log("io: the volume is read-only: reads only, verification off");
     }
     let (queue, depth) = (drv.queue_size(), drv.depth());
@@ -356,6 +366,13 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
 
 fn main_loop(w: &mut Workload<'_, MmioRegs>, a: &Args) -> ! {
     let hz = ns_to_ticks(1_000_000_000);
+    if a.start_ms > 0 {
+        let until = rdtsc().saturating_add(ns_to_ticks(a.start_ms.saturating_mul(1_000_000)));
+        while rdtsc() < until {
+            sleep_until(until);
+        }
+        logf!("io: idle phase of {} ms over", a.start_ms);
+    }
     let seed = a.seed;
     let start = rdtsc();
     let end = match a.duration_s {
