@@ -356,7 +356,20 @@ impl VirtioBlk {
         if busy || was {
             // Clearing the flag must be visible before the available index is read again (store-load order).
             core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-            return self.process(mem, backend, max);
+            let got = self.process(mem, backend, max);
+            if got.more && !self.polling() {
+                // The ring still holds requests the driver published without notifying (the flag was set, or the
+                // budget left them), and nothing in flight keeps this device polled: keep asking not to be
+                // notified, so the owner's next look takes them. Without this they would wait for a notification
+                // the driver never sends (an `io` guest gave up after 10 s without progress).
+                if let Some(q) = self.transport.queue_mut(0) {
+                    if let Err(e) = q.set_no_notify(mem, true) {
+                        self.transport.break_device(e);
+                        return Intake { taken: got.taken, more: false };
+                    }
+                }
+            }
+            return got;
         }
         Intake::default()
     }

@@ -694,3 +694,59 @@ fn a_device_not_live_takes_nothing_when_notified() {
     assert_eq!(got, Intake::default());
     assert_eq!(rig.disk.seen, 0);
 }
+
+#[test]
+fn requests_left_by_a_spent_budget_keep_the_device_polled() {
+    // A request in flight puts the device in polling mode (no notifications). The driver publishes two more
+    // without notifying; the in-flight one completes; then a look with a spent budget (0) clears nothing it
+    // cannot take: the device stays polled, and the next look with a budget takes both.
+    let mut rig = Rig::up();
+    rig.disk.hold = true;
+    rig.request(0, req_type::IN, 1, 0x10000, 512);
+    rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
+    for r in 0..2u16 {
+        let base = 3 + 2 * r;
+        let hdr = 0x8100 + u64::from(r) * 0x20;
+        let data = 0x11000 + 0x1000 * u64::from(r);
+        rig.header(hdr, req_type::IN, 2 + u64::from(r));
+        rig.mem.write(data + 512, &[0xFF]).unwrap();
+        rig.desc(base, hdr, 16, DESC_F_NEXT, base + 1);
+        rig.desc(base + 1, data, 513, DESC_F_WRITE, 0);
+        let slot = u64::from(rig.avail_idx % QSIZE);
+        rig.mem
+            .write(AVAIL + 4 + 2 * slot, &base.to_le_bytes())
+            .unwrap();
+        rig.avail_idx += 1;
+    }
+    rig.mem
+        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
+        .unwrap();
+    for req in core::mem::take(&mut rig.disk.held) {
+        let status = rig.disk.run(&mut rig.mem, &req);
+        assert!(rig.dev.complete(&mut rig.mem, req.id, status));
+    }
+    assert_eq!(rig.dev.in_flight(), 0);
+    let spent = rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, 0);
+    assert_eq!(
+        spent,
+        Intake {
+            taken: 0,
+            more: true
+        }
+    );
+    assert!(
+        rig.dev.polling(),
+        "requests are waiting that the driver will not notify about"
+    );
+    let next = rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, 4);
+    assert_eq!(
+        next,
+        Intake {
+            taken: 2,
+            more: false
+        }
+    );
+    assert_eq!(rig.disk.held.len(), 2);
+    assert!(rig.broken().is_none());
+}
+
