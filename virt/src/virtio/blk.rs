@@ -365,7 +365,10 @@ impl VirtioBlk {
                 if let Some(q) = self.transport.queue_mut(0) {
                     if let Err(e) = q.set_no_notify(mem, true) {
                         self.transport.break_device(e);
-                        return Intake { taken: got.taken, more: false };
+                        return Intake {
+                            taken: got.taken,
+                            more: false,
+                        };
                     }
                 }
             }

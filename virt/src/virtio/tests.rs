@@ -749,4 +749,3 @@ fn requests_left_by_a_spent_budget_keep_the_device_polled() {
     assert_eq!(rig.disk.held.len(), 2);
     assert!(rig.broken().is_none());
 }
-
