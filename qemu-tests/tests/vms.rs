@@ -366,10 +366,19 @@ fn shares(name: &str, target: Target, run_ms: u64) {
             // each slice ends in one, so that bound is added to the 1-point tolerance, and so is the time the
             // kernel reported the platform stalled vCPUs.
             let gap_bound = num(m, "slices") as f64 * 20e-6 / (run / 1000.0);
+            // QEMU -icount with 2 CPUs runs both on one host thread in turns (module doc): while the other CPU
+            // has its turn, this CPU's TSC runs on and its guest sees a gap it counts as a deschedule although the
+            // hypervisor gave it the time (the hypervisor's share above stays exact). Every turn of the other CPU
+            // longer than the guest's 20 us threshold costs the guest's method that much; measured 1.4-1.7 points with the host-turn
+            // timer of the SVM backend (guest .5141-.5165 against .5303-.5310). One more point for that platform.
+            let round_robin = match target {
+                Target::Qemu { smp, icount: true } if smp > 1 => 0.01,
+                _ => 0.0,
+            };
             assert!(
-                (guest - expected).abs() <= 0.01 + gap_bound + stall,
+                (guest - expected).abs() <= 0.01 + gap_bound + stall + round_robin,
                 "{vm}: guest-measured share {guest:.4}, expected {expected:.4} (+ gap bound {gap_bound:.4}, \
-                 reported stalls {stall:.4})"
+                 reported stalls {stall:.4}, round robin {round_robin:.4})"
             );
             let rtt = num(m, "exit_rtt_ticks");
             println!("[cv-figure] {name} {vm}: exit round trip {rtt} guest TSC ticks");

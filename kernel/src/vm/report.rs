@@ -212,9 +212,17 @@ pub fn note_handling(rt: &Runtime, cpu: u32, ticks: u64) {
     let Some(c) = usize::try_from(cpu).ok().filter(|&c| c < TRAIL_CPUS) else {
         return;
     };
-    HANDLING_MAX[c].fetch_max(ticks, Ordering::Relaxed);
-    if ticks_to_ns(ticks, rt.tsc_hz) > super::OVERRUN_BOUND_NS {
-        HANDLING_OVER[c].fetch_add(1, Ordering::Relaxed);
+    // Only this CPU writes its counters: plain loads and stores, no locked instructions. The bound is compared in
+    // ticks x 10^9 against ns x Hz (no 128-bit division on the exit path; ticks saturate after ~18 s at 1 GHz,
+    // which still compares as "over").
+    if ticks > HANDLING_MAX[c].load(Ordering::Relaxed) {
+        HANDLING_MAX[c].store(ticks, Ordering::Relaxed);
+    }
+    if ticks.saturating_mul(1_000_000_000) > super::OVERRUN_BOUND_NS.saturating_mul(rt.tsc_hz) {
+        HANDLING_OVER[c].store(
+            HANDLING_OVER[c].load(Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
     }
 }
 
