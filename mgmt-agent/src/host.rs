@@ -502,9 +502,16 @@ impl Session<'_> {
             .collect();
         for id in refused {
             if let Some(p) = self.pending.remove(&id) {
-                if let Origin::Api(tx) | Origin::Commitment(_, Some(tx)) = p.origin {
-                    let _ = tx.send(Err(CallError::Incompatible(why.clone())));
-                }
+                let tx = match p.origin {
+                    Origin::Api(tx) => tx,
+                    // Still `pending` in the database: re-sent by the resynchronisation of a compatible Hello.
+                    Origin::Commitment(c, Some(tx)) => {
+                        self.commitments_in_flight.remove(&(c.vm, c.volume));
+                        tx
+                    }
+                    _ => continue,
+                };
+                let _ = tx.send(Err(CallError::Incompatible(why.clone())));
             }
         }
         self.incompatible = Some(why);

@@ -149,6 +149,8 @@ fn config() -> SimConfig {
             },
         ],
         whole_answers: false,
+        old_host: false,
+        protocol_version: None,
     }
 }
 
@@ -1165,4 +1167,207 @@ fn long_answers_survive_a_byte_by_byte_faulty_link() {
     assert_eq!(after.lost, 0, "no answer lost in parts: {after:?}");
     assert_eq!(after.answered, 20, "{after:?}");
     assert!(after.parts > 0, "{after:?}");
+}
+
+/// `config()` with `n` quiet one-vCPU VMs instead (ids 1..=n on the simulated host) on `cpus` CPUs.
+fn many_vms(n: usize, cpus: u32) -> SimConfig {
+    let mut cfg = config();
+    cfg.cpus = cpus;
+    let base = cfg.vms[1].clone();
+    cfg.vms = (0..n)
+        .map(|i| {
+            let mut v = base.clone();
+            v.name = format!("vm-{i:02}");
+            v.volumes.clear();
+            v.vcpus[0].params.budget_ns = v.vcpus[0].params.period_ns / 100;
+            v.vcpus[0].demand_pct = 1;
+            v
+        })
+        .collect();
+    cfg
+}
+
+/// The host's entry of `/v1/hosts` (one host).
+fn link(c: &Client) -> Value {
+    c.get("/v1/hosts").unwrap()["links"][0].clone()
+}
+
+/// A vCPU change the simulated host's admission refuses with a long reason (its numbers).
+fn too_much() -> Value {
+    json!({
+        "budget_ns": 9_900_000u64, "period_ns": 10_000_000u64, "accrual_ns": 0, "cap_ns": 10_000_000u64,
+        "burst": "Unlimited", "weight": 256
+    })
+}
+
+/// New agent, host from before the negotiation (no parts, no balance pages, `AgentHello` and `ReadBalancesFrom`
+/// dropped as malformed): the balances of all 40 VMs come back (VM by VM, past one page of 32), a long
+/// admission refusal arrives whole with its numbers, and nothing waits on the unanswered `AgentHello`.
+#[test]
+fn new_agent_with_old_host_reads_all_balances_and_long_refusals() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tmpdir("oldhost");
+    let mut cfg = many_vms(40, 1);
+    cfg.old_host = true;
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(cfg, &sock)).unwrap();
+    let agent = Agent::start(&dir, &sim.address);
+    let c = &agent.client;
+    wait_for("the 40 VMs listed", || {
+        (c.get("/v1/vms").ok()?["vms"].as_array()?.len() == 40).then_some(())
+    });
+    let l = link(c);
+    assert_eq!(l["compat"], "ok", "{l}");
+    assert_eq!(
+        l["capabilities"].as_u64().unwrap()
+            & u64::from(proto::caps::BALANCE_PAGES | proto::caps::ANSWER_PARTS),
+        0,
+        "{l}"
+    );
+    let started = Instant::now();
+    let b = c.get("/v1/balances/sim0").unwrap();
+    let took = started.elapsed();
+    let ids: Vec<u64> = b["Balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["vm"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=40).collect::<Vec<u64>>(), "{b}");
+    // 40 round trips on a local socket; the 20 s budget of one unanswered command was never spent.
+    assert!(took < Duration::from_secs(5), "balances took {took:?}");
+    let started = Instant::now();
+    match c.post("/v1/vms/sim0/1/vcpus/0/sched", &too_much()) {
+        Err(mgmt_agent::client::ClientError::Http(409, m)) => {
+            assert!(m.contains("Admission") && m.contains("ppm"), "{m}");
+        }
+        other => panic!("an admission refusal with its numbers, not {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The old host never answered AgentHello: the agent said so and carried on.
+    let l = wait_for("AgentHello given up", || {
+        let l = link(c);
+        (l["agent_hello_acked"] == false).then_some(l)
+    });
+    assert_eq!(l["compat"], "ok", "{l}");
+    let m = c.get_text("/metrics").unwrap();
+    assert_eq!(metric(&m, "cv_answer_parts_total"), 0);
+    assert!(
+        sim.report().totals.frames_rejected >= 1,
+        "the old host dropped AgentHello"
+    );
+    drop(agent);
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// New host, agent that never announces (`--no-agent-hello`, as an agent from before parts): every answer comes
+/// whole, long ones included, and nothing is lost; the same host sends parts to an agent that announces.
+#[test]
+fn new_host_answers_whole_to_an_agent_that_never_announces() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tmpdir("oldagent");
+    let cfg = many_vms(40, 1);
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let sim = rt.block_on(simhost::spawn(cfg, &sock)).unwrap();
+    for announce in [false, true] {
+        let args: &[&str] = if announce {
+            &["--retry-ms", "100"]
+        } else {
+            &["--retry-ms", "100", "--no-agent-hello"]
+        };
+        let agent = Agent::start_with(&dir, std::slice::from_ref(&sim.address), args);
+        let c = &agent.client;
+        let l = link(c);
+        assert_eq!(l["compat"], "ok", "{l}");
+        for _ in 0..5 {
+            match c.post("/v1/vms/sim0/1/vcpus/0/sched", &too_much()) {
+                Err(mgmt_agent::client::ClientError::Http(409, m)) => {
+                    assert!(m.contains("Admission") && m.contains("ppm"), "{m}");
+                }
+                other => panic!("an admission refusal with its numbers, not {other:?}"),
+            }
+        }
+        let b = c.get("/v1/balances/sim0").unwrap();
+        assert_eq!(b["Balances"].as_array().unwrap().len(), 40, "{b}");
+        let parts = metric(&c.get_text("/metrics").unwrap(), "cv_answer_parts_total");
+        if announce {
+            assert!(parts > 0, "an announcing agent gets long answers in parts");
+            let l = wait_for("AgentHello acknowledged", || {
+                let l = link(c);
+                (l["agent_hello_acked"] == true).then_some(l)
+            });
+            assert_eq!(l["compat"], "ok");
+        } else {
+            assert_eq!(
+                parts, 0,
+                "no part may reach an agent that did not ask for them"
+            );
+            assert!(link(c)["agent_hello_acked"].is_null());
+        }
+        drop(agent);
+    }
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A host restarted into another protocol version: the agent marks it incompatible with both versions within
+/// moments, logs one clear line, and a command for it fails at once with that reason (no 20 s time-out).
+#[test]
+fn host_of_another_protocol_version_is_reported_incompatible_at_once() {
+    let dir = tmpdir("version");
+    let sock = Address::Unix(dir.join("host.sock").to_string_lossy().into_owned());
+    let rt1 = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt1.block_on(simhost::spawn(config(), &sock)).unwrap();
+    let agent = Agent::start(&dir, &sim.address);
+    let c = &agent.client;
+    assert_eq!(link(c)["compat"], "ok");
+    // The host "reboots" into a build of the next protocol version at the same address.
+    drop(sim);
+    rt1.shutdown_background();
+    let rt2 = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = config();
+    cfg.boot_id = 8;
+    cfg.protocol_version = Some(proto::PROTOCOL_VERSION + 1);
+    let started = Instant::now();
+    let _sim = rt2.block_on(simhost::spawn(cfg, &sock)).unwrap();
+    let l = wait_for("the host shown incompatible", || {
+        let l = link(c);
+        (l["compat"] == "incompatible").then_some(l)
+    });
+    let shown = started.elapsed();
+    let why = l["incompatible"].as_str().unwrap().to_string();
+    let versions = format!(
+        "version {}, this agent speaks version {}",
+        proto::PROTOCOL_VERSION + 1,
+        proto::PROTOCOL_VERSION
+    );
+    assert!(why.contains(&versions), "{why}");
+    assert!(shown < Duration::from_secs(5), "shown after {shown:?}");
+    let started = Instant::now();
+    match c.get("/v1/balances/sim0") {
+        Err(mgmt_agent::client::ClientError::Http(502, m)) => {
+            assert!(m.contains("incompatible") && m.contains(&versions), "{m}");
+        }
+        other => panic!("a clear incompatibility error, not {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let hosts = std::process::Command::new(env!("CARGO_BIN_EXE_cvctl"))
+        .args([
+            "--api",
+            std::fs::read_to_string(dir.join("ready")).unwrap().trim(),
+            "hosts",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&hosts.stdout);
+    assert!(text.contains("incompatible: host at"), "{text}");
+    drop(agent);
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    assert_eq!(
+        log.lines().filter(|l| l.contains(&versions)).count(),
+        1,
+        "one clear line: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
