@@ -100,6 +100,7 @@ fn simulate(vols: &[Vol], seconds: u64) -> Vec<Vec<WindowReport>> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // `w` indexes the window dimension of every volume's report, not one slice
 fn best_effort_weights_hold_beside_a_borrower_and_a_booster() {
     let vols = [
         vol(800, 300, OveragePolicy::BestEffort, 32, 0),
