@@ -618,6 +618,23 @@ mod prop {
     }
 }
 
+/// Publishes a one-sector read of `sector` without notifying: descriptors `base` (the header at `hdr`) and
+/// `base + 1` (data and status byte at `data`, one device-writable 513-byte buffer), then the available index.
+fn publish_read(rig: &mut Rig, base: u16, hdr: u64, data: u64, sector: u64) {
+    rig.header(hdr, req_type::IN, sector);
+    rig.mem.write(data + 512, &[0xFF]).unwrap();
+    rig.desc(base, hdr, 16, DESC_F_NEXT, base + 1);
+    rig.desc(base + 1, data, 513, DESC_F_WRITE, 0);
+    let slot = u64::from(rig.avail_idx % QSIZE);
+    rig.mem
+        .write(AVAIL + 4 + 2 * slot, &base.to_le_bytes())
+        .unwrap();
+    rig.avail_idx += 1;
+    rig.mem
+        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
+        .unwrap();
+}
+
 #[test]
 fn a_notification_is_served_in_bounded_batches() {
     let mut rig = Rig::up();
@@ -627,21 +644,14 @@ fn a_notification_is_served_in_bounded_batches() {
     // one device-writable buffer (513 bytes), so four chains fill the 8-entry queue.
     for r in 0..4u16 {
         let base = 2 * r;
-        let hdr = 0x8000 + u64::from(base) * 0x20;
-        let data = 0x10000 + 0x1000 * u64::from(r);
-        rig.header(hdr, req_type::IN, u64::from(r));
-        rig.mem.write(data + 512, &[0xFF]).unwrap();
-        rig.desc(base, hdr, 16, DESC_F_NEXT, base + 1);
-        rig.desc(base + 1, data, 513, DESC_F_WRITE, 0);
-        let slot = u64::from(rig.avail_idx % QSIZE);
-        rig.mem
-            .write(AVAIL + 4 + 2 * slot, &base.to_le_bytes())
-            .unwrap();
-        rig.avail_idx += 1;
+        publish_read(
+            &mut rig,
+            base,
+            0x8000 + u64::from(base) * 0x20,
+            0x10000 + 0x1000 * u64::from(r),
+            u64::from(r),
+        );
     }
-    rig.mem
-        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
-        .unwrap();
     let first = rig.dev.take_notified(&mut rig.mem, &mut rig.disk, 1);
     assert_eq!(
         first,
@@ -705,22 +715,14 @@ fn requests_left_by_a_spent_budget_keep_the_device_polled() {
     rig.request(0, req_type::IN, 1, 0x10000, 512);
     rig.dev.poll_queue(&mut rig.mem, &mut rig.disk, usize::MAX);
     for r in 0..2u16 {
-        let base = 3 + 2 * r;
-        let hdr = 0x8100 + u64::from(r) * 0x20;
-        let data = 0x11000 + 0x1000 * u64::from(r);
-        rig.header(hdr, req_type::IN, 2 + u64::from(r));
-        rig.mem.write(data + 512, &[0xFF]).unwrap();
-        rig.desc(base, hdr, 16, DESC_F_NEXT, base + 1);
-        rig.desc(base + 1, data, 513, DESC_F_WRITE, 0);
-        let slot = u64::from(rig.avail_idx % QSIZE);
-        rig.mem
-            .write(AVAIL + 4 + 2 * slot, &base.to_le_bytes())
-            .unwrap();
-        rig.avail_idx += 1;
+        publish_read(
+            &mut rig,
+            3 + 2 * r,
+            0x8100 + u64::from(r) * 0x20,
+            0x11000 + 0x1000 * u64::from(r),
+            2 + u64::from(r),
+        );
     }
-    rig.mem
-        .write(AVAIL + 2, &rig.avail_idx.to_le_bytes())
-        .unwrap();
     for req in core::mem::take(&mut rig.disk.held) {
         let status = rig.disk.run(&mut rig.mem, &req);
         assert!(rig.dev.complete(&mut rig.mem, req.id, status));
