@@ -1079,6 +1079,17 @@ impl core::fmt::Display for BurstText {
     }
 }
 
+/// Position in `s.volumes` of volume `index` of VM `vm`.
+fn volume_index(s: &Service, vm: &str, index: usize) -> Result<usize, IoError> {
+    s.volumes
+        .iter()
+        .position(|v| v.vm_name == vm && v.index == index)
+        .ok_or_else(|| IoError::UnknownVolume {
+            vm: vm.to_string(),
+            index,
+        })
+}
+
 /// Changes the commitment (and limit, weight, burst, policy) of volume `index` of VM `vm`, through admission
 /// control. The partitioner applies it at once, so it is in force for the whole next window.
 ///
@@ -1087,14 +1098,7 @@ impl core::fmt::Display for BurstText {
 pub fn set_commitment(vm: &str, index: usize, cfg: VolumeConfig) -> Result<(), IoError> {
     let s = service().ok_or(IoError::NoService)?;
     let mut s = s.lock();
-    let i = s
-        .volumes
-        .iter()
-        .position(|v| v.vm_name == vm && v.index == index)
-        .ok_or_else(|| IoError::UnknownVolume {
-            vm: vm.to_string(),
-            index,
-        })?;
+    let i = volume_index(&s, vm, index)?;
     let r = reconfigure(&mut s, i, cfg, now_ns());
     log::info!(
         "io: vm {vm} volume {index}: commitment {} IOPS, limit {:?}, weight {}, burst {}: {}",
@@ -1125,14 +1129,7 @@ pub struct IoGrant {
 pub fn grant_io(vm: &str, index: usize, grant_id: u64, ios: u64) -> Result<IoGrant, IoError> {
     let s = service().ok_or(IoError::NoService)?;
     let mut s = s.lock();
-    let i = s
-        .volumes
-        .iter()
-        .position(|v| v.vm_name == vm && v.index == index)
-        .ok_or_else(|| IoError::UnknownVolume {
-            vm: vm.to_string(),
-            index,
-        })?;
+    let i = volume_index(&s, vm, index)?;
     if s.volumes[i].detached {
         return Err(IoError::Detached);
     }
