@@ -941,7 +941,7 @@ fn pump_locked(s: &mut Service) -> usize {
     s.engine.drain_reports(&mut |r| {
         if let Some(v) = volumes.iter_mut().find(|v| v.id == r.volume && !v.detached) {
             crate::console::write_line_deferred(format_args!(
-                "CV:IOWIN vm={} vol={} window={} committed={} completed={} arrived={} wait_p99_us={} service_p99_us={} stall_us={}",
+                "CV:IOWIN vm={} vol={} window={} committed={} completed={} arrived={} wait_p99_us={} service_p99_us={} stall_us={} share={} burst={} borrow={} boost={}",
                 v.vm_name,
                 v.index,
                 r.window,
@@ -950,7 +950,11 @@ fn pump_locked(s: &mut Service) -> usize {
                 r.stats.arrived,
                 r.stats.wait.quantile_bound(990).map_or(0, |b| b / 1000),
                 r.stats.service.quantile_bound(990).map_or(0, |b| b / 1000),
-                window_stall_ns(r.window) / 1000
+                window_stall_ns(r.window) / 1000,
+                r.stats.from_share,
+                r.stats.from_burst,
+                r.stats.from_borrow,
+                r.stats.from_boost
             ));
             v.last = Some(r);
             WINDOWS_CLOSED.fetch_add(1, Ordering::Release);
