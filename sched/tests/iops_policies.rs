@@ -7,6 +7,10 @@
 //! in dispatch order with at most 32 in flight, and every completion is reported. Per-window
 //! dispatch counts by class come from the partitioner's own reports.
 //!
+//! The same configurations run on devices whose service time does not divide the tag spacing
+//! (3900 and 3777 IOPS), where a due tag waits for a device slot as it does in the kernel: the
+//! borrower gets exactly the lent rate and the burst bucket is spent exactly once.
+//!
 //! Regression: burst, borrow and boost dispatches used to move the virtual time `V` to the served
 //! volume's proportional tag. Those classes are served out of `P` order, so `V` jumped ahead of
 //! every best-effort volume, which were then all re-anchored at the same tag: weights 300 : 100
@@ -44,6 +48,10 @@ fn vol(committed: u64, weight: u32, policy: OveragePolicy, depth: usize, start_n
 
 /// Runs `vols` for `seconds` and returns every closed window's report per volume (in order).
 fn simulate(vols: &[Vol], seconds: u64) -> Vec<Vec<WindowReport>> {
+    simulate_at(vols, seconds, CAPACITY)
+}
+
+fn simulate_at(vols: &[Vol], seconds: u64, cap: u64) -> Vec<Vec<WindowReport>> {
     let device = DeviceConfig {
         capacity_iops: CAPACITY,
         cost: CostModel {
@@ -60,7 +68,7 @@ fn simulate(vols: &[Vol], seconds: u64) -> Vec<Vec<WindowReport>> {
         .collect();
     let mut outstanding = vec![0usize; vols.len()];
     let mut on_device: VecDeque<(usize, Request, u64)> = VecDeque::new();
-    let service = SEC / CAPACITY;
+    let service = SEC / cap;
     let (mut now, mut free_at, mut next_id) = (0u64, 0u64, 0u64);
     let end = seconds * SEC;
     let mut reports = vec![Vec::new(); vols.len()];
@@ -182,4 +190,65 @@ fn burst_bucket_is_spent_once_after_idle() {
     );
     let last = reports[1].last().expect("windows").stats;
     assert_eq!((last.from_reservation, last.from_burst), (400, 0));
+}
+
+/// The same policies on devices whose service time does not divide the tag spacing, so a due tag
+/// waits up to one service time for a free slot (as it does in the kernel, where dispatches happen
+/// at completions and pumps). Regression: the borrow clock was anchored at the dispatch time, so
+/// every such wait was lost (363 of 400 lent IOPS at 3777 IOPS, 383 at 3900); and the burst bucket
+/// filled during every wait of a backlogged volume's due reservation (63 tokens/s at a fill of
+/// 1000/s, for a volume served at exactly its commitment), so the bucket never stayed spent.
+#[test]
+fn borrow_and_burst_are_exact_when_service_does_not_align_with_the_tags() {
+    for cap in [3_900, 3_777] {
+        let vols = [
+            vol(800, 300, OveragePolicy::BestEffort, 32, 0),
+            vol(400, 1, OveragePolicy::Borrow, 32, 0),
+            vol(400, 100, OveragePolicy::BestEffort, 0, 0),
+        ];
+        let reports = simulate_at(&vols, 6, cap);
+        for (w, r) in reports[1].iter().enumerate().take(6).skip(2) {
+            let borrower = r.stats;
+            assert_eq!(
+                (borrower.from_borrow, borrower.from_reservation),
+                (400, 400),
+                "{cap} IOPS, window {w}: the lender's unused 400 IOPS, and the commitment"
+            );
+        }
+        let mut burster = vol(400, 1, OveragePolicy::BestEffort, 32, 5 * SEC / 2);
+        burster.config.burst = Some(BurstConfig {
+            fill_iops: 1000,
+            size_ios: 2000,
+        });
+        let vols = [
+            vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0),
+            burster,
+            vol(
+                400,
+                1,
+                OveragePolicy::Boosted {
+                    boost_permille: 1500,
+                    horizon_ns: SEC,
+                },
+                32,
+                5 * SEC / 2,
+            ),
+        ];
+        let reports = simulate_at(&vols, 8, cap);
+        let burst: Vec<u64> = reports[1].iter().map(|r| r.stats.from_burst).collect();
+        assert_eq!(
+            burst.iter().sum::<u64>(),
+            2000,
+            "{cap} IOPS: the bucket, filled while idle, is spent exactly once: {burst:?}"
+        );
+        assert_eq!(burst[4..], [0, 0, 0, 0], "{cap} IOPS: {burst:?}");
+        let above: u64 = reports[2]
+            .iter()
+            .map(|r| r.stats.from_boost + r.stats.from_share)
+            .sum();
+        assert!(
+            (360..=440).contains(&above),
+            "{cap} IOPS: {above} I/Os above the commitment, expected c x h = 400"
+        );
+    }
 }

@@ -11,8 +11,9 @@
 //! `dispatch(now)` promotes due throttled volumes, then picks, in order: the smallest due `R`
 //! (reservation phase: commitments first while any are due); a burst-credit holder by `P`; a
 //! borrower by `P` while other volumes leave commitment unused (a device-wide borrow clock `G`
-//! spaced at the idle volumes' total commitment bounds borrowing to exactly that); the smallest due
-//! `B`; else the smallest `P` among all eligible volumes (weight phase). Every eligible volume is in
+//! spaced at the idle volumes' total commitment bounds borrowing to exactly that; like `R` it is
+//! anchored at the borrower's head arrival, no earlier than one window ago nor than the moment
+//! lending began, so a backlogged borrower gets exactly that rate); the smallest due `B`; else the smallest `P` among all eligible volumes (weight phase). Every eligible volume is in
 //! `share`, so whenever any queued request is allowed by its limit something is dispatched: the
 //! dispatcher is work-conserving up to limits. Each step is a constant number of heap operations
 //! ([`TagIndex`]), and only index entries whose key changed are touched: O(log n) per request in
@@ -27,8 +28,12 @@
 //! `P` — the mClock rule that spare capacity is shared independently of reservations. Every
 //! dispatch advances `L` (limits are hard caps for all classes) and, for boosted volumes, the
 //! commitment meter `U` (charged at the committed rate; its lead over `now`, capped at the boost
-//! horizon, scales the boost down). The burst bucket fills while `R.next <= now`, i.e. exactly
-//! while the volume leaves part of its reservation unused (or, under overload, is denied it).
+//! horizon, scales the boost down). The burst bucket fills while `R.next <= now` and nothing of
+//! the volume is queued, i.e. exactly while its demand leaves part of its reservation unused. A
+//! volume with requests waiting earns nothing: its waiting requests keep their reservation tags and
+//! are served as the device allows (a wait for a device slot is made up at once, an overload's debt
+//! up to one window), so counting that wait would pay a volume served at exactly its commitment
+//! (measured before this rule: 63 tokens/s at a fill of 1000/s on a device at 3900 IOPS).
 //!
 //! `R` is anchored at `min(arrival, F)`, where the *reservation frontier* `F` is the smallest `R`
 //! still waiting in the reservation index, or `now` when that is smaller (or nothing waits):
@@ -372,7 +377,7 @@ impl Partitioner {
         });
         self.live += 1;
         self.committed_sum += config.committed_iops;
-        self.set_lendable(self.lendable + config.committed_iops);
+        self.set_lendable(self.lendable + config.committed_iops, now);
         Ok(id)
     }
 
@@ -400,9 +405,7 @@ impl Partitioner {
             .as_mut()
             .ok_or(IopsError::UnknownVolume(id))?;
         unindex(ix, vol);
-        if let Some(bucket) = vol.bucket.as_mut() {
-            bucket.fill(vol.r.next, now);
-        }
+        integrate_bucket(vol, now);
         vol.config = config;
         if config.committed_iops > 0 {
             vol.r.respace(Rate::Iops(config.committed_iops));
@@ -431,7 +434,10 @@ impl Partitioner {
         }
         self.committed_sum = self.committed_sum - old.committed_iops + config.committed_iops;
         if idle {
-            self.set_lendable(self.lendable - old.committed_iops + config.committed_iops);
+            self.set_lendable(
+                self.lendable - old.committed_iops + config.committed_iops,
+                now,
+            );
         }
         Ok(())
     }
@@ -478,10 +484,10 @@ impl Partitioner {
         let window = self.config.window_ns;
         let Self { slots, ix, .. } = self;
         let vol = slot_volume(slots, id)?;
+        integrate_bucket(vol, now);
         let bucket = vol
             .bucket
             .get_or_insert_with(|| BurstBucket::grants_only(now));
-        bucket.fill(vol.r.next, now);
         bucket.grant(ios * COST_ONE);
         let held_ios = bucket.granted() / COST_ONE;
         if !vol.queue.is_empty() {
@@ -494,7 +500,7 @@ impl Partitioner {
     /// Removes a volume; its queued (never dispatched) requests are returned for the caller to fail.
     /// Completions of its in-flight requests are still accepted by [`Partitioner::complete`].
     pub fn remove_volume(&mut self, id: VolumeId, now: u64) -> Result<Vec<Request>, IopsError> {
-        self.advance(now);
+        let now = self.advance(now);
         self.volume(id)?;
         let slot = &mut self.slots[id.index as usize];
         let Some(mut vol) = slot.volume.take() else {
@@ -506,7 +512,7 @@ impl Partitioner {
         unindex(&mut self.ix, &mut vol);
         self.committed_sum -= vol.config.committed_iops;
         if vol.is_idle() {
-            self.set_lendable(self.lendable - vol.config.committed_iops);
+            self.set_lendable(self.lendable - vol.config.committed_iops, now);
         }
         self.queued_total -= vol.queue.len();
         Ok(vol.queue.into_iter().map(|q| q.request).collect())
@@ -546,7 +552,7 @@ impl Partitioner {
         }
         self.queued_total += 1;
         if was_idle {
-            self.set_lendable(self.lendable - commit);
+            self.set_lendable(self.lendable - commit, now);
         }
         Ok(())
     }
@@ -608,7 +614,7 @@ impl Partitioner {
         service_ns: u64,
         now: u64,
     ) -> Result<(), IopsError> {
-        self.advance(now);
+        let now = self.advance(now);
         let cost = self.config.cost.cost(request.op, request.bytes);
         self.window_cost = self.window_cost.saturating_add(cost);
         let vol = slot_volume(&mut self.slots, id)?;
@@ -620,7 +626,7 @@ impl Partitioner {
         vol.in_flight = vol.in_flight.saturating_sub(1);
         if vol.is_idle() {
             let commit = vol.config.committed_iops;
-            self.set_lendable(self.lendable + commit);
+            self.set_lendable(self.lendable + commit, now);
         }
         Ok(())
     }
@@ -633,7 +639,12 @@ impl Partitioner {
             .ok_or(IopsError::UnknownVolume(id))
     }
 
-    fn set_lendable(&mut self, lendable: u64) {
+    /// Sets the commitment idle volumes leave unused at `now`. When lending starts (from nothing), the
+    /// borrow clock restarts no earlier than `now`: borrowing is bounded by what was lendable since.
+    fn set_lendable(&mut self, lendable: u64, now: u64) {
+        if self.lendable == 0 && lendable > 0 && self.borrow_clock.next < now {
+            self.borrow_clock = TagClock::starting_at(now);
+        }
         self.lendable = lendable;
         if lendable > 0 {
             self.borrow_clock.respace(Rate::Iops(lendable));
@@ -737,7 +748,8 @@ impl Partitioner {
         let q = vol.queue.pop_front()?;
         let cfg = vol.config;
         if let Some(bucket) = vol.bucket.as_mut() {
-            bucket.fill(vol.r.next, now);
+            // The request just taken was waiting since the bucket's last event: nothing was earned meanwhile.
+            bucket.hold(now);
         }
         if let Some(limit) = cfg.limit_iops {
             // Anchored at the dispatch time: the next request may go no earlier than exactly
@@ -804,7 +816,13 @@ impl Partitioner {
         file_volume(ix, vol, now, new_vtime, window);
         self.vtime = new_vtime;
         if borrow_charge && lendable > 0 {
-            let g = self.borrow_clock.tag_for(now);
+            // Anchored like a reservation: at the head's arrival, so a backlogged borrower's stream keeps its
+            // spacing and a dispatch that waited for a device slot is not lost (anchoring at `now` forfeited
+            // every such wait: 363 of 400 lent IOPS on a device at 3777 IOPS), but no earlier than one window
+            // ago, so service missed in an overload is made up by at most a window of the lent rate.
+            let g = self
+                .borrow_clock
+                .tag_for(q.arrival.max(now.saturating_sub(window)));
             self.borrow_clock.charge(g, q.cost, Rate::Iops(lendable));
         }
         self.queued_total -= 1;
@@ -829,6 +847,20 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
         .filter(|s| s.generation == id.generation)
         .and_then(|s| s.volume.as_mut())
         .ok_or(IopsError::UnknownVolume(id))
+}
+
+/// Integrates `vol`'s burst bucket up to `now` before its queue or configuration changes: the bucket fills
+/// only for time in which the volume had nothing queued (see the module documentation), and its queue has not
+/// changed since the bucket's last event.
+fn integrate_bucket(vol: &mut Volume, now: u64) {
+    let waiting = !vol.queue.is_empty();
+    if let Some(bucket) = vol.bucket.as_mut() {
+        if waiting {
+            bucket.hold(now);
+        } else {
+            bucket.fill(vol.r.next, now);
+        }
+    }
 }
 
 /// Files a volume under its head's tags (or nowhere when its queue is empty), touching only the

@@ -12,8 +12,10 @@
 //!   leaving unused (the commitments of volumes with nothing queued).
 //!
 //! The burst bucket fills at `fill_iops` for exactly the time the volume runs under its commitment
-//! (its reservation clock is not ahead of `now`: part of the committed rate goes unused), capped at `size_ios`, and is spent one request cost at a time to go above the
-//! commitment ahead of best-effort traffic. The fill is integrated lazily at the volume's own
+//! (nothing of it is queued and its reservation clock is not ahead of `now`: part of the committed
+//! rate goes unused; the partitioner decides which, [`BurstBucket::fill`] or
+//! [`BurstBucket::hold`]), capped at `size_ios`, and is spent one request cost at a time to go above
+//! the commitment ahead of best-effort traffic. The fill is integrated lazily at the volume's own
 //! events (enqueue, dispatch, reconfigure) with exact integer remainders.
 //!
 //! Granted I/O credits (a management agent's pool grant, [`super::Partitioner::top_up`]) are held
@@ -251,6 +253,12 @@ impl BurstBucket {
             self.tokens += add;
             self.credited += add;
         }
+        self.mark = self.mark.max(now);
+    }
+
+    /// Moves the integration mark to `now` without earning: the volume had requests waiting, so it
+    /// was not under its commitment, whatever its reservation clock says.
+    pub fn hold(&mut self, now: u64) {
         self.mark = self.mark.max(now);
     }
 
