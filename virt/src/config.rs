@@ -8,6 +8,9 @@
 //! baseline = 50%           # or 5ms/10ms
 //! weight   = 256
 //! volume   = size=16M offset=8M iops=40%   # a virtio-blk volume on NVMe ([`volume`])
+//!
+//! [host]                   # optional, at most once, boot configuration only ([`parse_file`])
+//! io_server = 300us/1ms    # the I/O server's reservation on each CPU that serves I/O ([`HostConfig`])
 //! ```
 //!
 //! Design: a line-oriented parser with no allocation beyond the result. Every error carries the 1-based line
@@ -42,6 +45,17 @@ pub const MIN_MEMORY: u64 = 4 << 20;
 pub const CREDIT_NS: u64 = 60_000_000_000;
 /// Parts per million.
 pub const PPM: u64 = 1_000_000;
+/// The I/O server's default reservation ([`HostConfig::io_server`]): budget per period. Measured under QEMU TCG
+/// (docs/vm-config.md, "Host section"): the hypervisor spends 35-100 us of CPU per request there, so 300 us per
+/// 1 ms serves about 3 000-8 500 requests per second from one CPU's reservation; idle time adds more. The period
+/// is the shortest a real-time VM typically uses (1 ms), so the I/O server does not shorten the CPU's `T_min`
+/// (which would cost every CPU `O/T_min` of its admission bound) and a request waits at most about one period.
+pub const DEFAULT_IO_SERVER_BUDGET_NS: u64 = 300_000;
+/// See [`DEFAULT_IO_SERVER_BUDGET_NS`].
+pub const DEFAULT_IO_SERVER_PERIOD_NS: u64 = 1_000_000;
+/// Every field the `[host]` section accepts.
+pub const HOST_FIELDS: &[&str] = &["io_server"];
+
 /// Most VMs in one file.
 pub const MAX_VMS: usize = 64;
 /// Longest accepted line, bytes.
@@ -100,15 +114,49 @@ pub struct VmConfig {
     pub volumes: Vec<VolumeSpec>,
 }
 
+/// The I/O server's reservation: a real-time server of `budget_ns` per `period_ns` on every CPU that serves I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoServerSpec {
+    pub budget_ns: u64,
+    pub period_ns: u64,
+}
+
+impl Default for IoServerSpec {
+    fn default() -> Self {
+        Self {
+            budget_ns: DEFAULT_IO_SERVER_BUDGET_NS,
+            period_ns: DEFAULT_IO_SERVER_PERIOD_NS,
+        }
+    }
+}
+
+/// The `[host]` section: settings of the whole host rather than of one VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    /// `io_server = <budget>/<period>` (or `<percent>`, over the default period); the default when absent.
+    pub io_server: IoServerSpec,
+    /// Line of the `[host]` header, `None` without one.
+    pub line: Option<usize>,
+}
+
+/// A whole boot configuration file: the host section and the VMs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigFile {
+    pub host: HostConfig,
+    pub vms: Vec<VmConfig>,
+}
+
 /// What is wrong with a line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     /// A line that is not a comment, a `[vm name]` header or `key = value`.
     Syntax,
-    /// A `key = value` line before the first `[vm name]`.
+    /// A `key = value` line before the first `[vm name]` or `[host]`.
     OutsideSection,
     /// The key is not a known field.
     UnknownField,
+    /// The key is not a known field of the `[host]` section.
+    UnknownHostField,
     /// The same field twice in one VM.
     DuplicateField,
     /// A second VM of the same name.
@@ -145,9 +193,16 @@ impl fmt::Display for ConfigError {
         write!(f, "line {}, field `{}`: ", self.line, self.field)?;
         match &self.kind {
             ErrorKind::Syntax => f.write_str(
-                "expected `[vm <name>]`, `<field> = <value>`, a comment or a blank line",
+                "expected `[vm <name>]`, `[host]`, `<field> = <value>`, a comment or a blank line",
             ),
-            ErrorKind::OutsideSection => f.write_str("field outside a `[vm <name>]` section"),
+            ErrorKind::OutsideSection => {
+                f.write_str("field outside a `[vm <name>]` or `[host]` section")
+            }
+            ErrorKind::UnknownHostField => write!(
+                f,
+                "unknown field of `[host]` (known: {})",
+                HOST_FIELDS.join(", ")
+            ),
             ErrorKind::UnknownField => write!(f, "unknown field (known: {})", FIELDS.join(", ")),
             ErrorKind::DuplicateField => f.write_str("given twice for the same VM"),
             ErrorKind::DuplicateVm => f.write_str("a VM of this name is already defined"),
@@ -210,11 +265,11 @@ pub fn module_name(cmdline: &str) -> &str {
     base.strip_suffix(".elf").unwrap_or(base)
 }
 
-/// Parses a whole configuration file.
+/// Parses a whole boot configuration file (the `vms.conf` module): the optional `[host]` section and the VMs.
 ///
 /// # Errors
 /// The first error in file order, with its line and field.
-pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<VmConfig>, ConfigError> {
+pub fn parse_file_bytes(bytes: &[u8]) -> Result<ConfigFile, ConfigError> {
     let text = core::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()]
             .iter()
@@ -223,16 +278,52 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<VmConfig>, ConfigError> {
             + 1;
         err(line, "-", ErrorKind::NotText)
     })?;
-    parse(text)
+    parse_file(text)
 }
 
-/// Parses a whole configuration file.
+/// Parses VM sections only (a configuration sent at run time: a `[host]` section is refused there, since host
+/// settings are fixed at boot).
+///
+/// # Errors
+/// The first error in file order, with its line and field.
+pub fn parse_bytes(bytes: &[u8]) -> Result<Vec<VmConfig>, ConfigError> {
+    vms_only(parse_file_bytes(bytes)?)
+}
+
+/// Parses VM sections only; see [`parse_bytes`].
 ///
 /// # Errors
 /// The first error in file order, with its line and field.
 pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
+    vms_only(parse_file(text)?)
+}
+
+fn vms_only(file: ConfigFile) -> Result<Vec<VmConfig>, ConfigError> {
+    match file.host.line {
+        Some(line) => Err(err(
+            line,
+            "host",
+            ErrorKind::Conflict("a `[host]` section belongs in the boot configuration module only"),
+        )),
+        None => Ok(file.vms),
+    }
+}
+
+/// One section being read (boxed: a VM section is large and there is only one at a time).
+enum Current {
+    Vm(alloc::boxed::Box<Section>),
+    Host,
+}
+
+/// Parses a whole boot configuration file: at most one `[host]` section (anywhere) and the VM sections.
+///
+/// # Errors
+/// The first error in file order, with its line and field.
+pub fn parse_file(text: &str) -> Result<ConfigFile, ConfigError> {
     let mut vms: Vec<VmConfig> = Vec::new();
-    let mut current: Option<Section> = None;
+    let mut host = HostConfig::default();
+    let mut io_server_line: Option<usize> = None;
+    let mut current: Option<Current> = None;
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
         if raw.len() > MAX_LINE_LEN {
@@ -243,8 +334,20 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
             continue;
         }
         if let Some(header) = content.strip_prefix('[') {
-            if let Some(section) = current.take() {
-                vms.push(section.finish()?);
+            if let Some(Current::Vm(section)) = current.take() {
+                vms.push((*section).finish()?);
+            }
+            if header.strip_suffix(']').map(str::trim) == Some("host") {
+                if host.line.is_some() {
+                    return Err(err(
+                        line,
+                        "host",
+                        ErrorKind::Conflict("only one `[host]` section"),
+                    ));
+                }
+                host.line = Some(line);
+                current = Some(Current::Host);
+                continue;
             }
             if vms.len() == MAX_VMS {
                 return Err(err(line, "vm", ErrorKind::TooLarge));
@@ -253,23 +356,68 @@ pub fn parse(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
             if vms.iter().any(|vm| vm.name == name) {
                 return Err(err(line, "vm", ErrorKind::DuplicateVm));
             }
-            current = Some(Section::new(name, line));
+            current = Some(Current::Vm(alloc::boxed::Box::new(Section::new(
+                name, line,
+            ))));
             continue;
         }
         let Some((key, value)) = content.split_once('=') else {
             return Err(err(line, "-", ErrorKind::Syntax));
         };
         let (key, value) = (key.trim(), value.trim());
-        let Some(section) = current.as_mut() else {
-            return Err(err(line, key, ErrorKind::OutsideSection));
-        };
-        section.set(line, key, value)?;
+        match current.as_mut() {
+            None => return Err(err(line, key, ErrorKind::OutsideSection)),
+            Some(Current::Vm(section)) => section.set(line, key, value)?,
+            Some(Current::Host) => match key {
+                "io_server" => {
+                    if io_server_line.replace(line).is_some() {
+                        return Err(err(line, key, ErrorKind::DuplicateField));
+                    }
+                    host.io_server = parse_io_server(line, key, value)?;
+                }
+                _ => return Err(err(line, key, ErrorKind::UnknownHostField)),
+            },
+        }
     }
-    if let Some(section) = current.take() {
-        vms.push(section.finish()?);
+    if let Some(Current::Vm(section)) = current.take() {
+        vms.push((*section).finish()?);
     }
     volume::check_extents(vms.iter().flat_map(|vm| vm.volumes.iter()))?;
-    Ok(vms)
+    Ok(ConfigFile { host, vms })
+}
+
+/// `io_server = <budget>/<period>` or `<percent>` (over [`DEFAULT_IO_SERVER_PERIOD_NS`]), with the scheduler's
+/// rules: period in [`MIN_PERIOD_NS`, `MAX_PERIOD_NS`], `0 < budget <= period`.
+fn parse_io_server(line: usize, field: &str, value: &str) -> Result<IoServerSpec, ConfigError> {
+    let (budget_ns, period_ns) = match parse_baseline(line, field, value)? {
+        Baseline::Percent { ppm } => {
+            let period = DEFAULT_IO_SERVER_PERIOD_NS;
+            let budget = u128::from(ppm) * u128::from(period) / u128::from(PPM);
+            (u64::try_from(budget).unwrap_or(u64::MAX), period)
+        }
+        Baseline::Budget {
+            budget_ns,
+            period_ns,
+        } => (budget_ns, period_ns),
+    };
+    if !(MIN_PERIOD_NS..=MAX_PERIOD_NS).contains(&period_ns) {
+        return Err(range(
+            line,
+            field,
+            alloc::format!("period {period_ns} ns outside [{MIN_PERIOD_NS}, {MAX_PERIOD_NS}] ns"),
+        ));
+    }
+    if budget_ns == 0 || budget_ns > period_ns {
+        return Err(range(
+            line,
+            field,
+            alloc::format!("budget {budget_ns} ns must be in (0, period {period_ns} ns]"),
+        ));
+    }
+    Ok(IoServerSpec {
+        budget_ns,
+        period_ns,
+    })
 }
 
 /// Drops a `#` comment: one at the start of the line or after whitespace (so `args = a#b` keeps its `#`).

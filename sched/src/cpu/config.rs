@@ -104,6 +104,27 @@ impl VcpuConfig {
         }
     }
 
+    /// The I/O server of a CPU: `budget_ns` per `period_ns` of hypervisor I/O service time (virtqueue intake,
+    /// NVMe submission and completion), admitted with the vCPUs' servers by the same check, so the theorem of
+    /// [`super`] covers that time too. It is a real-time server only: it accrues no credits and holds none
+    /// (accrual, cap and launch balance 0, standard burst mode), so it never enters the burst tier and runs at
+    /// most `budget_ns + O` per period; spare time goes to the vCPUs. Weight 1 is never used (no burst).
+    #[must_use]
+    pub fn io_server(budget_ns: u64, period_ns: u64) -> Self {
+        Self {
+            budget_ns,
+            period_ns,
+            accrual_ns: 0,
+            balance_cap_ns: 0,
+            launch_balance_ns: 0,
+            credit_lifetime_periods: None,
+            burst_mode: BurstMode::Standard,
+            weight: 1,
+            cap_ppm: None,
+            pool: None,
+        }
+    }
+
     /// Baseline share in ppm, rounded up (so sums of rounded shares bound the exact sum from above).
     #[must_use]
     pub fn baseline_ppm(&self) -> u64 {

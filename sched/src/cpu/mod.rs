@@ -19,7 +19,10 @@
 //! 1. Every slice is enforced by a timer: `ran_ns <= slice_ns + O`, where O = `SchedParams::overrun_bound_ns`
 //!    (VMX-preemption-timer latency, VM-exit and decision cost).
 //! 2. `charge(vcpu, ran_ns, now)` is called with the whole time since the decision (guest time and exit
-//!    handling), so no CPU time is unaccounted. Any time the kernel cannot charge goes in `reserve_ppm`.
+//!    handling), so no CPU time is unaccounted. Any time the kernel cannot charge goes in `reserve_ppm`. Work the
+//!    hypervisor does for no single vCPU (the I/O service) runs in a server of its own,
+//!    [`VcpuConfig::io_server`], picked, charged, woken and blocked like a vCPU, so it is admitted and covered
+//!    by the theorem too; the kernel may also do such work in idle time (no decision was running).
 //! 3. When [`Scheduler::wake`] returns `preempt: Some(cpu)`, that CPU re-picks within O.
 //!
 //! # Guarantee

@@ -418,3 +418,72 @@ proptest! {
         }
     }
 }
+
+fn file_error(text: &str) -> ConfigError {
+    match parse_file(text) {
+        Ok(f) => panic!("accepted: {f:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn the_host_section_sets_the_io_server() {
+    // Absent: the defaults.
+    let f = parse_file(OK).unwrap();
+    assert_eq!(f.host, HostConfig::default());
+    assert_eq!(
+        (f.host.io_server.budget_ns, f.host.io_server.period_ns),
+        (DEFAULT_IO_SERVER_BUDGET_NS, DEFAULT_IO_SERVER_PERIOD_NS)
+    );
+    // Before or after the VMs, as budget/period or as a percentage of the default period.
+    let text = alloc::format!("[host]\nio_server = 200us/500us # two fifths\n{OK}");
+    let f = parse_file(&text).unwrap();
+    assert_eq!(f.vms.len(), 1);
+    assert_eq!(f.host.line, Some(1));
+    assert_eq!(
+        f.host.io_server,
+        IoServerSpec {
+            budget_ns: 200_000,
+            period_ns: 500_000
+        }
+    );
+    let f = parse_file(&alloc::format!("{OK}[host]\nio_server = 25%\n")).unwrap();
+    assert_eq!(
+        f.host.io_server,
+        IoServerSpec {
+            budget_ns: 250_000,
+            period_ns: DEFAULT_IO_SERVER_PERIOD_NS
+        }
+    );
+}
+
+#[test]
+fn host_section_errors_name_the_line_and_the_field() {
+    let e = file_error("[host]\nio_server = 2ms/1ms\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "io_server"));
+    assert!(matches!(e.kind, ErrorKind::OutOfRange(_)), "{e}");
+    assert!(e.to_string().contains("budget 2000000 ns"), "{e}");
+    let e = file_error("[host]\nio_server = 10us/50us\n");
+    assert!(e.to_string().contains("period 50000 ns outside"), "{e}");
+    let e = file_error("[host]\nio_server = fast\n");
+    assert!(matches!(e.kind, ErrorKind::Invalid { .. }), "{e}");
+    let e = file_error("[host]\nio_server = 1ms/2ms\nio_server = 1ms/2ms\n");
+    assert_eq!((e.line, e.kind), (3, ErrorKind::DuplicateField));
+    let e = file_error("[host]\nimage = burn\n");
+    assert_eq!((e.line, e.kind.clone()), (2, ErrorKind::UnknownHostField));
+    assert!(e.to_string().contains("io_server"), "{e}");
+    let e = file_error("[host]\n[host]\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "host"));
+    // A VM section's field after the host section belongs to no VM.
+    let e = file_error(&alloc::format!("{OK}[host]\nmemory = 16M\n"));
+    assert_eq!((e.line, e.kind), (6, ErrorKind::UnknownHostField));
+}
+
+#[test]
+fn run_time_configurations_refuse_a_host_section() {
+    let e = parse(&alloc::format!("{OK}[host]\nio_server = 25%\n")).unwrap_err();
+    assert_eq!((e.line, e.field.as_str()), (5, "host"));
+    assert!(e.to_string().contains("boot configuration"), "{e}");
+    // The boot path takes it.
+    assert!(parse_file_bytes(alloc::format!("{OK}[host]\n").as_bytes()).is_ok());
+}
