@@ -9,7 +9,8 @@
 //!
 //! The same configurations run on devices whose service time does not divide the tag spacing
 //! (3900 and 3777 IOPS), where a due tag waits for a device slot as it does in the kernel: the
-//! borrower gets exactly the lent rate and the burst bucket is spent exactly once.
+//! borrower gets exactly the lent rate and the burst bucket is spent exactly once, also by a
+//! burster whose queue is shallower than the device.
 //!
 //! Regression: burst, borrow and boost dispatches used to move the virtual time `V` to the served
 //! volume's proportional tag. Those classes are served out of `P` order, so `V` jumped ahead of
@@ -250,5 +251,29 @@ fn borrow_and_burst_are_exact_when_service_does_not_align_with_the_tags() {
             (360..=440).contains(&above),
             "{cap} IOPS: {above} I/Os above the commitment, expected c x h = 400"
         );
+    }
+}
+
+/// A burster whose queue is shallower than the device's slots: its own burst drains its queue while
+/// its requests are on the device. Regression: the bucket filled whenever the queue was empty and a
+/// reservation was due, although the volume was being served above its commitment, so at depth 8 it
+/// earned 726 I/Os a second and never returned to its commitment (3996 burst dispatches in 5.5 s).
+#[test]
+fn a_burst_that_drains_a_shallow_queue_earns_nothing() {
+    for depth in [8, 16] {
+        let mut burster = vol(400, 1, OveragePolicy::BestEffort, depth, 5 * SEC / 2);
+        burster.config.burst = Some(BurstConfig {
+            fill_iops: 1000,
+            size_ios: 2000,
+        });
+        let vols = [vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0), burster];
+        let reports = simulate_at(&vols, 8, 3_900);
+        let burst: Vec<u64> = reports[1].iter().map(|r| r.stats.from_burst).collect();
+        assert_eq!(
+            burst.iter().sum::<u64>(),
+            2000,
+            "depth {depth}: the bucket is spent exactly once: {burst:?}"
+        );
+        assert_eq!(burst[6..], [0, 0], "depth {depth}: {burst:?}");
     }
 }

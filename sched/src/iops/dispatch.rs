@@ -28,12 +28,16 @@
 //! `P` — the mClock rule that spare capacity is shared independently of reservations. Every
 //! dispatch advances `L` (limits are hard caps for all classes) and, for boosted volumes, the
 //! commitment meter `U` (charged at the committed rate; its lead over `now`, capped at the boost
-//! horizon, scales the boost down). The burst bucket fills while `R.next <= now` and nothing of
-//! the volume is queued, i.e. exactly while its demand leaves part of its reservation unused. A
-//! volume with requests waiting earns nothing: its waiting requests keep their reservation tags and
-//! are served as the device allows (a wait for a device slot is made up at once, an overload's debt
-//! up to one window), so counting that wait would pay a volume served at exactly its commitment
-//! (measured before this rule: 63 tokens/s at a fill of 1000/s on a device at 3900 IOPS).
+//! horizon, scales the boost down). The burst bucket fills while `R.next <= now`, nothing of the
+//! volume is queued and none of its requests on the device was dispatched above its commitment, i.e.
+//! exactly while its demand leaves part of its reservation unused. A volume with requests waiting
+//! earns nothing: its waiting requests keep their reservation tags and are served as the device
+//! allows (a wait for a device slot is made up at once, an overload's debt up to one window), so
+//! counting that wait would pay a volume served at exactly its commitment (measured before this
+//! rule: 63 tokens/s at a fill of 1000/s on a device at 3900 IOPS). Nor does a volume earn while
+//! its burst, borrowed, boosted or best-effort requests are on the device: `R` is not charged for
+//! those, so `R.next <= now` says nothing then, and a shallow queue drained by its own burst earned
+//! again at once (depth 8: 726 burst I/Os a second above the commitment, for ever).
 //!
 //! `R` is anchored at `min(arrival, F)`, where the *reservation frontier* `F` is the smallest `R`
 //! still waiting in the reservation index, or `now` when that is smaller (or nothing waits):
@@ -167,6 +171,9 @@ struct Volume {
     keys: Keys,
     /// Requests dispatched and not yet completed (on the device).
     in_flight: u64,
+    /// The last dispatch was above the commitment (any class but the reservation): while such a
+    /// request is on the device the volume is not under its commitment (its burst bucket holds).
+    above: bool,
     stats: WindowStats,
     totals: VolumeTotals,
 }
@@ -372,6 +379,7 @@ impl Partitioner {
             bucket: config.burst.map(|b| BurstBucket::new(b, now)),
             keys: Keys::default(),
             in_flight: 0,
+            above: false,
             stats: WindowStats::default(),
             totals: VolumeTotals::default(),
         });
@@ -534,6 +542,9 @@ impl Partitioner {
             });
         }
         vol.stats.arrived += 1;
+        if vol.queue.is_empty() {
+            integrate_bucket(vol, now);
+        }
         vol.queue.push_back(Queued {
             request,
             arrival: now,
@@ -545,9 +556,6 @@ impl Partitioner {
         let was_idle = was_empty && vol.in_flight == 0;
         let commit = vol.config.committed_iops;
         if was_empty {
-            if let Some(bucket) = vol.bucket.as_mut() {
-                bucket.fill(vol.r.next, now);
-            }
             file_volume(ix, vol, now, vtime, window);
         }
         self.queued_total += 1;
@@ -621,6 +629,10 @@ impl Partitioner {
         vol.stats.completed += 1;
         vol.stats.service.record(service_ns);
         vol.stats.completed_cost = vol.stats.completed_cost.saturating_add(cost);
+        if vol.in_flight == 1 && vol.queue.is_empty() {
+            // Its last request comes back: the bucket's interval so far ends here.
+            integrate_bucket(vol, now);
+        }
         // Saturating: a completion the caller reports twice (or for a request it never got from
         // `dispatch`) must not make a busy volume look idle later.
         vol.in_flight = vol.in_flight.saturating_sub(1);
@@ -809,6 +821,7 @@ impl Partitioner {
         }
         vol.totals.dispatched += 1;
         vol.in_flight += 1;
+        vol.above = class != ServiceClass::Reservation;
         let wait_ns = now.saturating_sub(q.arrival);
         vol.stats.record_dispatch(class, wait_ns);
         let id = vol.id;
@@ -849,13 +862,13 @@ fn slot_volume(slots: &mut [Slot], id: VolumeId) -> Result<&mut Volume, IopsErro
         .ok_or(IopsError::UnknownVolume(id))
 }
 
-/// Integrates `vol`'s burst bucket up to `now` before its queue or configuration changes: the bucket fills
-/// only for time in which the volume had nothing queued (see the module documentation), and its queue has not
-/// changed since the bucket's last event.
+/// Integrates `vol`'s burst bucket up to `now` before its queue, its requests in flight or its configuration
+/// change (so the state seen here held since the bucket's last event): the bucket fills only while the volume
+/// has nothing queued and nothing above its commitment on the device (see the module documentation).
 fn integrate_bucket(vol: &mut Volume, now: u64) {
-    let waiting = !vol.queue.is_empty();
+    let busy = !vol.queue.is_empty() || (vol.above && vol.in_flight > 0);
     if let Some(bucket) = vol.bucket.as_mut() {
-        if waiting {
+        if busy {
             bucket.hold(now);
         } else {
             bucket.fill(vol.r.next, now);
