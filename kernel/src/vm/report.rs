@@ -5,22 +5,32 @@
 //! statistics (time in guests, idle time, overrun), so the tests can set the hypervisor's accounting beside what
 //! the guests measured themselves. Formats are in docs/console.md.
 //!
-//! Stop dumps ([`stop_dump`]): when a guest triple-faults, the registers, the stack words at RSP, the guest
-//! page-table walk of RIP and RSP and the CPU's last exits (a per-CPU ring filled by [`note_exit`] on every exit,
-//! one uncontended lock and a small copy) are logged, so an intermittent guest crash can be diagnosed from one
-//! serial log.
+//! Stop dumps ([`stop_dump`], module [`dump`]): when a guest triple-faults, the registers, the stack words at RSP,
+//! the guest page-table walk of RIP and RSP, the backend's VMCB/VMCS fields and the CPUs' last exits are logged,
+//! so an intermittent guest crash can be diagnosed from one serial log. The last exits come from the exit trail
+//! (module [`trail`]): [`note_exit`] adds every exit to its CPU's ring with a few plain stores, no lock; a
+//! sequence word per entry lets the dump skip an entry another CPU is rewriting.
+//!
+//! Per-exit cost (issue 7 follow-up, measured with the guests' `exit_rtt_ticks`): [`note_exit`] and
+//! [`note_handling`] run on every exit; both only store to this CPU's own words.
 
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use virt::{Gpr, GuestMemory, StopCause, Vcpu, NO_WAKE};
+use virt::{Gpr, StopCause, Vcpu, NO_WAKE};
 
 use super::backend::BackendVcpu;
-use crate::virt::svm::vmcb::{Ctl64, Seg};
+use crate::virt::svm::vmcb::Ctl64;
 
 use super::{ticks_to_ns, Runtime, VmState, REPORT_INTERVAL_NS};
 use crate::arch::x86_64::tsc;
 use crate::marker;
+
+mod dump;
+mod trail;
+
+pub use dump::stop_dump;
+use trail::TRAIL_CPUS;
 
 /// The BSP's report clock.
 #[derive(Debug)]
@@ -207,18 +217,32 @@ pub fn summary(rt: &Runtime, start: u64) {
 static HANDLING_MAX: [AtomicU64; TRAIL_CPUS] = [const { AtomicU64::new(0) }; TRAIL_CPUS];
 static HANDLING_OVER: [AtomicU64; TRAIL_CPUS] = [const { AtomicU64::new(0) }; TRAIL_CPUS];
 
+/// The overrun bound in TSC ticks, computed at the first exit (0: not yet). One runtime per boot, whose TSC rate
+/// never changes, so it is computed once.
+static HANDLING_BOUND_TICKS: AtomicU64 = AtomicU64::new(0);
+
 /// Records that CPU `cpu` took `ticks` to handle one exit (see `HANDLING_MAX`).
+#[inline]
 pub fn note_handling(rt: &Runtime, cpu: u32, ticks: u64) {
     let Some(c) = usize::try_from(cpu).ok().filter(|&c| c < TRAIL_CPUS) else {
         return;
     };
-    // Only this CPU writes its counters: plain loads and stores, no locked instructions. The bound is compared in
-    // ticks x 10^9 against ns x Hz (no 128-bit division on the exit path; ticks saturate after ~18 s at 1 GHz,
-    // which still compares as "over").
+    // Only this CPU writes its counters: plain loads and stores, no locked instructions; the bound is a compare
+    // against a tick count computed once (no multiplication or division per exit).
     if ticks > HANDLING_MAX[c].load(Ordering::Relaxed) {
         HANDLING_MAX[c].store(ticks, Ordering::Relaxed);
     }
-    if ticks.saturating_mul(1_000_000_000) > super::OVERRUN_BOUND_NS.saturating_mul(rt.tsc_hz) {
+    let mut bound = HANDLING_BOUND_TICKS.load(Ordering::Relaxed);
+    if bound == 0 {
+        // floor(bound_ns x Hz / 10^9): `ticks > floor(x)` is `ticks > x` for whole ticks.
+        bound = u64::try_from(
+            u128::from(super::OVERRUN_BOUND_NS) * u128::from(rt.tsc_hz) / 1_000_000_000,
+        )
+        .unwrap_or(u64::MAX)
+        .max(1);
+        HANDLING_BOUND_TICKS.store(bound, Ordering::Relaxed);
+    }
+    if ticks > bound {
         HANDLING_OVER[c].store(
             HANDLING_OVER[c].load(Ordering::Relaxed) + 1,
             Ordering::Relaxed,
@@ -226,177 +250,38 @@ pub fn note_handling(rt: &Runtime, cpu: u32, ticks: u64) {
     }
 }
 
-/// Exits remembered per CPU for a stop report: the last [`TRAIL_LEN`] exits of any vCPU run there.
-const TRAIL_LEN: usize = 16;
-/// CPUs with an exit trail (later CPUs keep none).
-const TRAIL_CPUS: usize = 16;
-
-/// One remembered exit: the state the guest left in, before the handler changed anything.
-#[derive(Clone, Copy, Debug)]
-struct TrailEntry {
-    tsc: u64,
-    slot: usize,
-    rip: u64,
-    rsp: u64,
-    rax: u64,
-    /// SVM: EXITINTINFO of the exit (an event whose delivery the exit interrupted); 0 on VMX.
-    int_info: u64,
-    exit: Option<virt::VmExit>,
-}
-
-/// A ring of the last exits of one CPU (only that CPU writes it; a stop report reads it).
-struct Trail {
-    next: usize,
-    entries: [Option<TrailEntry>; TRAIL_LEN],
-}
-
-static TRAILS: [spin::Mutex<Trail>; TRAIL_CPUS] = [const {
-    spin::Mutex::new(Trail {
-        next: 0,
-        entries: [None; TRAIL_LEN],
-    })
-}; TRAIL_CPUS];
-
-/// Remembers an exit of slot `slot`'s vCPU on CPU `cpu` for [`stop_dump`] (an uncontended lock and a 56-byte copy).
+/// Remembers an exit of slot `slot`'s vCPU on CPU `cpu` for [`stop_dump`]: a few plain stores into this CPU's
+/// exit trail ([`trail`]: no lock, no locked instruction). Called by the run loop of CPU `cpu` only. The vendor
+/// vCPU is read directly (its fields, or the VMCB), not through `BackendVcpu`'s `Vcpu` calls.
+#[inline]
 pub fn note_exit(cpu: u32, slot: usize, vcpu: &BackendVcpu, exit: Option<virt::VmExit>, tsc: u64) {
-    let Some(trail) = usize::try_from(cpu).ok().and_then(|c| TRAILS.get(c)) else {
+    let Ok(c) = usize::try_from(cpu) else {
         return;
     };
-    let mut t = trail.lock();
-    let at = t.next % TRAIL_LEN;
-    t.entries[at] = Some(TrailEntry {
-        tsc,
-        slot,
-        rip: vcpu.rip(),
-        rsp: vcpu.gpr(Gpr::Rsp),
-        rax: vcpu.gpr(Gpr::Rax),
-        int_info: svm_of(vcpu).map_or(0, |v| v.vmcb().ctl64(Ctl64::ExitIntInfo)),
-        exit,
-    });
-    t.next = t.next.wrapping_add(1);
-}
-
-/// The SVM vCPU behind `vcpu`, for its VMCB fields.
-fn svm_of(vcpu: &BackendVcpu) -> Option<&crate::virt::svm::SvmVcpu> {
-    match vcpu {
-        BackendVcpu::Svm(v) => Some(v),
-        BackendVcpu::Vmx(_) => None,
-    }
-}
-
-/// A guest fault its own handlers could not take (triple fault): logs what the next engineer needs to tell a bad
-/// stack pointer from corrupted guest memory: the registers, the stack words at RSP, the guest page-table entries
-/// that map RIP and RSP (read through CR3 from guest RAM, 4-level paging), and the last exits of this CPU (`cpu`)
-/// and then of every other CPU.
-/// Lines start `vm <name>: stop dump:`. Runs only on the stop path.
-pub fn stop_dump(rt: &Runtime, cpu: u32, slot: usize, vcpu: &BackendVcpu) {
-    let s = &rt.slots[slot];
-    let vm = &rt.vms[s.vm];
-    let name = &vm.name;
-    let mem: &dyn GuestMemory = &vm.ram;
-    let read = |gpa: u64| {
-        let mut b = [0u8; 8];
-        mem.read(gpa, &mut b).ok().map(|()| u64::from_le_bytes(b))
+    let (rip, rsp, rax, int_info) = match vcpu {
+        BackendVcpu::Svm(v) => (
+            v.rip(),
+            v.gpr(Gpr::Rsp),
+            v.gpr(Gpr::Rax),
+            v.vmcb().ctl64(Ctl64::ExitIntInfo),
+        ),
+        BackendVcpu::Vmx(v) => (
+            v.rip(),
+            v.gpr(Gpr::Rsp),
+            v.gpr(Gpr::Rax),
+            v.last_entry().idt_vectoring,
+        ),
     };
-    let (rip, rsp) = (vcpu.rip(), vcpu.gpr(Gpr::Rsp));
-    let cs = vcpu.control_state();
-    let cr3 = cs.map_or(0, |c| c.cr3);
-    let mut line = Line(heapless::String::new());
-    let _ = write!(
-        line,
-        "vm {name}: stop dump: vCPU {} rip={rip:#x} rsp={rsp:#x} rax={:#x} rbp={:#x} cr0={:#x} cr3={cr3:#x} cr4={:#x} efer={:#x} rflags={:#x}",
-        s.index,
-        vcpu.gpr(Gpr::Rax),
-        vcpu.gpr(Gpr::Rbp),
-        cs.map_or(0, |c| c.cr0),
-        cs.map_or(0, |c| c.cr4),
-        cs.map_or(0, |c| c.efer),
-        cs.map_or(0, |c| c.rflags),
+    trail::record(
+        c,
+        &trail::Entry {
+            tsc,
+            slot,
+            rip,
+            rsp,
+            rax,
+            int_info,
+        },
+        exit,
     );
-    crate::console::write_line_deferred(format_args!("{}", line.0));
-    let mut line = Line(heapless::String::new());
-    let _ = write!(line, "vm {name}: stop dump: stack at rsp-16:");
-    for i in 0..6u64 {
-        let at = rsp.wrapping_sub(16).wrapping_add(8 * i);
-        let _ = match read(at) {
-            Some(v) => write!(line, " {v:#x}"),
-            None => write!(line, " (unreadable {at:#x})"),
-        };
-    }
-    crate::console::write_line_deferred(format_args!("{}", line.0));
-    for (what, va) in [("rip", rip), ("rsp", rsp)] {
-        let mut line = Line(heapless::String::new());
-        let _ = write!(line, "vm {name}: stop dump: walk of {what} {va:#x}:");
-        let mut table = cr3 & 0x000f_ffff_ffff_f000;
-        for (level, shift) in [(4u32, 39u32), (3, 30), (2, 21), (1, 12)] {
-            let at = table + 8 * ((va >> shift) & 0x1ff);
-            let Some(e) = read(at) else {
-                let _ = write!(line, " L{level}@{at:#x}=(outside RAM)");
-                break;
-            };
-            let _ = write!(line, " L{level}@{at:#x}={e:#x}");
-            // Not present, or a large page (PS at levels 3 and 2): the walk ends here.
-            if e & 1 == 0 || (level != 4 && level != 1 && e & 0x80 != 0) {
-                break;
-            }
-            table = e & 0x000f_ffff_ffff_f000;
-        }
-        crate::console::write_line_deferred(format_args!("{}", line.0));
-    }
-    if let Some(v) = svm_of(vcpu) {
-        let b = v.vmcb();
-        let seg = |g: Seg| {
-            let x = b.segment(g);
-            (x.selector, x.attrib, x.limit, x.base)
-        };
-        crate::console::write_line_deferred(format_args!(
-            "vm {name}: stop dump: svm exit_int_info={:#x} event_inj={:#x} int_ctl={:#x} shadow={:#x} info1={:#x} info2={:#x} cs={:x?} ss={:x?} tr={:x?} gdtr={:x?} idtr={:x?}",
-            b.ctl64(Ctl64::ExitIntInfo),
-            b.ctl64(Ctl64::EventInj),
-            b.ctl64(Ctl64::IntCtl),
-            b.ctl64(Ctl64::InterruptShadow),
-            b.ctl64(Ctl64::ExitInfo1),
-            b.ctl64(Ctl64::ExitInfo2),
-            seg(Seg::Cs),
-            seg(Seg::Ss),
-            seg(Seg::Tr),
-            seg(Seg::Gdtr),
-            seg(Seg::Idtr),
-        ));
-        // The guest's gates for #DF, #GP and #PF (16 bytes each): a fault it could not take shows here.
-        let idt = b.segment(Seg::Idtr).base;
-        let mut line = Line(heapless::String::new());
-        let _ = write!(line, "vm {name}: stop dump: idt gates");
-        for vector in [8u64, 13, 14] {
-            let lo = read(idt + 16 * vector).unwrap_or(u64::MAX);
-            let hi = read(idt + 16 * vector + 8).unwrap_or(u64::MAX);
-            let _ = write!(line, " {vector}={hi:#x}:{lo:#x}");
-        }
-        crate::console::write_line_deferred(format_args!("{}", line.0));
-    }
-    // This CPU's last exits, then every other CPU's (what the rest of the machine was doing at the time).
-    let others = (0..rt.cpus.min(TRAIL_CPUS)).filter_map(|c| u32::try_from(c).ok());
-    for c in core::iter::once(cpu).chain(others.filter(|&c| c != cpu)) {
-        let Some(trail) = usize::try_from(c).ok().and_then(|i| TRAILS.get(i)) else {
-            continue;
-        };
-        let t = trail.lock();
-        for k in 0..TRAIL_LEN {
-            let Some(e) = t.entries[(t.next.wrapping_add(k)) % TRAIL_LEN] else {
-                continue;
-            };
-            let who = &rt.slots[e.slot];
-            crate::console::write_line_deferred(format_args!(
-                "vm {name}: stop dump: cpu{c} exit tsc={} vm={} vcpu={} rip={:#x} rsp={:#x} rax={:#x} int_info={:#x} {:?}",
-                e.tsc,
-                rt.vms[who.vm].name,
-                who.index,
-                e.rip,
-                e.rsp,
-                e.rax,
-                e.int_info,
-                e.exit
-            ));
-        }
-    }
 }

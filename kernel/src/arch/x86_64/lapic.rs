@@ -53,6 +53,12 @@ pub enum Mode {
 
 static MODE: Once<Mode> = Once::new();
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+/// Divided timer ticks per TSC tick in 32.32 fixed point, rounded up (0 before [`calibrate_timer`]), so
+/// [`arm_oneshot_ticks`] converts with one multiplication instead of two divisions.
+static TIMER_PER_TSC: AtomicU64 = AtomicU64::new(0);
+/// One microsecond in divided timer ticks (at least 1): the margin [`arm_oneshot_ticks`] adds, as
+/// `arm_oneshot_us(ticks_to_us(t) + 1)` always did, so a slightly low calibration never fires early.
+static MARGIN: AtomicU64 = AtomicU64::new(1);
 static TSC_DEADLINE: AtomicBool = AtomicBool::new(false);
 
 fn read(reg: u32) -> u32 {
@@ -116,6 +122,8 @@ pub fn init_cpu() {
     }
     write(REG_TPR, 0);
     write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
+    // Once per CPU: the one-shot paths count in divided ticks and do not rewrite it ([`arm_oneshot_count`]).
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     if percpu_is_ap() {
         // Only the BSP takes legacy ExtINT through LINT0 (and the PIC is masked anyway).
         write(REG_LVT_LINT0, LVT_MASKED);
@@ -212,18 +220,57 @@ pub fn calibrate_timer() -> Option<u64> {
     let hz = best * 1_000_000 / WINDOW_US;
     (hz > 0).then(|| {
         TIMER_HZ.store(hz, Ordering::Relaxed);
+        let tsc_hz = tsc::hz();
+        if tsc_hz > 0 {
+            let per_tsc = (u128::from(hz) << 32).div_ceil(u128::from(tsc_hz));
+            TIMER_PER_TSC.store(u64::try_from(per_tsc).unwrap_or(0), Ordering::Relaxed);
+            MARGIN.store(u64::from(oneshot_count(1)), Ordering::Relaxed);
+        }
         hz
     })
 }
 
 /// Arms a one-shot timer interrupt ([`TIMER_VECTOR`]) after `us` microseconds.
 pub fn arm_oneshot_us(us: u64) {
-    let count = u32::try_from(timer_hz() * us / 1_000_000)
+    arm_oneshot_count(oneshot_count(us));
+}
+
+/// Arms a one-shot timer interrupt no earlier than `ticks` TSC ticks from now (plus about a microsecond's margin):
+/// the per-entry path of the SVM backend, so one multiplication and two register writes. Before calibration, or
+/// with a TSC rate the fixed point cannot hold, it takes the microsecond path.
+pub fn arm_oneshot_ticks(ticks: u64) {
+    let per_tsc = TIMER_PER_TSC.load(Ordering::Relaxed);
+    if per_tsc == 0 {
+        arm_oneshot_us(tsc::ticks_to_us(ticks) + 1);
+        return;
+    }
+    let count = u64::try_from((u128::from(ticks) * u128::from(per_tsc)) >> 32)
+        .unwrap_or(u64::MAX)
+        .saturating_add(MARGIN.load(Ordering::Relaxed));
+    arm_oneshot_count(u32::try_from(count).unwrap_or(u32::MAX));
+}
+
+/// The one-shot initial count for `us` microseconds (at least 1), for callers that arm the same interval often
+/// ([`arm_oneshot_count`]; 0 timer ticks per second before [`calibrate_timer`] gives 1).
+pub fn oneshot_count(us: u64) -> u32 {
+    u32::try_from(timer_hz() * us / 1_000_000)
         .unwrap_or(u32::MAX)
-        .max(1);
-    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+        .max(1)
+}
+
+/// Arms a one-shot timer interrupt after `count` divided timer ticks ([`oneshot_count`]): two register writes. The
+/// divider is set once per CPU by [`init_cpu`] (and [`calibrate_timer`]), never changed after.
+pub fn arm_oneshot_count(count: u32) {
     write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
-    write(REG_TIMER_INITIAL, count);
+    write(REG_TIMER_INITIAL, count.max(1));
+}
+
+/// Restarts the one-shot timer with `count` divided timer ticks, when the LVT is known to be in one-shot mode,
+/// unmasked, with [`TIMER_VECTOR`] (the last arming was [`arm_oneshot_count`], [`arm_oneshot_us`] or
+/// [`arm_oneshot_ticks`], with no [`disarm`] or [`arm_deadline`] since): a write of the initial count starts a new
+/// count-down (Intel SDM Vol. 3A §11.5.4), so one register write.
+pub fn rearm_oneshot_count(count: u32) {
+    write(REG_TIMER_INITIAL, count.max(1));
 }
 
 /// Arms a TSC-deadline timer interrupt at TSC value `deadline`; false when the mode is unsupported.

@@ -13,6 +13,7 @@
 //! - [`vcpu`]: [`SvmVm`] and [`SvmVcpu`] (implements `virt::Vcpu`: run with LAPIC-timer preemption, exit decode,
 //!   RIP advance, event injection, TSC offset);
 //! - [`check`]: readable reports for `VMEXIT_INVALID` (the consistency rules of APM §15.5.1);
+//! - [`dump`]: the VMCB fields and last-VMRUN record a triple-fault stop dump shows;
 //! - [`selftest`]: the `svm` self-test, a hand-built guest that exercises every exit the backend decodes.
 //!
 //! How the runtime uses it: build the guest memory in an [`NptMap`], create one [`SvmVm`] per VM from its
@@ -28,6 +29,7 @@
 //! stops itself on a guest triple fault instead of taking the SHUTDOWN intercept; QEMU TCG has neither problem.
 
 pub mod check;
+pub mod dump;
 pub mod entry;
 pub mod host;
 pub mod npt;

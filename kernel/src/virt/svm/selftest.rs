@@ -24,6 +24,8 @@
 //!    (skipped on Bochs, which stops the emulator on a guest triple fault under the harness's settings).
 //!
 //! Finally a second vCPU with EFER.SVME cleared must fail entry with a report naming that rule (APM §15.5.1).
+//! Every exit taken, and one exit of each kind with extreme operands (`packed::samples`), must survive the exit
+//! trail's packing (`crate::virt::packed`) unchanged.
 //! The guest uses only CPU 0 of the VM; the test runs on the CPU that calls it.
 
 #![allow(clippy::result_large_err)] // the explanation travels in the error, as in kernel/src/selftest.rs
@@ -43,6 +45,7 @@ use super::vmcb::{Save64, Seg, Segment};
 use crate::arch::x86_64::{cpu, paging, tsc};
 use crate::mm::{frame, PAGE_SIZE};
 use crate::virt::detect::VirtSupport;
+use crate::virt::packed;
 
 /// The test's explanation.
 pub type Detail = heapless::String<160>;
@@ -332,7 +335,19 @@ fn step(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
         .run(deadline)
         .map_err(|f| detail!("entry failed at rip {:#x}: {f:?}", vcpu.rip()))?;
     *exits += 1;
+    packed_intact(Some(e))?;
     Ok(e)
+}
+
+/// The run loop's exit trail keeps every exit packed (`crate::virt::packed`): it must come back unchanged.
+fn packed_intact(e: Option<VmExit>) -> Result<(), Detail> {
+    ensure!(
+        packed::round_trips(e),
+        "exit {e:?} packs as {:x?}, which unpacks as {:?}",
+        packed::pack(e),
+        packed::unpack(packed::pack(e))
+    );
+    Ok(())
 }
 
 /// Runs until an exit other than a stray host interrupt.
@@ -375,6 +390,7 @@ fn spin_until_deadline(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<(VmExit, u
             .run(deadline)
             .map_err(|f| detail!("entry failed in a spin: {f:?}"))?;
         *exits += 1;
+        packed_intact(Some(e))?;
         if e == VmExit::ExternalInterrupt {
             continue;
         }
@@ -660,6 +676,9 @@ fn invalid_state(vm: &alloc::sync::Arc<SvmVm>, entry: &EntryState) -> Result<(),
 }
 
 fn run_test() -> Result<Detail, Detail> {
+    for e in packed::samples() {
+        packed_intact(e)?;
+    }
     let mut npt = NptMap::new().map_err(|e| detail!("NPT root: {e:?}"))?;
     let (ram, labels) = build_guest(&mut npt)?;
     // SAFETY: the NPT maps only this test's frames and outlives both vCPUs (dropped in reverse order below).

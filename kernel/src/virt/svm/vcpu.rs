@@ -146,6 +146,18 @@ struct LastExit {
     next_rip: u64,
 }
 
+/// What the run path remembers of the last VMRUN, for a stop dump (`super::dump`): TLB_CONTROL is cleared in the
+/// VMCB after each exit, and the host TSC is not in the VMCB at all.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LastEntry {
+    /// TLB_CONTROL as written for the last VMRUN (0 nothing, 1 flush all ASIDs; `host::CpuSvm::asid_for`).
+    pub tlb_control: u8,
+    /// Host TSC right before the last VMRUN.
+    pub vmrun_tsc: u64,
+    /// Host TSC right after its #VMEXIT.
+    pub exit_tsc: u64,
+}
+
 /// One virtual CPU.
 #[derive(Debug)]
 pub struct SvmVcpu {
@@ -162,6 +174,10 @@ pub struct SvmVcpu {
     pending_event: Option<u64>,
     /// Intercepted #DB/#AC delivered back to the guest.
     reinjected: u64,
+    /// The last VMRUN, for stop dumps.
+    last_entry: LastEntry,
+    /// LAPIC one-shot count for [`HOST_TURN_US`], computed once (the timer is calibrated before any vCPU exists).
+    host_turn: u32,
 }
 
 fn segment(s: &EntrySegment) -> Segment {
@@ -277,6 +293,8 @@ impl SvmVcpu {
             last: LastExit::default(),
             pending_event: None,
             reinjected: 0,
+            last_entry: LastEntry::default(),
+            host_turn: lapic::oneshot_count(HOST_TURN_US),
         })
     }
 
@@ -306,15 +324,23 @@ impl SvmVcpu {
         self.asid.asid
     }
 
-    /// Arms the LAPIC timer for `deadline` (TSC-deadline mode when present, else one-shot).
-    fn arm_timer(deadline: u64, now: u64) {
+    /// What the run path remembered of the last VMRUN (TLB_CONTROL written, host TSC before it and after its exit).
+    pub fn last_entry(&self) -> LastEntry {
+        self.last_entry
+    }
+
+    /// Arms the LAPIC timer for `deadline` (TSC-deadline mode when present, else one-shot, converted from TSC ticks
+    /// by one multiplication and rounded up so the interrupt is not earlier than the deadline). Returns true when
+    /// it left the timer in one-shot mode (so the host turn after the exit needs only a new count).
+    fn arm_timer(deadline: u64, now: u64) -> bool {
         if deadline == u64::MAX {
-            return;
+            return false;
         }
-        if !lapic::arm_deadline(deadline) {
-            // One-shot counts in microseconds: round up so the interrupt is not earlier than the deadline.
-            lapic::arm_oneshot_us(tsc::ticks_to_us(deadline - now) + 1);
+        if lapic::has_tsc_deadline() && lapic::arm_deadline(deadline) {
+            return false;
         }
+        lapic::arm_oneshot_ticks(deadline - now);
+        true
     }
 
     /// Decodes the exit the VMCB now describes (`before`: the state handed to VMRUN, for invalid-state reports).
@@ -364,7 +390,7 @@ impl SvmVcpu {
                     },
                 }
             }
-            exit_code::INTR if tsc::rdtsc() >= deadline => VmExit::SliceExpired,
+            exit_code::INTR if self.last_entry.exit_tsc >= deadline => VmExit::SliceExpired,
             exit_code::INTR | exit_code::NMI | exit_code::SMI | exit_code::INIT => {
                 VmExit::ExternalInterrupt
             }
@@ -587,14 +613,21 @@ impl SvmVcpu {
         // The host-turn timer of the last exit may have fired meanwhile (module doc): take it here, not as an
         // INTR exit right after VMRUN.
         interrupt_window();
-        Self::arm_timer(deadline, now);
+        let oneshot = Self::arm_timer(deadline, now);
+        self.last_entry.tlb_control = grant.tlb_control;
+        self.last_entry.vmrun_tsc = tsc::rdtsc();
         clgi_sti();
         // SAFETY: GIF = 0 (above); SVM is enabled on this CPU and `host_page` is its host page (`this_cpu`); the VMCB
         // is owned by `self` and points at the live shared IOPM, this VM's MSRPM and nCR3 (kept alive by `self._vm`);
         // the GPR block and the FXSAVE area are owned by `self`.
         unsafe { svm_enter(self.vmcb.pa(), &mut self.gprs, host_page, &mut *self.fx) };
         cli_stgi();
-        lapic::arm_oneshot_us(HOST_TURN_US);
+        self.last_entry.exit_tsc = tsc::rdtsc();
+        if oneshot {
+            lapic::rearm_oneshot_count(self.host_turn);
+        } else {
+            lapic::arm_oneshot_count(self.host_turn);
+        }
         self.vmcb.set_ctl8(Ctl8::TlbControl, 0);
         let exit = self.decode(deadline, &before);
         if matches!(exit, Ok(VmExit::SliceExpired | VmExit::ExternalInterrupt)) {

@@ -3,7 +3,8 @@
 //! Layout: [`fields`] (typed VMCS encodings, SDM Appendix B), [`instr`] (VMX instructions with their failure
 //! decoding), [`caps`] (capability MSRs, control adjustment), [`cpu`] (VMXON per CPU), [`ept`] (the kernel's table
 //! memory for the shared nested-paging builder), [`vcpu`] (the VMCS set-up, the entry stub and `virt::Vcpu`),
-//! [`exit`] (exit reasons, Appendix C), [`trace`] (the per-vCPU slice trace) and [`selftest`] (a tiny guest proving
+//! [`exit`] (exit reasons, Appendix C), [`trace`] (the per-vCPU slice trace), [`dump`] (what a stop dump shows of a
+//! vCPU) and [`selftest`] (a tiny guest proving
 //! the path end to end).
 //!
 //! How the runtime uses it, on the CPU that will run the vCPU:
@@ -45,6 +46,7 @@
 
 pub mod caps;
 pub mod cpu;
+pub mod dump;
 pub mod entry;
 pub mod ept;
 pub mod exit;

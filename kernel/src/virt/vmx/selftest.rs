@@ -19,10 +19,11 @@
 //! then injects #GP into the guest, which has no IDT, and expects the triple-fault exit. Fresh vCPUs on the same EPT
 //! then run: a guest-timed loop at 0x6000 (RDTSC around CPUID, reported by VMCALL: the round trip as the guest
 //! sees it); an MSR/port program at 0x7100 (LSTAR written and read back without exits and the host's LSTAR intact,
-//! MISC_ENABLE RDMSR/WRMSR exits, `IN al,0x71`); a real-mode vCPU at 0700:0000 (HLT) when the CPU has unrestricted
+//! MISC_ENABLE RDMSR/WRMSR exits, `IN al,0x71`); a CR2 program at 0x7200 (the guest's CR2 survives an exit during
+//! which the CPU's CR2 changed); a real-mode vCPU at 0700:0000 (HLT) when the CPU has unrestricted
 //! guest; and two vCPUs with a control field and a guest-state field broken on purpose, whose entry failures must
-//! decode as VM-instruction error 7 and exit reason 33. Every exit is checked
-//! (kind, operands, RIP). The round trip is the host TSC across `run()` for a CPUID exit plus `skip_instruction`,
+//! decode as VM-instruction error 7 and exit reason 33. Every exit is checked (kind, operands, RIP) and must survive
+//! the exit trail's packing (`crate::virt::packed`) unchanged. The round trip is the host TSC across `run()` for a CPUID exit plus `skip_instruction`,
 //! median of ROUNDS. On a CPU without VMX (or with VMX disabled by firmware, or without EPT or the preemption timer)
 //! it reports "skipped: ..." with the reason — as a pass, because nothing is wrong with the kernel on that machine;
 //! the word "skipped" is the signal that nothing was proven, and a harness that must prove VMX has to require a
@@ -46,6 +47,7 @@ use super::vcpu::{real_mode_entry, VcpuConfig, VmxVcpu};
 use super::VmxError;
 use crate::arch::x86_64::{paging, tsc};
 use crate::mm::frame;
+use crate::virt::packed;
 
 /// A result line's detail.
 pub type Detail = heapless::String<160>;
@@ -99,6 +101,20 @@ const MSR_GUEST: [u8; 38] = [
     0x0F, 0x32, // rdmsr
     0x0F, 0x30, // wrmsr
     0xE4, 0x71, // in al,0x71
+    0xF4, // hlt
+];
+
+/// At 0x7200: the guest sets CR2, exits, and reads CR2 back after the host has changed the CPU's CR2 meanwhile
+/// (as another guest's page fault would): the backend must save the guest's CR2 at the exit and restore it.
+const CR2_CODE: u64 = 0x7200;
+/// The value the CR2 guest writes (canonical, every byte distinct).
+const CR2_GUEST_VALUE: u64 = 0x0000_7654_3210_fedc;
+const CR2_GUEST: [u8; 23] = [
+    0x48, 0xB8, 0xDC, 0xFE, 0x10, 0x32, 0x54, 0x76, 0x00, 0x00, // mov rax,CR2_GUEST_VALUE
+    0x0F, 0x22, 0xD0, // mov cr2,rax
+    0x0F, 0x01, 0xC1, // vmcall
+    0x0F, 0x20, 0xD0, // mov rax,cr2
+    0x0F, 0x01, 0xC1, // vmcall
     0xF4, // hlt
 ];
 
@@ -186,6 +202,9 @@ pub fn run() -> Result<Detail, Detail> {
     if !cpu::has_vmx() {
         return Ok(detail!("skipped: no vmx"));
     }
+    for e in packed::samples() {
+        packed_intact(e)?;
+    }
     let caps = match cpu::enable() {
         Ok(c) => c,
         // The machine, not the kernel, rules VMX out: say so, as a skip.
@@ -213,6 +232,7 @@ pub fn run() -> Result<Detail, Detail> {
     let guest_median = guest_timed(&map)?;
     exits += 2 * ROUNDS;
     exits += msrs_and_ports(&map)?;
+    exits += guest_cr2(&map)?;
     let real = if caps.allows(ControlKind::Secondary, secondary::UNRESTRICTED_GUEST) {
         real_mode(&map)?
     } else {
@@ -254,6 +274,7 @@ fn build_guest(mem: &mut GuestMem, map: &mut GuestPhysMap) -> Result<(), Detail>
     mem.write(CODE, &GUEST_CODE)?;
     mem.write(TIMED_CODE, &TIMED_GUEST)?;
     mem.write(MSR_CODE, &MSR_GUEST)?;
+    mem.write(CR2_CODE, &CR2_GUEST)?;
     mem.write(SPIN_CODE, &[0xFB, 0xEB, 0xFE])?;
     // Real-mode vCPU: HLT at 0x7000.
     mem.write(0x7000, &[0xF4])?;
@@ -282,16 +303,71 @@ fn far_deadline() -> u64 {
     tsc::rdtsc().saturating_add(1 << 40)
 }
 
-/// Runs until an exit other than a host interrupt.
+/// Runs until an exit other than a host interrupt. Every exit must survive the exit trail's packing
+/// (`crate::virt::packed`) unchanged.
 fn run_once(v: &mut VmxVcpu, deadline: u64) -> Result<VmExit, Detail> {
     for _ in 0..1000 {
         match v.run(deadline) {
-            Ok(VmExit::ExternalInterrupt) => continue,
-            Ok(e) => return Ok(e),
+            Ok(e) => {
+                packed_intact(Some(e))?;
+                if e != VmExit::ExternalInterrupt {
+                    return Ok(e);
+                }
+            }
             Err(f) => return Err(detail!("entry failed at rip {:#x}: {f:?}", v.rip())),
         }
     }
     Err(detail!("1000 host interrupts in a row"))
+}
+
+/// The run loop's exit trail keeps every exit packed: it must come back unchanged.
+fn packed_intact(e: Option<VmExit>) -> Result<(), Detail> {
+    ensure!(
+        packed::round_trips(e),
+        "exit {e:?} packs as {:x?}, which unpacks as {:?}",
+        packed::pack(e),
+        packed::unpack(packed::pack(e))
+    );
+    Ok(())
+}
+
+/// The guest's CR2 survives an exit during which the CPU's CR2 changed (see [`CR2_CODE`]), and the stop-dump
+/// record shows it. Returns the exits checked.
+fn guest_cr2(map: &GuestPhysMap) -> Result<u64, Detail> {
+    let config = VcpuConfig {
+        eptp: map.eptp(),
+        entry: EntryState::long_mode(CR2_CODE, 0, GUEST_PAGES * 4096),
+        exception_bitmap: 0,
+        tsc_offset: 0,
+    };
+    let mut v = VmxVcpu::new(&config).map_err(|e| detail!("CR2 vCPU: {e:?}"))?;
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(
+        e == VmExit::Hypercall && v.rip() == CR2_CODE + 13,
+        "CR2 guest: {e:?} at {:#x}",
+        v.rip()
+    );
+    let saved = v.last_entry().cr2;
+    ensure!(
+        saved == CR2_GUEST_VALUE,
+        "guest CR2 saved at the exit as {saved:#x}, not {CR2_GUEST_VALUE:#x}"
+    );
+    // SAFETY: CR2 only records the last page-fault address; the kernel never reads it outside its #PF report, and
+    // this is what another guest's page fault between two entries of this vCPU would do.
+    unsafe {
+        core::arch::asm!("mov cr2, {0}", in(reg) 0x1000_u64, options(nomem, nostack, preserves_flags))
+    };
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    let seen = v.gpr(Gpr::Rax);
+    ensure!(
+        e == VmExit::Hypercall && seen == CR2_GUEST_VALUE,
+        "CR2 guest read back {seen:#x} ({e:?}), not {CR2_GUEST_VALUE:#x}"
+    );
+    v.skip_instruction();
+    let e = run_once(&mut v, far_deadline())?;
+    ensure!(e == VmExit::Hlt, "CR2 guest: expected HLT, got {e:?}");
+    Ok(3)
 }
 
 /// Drives the long-mode guest; returns (exits, median round trip, preemption lateness).

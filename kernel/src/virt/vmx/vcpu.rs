@@ -182,6 +182,22 @@ struct Injection {
 
 static NEXT_VPID: AtomicU32 = AtomicU32::new(1);
 
+/// What the run path remembers of the last entry and exit beyond the VMCS, for a stop dump (`super::dump`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LastEntry {
+    /// The guest's CR2 at the last exit (the VMCS does not hold CR2: `enter` saves and restores it).
+    pub cr2: u64,
+    /// Host TSC where the last entry's timer value was computed, right before VMLAUNCH/VMRESUME.
+    pub entry_tsc: u64,
+    /// Host TSC right after the last exit.
+    pub exit_tsc: u64,
+    /// IDT-vectoring information of the last exit (SDM §28.2.4), with its error code in bits 63:32 when valid.
+    pub idt_vectoring: u64,
+    /// VM-entry interruption information as last written (an injected event; the CPU clears its valid bit on
+    /// entry, so the VMCS no longer shows it).
+    pub injected: u32,
+}
+
 /// A VMX virtual CPU.
 #[derive(Debug)]
 pub struct VmxVcpu {
@@ -210,6 +226,8 @@ pub struct VmxVcpu {
     entry_tsc: u64,
     /// The last entries, for explaining a late exit ([`super::trace`]).
     trace: Ring,
+    /// The last entry and exit, for stop dumps (its `cr2` is also the guest's CR2 between exits).
+    last_entry: LastEntry,
     fx: FxArea,
 }
 
@@ -271,6 +289,7 @@ impl VmxVcpu {
             timer_armed: 0,
             entry_tsc: 0,
             trace: Ring::new(),
+            last_entry: LastEntry::default(),
             fx: FxArea([0; 512]),
         };
         // Drop frees whatever was allocated if a later step fails.
@@ -679,6 +698,16 @@ impl VmxVcpu {
         self.vpid
     }
 
+    /// EPT pointer the VMCS was given.
+    pub fn eptp(&self) -> u64 {
+        self.eptp
+    }
+
+    /// What the run path remembered of the last entry and exit (guest CR2, host TSCs, IDT vectoring, injection).
+    pub fn last_entry(&self) -> LastEntry {
+        self.last_entry
+    }
+
     /// Writes one VMCS field of this vCPU, bypassing the set-up rules: only for the self-test, which breaks a
     /// field on purpose to prove that entry failures are decoded.
     pub(super) fn overwrite_field<F: super::fields::Field>(
@@ -688,6 +717,14 @@ impl VmxVcpu {
     ) -> Result<(), VmFail> {
         self.make_current()?;
         set(f, v).map_err(|e| e.fail)
+    }
+
+    /// Makes this vCPU's VMCS current for reads on its own CPU; `None` on another CPU or if VMPTRLD fails.
+    pub(super) fn make_current_here(&self) -> Option<()> {
+        if cpu::cpu_index() != self.cpu {
+            return None;
+        }
+        self.make_current().ok()
     }
 
     /// Reads a guest-state field for reports (e.g. CR0, CR3); `None` if the VMCS cannot be made current here.
@@ -815,6 +852,7 @@ impl VmxVcpu {
                 }
             }
             instr::write32(Control32::EntryInterruptionInfo, info)?;
+            self.last_entry.injected = info;
             instr::write32(Control32::EntryExceptionErrorCode, inj.error_code)?;
             instr::write32(Control32::EntryInstructionLength, inj.instruction_len)?;
         }
@@ -843,10 +881,13 @@ impl VmxVcpu {
         // An event whose delivery the exit interrupted is delivered again at the next entry (SDM §28.2.4), unless
         // the layer above injects another one first.
         let idt = instr::read32(ReadOnly32::IdtVectoringInfo)?;
+        self.last_entry.idt_vectoring = u64::from(idt);
         if idt & intr_info::VALID != 0 {
+            let error_code = instr::read32(ReadOnly32::IdtVectoringErrorCode)?;
+            self.last_entry.idt_vectoring |= u64::from(error_code) << 32;
             self.pending = Some(Injection {
                 info: idt & !(1 << 12),
-                error_code: instr::read32(ReadOnly32::IdtVectoringErrorCode)?,
+                error_code,
                 instruction_len: self.last.instruction_len,
             });
         }
@@ -866,6 +907,8 @@ impl VmxVcpu {
             Ok(status) if status != EXITED => Err(EntryFailure::VmxInstructionError(0)),
             Ok(_) => {
                 let exit_tsc = tsc::rdtsc();
+                self.last_entry.exit_tsc = exit_tsc;
+                self.last_entry.entry_tsc = self.entry_tsc;
                 self.read_exit().map_err(fail)?;
                 self.trace_exit(deadline_tsc, exit_tsc);
                 if self.last.reason & ENTRY_FAILURE != 0 {
@@ -888,14 +931,27 @@ impl VmxVcpu {
     }
 
     /// One entry and exit with interrupts disabled; returns the stub's status.
+    ///
+    /// CR2 is neither loaded by VM entry nor saved by VM exit (SDM §27.3, §28.3): the CPU's CR2 simply carries
+    /// over, so another vCPU's guest (or a host page fault) could have changed it since this guest's last exit.
+    /// It is saved after every exit and written back before entry when it differs (a CR2 write is costly on
+    /// hardware, so only then), and a stop dump shows the guest's value.
     fn enter(&mut self) -> u64 {
         // SAFETY: FXRSTOR/FXSAVE use our own 16-byte aligned 512-byte area (CR4.OSFXSR was set by `cpu::enable`);
         // the entry stub gets a valid register block and the VMCS it enters is current and fully programmed. The
         // host state the VMCS restores on exit is this CPU's own, and the stub returns like a normal function.
+        // CR2 only holds the last page-fault address: the host's own code does not depend on it, and interrupts
+        // are disabled, so nothing runs between the write and the entry.
         unsafe {
+            let cr2: u64;
+            asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags));
+            if cr2 != self.last_entry.cr2 {
+                asm!("mov cr2, {0}", in(reg) self.last_entry.cr2, options(nomem, nostack, preserves_flags));
+            }
             asm!("fxrstor64 [{0}]", in(reg) &self.fx, options(nostack, readonly, preserves_flags));
             let status = cv_vmx_run(&mut self.regs, u64::from(self.launched));
             asm!("fxsave64 [{0}]", in(reg) &mut self.fx, options(nostack, preserves_flags));
+            asm!("mov {0}, cr2", out(reg) self.last_entry.cr2, options(nomem, nostack, preserves_flags));
             status
         }
     }
