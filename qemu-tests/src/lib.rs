@@ -3,7 +3,8 @@
 //! docs/console.md.
 //!
 //! Layout: [`marker`] parses marker lines, [`judge`] turns markers into a verdict, [`emulator`] builds
-//! QEMU and Bochs command lines, [`iso`] makes the GRUB ISO, [`run`] supervises one boot. `cargo xtask`
+//! QEMU and Bochs command lines, [`iso`] makes the GRUB ISO, [`run`] supervises one boot, and
+//! [`volumes`] holds what the guest-volume tests share (boot files, NVMe disk, I/O markers). `cargo xtask`
 //! uses the same modules for `image` and `run`, so tests and users boot the kernel the same way.
 //!
 //! The integration tests in `tests/` boot real emulators. They are slow, so plain `cargo test` skips
@@ -15,6 +16,7 @@ pub mod judge;
 pub mod marker;
 pub mod run;
 pub mod suite;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 

@@ -34,16 +34,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{assert_pass, boot, direct, setup};
-use qemu_tests::emulator::{Machine, Qemu};
-use qemu_tests::judge::{Expect, VirtExpect};
+use common::{assert_pass, boot_volumes, must, setup};
 use qemu_tests::marker::Marker;
-use qemu_tests::run::{Emulator, Report};
-use qemu_tests::suite::{workspace_root, Artefacts, Family};
+use qemu_tests::run::Report;
+use qemu_tests::suite::{Artefacts, Family};
+use qemu_tests::volumes::{
+    counter, field, last_vm_lines, of_kind, Disk, VolumeBoot, Windows, IO_ERR, IO_IOPS, IO_OK,
+    IO_VERIFY_FAIL,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(150);
 /// Device throttle for the partitioning boot (IOPS).
@@ -53,89 +53,41 @@ const WARMUP_WINDOWS: u64 = 2;
 /// A gap in the hypervisor's run loops this long (us) means the host did not run the emulator (see the test).
 const STALL_US: u64 = 20_000;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CV_GUEST_DIR").map_or_else(
-        || workspace_root().join("target/x86_64-unknown-none/release"),
-        PathBuf::from,
-    )
-}
-
-/// A zero-filled 64 MiB raw disk in `dir`.
-fn disk(dir: &Path) -> PathBuf {
-    let path = dir.join("nvme.img");
-    let file = std::fs::File::create(&path).expect("create the disk image");
-    file.set_len(64 << 20).expect("size the disk image");
-    path
-}
-
-/// Boots the `io` guest with `conf` as `vms.conf` and the NVMe drive `drive` (`{disk}` = a fresh image); the
-/// boot must pass.
-fn run(a: &Artefacts, name: &str, conf: &str, drive: &str, run_ms: u64) -> Report {
-    let report = run_any(a, name, conf, drive, run_ms);
+/// Boots the `io` guest with `conf` as `vms.conf` on the NVMe drive `disk`; the boot must pass.
+fn run(a: &Artefacts, name: &str, conf: &str, disk: Disk, run_ms: u64) -> Report {
+    let report = run_any(a, name, conf, disk, run_ms);
     assert_pass(&report);
     report
 }
 
 /// As [`run`], whatever the verdict.
-fn run_any(a: &Artefacts, name: &str, conf: &str, drive: &str, run_ms: u64) -> Report {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let work = a.workdir.join(name);
-    std::fs::create_dir_all(&work).expect("work directory");
-    let conf_path = work.join("vms.conf");
-    std::fs::write(&conf_path, conf).expect("write vms.conf");
-    let io = guest_dir().join("io");
-    assert!(
-        io.exists(),
-        "{} missing: build the guests (`cargo xtask build`)",
-        io.display()
-    );
-    let cmdline = format!("run_ms={run_ms} exit=emu");
-    let mut q = Qemu::epyc(Machine::Q35, 2, direct(a, &cmdline));
-    q.extra_args = vec![
-        "-initrd".into(),
-        format!("{} io,{} vms.conf", io.display(), conf_path.display()),
-        "-drive".into(),
-        drive.replace("{disk}", &disk(&work).display().to_string()),
-        "-device".into(),
-        "nvme,serial=cv0,drive=nv0".into(),
-    ];
-    let expect = Expect {
-        cpus: 2,
-        virt: VirtExpect::svm_npt(),
-        selftests: Vec::new(),
+fn run_any(a: &Artefacts, name: &str, conf: &str, disk: Disk, run_ms: u64) -> Report {
+    let files = VolumeBoot {
+        disk: Some(disk),
+        ..VolumeBoot::io(conf)
     };
-    boot(a, name, Emulator::Qemu(q), &expect, TIMEOUT)
+    boot_volumes(
+        a,
+        name,
+        &files,
+        &format!("run_ms={run_ms} exit=emu"),
+        TIMEOUT,
+    )
+    .0
 }
 
 fn markers<'a>(report: &'a Report, kind: &'a str) -> impl Iterator<Item = &'a Marker> + 'a {
-    report.markers.iter().filter(move |m| m.kind == kind)
+    of_kind(&report.markers, kind)
 }
 
 fn num(m: &Marker, key: &str) -> u64 {
-    m.get_u64(key)
-        .unwrap_or_else(|| panic!("no numeric {key}= in {}", m.line))
+    must(field(m, key))
 }
 
 /// The last `CV:VM` line of each VM.
 fn final_vms(report: &Report) -> BTreeMap<String, Marker> {
-    markers(report, "VM")
-        .filter_map(|m| Some((m.get("name")?.to_string(), m.clone())))
-        .collect()
+    last_vm_lines(&report.markers)
 }
-
-/// A guest counter from a `CV:VM` line (`c<key>=`, docs/guest-abi.md), 0 when never reported.
-fn counter(m: &Marker, key: u32) -> u64 {
-    m.get_u64(&format!("c{key}")).unwrap_or(0)
-}
-
-const IO_IOPS: u32 = 8;
-const IO_OK: u32 = 9;
-const IO_ERR: u32 = 10;
-const IO_VERIFY_FAIL: u32 = 11;
 
 /// The guests' data checks: every VM's guest completed requests, verified everything it read back, and (unless
 /// `errors_ok`) saw no I/O error. Each guest's string port input check passed too (`io: ins check ok`: `REP INSB`
@@ -211,9 +163,11 @@ args = depth=16 iops={c_rate} read_pct=50 seed=3 poll_us=50
 volume = size=8M offset=32M iops=10%
 "
     );
-    let drive =
-        format!("file={{disk}},if=none,id=nv0,format=raw,throttling.iops-total={THROTTLE_IOPS}");
-    let report = run(&a, "qemu-blk-partitioned", &conf, &drive, 10_000);
+    let disk = Disk {
+        throttle_iops: Some(THROTTLE_IOPS),
+        ..Disk::zeroed()
+    };
+    let report = run(&a, "qemu-blk-partitioned", &conf, disk, 10_000);
     let cal = markers(&report, "IOCAL").next().expect("CV:IOCAL");
     let cap = num(cal, "capacity");
     assert!(cap > 0, "calibration failed: {}", cal.line);
@@ -222,19 +176,19 @@ volume = size=8M offset=32M iops=10%
         cal.line
     );
 
-    // Windows by index: vm -> (committed, completed, arrived).
+    // Windows by index: vm -> (committed, completed, arrived); the largest gap in the hypervisor's run loops per
+    // window (`stall_us`, see io::service::note_gap).
+    let all = must(Windows::from_markers(&report.markers));
     let mut windows: BTreeMap<u64, BTreeMap<String, (u64, u64, u64)>> = BTreeMap::new();
-    // Largest gap in the hypervisor's run loops per window (`stall_us`, see io::service::note_gap).
-    let mut stalls: BTreeMap<u64, u64> = BTreeMap::new();
-    for m in markers(&report, "IOWIN") {
-        let w = num(m, "window");
-        let stall = stalls.entry(w).or_default();
-        *stall = (*stall).max(num(m, "stall_us"));
-        windows.entry(w).or_default().insert(
-            m.get("vm").expect("vm=").to_string(),
-            (num(m, "committed"), num(m, "completed"), num(m, "arrived")),
-        );
+    for (vm, wins) in &all.by_vm {
+        for (&w, v) in wins {
+            windows
+                .entry(w)
+                .or_default()
+                .insert(vm.clone(), (v.committed, v.completed, v.arrived));
+        }
     }
+    let stalls = &all.stall_us;
     let first = *windows.keys().next().expect("no CV:IOWIN window closed");
     // The first window is partial (it started before the VMs); two more are warm-up.
     let judged: Vec<u64> = windows
@@ -409,11 +363,11 @@ baseline = 20%
 args = depth=4 bytes=131072 read_pct=0 seed=9 stall_s=2
 volume = size=1M offset=16M limit=1iops
 ";
-    let drive = format!(
-        "file=blkdebug:{}:{{disk}},if=none,id=nv0,format=raw",
-        rules.display()
-    );
-    let report = run(&a, "qemu-blk-faults", conf, &drive, 5_000);
+    let disk = Disk {
+        blkdebug: Some(rules),
+        ..Disk::zeroed()
+    };
+    let report = run(&a, "qemu-blk-faults", conf, disk, 5_000);
     check_guests(&report, &["victim", "bystander"], &["victim"]);
     let victim = &final_vms(&report)["victim"];
     let err = counter(victim, IO_ERR);
@@ -479,13 +433,7 @@ volume = size=1M offset=1M iops=75%
 ";
     // A refused VM makes the run report `CV:DONE status=fail` (not every configured VM started); the kernel
     // must still finish the run cleanly.
-    let report = run_any(
-        &a,
-        "qemu-blk-admission",
-        conf,
-        "file={disk},if=none,id=nv0,format=raw",
-        3_000,
-    );
+    let report = run_any(&a, "qemu-blk-admission", conf, Disk::zeroed(), 3_000);
     assert!(
         markers(&report, "DONE").any(|m| m.get("status") == Some("fail")),
         "the run did not end with CV:DONE status=fail: {}",

@@ -36,12 +36,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::setup;
+use common::{must, setup};
 use qemu_tests::emulator::{Boot, Machine, Qemu};
-use qemu_tests::judge::{Expect, VirtExpect};
 use qemu_tests::marker::{parse_line, Marker};
 use qemu_tests::run::{run, Emulator, RunOptions};
-use qemu_tests::suite::{workspace_root, Family};
+use qemu_tests::suite::Family;
+use qemu_tests::volumes::{two_cpu_svm, Disk, VolumeBoot};
 
 /// One user-visible credit in credit-ns.
 const CREDIT_NS: u64 = 60_000_000_000;
@@ -103,13 +103,6 @@ const IO_POOL_IOS: u64 = 12_000;
 const RUN_MS: u64 = 150_000;
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(60);
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CV_GUEST_DIR").map_or_else(
-        || workspace_root().join("target/x86_64-unknown-none/release"),
-        PathBuf::from,
-    )
-}
 
 fn cvctl_path() -> PathBuf {
     if let Some(p) = std::env::var_os("CVCTL") {
@@ -366,18 +359,18 @@ fn with_qemu_modules(
     for f in ["cv.db", "cv.db-wal", "cv.db-shm", "com2.sock", "proxy.sock"] {
         let _ = std::fs::remove_file(work.join(f));
     }
-    let conf = work.join("vms.conf");
-    std::fs::write(&conf, conf_text).expect("write vms.conf");
-    let mut initrd = String::new();
-    for (guest, module) in modules {
-        let image = guest_dir().join(guest);
-        assert!(
-            image.exists(),
-            "{} missing: build the guests",
-            image.display()
-        );
-        initrd.push_str(&format!("{} {module},", image.display()));
-    }
+    let files = VolumeBoot {
+        modules: modules
+            .iter()
+            .map(|&(guest, module)| (guest.to_string(), module.to_string()))
+            .collect(),
+        conf: conf_text.to_string(),
+        disk: nvme.then(|| Disk {
+            throttle_iops: Some(NVME_IOPS),
+            ..Disk::zeroed()
+        }),
+    };
+    let prepared = must(files.prepare(&work));
     let sock = work.join("com2.sock");
     let mut q = Qemu::epyc(
         if nvme { Machine::Q35 } else { Machine::Pc },
@@ -392,29 +385,9 @@ fn with_qemu_modules(
         format!("socket,id=mgmt,path={},server=on,wait=off", sock.display()),
         "-serial".into(),
         "chardev:mgmt".into(),
-        "-initrd".into(),
-        format!("{initrd}{} vms.conf", conf.display()),
     ];
-    if nvme {
-        let disk = work.join("nvme.img");
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(64 << 20))
-            .expect("create the NVMe image");
-        q.extra_args.extend([
-            "-drive".into(),
-            format!(
-                "file={},if=none,id=nv0,format=raw,throttling.iops-total={NVME_IOPS}",
-                disk.display()
-            ),
-            "-device".into(),
-            "nvme,serial=cv0,drive=nv0".into(),
-        ]);
-    }
-    let expect = Expect {
-        cpus: 2,
-        virt: VirtExpect::svm_npt(),
-        selftests: Vec::new(),
-    };
+    q.extra_args.extend(prepared.args);
+    let expect = two_cpu_svm();
     let stop = AtomicBool::new(false);
     let opts = RunOptions {
         name: name.into(),

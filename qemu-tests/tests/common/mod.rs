@@ -1,5 +1,9 @@
-//! Shared helpers of the emulator test binaries: skipping, artefacts, per-command-line ISOs, and
-//! running a boot with the verdict and timing printed.
+//! Shared helpers of the emulator test binaries: skipping, artefacts, per-command-line ISOs,
+//! running a boot with the verdict and timing printed, and booting guests with volumes on an NVMe
+//! drive ([`boot_volumes`], files from `qemu_tests::volumes`).
+//!
+//! Volume boots of one test binary run one at a time (a process-wide lock): their figures are rates,
+//! and two emulators competing for the 2-core machine would measure the host instead.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -9,10 +13,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use qemu_tests::emulator::Boot;
+use qemu_tests::emulator::{Boot, Machine, Qemu};
 use qemu_tests::judge::Expect;
 use qemu_tests::run::{run, Emulator, Report, RunOptions};
 use qemu_tests::suite::{skip_reason, Artefacts, Family};
+use qemu_tests::volumes::{two_cpu_svm, VolumeBoot};
+use qemu_tests::HarnessError;
 
 /// The command line of every positive boot.
 pub const SELFTEST_ALL: &str = "selftest=all exit=emu";
@@ -108,4 +114,35 @@ pub fn boot(
 /// Fails the test with the full details unless the verdict is a pass.
 pub fn assert_pass(report: &Report) {
     assert!(report.verdict.is_pass(), "{}", report.details());
+}
+
+/// The value, or the test fails with the harness error's message.
+pub fn must<T>(r: Result<T, HarnessError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Boots `files` (written into the test's work directory) in QEMU `-cpu EPYC` with two CPUs (q35 when there is
+/// a disk) and kernel command line `cmdline`, one volume boot of this test binary at a time, whatever the
+/// verdict. Returns the report and the disk image's path.
+pub fn boot_volumes(
+    a: &Artefacts,
+    name: &str,
+    files: &VolumeBoot,
+    cmdline: &str,
+    timeout: Duration,
+) -> (Report, Option<PathBuf>) {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let prepared = must(files.prepare(&a.workdir.join(name)));
+    let machine = if files.disk.is_some() {
+        Machine::Q35
+    } else {
+        Machine::Pc
+    };
+    let mut q = Qemu::epyc(machine, 2, direct(a, cmdline));
+    q.extra_args = prepared.args;
+    let report = boot(a, name, Emulator::Qemu(q), &two_cpu_svm(), timeout);
+    (report, prepared.disk)
 }
