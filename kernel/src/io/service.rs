@@ -10,18 +10,21 @@
 //!
 //! At run time guest accesses to a device window arrive through [`mmio`]. A queue notification (the hot access)
 //! only marks the queue pending: no I/O work is ever done inside a vCPU's exit, so an exit's handling stays within
-//! the scheduler's overrun bound and the I/O work is not charged to whichever vCPU happened to notify. The run
-//! loops do the work between slices, as hypervisor time, in [`pump`]s bounded by a time budget (`Budget`,
-//! `PUMP_BUDGET_NS`, with a floor of one item of each kind so neither direction starves): a pump processes pending
-//! queues a batch at a time (parse the virtqueue, copy write data, enqueue with the partitioner), then runs the
-//! engine (reap NVMe completions into a backlog, feed the device in the partitioner's order), then finishes
-//! completions from the backlog (scatter read data into the guest, write the status, push the used ring). While
-//! a device has requests in flight it asks its driver not to notify (VIRTQ_USED_F_NO_NOTIFY) and every pump looks
-//! at its queue instead (`poll_queues`); the request is withdrawn when its last request completes, with one more
-//! look. Work left over (a pending queue, the backlog, a ring with more requests) keeps [`outstanding`] above 0, so
-//! every CPU's run loop pumps again within `PUMP_INTERVAL_NS`, and an idle CPU wakes every [`IDLE_POLL_NS`] to
-//! pump. Closed telemetry windows are printed as `CV:IOWIN` lines and kept for [`volume_stats`]. `CV:IOSUM`
-//! carries the longest pump and the longest MMIO exit (`max_pump_us`, `max_mmio_us`).
+//! the scheduler's overrun bound and the I/O work is not charged to whichever vCPU happened to notify. The work
+//! is done by [`serve`], called by the run loops only in the slices of the I/O server (a real-time server of
+//! its own, admitted with the VMs: `io::server`) and in idle time, each call bounded by the end of that slice or
+//! idle time (`Budget`): one pump after another, each processing pending queues a batch at a time (parse the
+//! virtqueue, copy write data, enqueue with the partitioner), then the engine (reap NVMe completions into a
+//! backlog, feed the device in the partitioner's order), then finishing completions from the backlog (scatter
+//! read data into the guest, write the status, push the used ring). While a device has requests in flight it asks
+//! its driver not to notify (VIRTQ_USED_F_NO_NOTIFY) and every pump looks at its queue instead (`poll_queues`);
+//! the request is withdrawn when its last request completes, with one more look. Work left over (a pending queue,
+//! requests on the engine, the backlog, a ring with more requests) keeps [`outstanding`] above 0, which keeps the
+//! I/O server awake (polling every [`POLL_INTERVAL_NS`] while only the device has work) and an idle CPU polling
+//! every [`IDLE_POLL_NS`]. Each pump's time is attributed to the volumes it served by their item counts
+//! (`CV:IOVOL io_cpu_us=`). Closed telemetry windows are printed as `CV:IOWIN` lines and kept for
+//! [`volume_stats`]. `CV:IOSUM` carries the longest pump and the longest MMIO exit (`max_pump_us`,
+//! `max_mmio_us`).
 //!
 //! I/O credits (issue 8): an I/O credit is one unit I/O above a volume's commitment. [`grant_io`] applies a pool
 //! grant to the volume's burst bucket through the partitioner (`Partitioner::top_up`: exactly once per grant id,
@@ -43,7 +46,7 @@
 //! lock inside it: order *service -> controller*; the window table (`WINDOWS`, a reader-writer lock written only
 //! while VMs are built) is read by notifications without the service lock and by pumps under it: *service ->
 //! windows*. A notification never waits for the service lock (see [`mmio`]). Neither is held while a guest runs; the run loop takes the
-//! service lock after releasing its VM context lock, and `pump` only try-locks (a CPU that finds another pumping
+//! service lock after releasing its VM context lock, and [`serve`] only try-locks (a CPU that finds another serving
 //! goes on with its own work instead of spinning). [`OUTSTANDING`] mirrors the work left (engine requests,
 //! the completion backlog, a ring known to hold more) for lock-free checks.
 
@@ -71,7 +74,7 @@ use crate::arch::x86_64::tsc;
 use crate::console::Quoted;
 use crate::marker;
 
-/// How often an idle CPU with I/O outstanding wakes to reap completions.
+/// How often an idle CPU with I/O outstanding wakes to serve it (reap completions).
 pub const IDLE_POLL_NS: u64 = 50_000;
 /// Commands the engine keeps on the device at once.
 const MAX_INFLIGHT: usize = 32;
@@ -168,6 +171,11 @@ struct Volume {
     granted_ios: u64,
     /// The window the volume last asked for I/O credits after.
     asked_window: Option<u64>,
+    /// Items (requests taken from its queue, completions finished into its guest) of the pump in progress: the
+    /// key by which the pump's time is attributed ([`attribute`]).
+    pump_items: u64,
+    /// Hypervisor CPU time of pumps attributed to this volume (TSC ticks), for `CV:IOVOL io_cpu_us=`.
+    io_ticks: u64,
 }
 
 /// Per-request overhead figures of the run (for `CV:IOSUM`).
@@ -199,6 +207,8 @@ struct Overhead {
     discarded: u64,
     /// The longest pump (TSC ticks), any caller.
     max_pump_ticks: u64,
+    /// Pump time that served no volume (pumps that found nothing: polling an idle device), TSC ticks.
+    unattributed_ticks: u64,
 }
 
 struct Service {
@@ -219,6 +229,9 @@ struct Service {
     /// I/O credits applied from grants to any volume since boot, and credit requests made.
     granted_ios: u64,
     credit_requests: u64,
+    /// Moving average (weight 1/8) of one item's cost, TSC ticks: a pump's time over its items. [`serve`] starts
+    /// no item later than this before its deadline, so a slice ends near it (the overrun bound).
+    item_ticks: u64,
 }
 
 static SERVICE: Once<Option<Mutex<Service>>> = Once::new();
@@ -246,20 +259,19 @@ static MMIO_EXITS: AtomicU64 = AtomicU64::new(0);
 static NOTIFIES_DEFERRED: AtomicU64 = AtomicU64::new(0);
 /// The longest time (TSC ticks) one MMIO exit spent in this service: the I/O work a vCPU's slice pays for.
 static MAX_MMIO_TICKS: AtomicU64 = AtomicU64::new(0);
-/// Time (ns) of the last run-loop call of [`pump`], any CPU, and the largest gap per window (ring of 64 windows,
-/// each slot tagged with its window); see `note_gap`.
+/// Time (ns) of the last run-loop iteration ([`note_loop`]), any CPU, and the largest gap per window (ring of 64
+/// windows, each slot tagged with its window); see `note_gap`.
 static LAST_CALL_NS: AtomicU64 = AtomicU64::new(0);
 static LAST_CALL_BUSY: AtomicBool = AtomicBool::new(false);
 static STALL_NS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 static STALL_WINDOW: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64];
-/// TSC of the last run-loop pump (see [`pump`]).
-static LAST_PUMP: AtomicU64 = AtomicU64::new(0);
-/// Smallest spacing of run-loop pumps.
-const PUMP_INTERVAL_NS: u64 = 25_000;
-/// Time budget of one pump (see `Budget`): with the engine step and the one-item floors, a pump stays near this
-/// on hardware; under emulation one item alone can exceed it.
-const PUMP_BUDGET_NS: u64 = 20_000;
-/// Pumps skipped because another CPU held the lock (contention figure).
+/// How long the I/O server sleeps after a [`serve`] that found nothing to do while requests are in flight on the
+/// device (the device raises no interrupt: completions are polled), or that found another CPU serving.
+pub const POLL_INTERVAL_NS: u64 = 100_000;
+/// The largest sample of one item's cost that `Service::item_ticks` takes (ns): above the worst measured under
+/// QEMU TCG (~200 us), far above hardware (~2 us).
+const MAX_ITEM_NS: u64 = 250_000;
+/// Serve calls that found another CPU serving (contention figure).
 static CONTENDED: AtomicU64 = AtomicU64::new(0);
 /// Volume windows closed so far, and the count [`credit_needs`] last looked at (it takes the service lock only after
 /// a window closed).
@@ -377,6 +389,7 @@ fn build() -> Result<Service, String> {
         regs_at_start: super::nvme::register_accesses(),
         granted_ios: 0,
         credit_requests: 0,
+        item_ticks: 0,
     })
 }
 
@@ -523,6 +536,8 @@ pub fn add_volume(
         broken_logged: false,
         granted_ios: 0,
         asked_window: None,
+        pump_items: 0,
+        io_ticks: 0,
         change: spec.change.map(|(at_ns, rate)| Change {
             at_ns,
             rate,
@@ -595,8 +610,13 @@ pub fn detach_vm(vm: usize) {
     publish_outstanding(s, false);
 }
 
+/// A guest notified a queue that no pump has processed yet (lock-free hint for the run loops).
+pub fn notify_pending() -> bool {
+    NOTIFY_PENDING.load(Ordering::Acquire)
+}
+
 /// Requests accepted and not yet completed, plus one while a queue notification waits to be processed (a hint
-/// for the run loops: pump while this is above 0; exact under the lock).
+/// for the run loops: serve while this is above 0; exact under the lock).
 pub fn outstanding() -> usize {
     OUTSTANDING.load(Ordering::Acquire) + usize::from(NOTIFY_PENDING.load(Ordering::Acquire))
 }
@@ -605,7 +625,7 @@ pub fn outstanding() -> usize {
 /// (0 for a store), or `None` when no device of this VM covers `gpa`.
 ///
 /// The hot access, a queue notification, never takes the service lock: it marks the queue pending and returns;
-/// the next run-loop pump (any CPU, at most [`PUMP_INTERVAL_NS`] or [`IDLE_POLL_NS`] later) processes it. virtio
+/// the I/O server (woken by the run loop at its next iteration) or idle time processes it. virtio
 /// lets a device process its queue after the notification's write completes, so the guest sees no difference
 /// but an exit that costs the same whatever the I/O load. A read of the `Status` register (the `io` guest's
 /// periodic health check) is answered from a mirror without the lock too. Other registers (features, queue set-up:
@@ -642,8 +662,8 @@ fn serve_mmio(
             .iter()
             .find(|e| e.vm == vm && gpa == e.base + virt::virtio::mmio::reg::QUEUE_NOTIFY);
         if let Some(e) = notify {
-            // Enqueue only: the queue is processed by the next run-loop pump (any CPU, within PUMP_INTERVAL_NS
-            // or IDLE_POLL_NS), as hypervisor time with a bounded budget, never inside this vCPU's exit.
+            // Enqueue only: the queue is processed by the I/O server or in idle time (`serve`), never inside this
+            // vCPU's exit.
             e.pending.store(true, Ordering::Release);
             NOTIFY_PENDING.store(true, Ordering::Release);
             NOTIFIES_DEFERRED.fetch_add(1, Ordering::Relaxed);
@@ -714,24 +734,34 @@ fn with_device(
     f(&mut v.dev, &mut **mem, &mut backend);
 }
 
-/// The work one pump may do ([`pump_locked`]): a time budget, checked between items, with a floor of one item of
-/// each kind (a request taken from a queue, a completion finished into a guest) so neither side starves when one
-/// item alone costs more than the budget (under emulation it does: ~20-40 us each). Work left over stays queued
-/// (notification pending, completion backlog, the available ring) and [`outstanding`] stays above 0, so the run
-/// loops pump again within `PUMP_INTERVAL_NS` (busy CPU) or [`IDLE_POLL_NS`] (idle CPU).
+/// The work one pump may do ([`pump_locked`]): a time budget (the end of the caller's slice or idle time),
+/// checked between items. The first pump of a [`serve`] call has a floor of one item of each kind (a request taken
+/// from a queue, a completion finished into a guest) so neither side starves when one item alone costs more than
+/// what is left (under emulation one item costs ~20-40 us); later pumps of the call take items only while time
+/// is left. Work left over stays queued (notification pending, completion backlog, the available ring) and
+/// [`outstanding`] stays above 0, so the I/O server stays runnable (or idle time pumps again).
 struct Budget {
     until: u64,
+    floor: bool,
+    /// The average cost of one item (`Service::item_ticks`).
+    item_ticks: u64,
 }
 
 impl Budget {
-    fn new(now: u64) -> Self {
-        Self {
-            until: now.saturating_add(tsc::hz() / (1_000_000_000 / PUMP_BUDGET_NS)),
-        }
-    }
-
     fn spent(&self) -> bool {
         tsc::rdtsc() >= self.until
+    }
+
+    /// Requests to take from a queue in one look: a batch while the time left holds that many average items, one
+    /// otherwise (so the look ends near the budget's end).
+    fn batch(&self) -> usize {
+        let left = self.until.saturating_sub(tsc::rdtsc());
+        let batch = u64::try_from(INTAKE_BATCH).unwrap_or(1);
+        if left >= self.item_ticks.saturating_mul(batch) {
+            INTAKE_BATCH
+        } else {
+            1
+        }
     }
 }
 
@@ -747,10 +777,11 @@ const INTAKE_BATCH: usize = 4;
 /// and only notes that the ring holds some. Returns (requests taken, whether any ring still holds requests).
 fn poll_queues(s: &mut Service, budget: &Budget, mut floor: bool) -> (usize, bool) {
     let (mut taken, mut more) = (0, false);
+    floor &= budget.floor;
     for i in 0..s.volumes.len() {
         if s.volumes[i].dev.polling() {
             let max = if floor || !budget.spent() {
-                INTAKE_BATCH
+                budget.batch()
             } else {
                 0
             };
@@ -761,6 +792,7 @@ fn poll_queues(s: &mut Service, budget: &Budget, mut floor: bool) -> (usize, boo
             floor &= got.taken == 0;
             taken += got.taken;
             more |= got.more;
+            s.volumes[i].pump_items += u64::try_from(got.taken).unwrap_or(u64::MAX);
         }
     }
     (taken, more)
@@ -778,7 +810,7 @@ fn take_notifies(s: &mut Service, budget: &Budget) -> usize {
         if i >= s.volumes.len() || !e.pending.load(Ordering::Acquire) {
             continue;
         }
-        if n > 0 && budget.spent() {
+        if (n > 0 || !budget.floor) && budget.spent() {
             // Left for the next pump.
             NOTIFY_PENDING.store(true, Ordering::Release);
             continue;
@@ -787,9 +819,12 @@ fn take_notifies(s: &mut Service, budget: &Budget) -> usize {
         s.ovh.notifies += 1;
         let mut got = virt::virtio::blk::Intake::default();
         with_device(s, i, |dev, mem, backend| {
-            got = dev.take_notified(mem, backend, INTAKE_BATCH);
+            got = dev.take_notified(mem, backend, budget.batch());
         });
         n += got.taken.max(1);
+        if let Some(v) = s.volumes.get_mut(i) {
+            v.pump_items += u64::try_from(got.taken).unwrap_or(u64::MAX);
+        }
         if got.more {
             e.pending.store(true, Ordering::Release);
             NOTIFY_PENDING.store(true, Ordering::Release);
@@ -798,40 +833,76 @@ fn take_notifies(s: &mut Service, budget: &Budget) -> usize {
     n
 }
 
-/// Reaps completions and feeds the device; called by every run loop iteration. Returns at once when another
-/// CPU is pumping.
-pub fn pump() {
-    let Some(s) = service() else { return };
-    note_gap();
-    // Both CPUs' loops call this on every iteration; under emulation a pump costs tens of us, so pumps closer than
-    // PUMP_INTERVAL_NS apart (from any CPU) are skipped: completion latency grows by at most that, and an MMIO
-    // exit rarely finds the lock held.
-    let now = tsc::rdtsc();
-    let last = LAST_PUMP.load(Ordering::Relaxed);
-    if now.saturating_sub(last) < tsc::hz() / (1_000_000_000 / PUMP_INTERVAL_NS) {
-        return;
-    }
-    if LAST_PUMP
-        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-        .is_err()
-    {
-        return;
+/// What one [`serve`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Requests taken from queues and completions handled (0: nothing to do but wait for the device).
+    pub items: usize,
+    /// Another CPU held the service lock: nothing was done.
+    pub contended: bool,
+    /// Pumps run.
+    pub pumps: u64,
+    /// The last pump found nothing to do: what is left waits for the device (or for a guest).
+    pub drained: bool,
+}
+
+/// Serves I/O until TSC `until` or until nothing is left for the CPU to do: pending notifications, the engine
+/// (reap completions, feed the device in the partitioner's order), completions into the guests, polled queues,
+/// one [`pump_locked`] after another. Called by the run loop in the I/O server's slices (until the slice's end)
+/// and in idle time (until the idle decision's end), never elsewhere (`vm::runloop`). Returns at once, with
+/// `contended`, when another CPU is serving. No item is started later than one item's average cost
+/// (`Service::item_ticks`) before `until`, so the call ends near `until` (an item that costs more than average
+/// runs past it), except the one-item floors of the first pump (so every call makes progress).
+pub fn serve(until: u64) -> Served {
+    let mut out = Served::default();
+    let Some(s) = service() else { return out };
+    if tsc::rdtsc() >= until {
+        return out;
     }
     let Some(mut guard) = s.try_lock() else {
         CONTENDED.fetch_add(1, Ordering::Relaxed);
-        return;
+        out.contended = true;
+        return out;
     };
     let s = &mut *guard;
-    let t0 = tsc::rdtsc();
-    let n = pump_locked(s);
-    s.ovh.pumps += 1;
-    s.ovh.empty_pumps += u64::from(n == 0);
-    s.ovh.all_pump_ticks += tsc::rdtsc().saturating_sub(t0);
-    if n > 0 {
-        // Pumps that found nothing are polling, not per-request work.
+    let stop = until.saturating_sub(s.item_ticks);
+    let mut floor = true;
+    loop {
+        let t0 = tsc::rdtsc();
+        let budget = Budget {
+            until: stop,
+            floor,
+            item_ticks: s.item_ticks,
+        };
+        let n = pump_locked(s, &budget);
+        floor = false;
+        out.pumps += 1;
+        out.items += n;
+        s.ovh.pumps += 1;
+        s.ovh.empty_pumps += u64::from(n == 0);
         let t = tsc::rdtsc().saturating_sub(t0);
-        s.ovh.ticks += t;
-        s.ovh.pump_ticks += t;
+        s.ovh.all_pump_ticks += t;
+        if n > 0 {
+            // Pumps that found nothing are polling, not per-request work.
+            s.ovh.ticks += t;
+            s.ovh.pump_ticks += t;
+            // A sample is capped at MAX_ITEM_NS: a pump stretched by a host stall (the emulator not scheduled)
+            // must not make every later slice stop early for long.
+            let per_item = (t / u64::try_from(n).unwrap_or(u64::MAX).max(1))
+                .min(tsc::hz() / (1_000_000_000 / MAX_ITEM_NS));
+            s.item_ticks = if s.item_ticks == 0 {
+                per_item
+            } else {
+                (s.item_ticks * 7 + per_item) / 8
+            };
+        }
+        if n == 0 || OUTSTANDING.load(Ordering::Acquire) == 0 {
+            out.drained = true;
+            break;
+        }
+        if tsc::rdtsc() >= stop {
+            break;
+        }
     }
     let now = now_ns();
     let elapsed = now.saturating_sub(*s.started_ns.get_or_insert(now));
@@ -840,12 +911,20 @@ pub fn pump() {
     if !due.is_empty() {
         apply_changes(due, elapsed);
     }
+    out
 }
 
-/// Records the gap since the previous run-loop call of [`pump`] from any CPU against the windows it spans. While
-/// I/O is outstanding every CPU calls `pump` at each loop iteration and an idle CPU at least every
-/// [`IDLE_POLL_NS`], so a gap of milliseconds means no CPU ran the hypervisor: every vCPU overran its slice at
-/// once, which under emulation means the host did not run the emulator. `CV:IOWIN stall_us=` reports the
+/// Records that a run loop went round (every iteration, every CPU): the gap tracking behind `CV:IOWIN stall_us=`.
+pub fn note_loop() {
+    if service().is_some() {
+        note_gap();
+    }
+}
+
+/// Records the gap since the previous run-loop iteration of any CPU ([`note_loop`]) against the windows it
+/// spans. Every CPU's loop goes round at the end of each slice, and an idle CPU with I/O outstanding at least
+/// every [`IDLE_POLL_NS`], so a gap of milliseconds means no CPU ran the hypervisor: every vCPU overran its slice
+/// at once, which under emulation means the host did not run the emulator. `CV:IOWIN stall_us=` reports the
 /// largest such gap per window (gaps that began with requests outstanding), so a test can tell the partitioner's
 /// shortfall from the host's.
 fn note_gap() {
@@ -868,7 +947,7 @@ fn note_gap() {
     }
 }
 
-/// The largest gap between run-loop pump calls recorded for window `w` (0 if none above 1 ms).
+/// The largest gap between run-loop iterations recorded for window `w` (0 if none above 1 ms).
 fn window_stall_ns(w: u64) -> u64 {
     let slot = usize::try_from(w % 64).unwrap_or(0);
     if STALL_WINDOW[slot].load(Ordering::Relaxed) == w {
@@ -880,26 +959,30 @@ fn window_stall_ns(w: u64) -> u64 {
 
 /// One pump under the service lock, bounded by a [`Budget`]: pending notifications (a batch per queue), then
 /// the engine (reap NVMe completions into the backlog, submit what the partitioner dispatches: at most the
-/// device's in-flight limit), then completions from the backlog into the guests (at least one), then the polled
-/// queues. Returns the requests taken and completions handled (0: the pump found nothing to do).
-fn pump_locked(s: &mut Service) -> usize {
+/// device's in-flight limit), then completions from the backlog into the guests (at least one with the floor),
+/// then the polled queues. Its time is attributed to the volumes it served ([`attribute`]). Returns the requests
+/// taken and completions handled (0: the pump found nothing to do).
+fn pump_locked(s: &mut Service, budget: &Budget) -> usize {
     let t0 = tsc::rdtsc();
-    let budget = Budget::new(t0);
     s.started_ns.get_or_insert_with(now_ns);
-    let notified = take_notifies(s, &budget);
+    let notified = take_notifies(s, budget);
     let mut ctrl = s.ctrl.lock();
     let e0 = tsc::rdtsc();
     s.ovh.notify_ticks += e0.saturating_sub(t0);
     let before = s.backlog.len();
     let backlog = &mut s.backlog;
-    s.engine
-        .pump(&mut ctrl.ctrl, &mut now_ns, &mut |d| backlog.push_back(d));
+    s.engine.pump_until(
+        &mut ctrl.ctrl,
+        &mut now_ns,
+        &mut |d| backlog.push_back(d),
+        budget.until,
+    );
     let f0 = tsc::rdtsc();
     if s.backlog.len() > before {
         s.ovh.engine_ticks += f0.saturating_sub(e0);
     }
     let mut n = 0;
-    while n == 0 || !budget.spent() {
+    while (n == 0 && budget.floor) || !budget.spent() {
         let Some(d) = s.backlog.pop_front() else {
             break;
         };
@@ -908,6 +991,7 @@ fn pump_locked(s: &mut Service) -> usize {
             continue;
         };
         let v = &mut s.volumes[i];
+        v.pump_items += 1;
         match v.mem.as_mut() {
             Some(mem) => {
                 if !d.status.is_success() {
@@ -935,7 +1019,7 @@ fn pump_locked(s: &mut Service) -> usize {
     drop(ctrl);
     let p0 = tsc::rdtsc();
     s.ovh.finish_ticks += p0.saturating_sub(f0);
-    let (polled, more) = poll_queues(s, &budget, notified == 0);
+    let (polled, more) = poll_queues(s, budget, notified == 0);
     s.ovh.notify_ticks += tsc::rdtsc().saturating_sub(p0);
     let volumes = &mut s.volumes;
     s.engine.drain_reports(&mut |r| {
@@ -964,7 +1048,24 @@ fn pump_locked(s: &mut Service) -> usize {
     mirror_status(s);
     let t = tsc::rdtsc().saturating_sub(t0);
     s.ovh.max_pump_ticks = s.ovh.max_pump_ticks.max(t);
+    attribute(s, t);
     n + notified + polled
+}
+
+/// Splits one pump's `ticks` between the volumes it served, in proportion to their items (requests taken from
+/// their queues, completions finished into their guests); the engine's share (reaping, dispatch, submission)
+/// follows the same key. A pump that served nobody (polling) goes to `unattributed_ticks`. Resets the counts.
+fn attribute(s: &mut Service, ticks: u64) {
+    let total: u64 = s.volumes.iter().map(|v| v.pump_items).sum();
+    if total == 0 {
+        s.ovh.unattributed_ticks += ticks;
+        return;
+    }
+    for v in &mut s.volumes {
+        let share = u128::from(ticks) * u128::from(v.pump_items) / u128::from(total);
+        v.io_ticks += u64::try_from(share).unwrap_or(u64::MAX);
+        v.pump_items = 0;
+    }
 }
 
 /// Copies every device's `Status` register into its window entry (under the service lock, after anything that
@@ -1257,7 +1358,7 @@ pub fn volume_stats() -> Vec<VolumeStats> {
 /// Prints `CV:IOSUM` (end of a run): requests, MMIO exits per request and the hypervisor's CPU time per request
 /// in device emulation, partitioner, driver and copies.
 pub fn summary() {
-    let grants: Vec<(u64, u64)> = service().map_or_else(Vec::new, |s| {
+    let grants: Vec<(u64, u64, u64)> = service().map_or_else(Vec::new, |s| {
         let s = s.lock();
         s.volumes
             .iter()
@@ -1268,14 +1369,14 @@ pub fn summary() {
                     .ok()
                     .flatten()
                     .map_or(0, |b| b.granted_spent() / sched::iops::COST_ONE);
-                (v.granted_ios, spent)
+                (v.granted_ios, spent, tsc::ticks_to_us(v.io_ticks))
             })
             .collect()
     });
     for (i, v) in volume_stats().into_iter().enumerate() {
-        let (granted, grant_spent) = grants.get(i).copied().unwrap_or((0, 0));
+        let (granted, grant_spent, io_cpu_us) = grants.get(i).copied().unwrap_or((0, 0, 0));
         marker!(
-            "IOVOL vm={} vol={} committed={} completed={} failed={} last_window={} last_iops={} wait_p99_us={} service_p99_us={} attached={} granted={granted} grant_spent={grant_spent}",
+            "IOVOL vm={} vol={} committed={} completed={} failed={} last_window={} last_iops={} wait_p99_us={} service_p99_us={} attached={} granted={granted} grant_spent={grant_spent} io_cpu_us={io_cpu_us}",
             v.vm,
             v.index,
             v.committed_iops,
@@ -1294,7 +1395,7 @@ pub fn summary() {
     let done = o.completed.max(1);
     let per_req = |ticks: u64| tsc::ticks_to_us(ticks.saturating_mul(1000)) / done;
     marker!(
-        "IOSUM capacity={} completed={} discarded={} mmio_exits={} notifies={} notifies_deferred={} exits_per_req_x100={} ovh_ns_per_req={} device_ns_per_req={} pump_ns_per_req={} lock_wait_ns_per_req={} engine_ns_per_req={} refused={} pumps={} ns_per_pump={} contended_pumps={} max_pump_us={} max_mmio_us={} backlog={}",
+        "IOSUM capacity={} completed={} discarded={} mmio_exits={} notifies={} notifies_deferred={} exits_per_req_x100={} ovh_ns_per_req={} device_ns_per_req={} pump_ns_per_req={} lock_wait_ns_per_req={} engine_ns_per_req={} refused={} pumps={} ns_per_pump={} contended_pumps={} max_pump_us={} max_mmio_us={} backlog={} unattributed_us={}",
         s.capacity,
         o.completed,
         o.discarded,
@@ -1313,7 +1414,8 @@ pub fn summary() {
         CONTENDED.load(Ordering::Relaxed),
         tsc::ticks_to_us(o.max_pump_ticks),
         tsc::ticks_to_us(MAX_MMIO_TICKS.load(Ordering::Relaxed)),
-        s.backlog.len()
+        s.backlog.len(),
+        tsc::ticks_to_us(o.unattributed_ticks)
     );
     // The engine's share broken down (every engine pump, empty ones included, so polling shows), and the
     // controller's register accesses (doorbells, CSTS): each one an exit to the device model under emulation.

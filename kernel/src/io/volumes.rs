@@ -330,6 +330,20 @@ impl Engine {
         clock: &mut dyn FnMut() -> u64,
         out: &mut dyn FnMut(Done),
     ) {
+        self.pump_until(ctrl, clock, out, u64::MAX);
+    }
+
+    /// [`Self::pump`], but no command after the first is submitted once the TSC reaches `until` (the end of the
+    /// I/O server's slice): completions are all reaped, the refill stops early and what it submitted is flushed.
+    /// The first submission is always made, so a pump on a spent budget still feeds the device. The partitioner's
+    /// order is kept (the next pump dispatches from where this one stopped).
+    pub fn pump_until<H: Hal>(
+        &mut self,
+        ctrl: &mut Controller<H>,
+        clock: &mut dyn FnMut() -> u64,
+        out: &mut dyn FnMut(Done),
+        until: u64,
+    ) {
         for d in self.orphans.drain(..) {
             out(d);
         }
@@ -359,7 +373,9 @@ impl Engine {
         }
         self.prof.complete_ticks += tsc::rdtsc().saturating_sub(t1);
         let refill = self.issued.len() + self.submit_batch <= self.max_inflight;
-        while refill && self.issued.len() < self.max_inflight {
+        let mut first = true;
+        while refill && self.issued.len() < self.max_inflight && (first || tsc::rdtsc() < until) {
+            first = false;
             let id = match self.overflow.pop_front() {
                 Some(id) => id,
                 None => {

@@ -26,7 +26,8 @@
 //! alone. The console lock is innermost (taken by logging anywhere). The I/O service lock (`io::service`: engine,
 //! virtio-blk devices, their guest-memory views), then the NVMe controller lock inside it: taken by the run loop
 //! holding at most the slot's vCPU lock (an MMIO exit's device dispatch; the context lock is taken for
-//! `complete_mmio` only after the service lock is released), or no lock at all (completion pumps, the detach in
+//! `complete_mmio` only after the service lock is released), or no lock at all (`io::service::serve` in the I/O
+//! server's slices and idle time, the detach in
 //! `stop_vm` after the VM state lock is released); never while a guest runs, never together with the scheduler
 //! lock. [`devices`] is the glue between the run loop and that service.
 
@@ -56,7 +57,9 @@ pub use setup::start;
 /// Scheduler overrun bound O (ns): how far past its slice a vCPU may run (timer latency plus one VM exit and the
 /// decision). Emulated CPUs take 4-20 us per exit; the measured maximum is printed in `CV:VMSUM`.
 pub const OVERRUN_BOUND_NS: u64 = 50_000;
-/// Share of each CPU kept for time the run loop does not charge to any vCPU (waking sleepers, reports), ppm.
+/// Share of each CPU kept for time the run loop does not charge to any vCPU or server (decisions, waking sleepers,
+/// console output, reports; the list is in `runloop`'s module doc), ppm. I/O work is not in it: it is charged to
+/// the I/O server (`io::server`).
 pub const RESERVE_PPM: u64 = 20_000;
 /// Accounting report interval.
 pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;

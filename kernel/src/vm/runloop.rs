@@ -3,14 +3,23 @@
 //! Each iteration on CPU `c`:
 //! 1. wake this CPU's blocked vCPUs whose wake time has passed (`Scheduler::wake`);
 //! 2. `Scheduler::pick(c, now)`;
-//! 3. idle decision: arm the LAPIC timer for the earliest of the next release, the next wake-up of a sleeping
-//!    vCPU on this CPU (and, on the BSP, the next report) and halt;
+//! 3. idle decision: serve I/O freely (`io::service::serve`) until the idle decision ends, then arm the LAPIC
+//!    timer for the earliest of the next release, the next wake-up of a sleeping vCPU on this CPU (and, on the
+//!    BSP, the next report) and halt;
 //! 4. vCPU decision: enter it with a deadline of `now + slice`, cut short by the next wake-up of another vCPU on
 //!    this CPU (so a waking real-time vCPU is re-picked within the overrun bound), handle each exit through
 //!    `VmContext::handle_exit` and act on the `ExitAction`, then charge the time
-//!    from entry to the end of the last exit's handling (guest time, world switches and exit handling; the
-//!    decision itself and the wake/report work between slices are overhead, kept within `RESERVE_PPM`) and
-//!    block the vCPU if it halted.
+//!    from entry to the end of the last exit's handling (guest time, world switches and exit handling) and
+//!    block the vCPU if it halted;
+//! 5. I/O server decision (`io::server`): serve I/O until the slice's deadline (cut the same way), charge the
+//!    time from the decision to the end to the server, and block it when nothing is left for the CPU to do.
+//!
+//! This CPU's I/O server is woken (step 1, through `Scheduler::wake`) when the I/O service has work and its
+//! poll interval has passed, or at once after a queue notification. I/O is served nowhere else: not between
+//! slices, not inside exits. What stays between slices, uncharged and kept within `RESERVE_PPM` (2 % of each
+//! CPU): the decision itself, the wake-ups, at most `CONSOLE_PUMP_BYTES` of console output and one recorded
+//! guest event formatted, at most `RECLAIM_STEP_NS` of freeing a stopped VM's RAM, and on the BSP the report
+//! tick and the management channel's poll (each bounded per iteration).
 //!
 //! Reclaim ([`stop_and_reclaim`], and every [`stop_vm`]): a stop bumps `STOPS`; each run loop that sees it change
 //! hands its vCPUs of stopped VMs back at the top of its next iteration (`settle_stopped`: the backend vCPU is
@@ -88,6 +97,7 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         create_vcpu(rt, s);
     }
     let mut stops_seen = 0;
+    let mut io_server = IoServer::default();
     while !rt.done.load(Ordering::Acquire) {
         // A VM was created since the last look: take its vCPUs pinned here.
         let vms_now = rt.vms.len();
@@ -108,12 +118,12 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
         // output and reports leave through the console ring, a FIFO load at a time, never waiting.
         let events_pending = super::sink::format_pending(1);
         let console_pending = console::pump(CONSOLE_PUMP_BYTES) || events_pending;
-        // NVMe completions into the guests, and the next requests onto the device (io::service).
-        if io::outstanding() > 0 {
-            io::pump();
-        }
+        // I/O is served only in the I/O server's slices and in idle time (io::server); here it is only noted
+        // that the loop went round (stall tracking) and the server woken when there is work.
+        io::note_loop();
         let now = tsc::rdtsc();
         wake_due(rt, &mine, now);
+        io_server.wake_if_due(rt, cpu, now);
         if let Some(r) = reporter.as_mut() {
             r.tick(rt, now);
             if rt.done.load(Ordering::Acquire) {
@@ -147,6 +157,14 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 }
                 if io::outstanding() > 0 {
                     until = until.min(rt.after(now, io::IDLE_POLL_NS));
+                    // Idle time: serve freely until the idle decision ends (takes time from no server).
+                    let t = tsc::rdtsc();
+                    let served = io::serve(until);
+                    crate::io::server::note_idle(
+                        cpu,
+                        super::ticks_to_ns(tsc::rdtsc().saturating_sub(t), rt.tsc_hz),
+                        served,
+                    );
                 }
                 // Nothing to run: recorded guest events are formatted and a reclaim's RAM is freed in this idle
                 // time first.
@@ -156,6 +174,9 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
                 stats
                     .idle_ticks
                     .fetch_add(tsc::rdtsc().saturating_sub(now), Ordering::Relaxed);
+            }
+            Some(id) if io_server.id == Some(id) => {
+                io_server.run_slice(rt, cpu, &mine, tsc::rdtsc(), decision.slice_ns);
             }
             Some(id) => {
                 let Some(s) = mine.iter().copied().find(|&s| rt.slots[s].id == id) else {
@@ -175,6 +196,76 @@ pub fn run_cpu(rt: &Runtime, cpu: u32) {
     lapic::disarm();
     stats.finished.store(true, Ordering::Release);
     x86_64::instructions::interrupts::enable();
+}
+
+/// This CPU's I/O server as its run loop sees it (`io::server`): the loop alone wakes, runs and blocks it.
+#[derive(Debug, Default)]
+struct IoServer {
+    /// Its handle (`None`: this CPU has no I/O server).
+    id: Option<sched::cpu::VcpuId>,
+    /// Not runnable in the scheduler (a server starts blocked when admitted).
+    blocked: bool,
+    /// Earliest TSC at which a blocked server with work is woken (0: as soon as there is work).
+    wake_at: u64,
+}
+
+impl IoServer {
+    /// Takes up a server admitted since the last look (a VM with volumes built for this CPU), and wakes a
+    /// blocked one when the I/O service has work and its poll interval has passed, or at once after a queue
+    /// notification (the sleeper clamp of `Scheduler::wake` applies).
+    fn wake_if_due(&mut self, rt: &Runtime, cpu: u32, now: u64) {
+        let id = crate::io::server::on_cpu(cpu);
+        if id != self.id {
+            *self = Self {
+                id,
+                blocked: true,
+                wake_at: 0,
+            };
+        }
+        let Some(id) = self.id else { return };
+        if !self.blocked || io::outstanding() == 0 || (now < self.wake_at && !io::notify_pending())
+        {
+            return;
+        }
+        self.blocked = false;
+        match rt.sched.lock().wake(id, rt.ns(now)) {
+            Ok(_) => crate::io::server::note_wake(cpu),
+            Err(e) => log::error!("vm: wake of the I/O server {id:?} refused: {e}"),
+        }
+    }
+
+    /// Runs the server for one decision of `slice_ns` taken at TSC `t0`: serves I/O until the deadline (the
+    /// slice, cut by the next wake-up of a vCPU on this CPU, as a vCPU's slice is), charges the time from the
+    /// decision to the end (overrun included: debt) and blocks the server when the service has nothing left for
+    /// the CPU (due again after `POLL_INTERVAL_NS` while requests are on the device) or another CPU is serving.
+    fn run_slice(&mut self, rt: &Runtime, cpu: u32, mine: &[usize], t0: u64, slice_ns: u64) {
+        let Some(id) = self.id else { return };
+        let deadline = rt.after(t0, slice_ns).min(next_wake(rt, mine, None));
+        let served = io::serve(deadline);
+        let t1 = tsc::rdtsc();
+        let ran_ns = super::ticks_to_ns(t1.saturating_sub(t0), rt.tsc_hz);
+        let overrun = super::ticks_to_ns(t1.saturating_sub(deadline), rt.tsc_hz);
+        crate::io::server::note_slice(cpu, ran_ns, overrun, served);
+        // Blocked when nothing is left for the CPU or when another CPU serves.
+        let block = served.contended || served.drained || io::outstanding() == 0;
+        if block {
+            self.blocked = true;
+            self.wake_at = if served.contended || io::outstanding() > 0 {
+                rt.after(t1, io::POLL_INTERVAL_NS)
+            } else {
+                0
+            };
+        }
+        let mut sched = rt.sched.lock();
+        if let Err(e) = sched.charge(id, ran_ns, rt.ns(t1)) {
+            log::error!("vm: charge of the I/O server {id:?} refused: {e}");
+        }
+        if block {
+            if let Err(e) = sched.block(id, rt.ns(t1)) {
+                log::error!("vm: block of the I/O server {id:?} refused: {e}");
+            }
+        }
+    }
 }
 
 /// Takes the vCPUs of VMs created since `mine` was computed that are pinned to `cpu`: creates each one's backend

@@ -7,6 +7,11 @@
 //!
 //! A VM that cannot be built (missing image, bad ELF, no memory, refused by admission control) is reported with
 //! `CV:VMREFUSED name=... reason="..."` and the others still start.
+//!
+//! The I/O server (`io::server`): the host gets one with its first VM with volumes, on that VM's first vCPU's
+//! CPU. Building that VM admits the server first (reservation from the configuration's `[host]` section), then
+//! the VM's vCPUs; if either does not fit, the VM is refused with the scheduler's numbers and the I/O server's
+//! share, and the server is removed again. Once a VM kept it, it stays for the rest of the run.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -69,13 +74,14 @@ pub fn start(
             return Some(false);
         }
     };
-    let configs = match virt::config::parse_bytes(module_bytes(config_module)) {
-        Ok(c) => c,
+    let (host_cfg, configs) = match virt::config::parse_file_bytes(module_bytes(config_module)) {
+        Ok(c) => (c.host, c.vms),
         Err(e) => {
             refuse("-", format_args!("{CONFIG_MODULE}: {e}"));
             return Some(false);
         }
     };
+    crate::io::server::set_spec(host_cfg.io_server);
     let tsc_hz = tsc::hz();
     let params = SchedParams {
         overrun_bound_ns: OVERRUN_BOUND_NS,
@@ -90,11 +96,13 @@ pub fn start(
         }
     };
     marker!(
-        "VMRUNTIME backend={} cpus={} vms={} overrun_us={}",
+        "VMRUNTIME backend={} cpus={} vms={} overrun_us={} io_server_us={}/{}",
         kind.name(),
         cpus,
         configs.len(),
-        OVERRUN_BOUND_NS / 1000
+        OVERRUN_BOUND_NS / 1000,
+        host_cfg.io_server.budget_ns / 1000,
+        host_cfg.io_server.period_ns / 1000
     );
     // With the management channel on, a VM with a volume may be created at run time: calibrating then (inside the
     // create, on CPU 0's run loop) held CPU 0's VMs off for ~7 s in QEMU, so a present controller is calibrated now.
@@ -209,6 +217,7 @@ pub fn start(
     report::vm_lines(rt);
     report::summary(rt, reporter_start);
     crate::io::service::summary();
+    crate::io::server::report(cpus);
     Some(all_started && finished)
 }
 
@@ -232,6 +241,57 @@ fn vcpu_config(cfg: &VmConfig) -> VcpuConfig {
         cap_ppm: s.cap_ppm,
         pool: None,
     }
+}
+
+/// Admits the host's I/O server on the CPU of `placement`'s first vCPU unless the host has one; returns the
+/// server added, `(cpu, id)`, which [`build_vm`] publishes (`io::server::publish`) once the VM is built, so a run
+/// loop never sees a server that is withdrawn again. On a refusal, explains with the numbers.
+fn admit_io_servers(
+    sched: &mut Scheduler,
+    placement: &[u32],
+    now_ns: u64,
+) -> Result<Vec<(u32, VcpuId)>, String> {
+    let cfg = crate::io::server::config();
+    let mut added: Vec<(u32, VcpuId)> = Vec::new();
+    if crate::io::server::any() {
+        return Ok(added);
+    }
+    if let Some(&cpu) = placement.first() {
+        match sched.add_vcpu(cpu, cfg, now_ns) {
+            Ok(id) => added.push((cpu, id)),
+            Err(e) => {
+                return Err(format!(
+                    "cpu{cpu}: the I/O server its volumes need ({}/{} us, {} ppm with the overrun allowance) does not fit: {e}",
+                    cfg.budget_ns / 1000,
+                    cfg.period_ns / 1000,
+                    sched::cpu::admission::server_ppm(&cfg, sched.params())
+                ));
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// Removes I/O servers admitted for a VM that was not built after all (not published yet).
+fn withdraw_io_servers(sched: &mut Scheduler, servers: &[(u32, VcpuId)]) {
+    for &(_, id) in servers {
+        // The id was just issued by add_vcpu; a refusal here only means it is gone already.
+        let _ = sched.remove_vcpu(id);
+    }
+}
+
+/// The part of a refusal on `cpu` that names the I/O server admitted there (published, or just admitted for
+/// this VM), if any.
+fn io_server_note(cpu: u32, servers: &[(u32, VcpuId)]) -> String {
+    if crate::io::server::on_cpu(cpu).is_none() && !servers.iter().any(|&(c, _)| c == cpu) {
+        return String::new();
+    }
+    let s = crate::io::server::spec();
+    format!(
+        " (the utilisation includes this CPU's I/O server, {}/{} us)",
+        s.budget_ns / 1000,
+        s.period_ns / 1000
+    )
 }
 
 /// What building a VM needs from the host (at boot and for a VM created later).
@@ -383,6 +443,12 @@ fn build_vm<S: SchedAccess>(
                 .place(&alloc::vec![vcfg; count])
                 .map_err(|e| format!("{e}"))?,
         };
+        // The I/O servers its volumes need, first (they are part of the configuration the check admits).
+        let servers = if cfg.volumes.is_empty() {
+            Vec::new()
+        } else {
+            admit_io_servers(sched, &placement, now_ns)?
+        };
         let mut ids: Vec<VcpuId> = Vec::new();
         for &cpu in &placement {
             match sched.add_vcpu(cpu, vcfg, now_ns) {
@@ -391,13 +457,15 @@ fn build_vm<S: SchedAccess>(
                     for id in ids {
                         let _ = sched.remove_vcpu(id);
                     }
-                    return Err(format!("cpu{cpu}: {e}"));
+                    let beside = io_server_note(cpu, &servers);
+                    withdraw_io_servers(sched, &servers);
+                    return Err(format!("cpu{cpu}: {e}{beside}"));
                 }
             }
         }
-        Ok((placement, ids))
+        Ok((placement, ids, servers))
     });
-    let (placement, ids) = admitted.map_err(BuildError::Admission)?;
+    let (placement, ids, servers) = admitted.map_err(BuildError::Admission)?;
     // Volumes next: admission control of their IOPS commitments (a refused volume refuses the VM).
     let devices = match super::devices::build(vm_index, cfg) {
         Ok(d) => d,
@@ -406,6 +474,7 @@ fn build_vm<S: SchedAccess>(
                 for &id in &ids {
                     let _ = sched.remove_vcpu(id);
                 }
+                withdraw_io_servers(sched, &servers);
             });
             return Err(BuildError::Admission(why));
         }
@@ -415,6 +484,7 @@ fn build_vm<S: SchedAccess>(
             for &id in ids {
                 let _ = sched.remove_vcpu(id);
             }
+            withdraw_io_servers(sched, &servers);
         });
         crate::io::service::remove_vm(vm_index);
     };
@@ -501,5 +571,8 @@ fn build_vm<S: SchedAccess>(
         image: cfg.image.to_string(),
         paused: AtomicBool::new(false),
     };
+    for &(cpu, id) in &servers {
+        crate::io::server::publish(cpu, Some(id));
+    }
     Ok((vm, slots))
 }
