@@ -6,6 +6,13 @@
 //! - `hypercalls`: bogus hypercall numbers and arguments (each must fail with the documented error).
 //! - `msr`: reads an MSR outside the allow list (the guest must get #GP, which its trap handler reports).
 //! - `triple-fault`: removes its IDT and faults (the VM must stop; the others keep running).
+//! - `fpu-check`: loads a pattern (varied by `seed=`) into the x87/SSE registers once, then checks it with FXSAVE
+//!   in a loop: the hypervisor must keep each vCPU's x87/SSE state its own across preemption and other VMs' use of
+//!   the same CPU (a change is reported and counted; `rounds=N mismatches=N` lines).
+//! - `fxrstor-spin`: FXRSTOR in a tight loop. Not used by the suite: under QEMU multi-threaded TCG, FXRSTOR on any
+//!   CPU rewrites CPU 0's `hflags2` without a lock (QEMU's `cpu_clear_ignne`), which can drop CPU 0's
+//!   nested-paging or GIF flag during a VMRUN; this mode makes that race frequent (docs/console.md, "Triple-fault
+//!   stop dump").
 //! - `survivable` (default): `ports`, then `hypercalls`, then `cli-spin`.
 //!
 //! Every behaviour is announced on the console before it happens, so the log shows what was attempted.
@@ -65,6 +72,8 @@ pub fn guest_main(boot: &'static BootInfo) -> ! {
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
             guest::exit(0x5)
         }
+        "fpu-check" => fpu_check(args::u64_or(boot.cmdline(), "seed", 0)),
+        "fxrstor-spin" => fxrstor_spin(),
         "survivable" => {
             let bad = ports() + hypercalls(boot);
             println!("hostile: survivable probes done unexpected={bad}");
@@ -83,6 +92,69 @@ fn cli_spin() -> ! {
     unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// A 16-byte-aligned FXSAVE image.
+#[repr(C, align(16))]
+struct FxImage([u8; 512]);
+
+/// Bytes of XMM0..XMM7 in the FXSAVE image.
+const XMM: core::ops::Range<usize> = 160..288;
+
+/// The image `fpu-check` loads: x87 and SSE exceptions masked, XMM0..7 a pattern varied by `seed`.
+fn fx_pattern(seed: u64) -> FxImage {
+    let mut image = FxImage([0; 512]);
+    image.0[0..2].copy_from_slice(&0x037f_u16.to_le_bytes()); // FCW; FSW stays 0
+    image.0[24..28].copy_from_slice(&0x1f80_u32.to_le_bytes()); // MXCSR
+    for (i, b) in image.0[XMM].iter_mut().enumerate() {
+        *b = u8::try_from((u64::try_from(i).unwrap_or(0) + seed) % 251).unwrap_or(0) ^ 0xa5;
+    }
+    image
+}
+
+fn fxrstor(image: &FxImage) {
+    // SAFETY: a valid, 16-byte-aligned FXSAVE image (reserved MXCSR bits clear); the guest ABI sets CR4.OSFXSR.
+    unsafe {
+        core::arch::asm!("fxrstor64 [{}]", in(reg) image.0.as_ptr(), options(nostack, readonly))
+    };
+}
+
+fn fxsave(image: &mut FxImage) {
+    // SAFETY: stores 512 bytes into a 16-byte-aligned buffer the caller owns.
+    unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) image.0.as_mut_ptr(), options(nostack)) };
+}
+
+/// `fpu-check`: loads the pattern once, then checks it with FXSAVE over and over; a change is reported, counted
+/// and repaired. A `rounds=` line after 2^14 checks times each power of two, so the log grows slowly.
+fn fpu_check(seed: u64) -> ! {
+    let image = fx_pattern(seed);
+    let mut seen = FxImage([0; 512]);
+    let (mut rounds, mut mismatches) = (0_u64, 0_u64);
+    println!("hostile: fpu check seed={seed}");
+    fxrstor(&image);
+    loop {
+        for _ in 0..(1 << 14) {
+            fxsave(&mut seen);
+            if seen.0[XMM] != image.0[XMM] {
+                mismatches += 1;
+                println!("hostile: fpu state changed under the guest (round {rounds}, {mismatches} so far)");
+                fxrstor(&image);
+            }
+        }
+        rounds += 1;
+        if rounds.is_power_of_two() {
+            println!("hostile: fpu rounds={rounds} mismatches={mismatches}");
+        }
+    }
+}
+
+/// `fxrstor-spin`: FXRSTOR in a tight loop (QEMU race amplifier, module doc).
+fn fxrstor_spin() -> ! {
+    let image = fx_pattern(0);
+    println!("hostile: fxrstor loop");
+    loop {
+        fxrstor(&image);
     }
 }
 
