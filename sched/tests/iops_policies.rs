@@ -47,6 +47,31 @@ fn vol(committed: u64, weight: u32, policy: OveragePolicy, depth: usize, start_n
     }
 }
 
+/// The burster of the burst tests: 400 committed, weight 1, a 2000-I/O bucket filling at 1000/s,
+/// `depth` requests outstanding from 2.5 s on.
+fn burster(depth: usize) -> Vol {
+    let mut v = vol(400, 1, OveragePolicy::BestEffort, depth, 5 * SEC / 2);
+    v.config.burst = Some(BurstConfig {
+        fill_iops: 1000,
+        size_ios: 2000,
+    });
+    v
+}
+
+/// A booster: 400 committed, weight 1, boost 150 % of it with a horizon of 1 s, 32 deep from `start_ns`.
+fn booster(start_ns: u64) -> Vol {
+    vol(
+        400,
+        1,
+        OveragePolicy::Boosted {
+            boost_permille: 1500,
+            horizon_ns: SEC,
+        },
+        32,
+        start_ns,
+    )
+}
+
 /// Runs `vols` for `seconds` and returns every closed window's report per volume (in order).
 fn simulate(vols: &[Vol], seconds: u64) -> Vec<Vec<WindowReport>> {
     simulate_at(vols, seconds, CAPACITY)
@@ -115,16 +140,7 @@ fn best_effort_weights_hold_beside_a_borrower_and_a_booster() {
         vol(800, 300, OveragePolicy::BestEffort, 32, 0),
         vol(400, 100, OveragePolicy::BestEffort, 32, 0),
         vol(400, 1, OveragePolicy::Borrow, 32, 0),
-        vol(
-            400,
-            1,
-            OveragePolicy::Boosted {
-                boost_permille: 1500,
-                horizon_ns: SEC,
-            },
-            32,
-            0,
-        ),
+        booster(0),
         // Never issues a request: its commitment is what the borrower may use.
         vol(400, 100, OveragePolicy::BestEffort, 0, 0),
     ];
@@ -152,16 +168,7 @@ fn best_effort_weights_hold_beside_a_borrower_and_a_booster() {
 fn boost_allowance_is_the_commitment_times_the_horizon() {
     let vols = [
         vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0),
-        vol(
-            400,
-            1,
-            OveragePolicy::Boosted {
-                boost_permille: 1500,
-                horizon_ns: SEC,
-            },
-            32,
-            SEC / 2,
-        ),
+        booster(SEC / 2),
     ];
     let reports = simulate(&vols, 6);
     let boosted: u64 = reports[1].iter().map(|r| r.stats.from_boost).sum();
@@ -177,12 +184,10 @@ fn boost_allowance_is_the_commitment_times_the_horizon() {
 
 #[test]
 fn burst_bucket_is_spent_once_after_idle() {
-    let mut burster = vol(400, 1, OveragePolicy::BestEffort, 32, 5 * SEC / 2);
-    burster.config.burst = Some(BurstConfig {
-        fill_iops: 1000,
-        size_ios: 2000,
-    });
-    let vols = [vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0), burster];
+    let vols = [
+        vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0),
+        burster(32),
+    ];
     let reports = simulate(&vols, 7);
     let burst: u64 = reports[1].iter().map(|r| r.stats.from_burst).sum();
     assert_eq!(
@@ -216,24 +221,10 @@ fn borrow_and_burst_are_exact_when_service_does_not_align_with_the_tags() {
                 "{cap} IOPS, window {w}: the lender's unused 400 IOPS, and the commitment"
             );
         }
-        let mut burster = vol(400, 1, OveragePolicy::BestEffort, 32, 5 * SEC / 2);
-        burster.config.burst = Some(BurstConfig {
-            fill_iops: 1000,
-            size_ios: 2000,
-        });
         let vols = [
             vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0),
-            burster,
-            vol(
-                400,
-                1,
-                OveragePolicy::Boosted {
-                    boost_permille: 1500,
-                    horizon_ns: SEC,
-                },
-                32,
-                5 * SEC / 2,
-            ),
+            burster(32),
+            booster(5 * SEC / 2),
         ];
         let reports = simulate_at(&vols, 8, cap);
         let burst: Vec<u64> = reports[1].iter().map(|r| r.stats.from_burst).collect();
@@ -261,12 +252,10 @@ fn borrow_and_burst_are_exact_when_service_does_not_align_with_the_tags() {
 #[test]
 fn a_burst_that_drains_a_shallow_queue_earns_nothing() {
     for depth in [8, 16] {
-        let mut burster = vol(400, 1, OveragePolicy::BestEffort, depth, 5 * SEC / 2);
-        burster.config.burst = Some(BurstConfig {
-            fill_iops: 1000,
-            size_ios: 2000,
-        });
-        let vols = [vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0), burster];
+        let vols = [
+            vol(1600, 65_535, OveragePolicy::BestEffort, 32, 0),
+            burster(depth),
+        ];
         let reports = simulate_at(&vols, 8, 3_900);
         let burst: Vec<u64> = reports[1].iter().map(|r| r.stats.from_burst).collect();
         assert_eq!(

@@ -34,10 +34,11 @@
 //! earns nothing: its waiting requests keep their reservation tags and are served as the device
 //! allows (a wait for a device slot is made up at once, an overload's debt up to one window), so
 //! counting that wait would pay a volume served at exactly its commitment (measured before this
-//! rule: 63 tokens/s at a fill of 1000/s on a device at 3900 IOPS). Nor does a volume earn while
-//! its burst, borrowed, boosted or best-effort requests are on the device: `R` is not charged for
-//! those, so `R.next <= now` says nothing then, and a shallow queue drained by its own burst earned
-//! again at once (depth 8: 726 burst I/Os a second above the commitment, for ever).
+//! rule: 63 tokens/s at a fill of 1000/s on a device at 3900 IOPS). Nor does a volume earn from
+//! its first burst, borrowed, boosted or best-effort dispatch until it has no outstanding work
+//! again: `R` is not charged for those, so `R.next <= now` says nothing then, and a shallow queue
+//! drained by its own burst earned again at once (depth 8: 726 burst I/Os a second above the
+//! commitment, for ever).
 //!
 //! `R` is anchored at `min(arrival, F)`, where the *reservation frontier* `F` is the smallest `R`
 //! still waiting in the reservation index, or `now` when that is smaller (or nothing waits):
@@ -171,8 +172,9 @@ struct Volume {
     keys: Keys,
     /// Requests dispatched and not yet completed (on the device).
     in_flight: u64,
-    /// The last dispatch was above the commitment (any class but the reservation): while such a
-    /// request is on the device the volume is not under its commitment (its burst bucket holds).
+    /// Some request was dispatched above the commitment (any class but the reservation) since the
+    /// volume last had no outstanding work: until it has none again it is not under its commitment
+    /// (its burst bucket holds), even when its queue is momentarily empty.
     above: bool,
     stats: WindowStats,
     totals: VolumeTotals,
@@ -630,8 +632,10 @@ impl Partitioner {
         vol.stats.service.record(service_ns);
         vol.stats.completed_cost = vol.stats.completed_cost.saturating_add(cost);
         if vol.in_flight == 1 && vol.queue.is_empty() {
-            // Its last request comes back: the bucket's interval so far ends here.
+            // Its last request comes back: the bucket's interval so far ends here, and from now on
+            // the volume has no outstanding work.
             integrate_bucket(vol, now);
+            vol.above = false;
         }
         // Saturating: a completion the caller reports twice (or for a request it never got from
         // `dispatch`) must not make a busy volume look idle later.
@@ -821,7 +825,7 @@ impl Partitioner {
         }
         vol.totals.dispatched += 1;
         vol.in_flight += 1;
-        vol.above = class != ServiceClass::Reservation;
+        vol.above |= class != ServiceClass::Reservation;
         let wait_ns = now.saturating_sub(q.arrival);
         vol.stats.record_dispatch(class, wait_ns);
         let id = vol.id;
