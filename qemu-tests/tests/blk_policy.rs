@@ -473,7 +473,7 @@ fn overage_policies_share_spare_capacity_as_configured() {
         ),
     ]
     .concat();
-    let (report, _) = run(&a, "qemu-blk-overage", &conf, Fill::Zeros, true, 10_000);
+    let (report, _) = run(&a, "qemu-blk-overage", &conf, Fill::Zeros, true, 12_000);
     capacity(&report);
     let all = must(Windows::from_markers(&report.markers));
     let vols: BTreeMap<&str, _> = ["hog", "be", "borrower", "lender"]
