@@ -333,10 +333,10 @@ impl Engine {
         self.pump_until(ctrl, clock, out, u64::MAX);
     }
 
-    /// [`Self::pump`], but no command after the first is submitted once the TSC reaches `until` (the end of the
-    /// I/O server's slice): completions are all reaped, the refill stops early and what it submitted is flushed.
-    /// The first submission is always made, so a pump on a spent budget still feeds the device. The partitioner's
-    /// order is kept (the next pump dispatches from where this one stopped).
+    /// [`Self::pump`], but no refill starts once the TSC has reached `until` (the end of the I/O server's slice)
+    /// while the device still has commands: completions are all reaped, and a refill, once started, completes (a
+    /// batch behind one doorbell: cutting it would cost a doorbell per few commands, measured 0.21 -> 0.47 register
+    /// writes per request). An idle device is always fed. The partitioner's order is kept.
     pub fn pump_until<H: Hal>(
         &mut self,
         ctrl: &mut Controller<H>,
@@ -372,10 +372,9 @@ impl Engine {
             });
         }
         self.prof.complete_ticks += tsc::rdtsc().saturating_sub(t1);
-        let refill = self.issued.len() + self.submit_batch <= self.max_inflight;
-        let mut first = true;
-        while refill && self.issued.len() < self.max_inflight && (first || tsc::rdtsc() < until) {
-            first = false;
+        let refill = self.issued.len() + self.submit_batch <= self.max_inflight
+            && (self.issued.is_empty() || tsc::rdtsc() < until);
+        while refill && self.issued.len() < self.max_inflight {
             let id = match self.overflow.pop_front() {
                 Some(id) => id,
                 None => {
