@@ -14,10 +14,10 @@
 //!    still running at the end.
 //! 2. `burst_bucket_and_boost_serve_above_commitment_then_return_to_it`: `flood` (40 % of C, weight 65535) floods
 //!    the device all run long, so weight-ordered spare capacity goes to it. `burster` (10 %, weight 1,
-//!    `burst=1000iops/2000`) and `booster` (10 %, weight 1, `overage=boost:150%:1s`) stay idle for 2.5 s
-//!    (`start_ms`: the bucket fills to its size, 2000 I/Os in 2 s, and the boost meter has no lead) and then
+//!    `burst=500iops/1000`) and `booster` (10 %, weight 1, `overage=boost:150%:1s`) stay idle for 2.5 s
+//!    (`start_ms`: the bucket fills to its size, 1000 I/Os in 2 s, and the boost meter has no lead) and then
 //!    flood too. Judged:
-//!    - the burster's burst-class dispatches equal the bucket, 2000, exactly: a full bucket holds exactly 2000
+//!    - the burster's burst-class dispatches equal the bucket, 1000, exactly: a full bucket holds exactly 1000
 //!      request costs (one 4 KiB request is one unit), it earns nothing while it has requests queued or
 //!      dispatched above its commitment, every dispatch falls in exactly one closed window, and its last burst
 //!      window must not be the last closed one (so none falls in the unreported partial window). No tolerance.
@@ -27,7 +27,7 @@
 //!      share) are at least `c h (1 - exp(-p t / h))`, the exponential approach of the lead (`p` = 1.5, the boost
 //!      rate over the commitment) after `t` = the whole windows from the end of the burster's last burst window
 //!      (burst goes ahead of boost, so the boost may not start before) to the end of the last closed window.
-//!    - both are back at their commitment: in two unstalled windows from the second after the burst on, each
+//!    - both are back at their commitment: in the last two judged windows from the second after the burst on, each
 //!      completes >= 95 % of its commitment (as blk.rs), the burster has no dispatch above it and the booster no
 //!      more than the boost the decay leaves at the window's start, `c h exp(-p (w - spent - 1) / h)`, + 1.
 //! 3. `overage_policies_share_spare_capacity_as_configured`: `lender` (20 %) never issues a request, so its
@@ -51,11 +51,14 @@
 //! the boost rate then rises to `p c g / h` only until the reservations it missed are repaid (they go first), so
 //! a 20-60 ms stall gives back about one boost dispatch, which the `+ 1` covers once, not for many stalls.
 //!
-//! The disk is throttled to 2000 IOPS (half of blk.rs's) for tests 2 and 3, and the flooding guests keep 64
+//! The disk is throttled to 1000 IOPS (a quarter of blk.rs's) for tests 2 and 3, and the flooding guests keep 64
 //! requests outstanding: the per-class counts above assume every flooding volume keeps requests queued in the
-//! partitioner, and with the device's 32 slots a 64-deep guest keeps at least 32 queued unless its vCPU does not
-//! run for tens of ms. At 4000 IOPS with 32-deep guests the hypervisor's per-request cost under TCG left queues
-//! empty often enough that weight 1 volumes were handed spare capacity (measured: hog : be 1.5 instead of 3).
+//! partitioner. A volume whose queue empties for a moment (its guest did not reap and reissue in time) loses its
+//! place to the others, work-conserving, and nothing in `CV:IOWIN` shows it (`stall_us` sees only pauses of every
+//! CPU at once). With the device's 32 slots a 64-deep guest keeps about 48 requests queued: at 1000 IOPS that is
+//! 50-100 ms of its service. Measured at 4000 IOPS with 32-deep guests: hog : be 1.5 instead of 3 in unstalled
+//! windows; at 2000 IOPS with 64-deep guests: 1 window of 20 off (hog : be 2.76, and 24 share dispatches to a
+//! weight-1 volume beside a 65535 flood).
 //! Volume boots of this binary run one at a time.
 
 mod common;
@@ -75,13 +78,13 @@ use qemu_tests::volumes::{
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Device throttle (IOPS), as in blk.rs: C is a device figure, not an emulated-CPU one.
-const THROTTLE_IOPS: u64 = 2_000;
+const THROTTLE_IOPS: u64 = 1_000;
 /// A gap in the hypervisor's run loops this long (us) means the host did not run the emulator (see blk.rs).
 const STALL_US: u64 = 20_000;
 /// Burst bucket of the burster: fill rate and size (I/Os); idle for [`START_MS`] it fills completely.
-const FILL_IOPS: u64 = 1_000;
+const FILL_IOPS: u64 = 500;
 /// See [`FILL_IOPS`].
-const BUCKET: u64 = 2_000;
+const BUCKET: u64 = 1_000;
 /// Boost of the booster: rate (percent of its commitment) at zero lead, and horizon.
 const BOOST_PCT: u64 = 150;
 /// See [`BOOST_PCT`].
@@ -282,16 +285,22 @@ fn print_windows(vm: &str, wins: &BTreeMap<u64, (Window, Classes)>, all: &Window
     }
 }
 
-/// The windows of `wins` from `from` on in which the hypervisor did not stall (see [`STALL_US`]).
-fn unstalled(
+/// The windows of `wins` from `from` on that are judged: the hypervisor stalled (see [`STALL_US`]) neither in them
+/// nor in the window before.
+fn judged_from(
     wins: &BTreeMap<u64, (Window, Classes)>,
     all: &Windows,
     from: u64,
 ) -> Vec<(u64, Window, Classes)> {
     wins.range(from..)
-        .filter(|(w, _)| all.stall(**w) < STALL_US)
+        .filter(|(w, _)| judged(all, **w))
         .map(|(&w, &(v, c))| (w, v, c))
         .collect()
+}
+
+/// Whether window `w` is judged: no stall in it or in the window before (see the module documentation).
+fn judged(all: &Windows, w: u64) -> bool {
+    all.stall(w) < STALL_US && all.stall(w.saturating_sub(1)) < STALL_US
 }
 
 #[test]
@@ -383,12 +392,12 @@ fn burst_bucket_and_boost_serve_above_commitment_then_return_to_it() {
         ));
     }
 
-    // Back at the commitment: two unstalled windows from the second after the burst on.
+    // Back at the commitment: two judged windows from the second after the burst on.
     for (vm, wins) in [("burster", burster), ("booster", booster)] {
-        let tail = unstalled(wins, &all, spent + 2);
+        let tail = judged_from(wins, &all, spent + 2);
         if tail.len() < 2 {
             failures.push(format!(
-                "{vm}: fewer than two unstalled windows after its allowance"
+                "{vm}: fewer than two judged windows after its allowance"
             ));
         }
         for (w, v, cl) in tail.iter().rev().take(2) {
@@ -492,7 +501,7 @@ fn overage_policies_share_spare_capacity_as_configured() {
     let judged: Vec<u64> = vols["hog"]
         .keys()
         .copied()
-        .filter(|&w| w > first + 1 && all.stall(w) < STALL_US && all.stall(w - 1) < STALL_US)
+        .filter(|&w| w > first + 1 && judged(&all, w))
         .filter(|w| vols.values().all(|v| v.contains_key(w)))
         .collect();
     assert!(judged.len() >= 3, "only {} judged windows", judged.len());
