@@ -267,7 +267,7 @@ static STALL_NS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 static STALL_WINDOW: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64];
 /// How long the I/O server sleeps after a [`serve`] that found nothing to do while requests are in flight on the
 /// device (the device raises no interrupt: completions are polled), or that found another CPU serving.
-pub const POLL_INTERVAL_NS: u64 = 50_000;
+pub const POLL_INTERVAL_NS: u64 = 100_000;
 /// The largest sample of one item's cost that `Service::item_ticks` takes (ns): above the worst measured under
 /// QEMU TCG (~200 us), far above hardware (~2 us).
 const MAX_ITEM_NS: u64 = 250_000;
