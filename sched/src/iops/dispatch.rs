@@ -775,8 +775,14 @@ impl Partitioner {
         }
         if let OveragePolicy::Boosted { horizon_ns, .. } = cfg.policy {
             // The meter's lead is capped at the horizon, so a volume back at its commitment
-            // regains its boost within one horizon however long it was over before.
-            let u = vol.u.tag_for(now);
+            // regains its boost within one horizon however long it was over before. Anchored where
+            // `R` is (the reservation tag the request was filed under, or its arrival; no earlier
+            // than a window ago), not at `now`: a backlogged volume whose reservations fell behind
+            // (a device pause) repays them as reservations, and a meter that skipped ahead counted
+            // that repayment as lead (a 100 ms pause cost a booster 40 of its 400 I/Os of boost in
+            // the host model).
+            let anchor = keys.res.map_or(q.arrival, |r| r.min(q.arrival));
+            let u = vol.u.tag_for(anchor.max(now.saturating_sub(window)));
             vol.u.charge(u, q.cost, Rate::Iops(cfg.committed_iops));
             vol.u.next = vol.u.next.min(now.saturating_add(horizon_ns));
         }
