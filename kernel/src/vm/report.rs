@@ -200,6 +200,11 @@ pub fn summary(rt: &Runtime, start: u64) {
         overrun / 1000,
         overruns
     );
+    // x87/SSE restores at VMRUN (SVM: only when the registers do not hold the guest's image already).
+    let (fpu_restores, fpu_skips) = match rt.kind {
+        super::backend::Kind::Svm => crate::virt::svm::host::fpu_restores(),
+        super::backend::Kind::Vmx => (0, 0),
+    };
     // The hypervisor's own share of those overruns: exits whose handling took longer than the bound.
     let (mut worst, mut over) = (0u64, 0u64);
     for c in 0..rt.cpus.min(TRAIL_CPUS) {
@@ -207,10 +212,12 @@ pub fn summary(rt: &Runtime, start: u64) {
         over += HANDLING_OVER[c].load(Ordering::Relaxed);
     }
     marker!(
-        "EXITSUM max_handling_us={} handling_over_bound={} bound_us={}",
+        "EXITSUM max_handling_us={} handling_over_bound={} bound_us={} fpu_restores={} fpu_skips={}",
         ticks_to_ns(worst, rt.tsc_hz) / 1000,
         over,
-        super::OVERRUN_BOUND_NS / 1000
+        super::OVERRUN_BOUND_NS / 1000,
+        fpu_restores,
+        fpu_skips
     );
 }
 

@@ -6,7 +6,7 @@
 //!
 //! Design: [`svm_enter`] is one assembly routine. It saves the host's callee-saved registers on its stack, VMSAVEs
 //! the host's FS/GS/TR/... (the GS base is the kernel's per-CPU pointer) to the CPU's host page, restores the
-//! guest's SSE state (FXRSTOR64) and GPRs, VMLOADs the guest's FS/GS/TR/..., runs the guest, VMSAVEs them back,
+//! guest's SSE state (FXRSTOR64, only when the CPU does not hold it already: [`FpuHolder`]) and GPRs, VMLOADs the guest's FS/GS/TR/..., runs the guest, VMSAVEs them back,
 //! stores the guest GPRs, FXSAVE64s the guest's SSE state and VMLOADs the host page. Guest RAX and RSP live in the
 //! VMCB (VMRUN loads and saves them). The kernel is built without SSE, so the host has no SSE state to preserve.
 //!
@@ -16,6 +16,7 @@
 //! 0; the caller executes `STGI`.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Guest general-purpose registers that VMRUN does not switch (RAX and RSP are in the VMCB). The order is the
 /// assembly routine's (offsets 0, 8, ... in field order).
@@ -53,11 +54,114 @@ impl FxArea {
     }
 }
 
+/// Bytes of an FXSAVE64 image the processor writes (FCW..XMM15); 416..512 are reserved or available to software.
+const FX_USED: usize = 416;
+
+/// Identity of the image a CPU's x87/SSE registers hold: the vCPU ([`FpuOwner::new`]) and how many exits it had
+/// taken when its state last left those registers through the exit path's FXSAVE64.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FpuToken {
+    vcpu: u64,
+    exits: u64,
+}
+
+/// A vCPU's side of the lazy restore: a number no other vCPU ever gets, and its exit count.
+#[derive(Debug)]
+pub struct FpuOwner {
+    id: u64,
+    exits: u64,
+}
+
+/// Source of [`FpuOwner`] ids; 0 is never handed out (a CPU's initial [`FpuToken`] names no vCPU).
+static NEXT_FPU_ID: AtomicU64 = AtomicU64::new(1);
+
+impl FpuOwner {
+    pub fn new() -> Self {
+        Self {
+            id: NEXT_FPU_ID.fetch_add(1, Ordering::Relaxed),
+            exits: 0,
+        }
+    }
+
+    fn token(&self) -> FpuToken {
+        FpuToken {
+            vcpu: self.id,
+            exits: self.exits,
+        }
+    }
+
+    /// Called after every return from [`svm_enter`]: its FXSAVE64 stored the guest's state into the image.
+    pub fn exited(&mut self) {
+        self.exits = self.exits.wrapping_add(1);
+    }
+}
+
+/// Lazy x87/SSE restore, one per CPU (in `host::CpuSvm`).
+///
+/// The kernel is built without SSE and never touches the x87/SSE registers, so after a #VMEXIT they keep the
+/// guest's values until the next FXRSTOR64. Restoring the same image again is needless work, and under QEMU's
+/// multi-threaded TCG it is harmful: QEMU 7.2 to 10.0 implement FXRSTOR (any CPU, any mode) by clearing IGNNE in
+/// CPU 0's `hflags2` with an unlocked read-modify-write from the executing CPU's thread (`cpu_clear_ignne`), which
+/// races with CPU 0's own updates of that word and can drop CPU 0's nested-paging or GIF flag in the middle of a
+/// VMRUN (docs/console.md, "Triple-fault stop dump"). So [`svm_enter`] restores only when this says so:
+/// - never when the vCPU entering is the one whose state the registers hold and its image has not been written
+///   since (same token: no other entry on this CPU and no exit elsewhere in between);
+/// - otherwise only when the registers' current content (FXSAVE64 into [`FpuHolder::held`]) differs from the
+///   entering vCPU's image (guests that never use the FPU all keep the reset image, so they never restore).
+///
+/// Invariant: `owner` names the image the registers hold, or no vCPU (0) when unknown. Anything that writes a
+/// vCPU's image other than the exit path must create a new [`FpuOwner`] (none does: images are only created).
+#[derive(Debug)]
+pub struct FpuHolder {
+    owner: FpuToken,
+    held: FxArea,
+    /// VMRUNs on this CPU that restored the guest's x87/SSE state, and those that did not need to.
+    pub restores: u64,
+    pub skips: u64,
+}
+
+impl FpuHolder {
+    pub const fn new() -> Self {
+        Self {
+            owner: FpuToken { vcpu: 0, exits: 0 },
+            held: FxArea([0; 512]),
+            restores: 0,
+            skips: 0,
+        }
+    }
+
+    /// Whether the VMRUN of `owner`, about to happen on this CPU, must load `image` first. Records that after that
+    /// VMRUN's exit the registers hold `owner`'s next image.
+    pub fn must_restore(&mut self, owner: &FpuOwner, image: &FxArea) -> bool {
+        let now = owner.token();
+        let same = self.owner == now;
+        self.owner = FpuToken {
+            exits: now.exits.wrapping_add(1),
+            ..now
+        };
+        let restore = !same
+            && {
+                // SAFETY: stores the x87/SSE registers into a 16-byte-aligned 512-byte area this CPU's state owns;
+                // CR4.OSFXSR is set on every CPU that runs SVM guests (`host::enable`).
+                unsafe {
+                    core::arch::asm!("fxsave64 [{}]", in(reg) self.held.0.as_mut_ptr(), options(nostack, preserves_flags))
+                };
+                self.held.0[..FX_USED] != image.0[..FX_USED]
+            };
+        if restore {
+            self.restores += 1;
+        } else {
+            self.skips += 1;
+        }
+        restore
+    }
+}
+
 global_asm!(
     r#"
     .section .text.svm_enter, "ax"
     .global svm_enter
-    /* rdi = VMCB pa, rsi = &mut GuestGprs, rdx = host VMSAVE page pa, rcx = &mut FxArea */
+    /* rdi = VMCB pa, rsi = &mut GuestGprs, rdx = host VMSAVE page pa, rcx = &mut FxArea, r8 = restore it (0/1) */
 svm_enter:
     push rbx
     push rbp
@@ -71,7 +175,10 @@ svm_enter:
     push rcx
     mov rax, rdx
     vmsave rax
+    test r8, r8
+    jz 2f
     fxrstor64 [rcx]
+2:
     mov rax, rdi
     mov rbx, [rsi + 0]
     mov rcx, [rsi + 8]
@@ -131,5 +238,12 @@ extern "C" {
     /// # Safety
     /// See the module preconditions: GIF = 0, SVM enabled on this CPU, `vmcb_pa` a VMCB page owned by the caller
     /// with valid IOPM/MSRPM/nCR3 pointers, `host_vmsave_pa` this CPU's host page, `gprs` and `fx` valid for writes.
-    pub fn svm_enter(vmcb_pa: u64, gprs: *mut GuestGprs, host_vmsave_pa: u64, fx: *mut FxArea);
+    /// `restore` = 0 only when the x87/SSE registers already hold `fx` ([`FpuHolder::must_restore`]).
+    pub fn svm_enter(
+        vmcb_pa: u64,
+        gprs: *mut GuestGprs,
+        host_vmsave_pa: u64,
+        fx: *mut FxArea,
+        restore: u64,
+    );
 }

@@ -18,6 +18,7 @@
 //!
 //! Invariant: once `enabled`, the CPU keeps EFER.SVME set and its HSAVE page for the life of the kernel.
 
+use super::entry::FpuHolder;
 use spin::Mutex;
 
 use crate::arch::x86_64::{cpu, percpu};
@@ -58,6 +59,8 @@ pub struct CpuSvm {
     generation: u64,
     /// The next VMRUN on this CPU must flush the whole TLB.
     flush_pending: bool,
+    /// Whose x87/SSE state the registers hold (lazy restore, [`FpuHolder`]).
+    pub fpu: FpuHolder,
 }
 
 /// A vCPU's ASID on one CPU.
@@ -160,7 +163,15 @@ fn enable(id: u32) -> Result<CpuSvm, HostError> {
         next_asid: 1,
         generation: 1,
         flush_pending: true,
+        fpu: FpuHolder::new(),
     })
+}
+
+/// x87/SSE restores and skipped restores of all CPUs' VMRUNs so far ([`FpuHolder`]), for the end-of-run summary.
+pub fn fpu_restores() -> (u64, u64) {
+    CPUS.iter()
+        .filter_map(|slot| slot.lock().as_ref().map(|c| (c.fpu.restores, c.fpu.skips)))
+        .fold((0, 0), |(r, s), (cr, cs)| (r + cr, s + cs))
 }
 
 /// Runs `f` with this CPU's SVM state, enabling SVM on the CPU first if needed. Call with interrupts disabled (the

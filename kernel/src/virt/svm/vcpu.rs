@@ -44,7 +44,7 @@ use virt::{
 use x86_64::instructions::interrupts;
 
 use super::check;
-use super::entry::{svm_enter, FxArea, GuestGprs};
+use super::entry::{svm_enter, FpuOwner, FxArea, GuestGprs};
 use super::host::{self, AsidRecord};
 use super::permission::{self, MsrAllow, MsrPermissionMap, PermissionError};
 use super::vmcb::{
@@ -166,6 +166,8 @@ pub struct SvmVcpu {
     vmcb: Vmcb,
     gprs: GuestGprs,
     fx: Box<FxArea>,
+    /// Identity of `fx` for the lazy restore (entry::FpuHolder).
+    fpu: FpuOwner,
     nrips: bool,
     asid: AsidRecord,
     flush_tlb: bool,
@@ -287,6 +289,7 @@ impl SvmVcpu {
                 ..GuestGprs::default()
             },
             fx: Box::new(FxArea::reset()),
+            fpu: FpuOwner::new(),
             nrips,
             asid: AsidRecord::default(),
             flush_tlb: false,
@@ -598,8 +601,11 @@ impl SvmVcpu {
             return Ok(VmExit::SliceExpired);
         }
         let fresh = core::mem::take(&mut self.flush_tlb);
-        let grant = host::this_cpu(|c| (c.asid_for(&mut self.asid, fresh), c.host_vmsave_pa));
-        let Ok((grant, host_page)) = grant else {
+        let grant = host::this_cpu(|c| {
+            let restore = c.fpu.must_restore(&self.fpu, &self.fx);
+            (c.asid_for(&mut self.asid, fresh), c.host_vmsave_pa, restore)
+        });
+        let Ok((grant, host_page, restore_fpu)) = grant else {
             self.flush_tlb |= fresh;
             return Err(EntryFailure::SvmInvalidState {
                 detail: "SVM cannot be enabled on this CPU (no SVM, disabled by firmware, or out of memory)",
@@ -620,7 +626,16 @@ impl SvmVcpu {
         // SAFETY: GIF = 0 (above); SVM is enabled on this CPU and `host_page` is its host page (`this_cpu`); the VMCB
         // is owned by `self` and points at the live shared IOPM, this VM's MSRPM and nCR3 (kept alive by `self._vm`);
         // the GPR block and the FXSAVE area are owned by `self`.
-        unsafe { svm_enter(self.vmcb.pa(), &mut self.gprs, host_page, &mut *self.fx) };
+        unsafe {
+            svm_enter(
+                self.vmcb.pa(),
+                &mut self.gprs,
+                host_page,
+                &mut *self.fx,
+                u64::from(restore_fpu),
+            )
+        };
+        self.fpu.exited();
         cli_stgi();
         self.last_entry.exit_tsc = tsc::rdtsc();
         if oneshot {
