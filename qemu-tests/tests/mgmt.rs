@@ -76,8 +76,11 @@ const PROXY_PPM: u32 = 1500;
 const NVME_IOPS: u64 = 4_000;
 /// One `io` VM with a volume committed at 20 % of C, with a weight and a burst bucket a commitment change must keep;
 /// a second, uncommitted, floods the device at ten times its weight (so above its commitment `vol-a` gets little
-/// unless it holds I/O credits). Together they keep more requests outstanding (48) than the engine puts on the device
-/// (32), so the partitioner, not the device's FIFO, decides who is served.
+/// unless it holds I/O credits). Together they keep more requests outstanding (96) than the engine puts on the device
+/// (32), so the partitioner, not the device's FIFO, decides who is served. The flood is 64 deep: at 16 its queue in
+/// the partitioner was often empty (its requests all on the device), which handed `vol-a` the spare capacity anyway
+/// (2300-2500 IOPS before any grant against 833 committed), and the rise on I/O credits (x1.3 required) was made
+/// only with the burst tokens `vol-a` earned while backlogged, which the partitioner no longer pays.
 const IO_CONF: &str = "\
 [vm vol-a]
 image = io
@@ -92,7 +95,7 @@ image = io
 memory = 8M
 baseline = 20%
 cpu = 0
-args = depth=16 iops=0 read_pct=50 seed=2 poll_us=50
+args = depth=64 iops=0 read_pct=50 seed=2 poll_us=50
 volume = size=8M offset=16M weight=3000
 ";
 /// I/O credits bought for the `io` pool of the volume test (one credit-ns of an `io` pool is one I/O credit):
