@@ -355,7 +355,15 @@ fn run_slice(
 ) {
     let slot = &rt.slots[s];
     let vm = &rt.vms[slot.vm];
-    let deadline = rt.after(t0, slice_ns).min(next_wake(rt, mine, Some(s)));
+    let wake = next_wake(rt, mine, Some(s));
+    if wake <= tsc::rdtsc() {
+        // Another vCPU's wake time passed during the decision (the pick and the BSP's report tick take tens of us
+        // on an emulated CPU): entering now would run this vCPU past a deadline already gone, by a whole entry
+        // and exit (Bochs VMX: 50 us past a 10 us slice). Nothing ran, nothing is charged; the loop wakes that
+        // vCPU and picks again (the scheduler's contract 3).
+        return;
+    }
+    let deadline = rt.after(t0, slice_ns).min(wake);
     let mut blocked = false;
     let mut stop: Option<StopReport> = None;
     let mut guest_ticks = 0u64;
