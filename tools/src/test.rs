@@ -19,7 +19,15 @@ use crate::{cargo, kernel, packages, status, Emu};
 const TEST_THREADS: &str = "2";
 
 /// Integration test binaries of `qemu-tests` per emulator.
-const QEMU_TESTS: &[&str] = &["qemu", "negative", "vms", "nvme", "blk"];
+const QEMU_TESTS: &[&str] = &[
+    "qemu",
+    "negative",
+    "vms",
+    "nvme",
+    "blk",
+    "blk_policy",
+    "rt_io",
+];
 const BOCHS_TESTS: &[&str] = &["bochs", "vms"];
 /// QEMU test binaries that drive the hypervisor together with the management agent (`cvctl`, built first).
 const AGENT_TESTS: &[&str] = &["mgmt"];
