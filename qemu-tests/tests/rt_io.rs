@@ -14,18 +14,22 @@
 //! 120 us. (Two CPUs under `-icount` are not judged here: QEMU runs them round robin on one host thread, so one
 //! CPU's long host work stretches the other's slices; see vms.rs.)
 //!
-//! Everything is judged from serial markers; the boot has a hard timeout. Self-contained (its own boot helper)
-//! so it depends only on the harness library's emulator, run and judge modules.
+//! Everything is judged from serial markers; the boot has a hard timeout. Boot files and marker readers are the
+//! volume tests' (`qemu_tests::volumes`, tests/common).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::Duration;
 
-use qemu_tests::emulator::{Boot, Machine, Qemu};
+use common::{assert_pass, boot, direct, must, setup};
+use qemu_tests::emulator::{Machine, Qemu};
 use qemu_tests::judge::{Expect, VirtExpect};
 use qemu_tests::marker::Marker;
-use qemu_tests::run::{run, Emulator, Report, RunOptions};
-use qemu_tests::suite::{skip_reason, workspace_root, Artefacts, Family};
+use qemu_tests::run::{Emulator, Report};
+use qemu_tests::suite::Family;
+use qemu_tests::volumes::{
+    counter, field, last_vm_lines, of_kind, Disk, VolumeBoot, IO_ERR, IO_OK, IO_VERIFY_FAIL,
+};
 
 /// Hard timeout of the boot (calibration ~5 s, 1.5 s of periods, the rest margin for a loaded host).
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -37,14 +41,6 @@ const THROTTLE_IOPS: u64 = 4_000;
 const RUN_MS: u64 = 2500;
 /// Periods the periodic guest runs (`periods=`).
 const PERIODS: u64 = 1500;
-/// The disk image's size (the volume is 8 MiB at offset 0).
-const DISK_BYTES: u64 = 64 << 20;
-/// The `io` guest's completed-requests counter on its `CV:VM` line (`c9=`, guests/src/bin/io.rs).
-const IO_OK: &str = "c9";
-/// Its verification-failure and error counters (`c11=`, `c10=`).
-const IO_VERIFY_FAIL: &str = "c11";
-const IO_ERR: &str = "c10";
-
 const CONF: &str = "
 [vm rt]
 image = periodic
@@ -70,119 +66,54 @@ args = depth=16 iops=0 read_pct=50 seed=12 poll_us=50
 volume = size=8M offset=16M iops=20%
 ";
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CV_GUEST_DIR").map_or_else(
-        || workspace_root().join("target/x86_64-unknown-none/release"),
-        PathBuf::from,
-    )
-}
-
-/// Writes `vms.conf` and a zeroed disk image into `work` and returns QEMU's extra arguments (modules, the
-/// drive and its NVMe controller, `-icount`).
-fn prepare(work: &Path, conf: &str) -> Vec<String> {
-    std::fs::create_dir_all(work).expect("work directory");
-    let conf_path = work.join("vms.conf");
-    std::fs::write(&conf_path, conf).expect("write vms.conf");
-    let mut initrd = Vec::new();
-    for g in ["periodic", "io"] {
-        let image = guest_dir().join(g);
-        assert!(
-            image.exists(),
-            "{} missing: build the guests (`cargo xtask build`)",
-            image.display()
-        );
-        initrd.push(format!("{} {g}", image.display()));
-    }
-    initrd.push(format!("{} vms.conf", conf_path.display()));
-    let disk = work.join("nvme.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(DISK_BYTES))
-        .expect("create the disk image");
-    vec![
-        "-initrd".into(),
-        initrd.join(","),
-        "-drive".into(),
-        format!(
-            "file={},if=none,id=nv0,format=raw,throttling.iops-total={THROTTLE_IOPS}",
-            disk.display()
-        ),
-        "-device".into(),
-        "nvme,serial=cv0,drive=nv0".into(),
-        "-icount".into(),
-        "shift=3,sleep=off".into(),
-    ]
-}
-
-fn boot(a: &Artefacts, name: &str, conf: &str) -> Report {
-    let work = a.workdir.join(name);
-    let boot = Boot::Kernel {
-        elf32: a.kernel32.clone(),
-        cmdline: format!("run_ms={RUN_MS} exit=emu"),
+/// Boots [`CONF`] on one CPU under `-icount` with the periodic and io guests and a throttled, zeroed drive.
+fn boot_rt_io(a: &qemu_tests::suite::Artefacts, name: &str) -> Report {
+    let files = VolumeBoot {
+        modules: vec![
+            ("periodic".into(), "periodic".into()),
+            ("io".into(), "io".into()),
+        ],
+        conf: CONF.into(),
+        disk: Some(Disk {
+            throttle_iops: Some(THROTTLE_IOPS),
+            ..Disk::zeroed()
+        }),
     };
-    let mut q = Qemu::epyc(Machine::Q35, CPUS, boot);
-    q.extra_args = prepare(&work, conf);
+    let prepared = must(files.prepare(&a.workdir.join(name)));
+    let mut q = Qemu::epyc(
+        Machine::Q35,
+        CPUS,
+        direct(a, &format!("run_ms={RUN_MS} exit=emu")),
+    );
+    q.extra_args = prepared.args;
+    q.extra_args
+        .extend(["-icount".to_string(), "shift=3,sleep=off".to_string()]);
     let expect = Expect {
         cpus: u64::from(CPUS),
         virt: VirtExpect::svm_npt(),
         selftests: Vec::new(),
     };
-    let opts = RunOptions {
-        name: name.to_string(),
-        workdir: work,
-        timeout: TIMEOUT,
-        echo: a.echo,
-        stop: None,
-    };
-    let report = run(&Emulator::Qemu(q), &expect, &opts)
-        .unwrap_or_else(|e| panic!("{name}: the harness could not run the emulator: {e}"));
-    println!(
-        "[cv-test] {name}: verdict {} in {:.1} s",
-        if report.verdict.is_pass() {
-            "pass"
-        } else {
-            "fail"
-        },
-        report.elapsed.as_secs_f64()
-    );
-    report
-}
-
-fn of_kind<'a>(report: &'a Report, kind: &'a str) -> impl Iterator<Item = &'a Marker> + 'a {
-    report.markers.iter().filter(move |m| m.kind == kind)
+    boot(a, name, Emulator::Qemu(q), &expect, TIMEOUT)
 }
 
 fn num(m: &Marker, key: &str) -> u64 {
-    m.get_u64(key)
-        .unwrap_or_else(|| panic!("no numeric {key}= in {}", m.line))
-}
-
-/// The last `CV:VM` line of each VM.
-fn final_vms(report: &Report) -> BTreeMap<String, Marker> {
-    of_kind(report, "VM")
-        .filter_map(|m| Some((m.get("name")?.to_string(), m.clone())))
-        .collect()
+    must(field(m, key))
 }
 
 /// The real-time misses of the periodic guest beside the flood (test doc).
 #[test]
 fn periodic_vm_beside_an_io_flood_misses_no_period() {
-    let Some(a) = (match skip_reason(Family::Qemu) {
-        Some(why) => {
-            eprintln!("periodic_vm_beside_an_io_flood_misses_no_period: {why}");
-            None
-        }
-        None => Some(Artefacts::from_env().expect("emulator artefacts")),
-    }) else {
+    let Some(a) = setup(Family::Qemu) else {
         return;
     };
     let name = "qemu-rt-io-flood";
-    let report = boot(&a, name, CONF);
+    let report = boot_rt_io(&a, name);
     // Figures first, so a failing run still reports them.
-    let vms = final_vms(&report);
-    let sum = of_kind(&report, "VMSUM").next().cloned();
-    for m in of_kind(&report, "IOSERVER")
-        .chain(of_kind(&report, "IOVOL"))
-        .chain(of_kind(&report, "IOSUM"))
+    let vms = last_vm_lines(&report.markers);
+    let sum = of_kind(&report.markers, "VMSUM").next().cloned();
+    for m in of_kind(&report.markers, "IOSERVER")
+        .chain(of_kind(&report.markers, "IOVOL"))
+        .chain(of_kind(&report.markers, "IOSUM"))
         .chain(sum.iter())
     {
         println!("[cv-figure] {name}: {}", m.line);
@@ -195,7 +126,7 @@ fn periodic_vm_beside_an_io_flood_misses_no_period() {
         )
     });
     let run_s = vms.get("flood").map_or(0, |m| num(m, "t_ms")) / 1000;
-    let iovol = of_kind(&report, "IOVOL")
+    let iovol = of_kind(&report.markers, "IOVOL")
         .find(|m| m.get("vm") == Some("flood"))
         .cloned();
     let completed = iovol.as_ref().map_or(0, |m| num(m, "completed"));
@@ -207,7 +138,7 @@ fn periodic_vm_beside_an_io_flood_misses_no_period() {
         sum.as_ref().map_or(0, |m| num(m, "max_overrun_us")),
         sum.as_ref().map_or(0, |m| num(m, "overruns"))
     );
-    assert!(report.verdict.is_pass(), "{}", report.details());
+    assert_pass(&report);
     let rt_line = &vms.get("rt").expect("a CV:VM line for rt").line;
     let (periods, misses, _) = rt.unwrap_or_default();
     assert!(periods >= PERIODS, "periodic did not finish: {rt_line}");
@@ -227,23 +158,18 @@ fn periodic_vm_beside_an_io_flood_misses_no_period() {
             m.line
         );
         assert!(
-            m.get_u64(IO_OK).unwrap_or(0) > 0,
+            counter(m, IO_OK) > 0,
             "{vm}'s guest completed no I/O: {}",
             m.line
         );
         assert_eq!(
-            m.get_u64(IO_VERIFY_FAIL).unwrap_or(0),
+            counter(m, IO_VERIFY_FAIL),
             0,
             "{vm}: read-back differed from what was written: {}",
             m.line
         );
-        assert_eq!(
-            m.get_u64(IO_ERR).unwrap_or(0),
-            0,
-            "{vm}: I/O errors: {}",
-            m.line
-        );
-        let vol = of_kind(&report, "IOVOL")
+        assert_eq!(counter(m, IO_ERR), 0, "{vm}: I/O errors: {}", m.line);
+        let vol = of_kind(&report.markers, "IOVOL")
             .find(|v| v.get("vm") == Some(vm))
             .unwrap_or_else(|| panic!("no CV:IOVOL line for {vm}"));
         assert!(
@@ -254,7 +180,7 @@ fn periodic_vm_beside_an_io_flood_misses_no_period() {
     }
     // The I/O work ran in the I/O server's slices (and idle time): the host's one server is on CPU 0, where the
     // first VM with a volume runs.
-    let server = of_kind(&report, "IOSERVER")
+    let server = of_kind(&report.markers, "IOSERVER")
         .find(|m| m.get("cpu") == Some("0"))
         .unwrap_or_else(|| panic!("no CV:IOSERVER line for cpu 0"));
     assert_eq!(server.get("server"), Some("1"), "{}", server.line);
