@@ -5,7 +5,7 @@
 //! (a nested-page-fault GPA, an exception error code, the raw code and infos of an unhandled exit). `None` (no
 //! decoded exit: the entry failed) is tag 0. [`unpack`] is the exact inverse of [`pack`] for every value `pack`
 //! produces; words it does not recognise come back as [`Unpacked::Unknown`] rather than as a made-up exit.
-//! Both backends' boot self-tests check the round trip on every exit they take (`packed::round_trips`).
+//! Both backends' boot self-tests check the round trip on every exit they take ([`check_round_trip`]).
 //!
 //! Layout of word 0 (beside the tag): Io: port 31:16, size in bytes 15:8, IN 32, string 33, REP 34;
 //! NestedPageFault: read 8, write 9, execute 10; Exception: vector 15:8, error code present 16 (the code in word 1).
@@ -142,9 +142,22 @@ pub fn unpack(w: [u64; WORDS]) -> Unpacked {
     Unpacked::Exit(exit)
 }
 
-/// Whether `exit` survives [`pack`] and [`unpack`] unchanged (the backends' self-tests check every exit they take).
-pub fn round_trips(exit: Option<VmExit>) -> bool {
-    unpack(pack(exit)) == Unpacked::Exit(exit)
+/// Checks that `exit` survives [`pack`] and [`unpack`] unchanged (the backends' self-tests check every exit they
+/// take); the error says what it packed and unpacked as, in the self-tests' detail string.
+#[allow(clippy::result_large_err)] // the self-tests' own detail type, only on the boot self-test path
+pub fn check_round_trip(exit: Option<VmExit>) -> Result<(), heapless::String<160>> {
+    let packed = pack(exit);
+    let back = unpack(packed);
+    if back == Unpacked::Exit(exit) {
+        return Ok(());
+    }
+    let mut why = heapless::String::new();
+    // A detail longer than the string is cut; the self-test still fails.
+    let _ = core::fmt::Write::write_fmt(
+        &mut why,
+        format_args!("exit {exit:?} packs as {packed:x?}, which unpacks as {back:?}"),
+    );
+    Err(why)
 }
 
 /// One exit of every kind and shape (operands at their extremes), for the self-tests' round-trip check.

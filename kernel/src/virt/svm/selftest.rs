@@ -331,7 +331,7 @@ fn build_guest(npt: &mut NptMap) -> Result<(GuestRam, Labels), Detail> {
 /// Runs once with the standard bound; the exit must survive the exit trail's packing.
 fn step(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail> {
     let e = step_unchecked(vcpu, exits)?;
-    packed_intact(Some(e))?;
+    packed::check_round_trip(Some(e))?;
     Ok(e)
 }
 
@@ -343,17 +343,6 @@ fn step_unchecked(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<VmExit, Detail>
         .map_err(|f| detail!("entry failed at rip {:#x}: {f:?}", vcpu.rip()))?;
     *exits += 1;
     Ok(e)
-}
-
-/// The run loop's exit trail keeps every exit packed (`crate::virt::packed`): it must come back unchanged.
-fn packed_intact(e: Option<VmExit>) -> Result<(), Detail> {
-    ensure!(
-        packed::round_trips(e),
-        "exit {e:?} packs as {:x?}, which unpacks as {:?}",
-        packed::pack(e),
-        packed::unpack(packed::pack(e))
-    );
-    Ok(())
 }
 
 /// Runs until an exit other than a stray host interrupt.
@@ -396,7 +385,7 @@ fn spin_until_deadline(vcpu: &mut SvmVcpu, exits: &mut u32) -> Result<(VmExit, u
             .run(deadline)
             .map_err(|f| detail!("entry failed in a spin: {f:?}"))?;
         *exits += 1;
-        packed_intact(Some(e))?;
+        packed::check_round_trip(Some(e))?;
         if e == VmExit::ExternalInterrupt {
             continue;
         }
@@ -532,7 +521,7 @@ fn guest_run(
         let t0 = tsc::rdtsc();
         let e = step_unchecked(vcpu, &mut exits)?;
         let t1 = tsc::rdtsc();
-        packed_intact(Some(e))?;
+        packed::check_round_trip(Some(e))?;
         if e == VmExit::ExternalInterrupt {
             stray += 1;
             ensure!(
@@ -684,7 +673,7 @@ fn invalid_state(vm: &alloc::sync::Arc<SvmVm>, entry: &EntryState) -> Result<(),
 
 fn run_test() -> Result<Detail, Detail> {
     for e in packed::samples() {
-        packed_intact(e)?;
+        packed::check_round_trip(e)?;
     }
     let mut npt = NptMap::new().map_err(|e| detail!("NPT root: {e:?}"))?;
     let (ram, labels) = build_guest(&mut npt)?;
