@@ -15,8 +15,10 @@
 //! (only API commands and fire-and-forget commands give up, `command_timeout` after their first send).
 //!
 //! Compatibility (the rule in the `proto` crate docs): after every Hello the agent announces what it reads with
-//! `Command::AgentHello` (a host from before it never answers; it is given up after a few retry intervals and
-//! nothing waits on it, since such a host answers whole). The host's capability bits are kept in the host status,
+//! `Command::AgentHello`. A host whose Hello announced `caps::ANSWER_PARTS` knows that command, so it is re-sent
+//! until answered, like the handshake (on a noisy link four sends can all be lost, and the host would then answer
+//! whole for the whole connection); a host from before it never answers, so there it is given up after a few
+//! retry intervals, and nothing waits on it, since such a host answers whole. The host's capability bits are kept in the host status,
 //! so the API uses optional commands (balance pages) only with hosts that announced them. A host whose intact
 //! frames or Hello carry another protocol version is marked `incompatible`, logged once, and its commands fail at
 //! once ([`CallError::Incompatible`]) instead of timing out; its first compatible Hello clears that.
@@ -96,8 +98,9 @@ enum Origin {
     Describe,
     Commitment(CommitmentView, Option<oneshot::Sender<CallResult>>),
     Fire,
-    /// The agent's capabilities after a Hello: a host from before `AgentHello` never answers, so it is given up
-    /// after [`agent_hello_wait`] (the host then sends whole answers, which the agent reads as well).
+    /// The agent's capabilities after a Hello: re-sent until answered by a host that announced answer parts; a
+    /// host from before `AgentHello` never answers, so there it is given up after [`agent_hello_wait`] (the host
+    /// then sends whole answers, which the agent reads as well).
     AgentHello,
 }
 
@@ -179,6 +182,8 @@ struct Session<'a> {
     incompatible: Option<String>,
     /// The decoder's `bad_version` count already looked at.
     bad_version_seen: u64,
+    /// Capability bits of the host's latest Hello (`proto::caps`).
+    host_caps: u32,
 }
 
 /// Most VMs one listing accepts (a host's table holds [`proto::MAX_HOST_VMS`]; the margin leaves room for larger
@@ -236,6 +241,7 @@ async fn session(
         me,
         incompatible: None,
         bad_version_seen: 0,
+        host_caps: 0,
     };
     s.send(Command::Attach, Origin::Attach);
     let mut dec = FrameDecoder::new();
@@ -321,6 +327,7 @@ impl Session<'_> {
                 continue;
             }
             if matches!(p.origin, Origin::AgentHello)
+                && self.host_caps & proto::caps::ANSWER_PARTS == 0
                 && p.first.elapsed() >= agent_hello_wait(&self.shared.cfg)
             {
                 expired.push(*id);
@@ -526,6 +533,7 @@ impl Session<'_> {
             tracing::info!(host = %self.key, "host now speaks protocol {}: compatible again", h.version);
         }
         self.shared.set_hello(self.key, h.version, h.capabilities);
+        self.host_caps = h.capabilities;
         // Every Hello may come from a restarted host (or follow an Attach), which forgets what this agent reads.
         if self.shared.cfg.announce {
             self.pending
